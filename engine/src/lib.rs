@@ -1,0 +1,3 @@
+//! Ferry's replication engine.
+pub mod error;
+pub use error::{Error, ErrorClass, Result};

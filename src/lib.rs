@@ -1,0 +1,1 @@
+//! Ferry end-to-end tests and benchmarks live in tests/ and benches/.
