@@ -1,3 +1,7 @@
 //! Ferry's replication engine.
 pub mod error;
+pub mod lifecycle;
+pub mod model;
+pub mod state;
+pub mod target;
 pub use error::{Error, ErrorClass, Result};

@@ -1,0 +1,269 @@
+//! The target store: where replicas live.
+//!
+//! One small trait, [`TargetStore`], with a local-folder backend (the
+//! embedded default); blob stores (Azure Blob, S3 through `object_store`)
+//! implement the same five methods. One contract suite
+//! ([`contract::run_contract`]) is run against every backend.
+//!
+//! Object layout under the store root (all keys are relative, `/`-separated):
+//!
+//! ```text
+//! vms/<vm>/<generation>/points/<seq:010>.manifest      recovery point manifest (JSON), the commit record
+//! vms/<vm>/<generation>/disks/<disk>/p<seq:010>/<part:06>  extent bundles of that point (zstd)
+//! ```
+//!
+//! `generation` is the protection's start time in ms, so protecting a VM
+//! again never mixes with an older replica. Keys depend only on the point
+//! sequence number and the part index, so a retried upload writes the same
+//! keys (idempotent). A manifest is written only after every object it lists
+//! was put; a put is durable when it returns (local: file and directory
+//! fsynced, then renamed into place).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::error::{Error, ErrorClass, Result};
+
+/// A flat key/value object store with durable, atomic puts.
+pub trait TargetStore: Send + Sync + 'static {
+    /// Stores `data` under `key`, replacing any previous object. Durable and
+    /// atomic when it returns: a reader sees the old or the new object whole.
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<()>>;
+    /// Reads a whole object. A missing object is `Corrupt` with class `NeedsResync`.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Bytes>>;
+    /// Keys that start with `prefix`, sorted.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>>;
+    /// Deletes an object; deleting a missing object is not an error.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// For logs and `show`: e.g. `local:/srv/ferry-target`.
+    fn describe(&self) -> String;
+}
+
+pub type Target = Arc<dyn TargetStore>;
+
+/// Refuses keys that could escape the store root or are not ours.
+pub fn check_key(key: &str) -> Result<()> {
+    let ok_chars = key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+    let ok_parts = key.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+    if key.is_empty() || !ok_chars || !ok_parts {
+        return Err(Error::invalid("object key", format!("{key:?} is not a valid key")));
+    }
+    Ok(())
+}
+
+/// The local-folder target: one file per object under `root`.
+#[derive(Debug)]
+pub struct LocalTarget {
+    root: PathBuf,
+}
+
+impl LocalTarget {
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)
+            .map_err(|e| Error::io(format!("create target folder {}", root.display()), e))?;
+        Ok(LocalTarget { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> BoxFuture<'static, Result<T>> {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Error::Internal(format!("target task failed: {e}")))?
+    })
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl TargetStore for LocalTarget {
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<()>> {
+        let path = self.path(key);
+        blocking(move || {
+            let path = path?;
+            let dir = path.parent().expect("a checked key has a parent under the root").to_path_buf();
+            let ctx = |what: &str| format!("target {what} {}", path.display());
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(ctx("mkdir for"), e))?;
+            let tmp = dir.join(format!(
+                ".{}.tmp-{:016x}",
+                path.file_name().expect("checked key").to_string_lossy(),
+                rand::random::<u64>()
+            ));
+            let result = (|| {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                sync_dir(&dir)
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            result.map_err(|e| Error::io(ctx("put"), e))
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Bytes>> {
+        let path = self.path(key);
+        let key = key.to_string();
+        blocking(move || {
+            let path = path?;
+            match std::fs::read(&path) {
+                Ok(v) => Ok(Bytes::from(v)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(missing(&key)),
+                Err(e) => Err(Error::io(format!("target get {}", path.display()), e)),
+            }
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        blocking(move || {
+            // Walk only the deepest folder the prefix names.
+            let dir_part = match prefix.rfind('/') {
+                Some(i) => &prefix[..i],
+                None => "",
+            };
+            if !dir_part.is_empty() {
+                check_key(dir_part)?;
+            }
+            let mut out = Vec::new();
+            let mut stack = vec![root.join(dir_part)];
+            while let Some(dir) = stack.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(format!("target list {}", dir.display()), e)),
+                };
+                for entry in entries {
+                    let entry = entry.map_err(|e| Error::io(format!("target list {}", dir.display()), e))?;
+                    let path = entry.path();
+                    let name = entry.file_name();
+                    if name.to_string_lossy().starts_with('.') {
+                        continue; // temporary files of puts in progress
+                    }
+                    let ft = entry.file_type().map_err(|e| Error::io("target list", e))?;
+                    if ft.is_dir() {
+                        stack.push(path);
+                    } else if let Ok(rel) = path.strip_prefix(&root) {
+                        let key = rel.to_string_lossy().replace('\\', "/");
+                        if key.starts_with(&prefix) {
+                            out.push(key);
+                        }
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        let path = self.path(key);
+        blocking(move || {
+            let path = path?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io(format!("target delete {}", path.display()), e)),
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("local:{}", self.root.display())
+    }
+}
+
+/// A missing remote object: the replica cannot be trusted any more.
+pub fn missing(key: &str) -> Error {
+    Error::Corrupt {
+        what: format!("target object {key}"),
+        reason: "missing from the target".into(),
+        class: ErrorClass::NeedsResync,
+    }
+}
+
+/// The contract every [`TargetStore`] must meet; run by each backend's tests.
+pub mod contract {
+    use super::*;
+
+    pub async fn run_contract(store: &dyn TargetStore) {
+        // put / get round trip, overwrite is whole.
+        store.put("vms/a/1/points/0000000001.manifest", Bytes::from_static(b"one")).await.unwrap();
+        assert_eq!(&store.get("vms/a/1/points/0000000001.manifest").await.unwrap()[..], b"one");
+        store.put("vms/a/1/points/0000000001.manifest", Bytes::from_static(b"second")).await.unwrap();
+        assert_eq!(&store.get("vms/a/1/points/0000000001.manifest").await.unwrap()[..], b"second");
+        // Empty objects are objects.
+        store.put("vms/a/1/disks/d/p0000000001/000000", Bytes::new()).await.unwrap();
+        assert!(store.get("vms/a/1/disks/d/p0000000001/000000").await.unwrap().is_empty());
+        // Missing objects are NeedsResync, named.
+        let e = store.get("vms/a/1/nope").await.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::NeedsResync);
+        assert!(e.to_string().contains("vms/a/1/nope"), "{e}");
+        // List is by prefix and sorted, and does not leak other VMs.
+        store.put("vms/a/1/points/0000000002.manifest", Bytes::from_static(b"2")).await.unwrap();
+        store.put("vms/ab/1/points/0000000001.manifest", Bytes::from_static(b"x")).await.unwrap();
+        let keys = store.list("vms/a/1/points/").await.unwrap();
+        assert_eq!(keys, vec!["vms/a/1/points/0000000001.manifest", "vms/a/1/points/0000000002.manifest"]);
+        assert_eq!(store.list("vms/zz/").await.unwrap(), Vec::<String>::new());
+        // Delete is idempotent.
+        store.delete("vms/a/1/points/0000000002.manifest").await.unwrap();
+        store.delete("vms/a/1/points/0000000002.manifest").await.unwrap();
+        assert_eq!(store.list("vms/a/1/points/").await.unwrap().len(), 1);
+        // Keys that escape are refused, never touched.
+        for bad in ["../x", "vms/../../etc/passwd", "/abs", "a//b", "", "a/./b", "sp ace"] {
+            let e = store.put(bad, Bytes::from_static(b"x")).await.unwrap_err();
+            assert_eq!(e.class(), ErrorClass::NonRecoverable, "{bad}");
+            assert!(store.get(bad).await.is_err());
+        }
+        // Large objects survive intact.
+        let big: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        store.put("vms/a/1/disks/d/p0000000001/000001", Bytes::from(big.clone())).await.unwrap();
+        assert_eq!(store.get("vms/a/1/disks/d/p0000000001/000001").await.unwrap(), big);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_target_meets_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalTarget::open(dir.path().join("target")).unwrap();
+        contract::run_contract(&store).await;
+        // No temporary files are left behind.
+        let leftovers: Vec<_> = walk(dir.path()).into_iter().filter(|p| p.contains(".tmp-")).collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    fn walk(p: &Path) -> Vec<String> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path().display().to_string());
+            }
+        }
+        out
+    }
+}
