@@ -142,14 +142,37 @@ impl StateStore {
         tx.commit().map_err(db_err)
     }
 
-    /// Commits a recovery point and the VM record that now points at it, atomically.
-    pub fn commit_point(&self, point: &RecoveryPoint, rec: &VmRecord) -> Result<()> {
+    /// Changes a VM's record in one transaction (read, modify, write), so
+    /// concurrent updates of different fields never undo each other.
+    pub fn update_vm(&self, name: &str, f: impl FnOnce(&mut VmRecord)) -> Result<VmRecord> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let rec = {
+            let mut t = tx.open_table(VMS).map_err(db_err)?;
+            let mut rec: VmRecord = match t.get(name).map_err(db_err)? {
+                Some(g) => from_json("vm", g.value())?,
+                None => return Err(Error::not_found("VM", name)),
+            };
+            f(&mut rec);
+            t.insert(name, to_json(&rec)?.as_slice()).map_err(db_err)?;
+            rec
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(rec)
+    }
+
+    /// Commits a recovery point and advances the VM's `last_point_seq`, atomically.
+    pub fn commit_point(&self, point: &RecoveryPoint) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
+            let mut t = tx.open_table(VMS).map_err(db_err)?;
+            let mut rec: VmRecord = match t.get(point.vm.as_str()).map_err(db_err)? {
+                Some(g) => from_json("vm", g.value())?,
+                None => return Err(Error::not_found("VM", point.vm.clone())),
+            };
+            rec.last_point_seq = rec.last_point_seq.max(point.seq);
+            t.insert(point.vm.as_str(), to_json(&rec)?.as_slice()).map_err(db_err)?;
             let mut p = tx.open_table(POINTS).map_err(db_err)?;
             p.insert((point.vm.as_str(), point.seq), to_json(point)?.as_slice()).map_err(db_err)?;
-            let mut t = tx.open_table(VMS).map_err(db_err)?;
-            t.insert(rec.spec.name.as_str(), to_json(rec)?.as_slice()).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
     }
@@ -236,8 +259,6 @@ mod tests {
             s.insert_vm(&rec("b")).unwrap();
             let e = s.insert_vm(&rec("a")).unwrap_err();
             assert!(matches!(e, Error::AlreadyExists { .. }), "{e}");
-            let mut r = rec("a");
-            r.last_point_seq = 1;
             let p = RecoveryPoint {
                 vm: "a".into(),
                 seq: 1,
@@ -247,8 +268,12 @@ mod tests {
                 bytes_stored: 1,
                 kind: PointKind::Base,
             };
-            s.commit_point(&p, &r).unwrap();
-            s.commit_point(&RecoveryPoint { vm: "ab".into(), ..p.clone() }, &rec("ab")).unwrap();
+            s.commit_point(&p).unwrap();
+            s.insert_vm(&rec("ab")).unwrap();
+            s.commit_point(&RecoveryPoint { vm: "ab".into(), ..p.clone() }).unwrap();
+            let e = s.commit_point(&RecoveryPoint { vm: "zz".into(), ..p.clone() }).unwrap_err();
+            assert!(matches!(e, Error::NotFound { .. }), "{e}");
+            s.update_vm("a", |r| r.generation = 9).unwrap();
             let id = s.next_job_id().unwrap();
             assert_eq!(s.next_job_id().unwrap(), id + 1);
             s.put_job(&Job {
@@ -266,13 +291,14 @@ mod tests {
             .unwrap();
         }
         let s = StateStore::open(&path).unwrap();
-        assert_eq!(s.get_vm("a").unwrap().unwrap().last_point_seq, 1);
+        let a = s.get_vm("a").unwrap().unwrap();
+        assert_eq!((a.last_point_seq, a.generation), (1, 9), "update_vm keeps what commit_point wrote");
         assert_eq!(s.list_points("a").unwrap().len(), 1, "points of 'ab' must not show under 'a'");
         assert_eq!(s.list_jobs().unwrap().len(), 1);
         s.delete_vm("a").unwrap();
         assert!(s.get_vm("a").unwrap().is_none());
         assert!(s.list_points("a").unwrap().is_empty());
         assert_eq!(s.list_points("ab").unwrap().len(), 1);
-        assert_eq!(s.list_vms().unwrap().len(), 2);
+        assert_eq!(s.list_vms().unwrap().len(), 2); // b and ab
     }
 }

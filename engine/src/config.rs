@@ -1,0 +1,102 @@
+//! Engine configuration: one struct, each field with its default and bounds,
+//! and [`EngineConfig::validate`] naming the bad field.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::throttle;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TargetConfig {
+    /// A folder on this host (the embedded default: `<data_dir>/target`).
+    Local { path: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineConfig {
+    /// Where the state store (`state.redb`) lives. Default `./ferry-data`.
+    pub data_dir: PathBuf,
+    /// Where replicas go. Default: local folder `<data_dir>/target`.
+    pub target: Option<TargetConfig>,
+    /// Host-wide upload limit in bit/s: 512 Kbps..=1023 Mbps, `None` = unlimited (default).
+    pub bandwidth_limit_bps: Option<u64>,
+    /// Largest logical bytes per uploaded object. Default 4 MiB, 64 KiB..=64 MiB.
+    pub chunk_size: u64,
+    /// zstd level for uploads. Default 3, 1..=19.
+    pub zstd_level: i32,
+    /// Downloads in flight during a restore. Default 8, 1..=64.
+    pub restore_parallelism: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            data_dir: PathBuf::from("ferry-data"),
+            target: None,
+            bandwidth_limit_bps: None,
+            chunk_size: 4 << 20,
+            zstd_level: 3,
+            restore_parallelism: 8,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig { data_dir: data_dir.into(), ..Default::default() }
+    }
+
+    pub fn with_local_target(mut self, path: impl Into<PathBuf>) -> Self {
+        self.target = Some(TargetConfig::Local { path: path.into() });
+        self
+    }
+
+    pub fn target(&self) -> TargetConfig {
+        self.target.clone().unwrap_or_else(|| TargetConfig::Local { path: self.data_dir.join("target") })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(Error::invalid("data_dir", "must not be empty"));
+        }
+        throttle::validate_limit("bandwidth_limit_bps", self.bandwidth_limit_bps)?;
+        if !(64 << 10..=64 << 20).contains(&self.chunk_size) {
+            return Err(Error::invalid("chunk_size", format!("{} is outside 64 KiB..=64 MiB", self.chunk_size)));
+        }
+        if !(1..=19).contains(&self.zstd_level) {
+            return Err(Error::invalid("zstd_level", format!("{} is outside 1..=19", self.zstd_level)));
+        }
+        if !(1..=64).contains(&self.restore_parallelism) {
+            return Err(Error::invalid(
+                "restore_parallelism",
+                format!("{} is outside 1..=64", self.restore_parallelism),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_fields_are_named() {
+        EngineConfig::default().validate().unwrap();
+        let bad = [
+            (EngineConfig { chunk_size: 1, ..Default::default() }, "chunk_size"),
+            (EngineConfig { zstd_level: 0, ..Default::default() }, "zstd_level"),
+            (EngineConfig { restore_parallelism: 65, ..Default::default() }, "restore_parallelism"),
+            (EngineConfig { bandwidth_limit_bps: Some(10), ..Default::default() }, "bandwidth_limit_bps"),
+            (EngineConfig { data_dir: PathBuf::new(), ..Default::default() }, "data_dir"),
+        ];
+        for (c, field) in bad {
+            let e = c.validate().unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument { field: f, .. } if f == field), "{field}: {e}");
+        }
+    }
+}

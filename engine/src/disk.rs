@@ -1,0 +1,332 @@
+//! The per-disk write path: every write reaches the disk and its change log
+//! before it is acknowledged.
+//!
+//! All three ways in (embedded API, NBD export, simulator) call [`Disk`].
+//! A write takes the disk's lock, saves snapshot blocks if an initial copy is
+//! running (copy-before-write), writes the disk (page cache), appends a
+//! record to the active change log (buffered), and returns. Nothing on this
+//! path waits for the network.
+//!
+//! Durability follows the client's asks: [`Disk::flush`] pushes the log
+//! buffer to the OS under the lock, then fdatasyncs log and disk outside it,
+//! so concurrent flushes share the work (group commit). FUA is write + flush.
+//!
+//! Ordering: the disk write comes first; only if it succeeded is the record
+//! appended, so the log never holds a write the disk does not have. Both
+//! happen under one lock, so overlapping writes enter the log in the order
+//! they reached the disk.
+//!
+//! Failure: a failed log append poisons the log. The write itself succeeded,
+//! so it is acknowledged; the disk stops logging and signals the VM, which
+//! goes to `ResyncRequired` (a resync compares whole disks, so nothing is
+//! lost). The same signal fires once when pending logs reach 50% of the disk.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::changelog::{self, LogHeader, LogWriter};
+use crate::error::{Error, Result};
+use crate::model::now_millis;
+use crate::snapshot::CowSnapshot;
+
+/// Largest single write or read accepted through any entry point.
+pub const MAX_IO: u64 = 32 << 20;
+
+/// What a disk tells its VM from the write path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSignal {
+    /// Logs can no longer describe the changes (failed write, 50% rule).
+    ResyncNeeded { disk: String, reason: String },
+}
+
+pub struct Disk {
+    pub vm: String,
+    pub name: String,
+    pub path: PathBuf,
+    size: u64,
+    file: File,
+    inner: Mutex<Inner>,
+    /// Bytes of sealed logs not yet committed to a recovery point (50% rule, reporting).
+    sealed_bytes: AtomicU64,
+    signals: UnboundedSender<DiskSignal>,
+}
+
+struct Inner {
+    /// The active change log; `None` once a log write failed (until resync).
+    log: Option<LogWriter>,
+    snapshot: Option<Arc<CowSnapshot>>,
+    /// The resync signal was sent; it is sent once per episode.
+    signalled: bool,
+}
+
+/// Opens a disk image for the write path, checking it exists and is usable.
+pub fn open_image(path: &Path) -> Result<(File, u64)> {
+    let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::not_found("disk file", path.display().to_string()),
+        _ => Error::io(format!("open disk {}", path.display()), e),
+    })?;
+    let meta = file.metadata().map_err(|e| Error::io(format!("stat disk {}", path.display()), e))?;
+    if !meta.is_file() {
+        return Err(Error::invalid("disk path", format!("{} is not a regular file", path.display())));
+    }
+    if meta.len() == 0 {
+        return Err(Error::invalid("disk path", format!("{} is empty (size 0)", path.display())));
+    }
+    Ok((file, meta.len()))
+}
+
+impl Disk {
+    /// A disk whose active log is `log` (already created or recovered).
+    pub fn new(
+        vm: &str,
+        name: &str,
+        path: &Path,
+        log: LogWriter,
+        sealed_bytes: u64,
+        signals: UnboundedSender<DiskSignal>,
+    ) -> Result<Self> {
+        let (file, size) = open_image(path)?;
+        Ok(Disk {
+            vm: vm.to_string(),
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            size,
+            file,
+            inner: Mutex::new(Inner { log: Some(log), snapshot: None, signalled: false }),
+            sealed_bytes: AtomicU64::new(sealed_bytes),
+            signals,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn export_name(&self) -> String {
+        format!("{}/{}", self.vm, self.name)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().expect("disk lock is never poisoned: no panics under it")
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::invalid(
+                "range",
+                format!("{len} bytes at {offset} go past the end of disk {} ({} bytes)", self.name, self.size),
+            )),
+        }
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.file.read_exact_at(buf, offset).map_err(|e| Error::io(format!("read {}", self.path.display()), e))
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        {
+            let mut inner = self.lock();
+            if let Some(s) = &inner.snapshot {
+                s.preserve(&self.file, offset, data.len() as u64)?;
+            }
+            self.file
+                .write_all_at(data, offset)
+                .map_err(|e| Error::io(format!("write {}", self.path.display()), e))?;
+            let logged = inner.log.as_mut().map(|l| l.append_write(offset, data));
+            self.after_append(&mut inner, logged);
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range (NBD WRITE_ZEROES and TRIM): the replica reads zeros there too.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_range(offset, len)?;
+        {
+            let mut inner = self.lock();
+            if let Some(s) = &inner.snapshot {
+                s.preserve(&self.file, offset, len)?;
+            }
+            zero_range(&self.file, offset, len).map_err(|e| Error::io(format!("zero {}", self.path.display()), e))?;
+            let logged = inner.log.as_mut().map(|l| l.append_zero(offset, len));
+            self.after_append(&mut inner, logged);
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn after_append(&self, inner: &mut Inner, logged: Option<Result<()>>) {
+        let reason = match logged {
+            Some(Ok(())) => {
+                let pending = self.sealed_bytes.load(Ordering::Relaxed) + inner.log.as_ref().map_or(0, |l| l.len());
+                if pending < self.size / 2 {
+                    return;
+                }
+                format!("change logs of disk {} reached {pending} bytes, 50% of its size", self.name)
+            }
+            Some(Err(e)) => {
+                inner.log = None;
+                format!("change log write failed on disk {}: {e}", self.name)
+            }
+            None => return, // not logging until the resync
+        };
+        if !inner.signalled {
+            inner.signalled = true;
+            tracing::warn!(vm = %self.vm, disk = %self.name, %reason, "resync needed");
+            let _ = self.signals.send(DiskSignal::ResyncNeeded { disk: self.name.clone(), reason });
+        }
+    }
+
+    /// Makes every acknowledged write durable in the log and on the disk.
+    pub fn flush(&self) -> Result<()> {
+        let log_file = {
+            let mut inner = self.lock();
+            match inner.log.as_mut() {
+                Some(l) => match l.flush().and_then(|_| l.file_for_sync()) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        self.after_append(&mut inner, Some(Err(e)));
+                        None
+                    }
+                },
+                None => None,
+            }
+        };
+        if let Some(f) = log_file {
+            if let Err(e) = f.sync_data() {
+                let mut inner = self.lock();
+                self.after_append(&mut inner, Some(Err(Error::io("sync change log", e))));
+            }
+        }
+        self.file.sync_data().map_err(|e| Error::io(format!("sync {}", self.path.display()), e))
+    }
+
+    /// Starts copy-before-write for the initial copy; returns the snapshot.
+    pub fn start_snapshot(&self) -> Result<Arc<CowSnapshot>> {
+        let mut inner = self.lock();
+        let snap = Arc::new(CowSnapshot::create(&self.path, self.size)?);
+        inner.snapshot = Some(snap.clone());
+        Ok(snap)
+    }
+
+    /// Stops copy-before-write; the caller releases the snapshot's space.
+    pub fn end_snapshot(&self) -> Option<Arc<CowSnapshot>> {
+        self.lock().snapshot.take()
+    }
+
+    /// The file the snapshot reads the disk through.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Bytes of the active log (header included), for reporting.
+    pub fn active_log_bytes(&self) -> u64 {
+        self.lock().log.as_ref().map_or(0, |l| l.len())
+    }
+
+    pub fn sealed_log_bytes(&self) -> u64 {
+        self.sealed_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.lock().snapshot.as_ref().map_or(0, |s| s.space_used())
+    }
+
+    /// Records in the active log (0: nothing to replicate since the last rotation).
+    pub fn active_records(&self) -> u64 {
+        self.lock().log.as_ref().map_or(0, |l| l.records())
+    }
+
+    /// Header of the active log, if logging.
+    pub fn active_header(&self) -> Option<LogHeader> {
+        self.lock().log.as_ref().map(|l| l.header().clone())
+    }
+
+    /// Creates the next log file (seq + 1, chained to the active one) off the
+    /// write path; [`rotate_all`] swaps it in.
+    pub fn prepare_next_log(&self) -> Result<LogWriter> {
+        let cur = self
+            .active_header()
+            .ok_or_else(|| Error::corrupt(format!("change log of disk {}", self.name), "not logging"))?;
+        new_log(&self.path, &self.vm, &self.name, cur.seq + 1, cur.log_id)
+    }
+
+    /// Logs were committed to a recovery point or discarded: stop counting them.
+    pub fn sealed_released(&self, bytes: u64) {
+        let _ = self.sealed_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(bytes)));
+    }
+
+    /// Drops every pending log and starts a fresh chain (after a resync
+    /// decision): the disk logs again from a new log with `seq`.
+    pub fn restart_logging(&self, log: LogWriter) {
+        let mut inner = self.lock();
+        inner.log = Some(log);
+        inner.signalled = false;
+        self.sealed_bytes.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Creates a new, empty, durable log file for a disk.
+pub fn new_log(disk_path: &Path, vm: &str, disk: &str, seq: u64, prev_log_id: u64) -> Result<LogWriter> {
+    let header = LogHeader {
+        vm: vm.to_string(),
+        disk: disk.to_string(),
+        seq,
+        log_id: rand::random::<u64>() | 1,
+        prev_log_id,
+        created_unix_ms: now_millis(),
+    };
+    LogWriter::create(&changelog::log_path(disk_path, seq), &header)
+}
+
+/// Swaps in the prepared logs of all disks at one instant, so a recovery
+/// point is crash-consistent across the VM's disks. Returns the old logs
+/// (still to be sealed) and the instant.
+pub fn rotate_all(disks: &[Arc<Disk>], next: Vec<LogWriter>) -> (Vec<Option<LogWriter>>, u64) {
+    let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
+    let at = now_millis();
+    let old = guards.iter_mut().zip(next).map(|(g, n)| g.log.replace(n)).collect();
+    drop(guards);
+    (old, at)
+}
+
+/// Writes zeros over a range: punches a hole where the file system can
+/// (reads back as zeros, frees space), else writes zero buffers.
+fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a valid, open descriptor with in-range arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
