@@ -1,4 +1,5 @@
 //! Ferry's replication engine.
+pub mod changelog;
 pub mod error;
 pub mod lifecycle;
 pub mod model;

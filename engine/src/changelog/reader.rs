@@ -1,0 +1,572 @@
+//! Reading logs back: scanning, crash recovery, payload reads.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::format::{
+    decode_record_header, record_crc_seed, record_header_crc, CloseBlock, CloseState, LogHeader,
+    RecordKind, RecordMeta, HEADER_SIZE, RECORD_HEADER_SIZE,
+};
+use super::writer::WRITE_BUFFER_SIZE;
+use crate::{Error, Result};
+
+/// What a scan found in a log file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogScan {
+    pub header: LogHeader,
+    /// The close block is valid and matches the records: the log was sealed.
+    pub clean: bool,
+    /// The intact records, in order (seq 1, 2, 3 ...).
+    pub records: Vec<RecordMeta>,
+    /// File length up to the end of the last intact record.
+    pub valid_len: u64,
+    /// File length as found.
+    pub file_len: u64,
+    /// `file_len - valid_len`: bytes of a torn tail (always 0 for a clean log).
+    pub torn_bytes: u64,
+}
+
+impl LogScan {
+    /// Seq of the last intact record, 0 if there is none.
+    pub fn last_seq(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.seq)
+    }
+}
+
+/// Reads and verifies a log: header (magic, version, crc; a bad one is
+/// `Error::Corrupt`), then every record (magic, crc, seq order) up to the
+/// first one that is short or does not verify, which starts the torn tail.
+/// A cleanly closed log must verify completely and match its close block,
+/// otherwise it is `Error::Corrupt` (a seal comes after the records were
+/// durable, so a sealed log has no torn tail).
+pub fn scan(path: &Path) -> Result<LogScan> {
+    let file = File::open(path)
+        .map_err(|e| Error::io(format!("opening HRL log {}", path.display()), e))?;
+    scan_file(&file, path)
+}
+
+/// [`scan`], then cut the torn tail of a log that was not cleanly closed
+/// (truncate to `valid_len` and fsync). The result describes the file as it
+/// was found (`torn_bytes` is what was cut); afterwards the file is
+/// `valid_len` bytes long. Whether an unclean log can be trusted is the
+/// caller's decision; the design says resync.
+pub fn recover(path: &Path) -> Result<LogScan> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening HRL log {}", path.display()), e))?;
+    let scan = scan_file(&file, path)?;
+    if !scan.clean && scan.torn_bytes > 0 {
+        file.set_len(scan.valid_len)
+            .map_err(|e| Error::io(format!("truncating torn tail of {}", path.display()), e))?;
+        file.sync_all()
+            .map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
+    }
+    Ok(scan)
+}
+
+/// Reads the payload of a write record (positioned read, no cursor).
+/// The scan that produced `meta` verified its crc.
+pub fn read_payload(file: &File, meta: &RecordMeta) -> Result<Vec<u8>> {
+    let len = usize::try_from(meta.len)
+        .map_err(|_| Error::invalid("len", "payload larger than memory"))?;
+    let mut buf = vec![0u8; len];
+    read_payload_into(file, meta, &mut buf)?;
+    Ok(buf)
+}
+
+/// Like [`read_payload`], into a caller's buffer of exactly `meta.len` bytes.
+pub fn read_payload_into(file: &File, meta: &RecordMeta, buf: &mut [u8]) -> Result<()> {
+    if meta.kind != RecordKind::Write {
+        return Err(Error::invalid(
+            "record",
+            format!("record {} is a zero range and has no payload", meta.seq),
+        ));
+    }
+    if buf.len() as u64 != meta.len {
+        return Err(Error::invalid(
+            "buf",
+            format!("{} bytes for a {}-byte payload", buf.len(), meta.len),
+        ));
+    }
+    file.read_exact_at(buf, meta.payload_pos).map_err(|e| {
+        Error::io(
+            format!(
+                "reading payload of record {} at log offset {}",
+                meta.seq, meta.payload_pos
+            ),
+            e,
+        )
+    })
+}
+
+fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
+    let io_ctx = |what: &str| format!("{what} of HRL log {}", path.display());
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::io(io_ctx("stat"), e))?
+        .len();
+    let corrupt_header =
+        |reason: String| Error::corrupt(format!("HRL header of {}", path.display()), reason);
+    if file_len < HEADER_SIZE {
+        return Err(corrupt_header(format!(
+            "file is {file_len} bytes, shorter than the {HEADER_SIZE}-byte header"
+        )));
+    }
+    let mut hbuf = vec![0u8; HEADER_SIZE as usize];
+    file.read_exact_at(&mut hbuf, 0)
+        .map_err(|e| Error::io(io_ctx("reading header"), e))?;
+    let header = LogHeader::decode(&hbuf).map_err(corrupt_header)?;
+    let close = CloseBlock::decode(&hbuf);
+
+    let seed = record_crc_seed(header.log_id);
+    let mut reader = BufReader::with_capacity(WRITE_BUFFER_SIZE, file);
+    reader
+        .seek(SeekFrom::Start(HEADER_SIZE))
+        .map_err(|e| Error::io(io_ctx("seek"), e))?;
+    let mut records = Vec::new();
+    let mut pos = HEADER_SIZE;
+    // Why the walk stopped before the end of the file, for error messages.
+    let mut stop: Option<String> = None;
+    while pos < file_len {
+        if file_len - pos < RECORD_HEADER_SIZE {
+            stop = Some(format!(
+                "{} trailing bytes at {pos}, less than a record header",
+                file_len - pos
+            ));
+            break;
+        }
+        let mut rbuf = [0u8; RECORD_HEADER_SIZE as usize];
+        reader
+            .read_exact(&mut rbuf)
+            .map_err(|e| Error::io(io_ctx("reading records"), e))?;
+        let rec = match decode_record_header(&rbuf) {
+            Ok(r) => r,
+            Err(reason) => {
+                stop = Some(format!("record at {pos}: {reason}"));
+                break;
+            }
+        };
+        let expected_seq = records.len() as u64 + 1;
+        if rec.seq != expected_seq {
+            stop = Some(format!(
+                "record at {pos}: seq {} where {expected_seq} was expected",
+                rec.seq
+            ));
+            break;
+        }
+        let payload_pos = pos + RECORD_HEADER_SIZE;
+        let payload_len = if rec.kind == RecordKind::Write {
+            rec.len
+        } else {
+            0
+        };
+        if file_len - payload_pos < payload_len {
+            stop = Some(format!(
+                "record {} at {pos}: payload of {payload_len} bytes runs past the end",
+                rec.seq
+            ));
+            break;
+        }
+        let mut crc = record_header_crc(seed, &rbuf);
+        let mut left = payload_len;
+        while left > 0 {
+            let chunk = reader
+                .fill_buf()
+                .map_err(|e| Error::io(io_ctx("reading records"), e))?;
+            if chunk.is_empty() {
+                // The file shrank under us; treat like a short record.
+                break;
+            }
+            let n = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            crc = crc32c::crc32c_append(crc, &chunk[..n]);
+            reader.consume(n);
+            left -= n as u64;
+        }
+        if left > 0 || crc != rec.crc {
+            stop = Some(format!("record {} at {pos}: checksum mismatch", rec.seq));
+            break;
+        }
+        records.push(RecordMeta {
+            seq: rec.seq,
+            kind: rec.kind,
+            offset: rec.offset,
+            len: rec.len,
+            payload_pos,
+        });
+        pos = payload_pos + payload_len;
+    }
+    let valid_len = pos;
+
+    let clean = match close {
+        CloseState::Clean(cb) => {
+            let last_seq = records.last().map_or(0, |r| r.seq);
+            let mismatch = if let Some(why) = &stop {
+                Some(why.clone())
+            } else if cb.end_offset != file_len {
+                Some(format!(
+                    "close block says {} bytes, file has {file_len}",
+                    cb.end_offset
+                ))
+            } else if cb.record_count != records.len() as u64 {
+                Some(format!(
+                    "close block says {} records, found {}",
+                    cb.record_count,
+                    records.len()
+                ))
+            } else if cb.last_record_seq != last_seq {
+                Some(format!(
+                    "close block says last seq {}, found {last_seq}",
+                    cb.last_record_seq
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = mismatch {
+                return Err(Error::corrupt(
+                    format!("cleanly closed HRL log {}", path.display()),
+                    why,
+                ));
+            }
+            true
+        }
+        // A close block torn by a crash during seal (or damaged) cannot vouch
+        // for anything: the log counts as not cleanly closed.
+        CloseState::Open | CloseState::Invalid(_) => false,
+    };
+    Ok(LogScan {
+        header,
+        clean,
+        records,
+        valid_len,
+        file_len,
+        torn_bytes: file_len - valid_len,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changelog::format::CLOSE_BLOCK_OFFSET;
+    use crate::changelog::LogWriter;
+    use crate::error::ErrorKind;
+    use proptest::prelude::*;
+    use std::path::PathBuf;
+
+    const DISK: u64 = 64 * 1024;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, Vec<u8>),
+        Zero(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..DISK, 1u64..9000, any::<u8>()).prop_map(|(off, len, seed)| {
+                let len = len.min(DISK - off).max(1);
+                let off = off.min(DISK - len);
+                // Data that differs byte to byte, so misplaced bytes show.
+                Op::Write(
+                    off,
+                    (0..len).map(|i| seed.wrapping_add((i * 7) as u8)).collect(),
+                )
+            }),
+            (0..DISK, 1u64..20000).prop_map(|(off, len)| {
+                let len = len.min(DISK - off).max(1);
+                Op::Zero(off.min(DISK - len), len)
+            }),
+        ]
+    }
+
+    fn apply_op(disk: &mut [u8], op: &Op) {
+        match op {
+            Op::Write(off, data) => {
+                disk[*off as usize..*off as usize + data.len()].copy_from_slice(data)
+            }
+            Op::Zero(off, len) => disk[*off as usize..(*off + *len) as usize].fill(0),
+        }
+    }
+
+    fn write_log(path: &Path, ops: &[Op]) -> LogWriter {
+        let mut w = LogWriter::create(path, &LogHeader::new("vm-a", "disk-0", 1, 0, 5)).unwrap();
+        for op in ops {
+            match op {
+                Op::Write(off, data) => w.append_write(*off, data).unwrap(),
+                Op::Zero(off, len) => w.append_zero(*off, *len).unwrap(),
+            }
+        }
+        w
+    }
+
+    fn replay(path: &Path, scan: &LogScan) -> Vec<u8> {
+        let file = File::open(path).unwrap();
+        let mut disk = vec![0u8; DISK as usize];
+        for r in &scan.records {
+            let range = r.offset as usize..(r.offset + r.len) as usize;
+            match r.kind {
+                RecordKind::Write => disk[range].copy_from_slice(&read_payload(&file, r).unwrap()),
+                RecordKind::Zero => disk[range].fill(0),
+            }
+        }
+        disk
+    }
+
+    /// A log of `n` small records, synced but not sealed.
+    fn unclean_log(dir: &Path, n: u64) -> (PathBuf, Vec<Op>) {
+        let path = dir.join("t.hrl");
+        let ops: Vec<Op> = (0..n)
+            .map(|i| {
+                if i % 3 == 2 {
+                    Op::Zero(i * 10, 5)
+                } else {
+                    Op::Write(i * 100, vec![i as u8 + 1; 17])
+                }
+            })
+            .collect();
+        let mut w = write_log(&path, &ops);
+        w.sync().unwrap();
+        drop(w);
+        (path, ops)
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img.00000001.hrl");
+        let ops = vec![
+            Op::Write(512, b"hello".to_vec()),
+            Op::Zero(0, 4096),
+            Op::Write(4000, vec![9; 200]),
+        ];
+        let w = write_log(&path, &ops);
+        let header = w.header().clone();
+        let sealed = w.seal().unwrap();
+        let s = scan(&path).unwrap();
+        assert!(s.clean);
+        assert_eq!(s.header, header);
+        assert_eq!(
+            (s.torn_bytes, s.valid_len, s.file_len),
+            (0, sealed.end_offset, sealed.end_offset)
+        );
+        let metas: Vec<_> = s
+            .records
+            .iter()
+            .map(|r| (r.seq, r.kind, r.offset, r.len))
+            .collect();
+        assert_eq!(
+            metas,
+            vec![
+                (1, RecordKind::Write, 512, 5),
+                (2, RecordKind::Zero, 0, 4096),
+                (3, RecordKind::Write, 4000, 200)
+            ]
+        );
+        let file = File::open(&path).unwrap();
+        assert_eq!(read_payload(&file, &s.records[0]).unwrap(), b"hello");
+        assert_eq!(read_payload(&file, &s.records[2]).unwrap(), vec![9; 200]);
+        assert_eq!(
+            read_payload(&file, &s.records[1]).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        // recover on a clean log changes nothing.
+        assert_eq!(recover(&path).unwrap(), s);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), sealed.end_offset);
+    }
+
+    #[test]
+    fn empty_logs_scan_clean_and_unclean() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open.hrl");
+        let sealed = dir.path().join("sealed.hrl");
+        drop(write_log(&open, &[]));
+        write_log(&sealed, &[]).seal().unwrap();
+        let s = scan(&open).unwrap();
+        assert!(
+            !s.clean && s.records.is_empty() && s.torn_bytes == 0 && s.valid_len == HEADER_SIZE
+        );
+        let s = scan(&sealed).unwrap();
+        assert!(s.clean && s.records.is_empty() && s.last_seq() == 0);
+    }
+
+    #[test]
+    fn unclean_and_clean_logs_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ops) = unclean_log(dir.path(), 5);
+        let s = scan(&path).unwrap();
+        assert!(!s.clean);
+        assert_eq!((s.records.len(), s.torn_bytes), (5, 0));
+
+        let sealed_path = dir.path().join("sealed.hrl");
+        write_log(&sealed_path, &ops).seal().unwrap();
+        assert!(scan(&sealed_path).unwrap().clean);
+
+        // A close block torn by a crash during seal: not clean, not an error.
+        let f = OpenOptions::new().write(true).open(&sealed_path).unwrap();
+        f.write_all_at(&[0xff], CLOSE_BLOCK_OFFSET + 20).unwrap();
+        let s = scan(&sealed_path).unwrap();
+        assert!(!s.clean);
+        assert_eq!(s.records.len(), 5);
+    }
+
+    #[test]
+    fn chopped_tail_keeps_the_intact_prefix_and_recover_cuts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = unclean_log(dir.path(), 4);
+        let full = std::fs::read(&path).unwrap();
+        let full_scan = scan(&path).unwrap();
+        let last = *full_scan.records.last().unwrap();
+        let last_start = last.payload_pos - RECORD_HEADER_SIZE;
+        // Every cut inside the last record, and inside the one before.
+        let prev_start = full_scan.records[2].payload_pos - RECORD_HEADER_SIZE;
+        for cut in prev_start..full.len() as u64 {
+            std::fs::write(&path, &full[..cut as usize]).unwrap();
+            let s = scan(&path).unwrap();
+            let (keep, valid) = if cut >= last_start {
+                (3, last_start)
+            } else {
+                (2, prev_start)
+            };
+            assert_eq!(s.records.len(), keep, "cut at {cut}");
+            assert_eq!(s.records[..], full_scan.records[..keep]);
+            assert_eq!(
+                (s.valid_len, s.file_len, s.torn_bytes),
+                (valid, cut, cut - valid),
+                "cut at {cut}"
+            );
+            assert!(!s.clean);
+            let r = recover(&path).unwrap();
+            assert_eq!(r, s);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), valid);
+            let after = scan(&path).unwrap();
+            assert_eq!((after.torn_bytes, after.records.len()), (0, keep));
+        }
+    }
+
+    #[test]
+    fn a_damaged_byte_anywhere_in_the_last_record_cuts_only_that_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = unclean_log(dir.path(), 4); // record 4 is a 17-byte write
+        let full = std::fs::read(&path).unwrap();
+        let full_scan = scan(&path).unwrap();
+        let last = *full_scan.records.last().unwrap();
+        assert_eq!(last.kind, RecordKind::Write);
+        let last_start = last.payload_pos - RECORD_HEADER_SIZE;
+        for at in last_start..full.len() as u64 {
+            for flip in [0x01u8, 0x80] {
+                let mut bad = full.clone();
+                bad[at as usize] ^= flip;
+                std::fs::write(&path, &bad).unwrap();
+                let s = scan(&path).unwrap();
+                assert_eq!(s.records[..], full_scan.records[..3], "damage at {at}");
+                assert_eq!(
+                    (s.valid_len, s.torn_bytes),
+                    (last_start, full.len() as u64 - last_start)
+                );
+                recover(&path).unwrap();
+                assert_eq!(std::fs::read(&path).unwrap(), full[..last_start as usize]);
+            }
+        }
+    }
+
+    #[test]
+    fn records_from_another_log_do_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = unclean_log(dir.path(), 2);
+        let b = dir.path().join("b.hrl");
+        drop(write_log(&b, &[]));
+        // Graft a's records onto b's header (same vm/disk, different log_id).
+        let mut bytes = std::fs::read(&b).unwrap();
+        bytes.extend_from_slice(&std::fs::read(&a).unwrap()[HEADER_SIZE as usize..]);
+        std::fs::write(&b, &bytes).unwrap();
+        let s = scan(&b).unwrap();
+        assert!(s.records.is_empty());
+        assert_eq!(s.torn_bytes, bytes.len() as u64 - HEADER_SIZE);
+    }
+
+    #[test]
+    fn a_clean_log_that_does_not_match_its_close_block_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.hrl");
+        write_log(&path, &[Op::Write(0, vec![1; 50]), Op::Zero(0, 10)])
+            .seal()
+            .unwrap();
+        let full = std::fs::read(&path).unwrap();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated", full[..full.len() - 1].to_vec()),
+            ("extended", [full.clone(), vec![0u8; 100]].concat()),
+            ("payload damaged", {
+                let mut b = full.clone();
+                b[HEADER_SIZE as usize + RECORD_HEADER_SIZE as usize + 3] ^= 1;
+                b
+            }),
+        ];
+        for (name, bytes) in cases {
+            std::fs::write(&path, &bytes).unwrap();
+            let err = scan(&path).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{name}: {err}");
+            assert!(err.to_string().contains("cleanly closed"), "{name}: {err}");
+            // recover must not "repair" a sealed log either.
+            assert_eq!(recover(&path).unwrap_err().kind(), ErrorKind::Corrupt);
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                bytes,
+                "{name}: file untouched"
+            );
+        }
+    }
+
+    #[test]
+    fn corrupt_headers_are_rejected_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = unclean_log(dir.path(), 1);
+        let full = std::fs::read(&path).unwrap();
+        let cases: Vec<(usize, &str)> = vec![
+            (0, "bad magic"),
+            (8, "unsupported format version"),
+            (20, "checksum mismatch"),
+            (150, "checksum"),
+        ];
+        for (at, expect) in cases {
+            let mut bad = full.clone();
+            bad[at] ^= 0x04;
+            std::fs::write(&path, &bad).unwrap();
+            let err = scan(&path).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Corrupt);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(expect) && msg.contains("t.hrl"),
+                "byte {at}: {msg}"
+            );
+        }
+        std::fs::write(&path, &full[..100]).unwrap();
+        let msg = scan(&path).unwrap_err().to_string();
+        assert!(msg.contains("shorter than the 4096-byte header"), "{msg}");
+        assert_eq!(
+            scan(&dir.path().join("missing.hrl")).unwrap_err().kind(),
+            ErrorKind::Io
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn replaying_a_sealed_log_equals_replaying_the_ops(ops in prop::collection::vec(op(), 0..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("p.hrl");
+            write_log(&path, &ops).seal().unwrap();
+            let s = scan(&path).unwrap();
+            prop_assert!(s.clean);
+            prop_assert_eq!(s.records.len(), ops.len());
+            let mut expected = vec![0u8; DISK as usize];
+            for op in &ops {
+                apply_op(&mut expected, op);
+            }
+            prop_assert!(replay(&path, &s) == expected);
+        }
+    }
+}
