@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Longest VM or disk name accepted (it must fit the change-log header field).
-pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_NAME_LEN: usize = crate::changelog::MAX_ID_LEN;
 
-/// Checks a VM or disk name: 1..=63 of `[A-Za-z0-9._-]`, not starting with a
+/// Checks a VM or disk name: 1..=62 of `[A-Za-z0-9._-]`, not starting with a
 /// dot or dash (so `..`, `.hidden` and `-flag` are refused).
 pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
     if name.is_empty() {
@@ -194,10 +194,10 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        for ok in ["vm1", "a", "web-01.prod", "disk_0", &"x".repeat(63)] {
+        for ok in ["vm1", "a", "web-01.prod", "disk_0", &"x".repeat(62)] {
             validate_name("vm name", ok).unwrap();
         }
-        for bad in ["", "..", "../x", "a/b", ".hidden", "-rf", "a b", "é", &"x".repeat(64), "a\0b"] {
+        for bad in ["", "..", "../x", "a/b", ".hidden", "-rf", "a b", "é", &"x".repeat(63), "a\0b"] {
             let e = validate_name("vm name", bad).unwrap_err();
             assert!(e.to_string().starts_with("invalid vm name"), "{bad:?}: {e}");
         }

@@ -70,6 +70,7 @@ pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot
                 let offset = i * ctx.chunk_size;
                 let len = ctx.chunk_size.min(size - offset);
                 let level = ctx.zstd_level;
+                let key = object_key(&ctx.vm, ctx.generation, &disk.name, seq, i);
                 let enc = blocking(move || {
                     let mut buf = vec![0u8; len as usize];
                     snap.read_for_copy(disk.file(), offset, &mut buf)?;
@@ -80,7 +81,7 @@ pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot
                 })
                 .await?;
                 let out = match enc {
-                    Some(enc) => Some(put_part(&ctx, object_key(&ctx.vm, ctx.generation, &disk.name, seq, i), enc).await?),
+                    Some(enc) => Some(put_part(&ctx, key, enc).await?),
                     None => None,
                 };
                 ctx.progress.fetch_add(len, Ordering::Relaxed);
