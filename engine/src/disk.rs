@@ -213,14 +213,6 @@ impl Disk {
         self.file.sync_data().map_err(|e| Error::io(format!("sync {}", self.path.display()), e))
     }
 
-    /// Starts copy-before-write for the initial copy; returns the snapshot.
-    pub fn start_snapshot(&self) -> Result<Arc<CowSnapshot>> {
-        let mut inner = self.lock();
-        let snap = Arc::new(CowSnapshot::create(&self.path, self.size)?);
-        inner.snapshot = Some(snap.clone());
-        Ok(snap)
-    }
-
     /// Stops copy-before-write; the caller releases the snapshot's space.
     pub fn end_snapshot(&self) -> Option<Arc<CowSnapshot>> {
         self.lock().snapshot.take()
@@ -263,6 +255,16 @@ impl Disk {
         new_log(&self.path, &self.vm, &self.name, cur.seq + 1, cur.log_id)
     }
 
+    /// A log of this disk was sealed and waits for upload.
+    pub fn sealed_added(&self, bytes: u64) {
+        self.sealed_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Takes the active log out (graceful stop seals it; unprotect drops it).
+    pub fn take_log(&self) -> Option<LogWriter> {
+        self.lock().log.take()
+    }
+
     /// Logs were committed to a recovery point or discarded: stop counting them.
     pub fn sealed_released(&self, bytes: u64) {
         let _ = self.sealed_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(bytes)));
@@ -289,6 +291,30 @@ pub fn new_log(disk_path: &Path, vm: &str, disk: &str, seq: u64, prev_log_id: u6
         created_unix_ms: now_millis(),
     };
     LogWriter::create(&changelog::log_path(disk_path, seq), &header)
+}
+
+/// Starts copy-before-write snapshots of all disks at one instant (every
+/// disk's lock held), so the base point is crash-consistent across disks.
+pub fn snapshot_all(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)> {
+    let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
+    let at = now_millis();
+    let mut snaps = Vec::new();
+    for (d, g) in disks.iter().zip(guards.iter_mut()) {
+        match CowSnapshot::create(&d.path, d.size) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                g.snapshot = Some(s.clone());
+                snaps.push(s);
+            }
+            Err(e) => {
+                for g in guards.iter_mut() {
+                    g.snapshot = None;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok((snaps, at))
 }
 
 /// Swaps in the prepared logs of all disks at one instant, so a recovery

@@ -1,0 +1,492 @@
+//! The engine handle: the public API for daemons and provider processes.
+//!
+//! [`Engine::open`] starts the actor system on a thread of its own (actix
+//! actors need an arbiter; the caller's tokio runtime runs the I/O tasks)
+//! and resumes every VM found in the state store.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::config::{EngineConfig, TargetConfig};
+use crate::disk::Disk;
+use crate::error::{Error, ErrorClass, Result};
+use crate::jobs::Jobs;
+use crate::lifecycle::{Event, Lifecycle, VmState};
+use crate::model::{now_millis, DiskSpec, Job, JobId, JobKind, JobStatus, RecoveryPoint, VmSpec};
+use crate::restore::{self, RestoredDisk};
+use crate::scheduler::{All, Lookup, Scheduler, StartVm, StopVm};
+use crate::shared::{DiskRegistry, Shared};
+use crate::state::{StateStore, VmRecord};
+use crate::target::{LocalTarget, Target};
+use crate::throttle::Throttle;
+use crate::vm::{self, GetInfo, Operator, ReplicateNow, VmActor, VmInfo};
+
+/// Which recovery point to restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointSelector {
+    Latest,
+    Seq(u64),
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    scheduler: Addr<Scheduler>,
+    system: Option<(actix_rt::System, std::thread::JoinHandle<()>)>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("task failed: {e}")))?
+}
+
+fn mailbox<T>(r: std::result::Result<T, MailboxError>) -> Result<T> {
+    r.map_err(|e| Error::Internal(format!("actor mailbox: {e}")))
+}
+
+impl Engine {
+    /// Opens the state store and target, starts the actors and resumes every
+    /// protected VM. Must be called within a tokio runtime, which then runs
+    /// the engine's I/O tasks.
+    pub async fn open(config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| Error::io(format!("create data folder {}", data_dir.display()), e))?;
+        let state = blocking(move || StateStore::open(&data_dir.join("state.redb"))).await?;
+        let target: Target = match config.target() {
+            TargetConfig::Local { path } => Arc::new(LocalTarget::open(path)?),
+        };
+        let jobs = {
+            let s = state.clone();
+            blocking(move || Jobs::open(s)).await?
+        };
+        let shared = Arc::new(Shared {
+            throttle: Arc::new(Throttle::new(config.bandwidth_limit_bps)?),
+            config,
+            state,
+            target,
+            jobs,
+            disks: DiskRegistry::default(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sched_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferry-actors".into())
+            .spawn(move || {
+                let sys = actix_rt::System::new();
+                let addr = sys.block_on(async move { Scheduler::new(sched_shared).start() });
+                let _ = tx.send((addr, actix_rt::System::current()));
+                let _ = sys.run();
+            })
+            .map_err(|e| Error::io("start actor thread", e))?;
+        let (scheduler, system) = rx.recv().map_err(|_| Error::Internal("actor system did not start".into()))?;
+        let engine = Engine { shared, scheduler, system: Some((system, thread)) };
+        engine.resume_all().await?;
+        Ok(engine)
+    }
+
+    async fn resume_all(&self) -> Result<()> {
+        let state = self.shared.state.clone();
+        for mut rec in blocking(move || state.list_vms()).await? {
+            let name = rec.spec.name.clone();
+            let restart = matches!(
+                rec.lifecycle.state,
+                VmState::Unprotected
+                    | VmState::EnablingProtection
+                    | VmState::InitialReplication
+                    | VmState::FinalizingProtection
+            );
+            if restart {
+                // The snapshot did not survive: protection starts over.
+                rec.lifecycle = Lifecycle { transitions: rec.lifecycle.transitions.clone(), ..Lifecycle::default() };
+                rec.last_point_seq = 0;
+                rec.generation = rec.generation.max(now_millis());
+                let (state, r) = (self.shared.state.clone(), rec.clone());
+                blocking(move || state.put_vm(&r)).await?;
+            }
+            let r = rec.clone();
+            let opened = match blocking(move || vm::open_disks(&r, restart)).await {
+                Ok(o) => o,
+                Err(e) => {
+                    // The VM stays known (and Critical) so an operator sees why.
+                    tracing::error!(vm = %name, error = %e, "cannot resume VM");
+                    let (state, reason) = (self.shared.state.clone(), e.to_string());
+                    blocking(move || {
+                        state.update_vm(&name, |r| {
+                            r.lifecycle.on_event(
+                                Event::Failed { class: ErrorClass::NonRecoverable, reason },
+                                now_millis(),
+                            );
+                        })
+                    })
+                    .await?;
+                    continue;
+                }
+            };
+            mailbox(self.scheduler.send(StartVm { rec, opened }).await)??;
+        }
+        Ok(())
+    }
+
+    /// Starts protecting a VM: validates it, opens its disks, records it and
+    /// starts initial replication. Nothing is created when it fails.
+    pub async fn protect(&self, mut spec: VmSpec) -> Result<VmInfo> {
+        spec.validate()?;
+        for d in &mut spec.disks {
+            d.path = std::fs::canonicalize(&d.path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::not_found("disk file", d.path.display().to_string()),
+                _ => Error::io(format!("resolve disk path {}", d.path.display()), e),
+            })?;
+            crate::disk::open_image(&d.path)?;
+        }
+        let (state, s) = (self.shared.state.clone(), spec.clone());
+        blocking(move || {
+            if state.get_vm(&s.name)?.is_some() {
+                return Err(Error::AlreadyExists { what: "VM", name: s.name.clone() });
+            }
+            for other in state.list_vms()? {
+                for d in &s.disks {
+                    if other.spec.disks.iter().any(|o| o.path == d.path) {
+                        return Err(Error::AlreadyExists {
+                            what: "protected disk",
+                            name: format!("{} (VM {})", d.path.display(), other.spec.name),
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        let rec = VmRecord {
+            spec: spec.clone(),
+            generation: now_millis(),
+            lifecycle: Lifecycle::default(),
+            last_point_seq: 0,
+            protected_since_ms: 0,
+        };
+        let r = rec.clone();
+        let opened = blocking(move || vm::open_disks(&r, true)).await?;
+        let (state, r) = (self.shared.state.clone(), rec.clone());
+        if let Err(e) = blocking(move || state.insert_vm(&r)).await {
+            for d in &spec.disks {
+                remove_fresh_logs(&d.path);
+            }
+            return Err(e);
+        }
+        mailbox(self.scheduler.send(StartVm { rec, opened }).await)??;
+        self.vm(&spec.name).await
+    }
+
+    async fn actor(&self, name: &str) -> Result<Addr<VmActor>> {
+        mailbox(self.scheduler.send(Lookup(name.to_string())).await)?.ok_or_else(|| Error::not_found("VM", name))
+    }
+
+    /// Stops protecting a VM: its change logs are deleted; the replica on the
+    /// target is kept (it can still be restored with the target's tools).
+    pub async fn unprotect(&self, name: &str) -> Result<()> {
+        crate::model::validate_name("vm name", name)?;
+        mailbox(self.scheduler.send(StopVm { name: name.to_string(), unprotect: true }).await)??;
+        let (state, n) = (self.shared.state.clone(), name.to_string());
+        blocking(move || state.delete_vm(&n)).await
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<VmInfo> {
+        crate::model::validate_name("vm name", name)?;
+        match mailbox(self.scheduler.send(Lookup(name.to_string())).await)? {
+            Some(a) => mailbox(a.send(GetInfo).await),
+            None => {
+                // Known but not running (its disks could not be opened).
+                let (state, n) = (self.shared.state.clone(), name.to_string());
+                let rec = blocking(move || state.get_vm(&n)).await?.ok_or_else(|| Error::not_found("VM", name))?;
+                Ok(offline_info(rec))
+            }
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>> {
+        let state = self.shared.state.clone();
+        let recs = blocking(move || state.list_vms()).await?;
+        let running = mailbox(self.scheduler.send(All).await)?;
+        let mut out = Vec::new();
+        for rec in recs {
+            match running.iter().find(|(n, _)| *n == rec.spec.name) {
+                Some((_, a)) => out.push(mailbox(a.send(GetInfo).await)?),
+                None => out.push(offline_info(rec)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Operator pause: cycles stop, writes stay tracked.
+    pub async fn pause(&self, name: &str) -> Result<VmInfo> {
+        mailbox(self.actor(name).await?.send(Operator(Event::Pause)).await)?
+    }
+
+    /// Operator resume (from `Paused` or `Critical`).
+    pub async fn resume(&self, name: &str) -> Result<VmInfo> {
+        mailbox(self.actor(name).await?.send(Operator(Event::Resume)).await)?
+    }
+
+    /// A disk's write path, for provider processes and the NBD export.
+    pub fn disk(&self, vm: &str, disk: &str) -> Result<Arc<Disk>> {
+        crate::model::validate_name("vm name", vm)?;
+        crate::model::validate_name("disk name", disk)?;
+        self.shared.disks.get(&format!("{vm}/{disk}")).ok_or_else(|| Error::not_found("disk", format!("{vm}/{disk}")))
+    }
+
+    /// Writes `data` at `offset` of a protected disk; logged before it returns.
+    pub async fn write(&self, vm: &str, disk: &str, offset: u64, data: Vec<u8>) -> Result<()> {
+        let d = self.disk(vm, disk)?;
+        blocking(move || d.write_at(offset, &data, false)).await
+    }
+
+    /// Makes every acknowledged write of the disk durable (log and disk).
+    pub async fn flush(&self, vm: &str, disk: &str) -> Result<()> {
+        let d = self.disk(vm, disk)?;
+        blocking(move || d.flush()).await
+    }
+
+    /// Export names (`<vm>/<disk>`) of every protected disk.
+    pub fn exports(&self) -> Vec<String> {
+        self.shared.disks.names()
+    }
+
+    /// Cuts a recovery point now that includes every write acknowledged
+    /// before the call, and waits for it (`None`: nothing was written).
+    pub async fn replicate_now(&self, name: &str) -> Result<Option<RecoveryPoint>> {
+        let rx = mailbox(self.actor(name).await?.send(ReplicateNow).await)?;
+        rx.await.map_err(|_| Error::Cancelled("the VM stopped".into()))?
+    }
+
+    /// Waits until the VM has committed its first recovery point.
+    pub async fn wait_protected(&self, name: &str, timeout: Duration) -> Result<VmInfo> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = self.vm(name).await?;
+            match info.state {
+                VmState::Protected if info.last_point_seq > 0 => return Ok(info),
+                VmState::Critical | VmState::ResyncRequired => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "VM {name} is {}: {}",
+                        info.state,
+                        info.reason.unwrap_or_default()
+                    )))
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Cancelled(format!("VM {name} still {} after {timeout:?}", info.state)))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    pub async fn recovery_points(&self, vm: &str) -> Result<Vec<RecoveryPoint>> {
+        crate::model::validate_name("vm name", vm)?;
+        let (state, n) = (self.shared.state.clone(), vm.to_string());
+        blocking(move || {
+            if state.get_vm(&n)?.is_none() {
+                return Err(Error::not_found("VM", n));
+            }
+            state.list_points(&n)
+        })
+        .await
+    }
+
+    /// Starts a test failover: rebuilds every disk of the chosen point as
+    /// `<out_dir>/<disk>.img` while replication keeps running. Returns the job.
+    pub async fn test_failover(&self, vm: &str, point: PointSelector, out_dir: &Path) -> Result<JobId> {
+        let (rec, point) = self.resolve_point(vm, point).await?;
+        let out_dir = absolute(out_dir)?;
+        check_out_dir(&rec.spec, &out_dir)?;
+        let job = self.shared.jobs.start(
+            vm,
+            JobKind::TestFailover,
+            point.bytes_logical,
+            format!("recovery point {} -> {}", point.seq, out_dir.display()),
+        )?;
+        let shared = self.shared.clone();
+        let id = job.id;
+        self.shared.runtime.spawn(async move {
+            let r = restore::restore_point(
+                &shared.target,
+                &rec.spec.name,
+                rec.generation,
+                point.seq,
+                &out_dir,
+                shared.config.restore_parallelism,
+                job.done.clone(),
+                job.total.clone(),
+            )
+            .await;
+            job.done.store(job.total.load(Ordering::Relaxed).max(job.done.load(Ordering::Relaxed)), Ordering::Relaxed);
+            let outcome = match r {
+                Ok(disks) => Ok(Some(format!(
+                    "recovery point {} restored: {}",
+                    point.seq,
+                    disks.iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>().join(", ")
+                ))),
+                Err(e) => Err((JobStatus::Failed, e.to_string())),
+            };
+            shared.jobs.finish(id, outcome);
+        });
+        Ok(id)
+    }
+
+    /// Restores a point and waits for it (the embedded form of test failover).
+    pub async fn restore(&self, vm: &str, point: PointSelector, out_dir: &Path) -> Result<Vec<RestoredDisk>> {
+        let (rec, point) = self.resolve_point(vm, point).await?;
+        let out_dir = absolute(out_dir)?;
+        check_out_dir(&rec.spec, &out_dir)?;
+        restore::restore_point(
+            &self.shared.target,
+            vm,
+            rec.generation,
+            point.seq,
+            &out_dir,
+            self.shared.config.restore_parallelism,
+            Default::default(),
+            Default::default(),
+        )
+        .await
+    }
+
+    async fn resolve_point(&self, vm: &str, sel: PointSelector) -> Result<(VmRecord, RecoveryPoint)> {
+        crate::model::validate_name("vm name", vm)?;
+        let (state, n) = (self.shared.state.clone(), vm.to_string());
+        let (rec, points) = blocking(move || {
+            let rec = state.get_vm(&n)?.ok_or_else(|| Error::not_found("VM", n.clone()))?;
+            Ok((rec, state.list_points(&n)?))
+        })
+        .await?;
+        let point = match sel {
+            PointSelector::Latest => points.last().cloned().ok_or_else(|| {
+                Error::FailedPrecondition(format!("VM {vm} has no recovery point yet (state {})", rec.lifecycle.state))
+            })?,
+            PointSelector::Seq(s) => points
+                .iter()
+                .find(|p| p.seq == s)
+                .cloned()
+                .ok_or_else(|| Error::not_found("recovery point", format!("{vm}#{s}")))?,
+        };
+        Ok((rec, point))
+    }
+
+    pub fn job(&self, id: JobId) -> Result<Job> {
+        self.shared.jobs.get(id)?.ok_or_else(|| Error::not_found("job", id.to_string()))
+    }
+
+    pub fn jobs(&self) -> Result<Vec<Job>> {
+        self.shared.jobs.list()
+    }
+
+    /// Waits for a job to end and returns it.
+    pub async fn wait_job(&self, id: JobId) -> Result<Job> {
+        loop {
+            let j = self.job(id)?;
+            if j.status != JobStatus::Running {
+                return Ok(j);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Host-wide upload limit in bit/s (`None` = unlimited).
+    pub fn bandwidth_limit(&self) -> Option<u64> {
+        self.shared.throttle.limit()
+    }
+
+    pub fn set_bandwidth_limit(&self, bps: Option<u64>) -> Result<()> {
+        self.shared.throttle.set(bps)
+    }
+
+    pub fn target_description(&self) -> String {
+        self.shared.target.describe()
+    }
+
+    /// Stops every VM actor (sealing active logs so a restart trusts them)
+    /// and the actor system.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let vms = mailbox(self.scheduler.send(All).await)?;
+        let mut first_err = None;
+        for (name, _) in vms {
+            if let Err(e) = mailbox(self.scheduler.send(StopVm { name: name.clone(), unprotect: false }).await)? {
+                tracing::warn!(vm = %name, error = %e, "stopping VM failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        self.stop_system();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn stop_system(&mut self) {
+        if let Some((sys, thread)) = self.system.take() {
+            sys.stop();
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_system();
+    }
+}
+
+fn offline_info(rec: VmRecord) -> VmInfo {
+    VmInfo {
+        state: rec.lifecycle.state,
+        reason: rec.lifecycle.reason.clone(),
+        transitions: rec.lifecycle.transitions.clone(),
+        generation: rec.generation,
+        last_point_seq: rec.last_point_seq,
+        disks: rec
+            .spec
+            .disks
+            .iter()
+            .map(|d: &DiskSpec| vm::DiskInfo {
+                name: d.name.clone(),
+                path: d.path.clone(),
+                size: std::fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0),
+                export: format!("{}/{}", rec.spec.name, d.name),
+                active_log_bytes: 0,
+                pending_log_bytes: 0,
+                snapshot_bytes: 0,
+            })
+            .collect(),
+        spec: rec.spec,
+    }
+}
+
+fn remove_fresh_logs(disk_path: &Path) {
+    if let Ok(logs) = crate::changelog::list_logs(disk_path) {
+        for (_, p) in logs {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.as_os_str().is_empty() {
+        return Err(Error::invalid("out", "the output folder must not be empty"));
+    }
+    std::path::absolute(p).map_err(|e| Error::io(format!("resolve {}", p.display()), e))
+}
+
+/// Refuses an output folder where a restored image would replace a live disk.
+fn check_out_dir(spec: &VmSpec, out_dir: &Path) -> Result<()> {
+    let out_dir = std::fs::canonicalize(out_dir).unwrap_or_else(|_| out_dir.to_path_buf());
+    for d in &spec.disks {
+        let img = out_dir.join(format!("{}.img", d.name));
+        if img == d.path || std::fs::canonicalize(&img).is_ok_and(|p| p == d.path) {
+            return Err(Error::invalid(
+                "out",
+                format!("{} would overwrite the protected disk {}", img.display(), d.path.display()),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! What the scheduler, the VM actors and the engine handle share.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use crate::config::EngineConfig;
+use crate::disk::Disk;
+use crate::jobs::Jobs;
+use crate::state::StateStore;
+use crate::target::Target;
+use crate::throttle::Throttle;
+
+pub struct Shared {
+    pub config: EngineConfig,
+    pub state: StateStore,
+    pub target: Target,
+    /// Host-wide upload limit; every VM's uploads are charged to it.
+    pub throttle: Arc<Throttle>,
+    pub jobs: Jobs,
+    /// Disks of protected VMs by export name `<vm>/<disk>`: the write path's
+    /// entry for NBD and the embedded API, outside the actors' mailboxes.
+    pub disks: DiskRegistry,
+    /// Where I/O tasks run (the runtime the engine was opened on).
+    pub runtime: tokio::runtime::Handle,
+}
+
+#[derive(Default)]
+pub struct DiskRegistry {
+    map: RwLock<BTreeMap<String, Arc<Disk>>>,
+}
+
+impl DiskRegistry {
+    pub fn insert(&self, disk: Arc<Disk>) {
+        self.map.write().expect("registry lock").insert(disk.export_name(), disk);
+    }
+
+    pub fn remove_vm(&self, vm: &str) {
+        let prefix = format!("{vm}/");
+        self.map.write().expect("registry lock").retain(|k, _| !k.starts_with(&prefix));
+    }
+
+    pub fn get(&self, export: &str) -> Option<Arc<Disk>> {
+        self.map.read().expect("registry lock").get(export).cloned()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.map.read().expect("registry lock").keys().cloned().collect()
+    }
+}

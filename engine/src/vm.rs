@@ -1,0 +1,843 @@
+//! The VM actor: one per protected VM.
+//!
+//! Overview: it owns the VM's disks (write path, change-log rotation),
+//! its snapshot during initial replication and its upload jobs. Handlers
+//! feed the [`Lifecycle`] state machine and carry out the actions it
+//! returns; anything slow (file I/O, compression, target puts, state
+//! commits) runs as a task on the engine's runtime and comes back as a
+//! message. Writes never pass through the mailbox: NBD and the embedded API
+//! call [`Disk`] directly.
+//!
+//! Consistency: a recovery point is committed in this order: objects put,
+//! manifest put, point added to the state store, local logs deleted. A crash
+//! between any two steps leaves either an unreferenced object (overwritten by
+//! the retry, same keys) or logs that are uploaded again under the same keys.
+//!
+//! Restart: logs found beside the disks are checked (clean, chained); clean
+//! ones are uploaded by the next cycle. A log that is not clean (the daemon
+//! was killed) or a broken chain means the logs cannot be trusted: the VM
+//! goes to `ResyncRequired`. A VM that was still in initial replication
+//! starts protection again with a new snapshot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::changelog;
+use crate::disk::{self, Disk, DiskSignal};
+use crate::error::{Error, ErrorClass, Result};
+use crate::jobs::JobProgress;
+use crate::lifecycle::{Action, Event, Lifecycle, Transition, VmState};
+use crate::manifest::{manifest_key, DiskManifest, Manifest, ObjectRef, MANIFEST_FORMAT};
+use crate::model::{now_millis, JobKind, JobStatus, PointKind, RecoveryPoint, VmSpec};
+use crate::shared::Shared;
+use crate::snapshot::{self, CowSnapshot};
+use crate::state::VmRecord;
+use crate::upload::{self, UploadCtx};
+
+/// A sealed log waiting to be part of a recovery point.
+#[derive(Debug, Clone)]
+pub struct PendingLog {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// When it was sealed: the moment the point that includes it describes.
+    pub sealed_ms: u64,
+}
+
+/// What a VM looks like from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmInfo {
+    pub spec: VmSpec,
+    pub state: VmState,
+    pub reason: Option<String>,
+    pub transitions: Vec<Transition>,
+    pub generation: u64,
+    pub last_point_seq: u64,
+    pub disks: Vec<DiskInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    /// NBD export name, `<vm>/<disk>`.
+    pub export: String,
+    pub active_log_bytes: u64,
+    pub pending_log_bytes: u64,
+    pub snapshot_bytes: u64,
+}
+
+/// Disks opened for a VM, and what was found beside them.
+pub struct OpenedDisks {
+    pub disks: Vec<Arc<Disk>>,
+    pub pending: Vec<Vec<PendingLog>>,
+    /// Why the logs found cannot be trusted (unclean, broken chain, missing).
+    pub distrust: Option<String>,
+    pub signals: tokio::sync::mpsc::UnboundedReceiver<DiskSignal>,
+}
+
+fn remove_logs(disk_path: &std::path::Path) -> Result<()> {
+    for (_, p) in changelog::list_logs(disk_path)? {
+        std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
+    }
+    let side = snapshot::side_path(disk_path);
+    match std::fs::remove_file(&side) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("remove {}", side.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Opens a VM's disks (blocking). `fresh`: a new protection (or one restarted
+/// from scratch): old logs of this VM are removed and each disk starts a new
+/// chain. Otherwise existing logs are checked and kept as pending.
+pub fn open_disks(rec: &VmRecord, fresh: bool) -> Result<OpenedDisks> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let vm = &rec.spec.name;
+    let mut disks = Vec::new();
+    let mut pending = Vec::new();
+    let mut distrust = None;
+    for spec in &rec.spec.disks {
+        disk::open_image(&spec.path)?; // a clear error before any log is touched
+        let logs = changelog::list_logs(&spec.path)?;
+        for (_, p) in &logs {
+            if let Ok(scan) = changelog::scan(p) {
+                if scan.header.vm != *vm || scan.header.disk != spec.name {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{} holds change logs of VM {:?} disk {:?}: the disk belongs to another protection",
+                        spec.path.display(),
+                        scan.header.vm,
+                        scan.header.disk
+                    )));
+                }
+            }
+        }
+        let (found, why) = if fresh { (Vec::new(), None) } else { check_logs(&spec.name, &logs) };
+        let next_seq = logs.last().map_or(1, |(s, _)| s + 1);
+        let (kept, prev_id) = match (why, found) {
+            (None, found) if !found.is_empty() => {
+                let prev = found.last().map(|(_, h)| h.log_id).expect("non-empty");
+                (found.into_iter().map(|(p, _)| p).collect(), prev)
+            }
+            (why, _) => {
+                if !fresh {
+                    distrust = distrust.or(Some(why.unwrap_or_else(|| {
+                        format!("no change log found for disk {}: the chain is broken", spec.name)
+                    })));
+                }
+                remove_logs(&spec.path)?;
+                (Vec::new(), 0)
+            }
+        };
+        let sealed: u64 = kept.iter().map(|p: &PendingLog| p.bytes).sum();
+        let log = disk::new_log(&spec.path, vm, &spec.name, next_seq, prev_id)?;
+        disks.push(Arc::new(Disk::new(vm, &spec.name, &spec.path, log, sealed, tx.clone())?));
+        pending.push(kept);
+    }
+    Ok(OpenedDisks { disks, pending, distrust, signals: rx })
+}
+
+/// Checks a disk's logs: all cleanly closed and chained. Returns them as
+/// pending logs, or why they cannot be trusted.
+fn check_logs(
+    disk: &str,
+    logs: &[(u64, PathBuf)],
+) -> (Vec<(PendingLog, changelog::LogHeader)>, Option<String>) {
+    let mut out: Vec<(PendingLog, changelog::LogHeader)> = Vec::new();
+    for (_, path) in logs {
+        let scan = match changelog::scan(path) {
+            Ok(s) => s,
+            Err(e) => return (out, Some(format!("change log {} is unreadable: {e}", path.display()))),
+        };
+        if !scan.clean {
+            return (out, Some(format!("change log {} of disk {disk} was not closed cleanly", path.display())));
+        }
+        if let Some((_, prev)) = out.last() {
+            if let Err(e) = changelog::check_chain(prev, &scan.header) {
+                return (out, Some(format!("broken change log chain on disk {disk}: {e}")));
+            }
+        }
+        let sealed_ms = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(scan.header.created_unix_ms, |d| d.as_millis() as u64);
+        out.push((PendingLog { path: path.clone(), bytes: scan.file_len, sealed_ms }, scan.header));
+    }
+    (out, None)
+}
+
+pub struct VmActor {
+    shared: Arc<Shared>,
+    rec: VmRecord,
+    disks: Vec<Arc<Disk>>,
+    pending: Vec<Vec<PendingLog>>,
+    /// Set at start when the logs found cannot be trusted.
+    distrust: Option<String>,
+    signals: Option<tokio::sync::mpsc::UnboundedReceiver<DiskSignal>>,
+    /// Cancels this VM's running tasks (unprotect, shutdown).
+    cancel: CancellationToken,
+    snapshots: Vec<Arc<CowSnapshot>>,
+    snapshot_ms: u64,
+    base_objects: Vec<Vec<ObjectRef>>,
+    /// Lifecycle changes go to one writer task, in order.
+    persist: UnboundedSender<Lifecycle>,
+    /// Callers of `replicate_now` answered when the running cycle ends.
+    waiting_current: Vec<oneshot::Sender<Result<Option<RecoveryPoint>>>>,
+    /// Callers that need a cycle that starts after their call.
+    waiting_next: Vec<oneshot::Sender<Result<Option<RecoveryPoint>>>>,
+    timer: Option<SpawnHandle>,
+}
+
+impl VmActor {
+    pub fn new(shared: Arc<Shared>, rec: VmRecord, opened: OpenedDisks) -> Self {
+        let (persist, mut rx) = tokio::sync::mpsc::unbounded_channel::<Lifecycle>();
+        let (state, name) = (shared.state.clone(), rec.spec.name.clone());
+        shared.runtime.spawn(async move {
+            while let Some(mut lc) = rx.recv().await {
+                while let Ok(newer) = rx.try_recv() {
+                    lc = newer; // only the latest matters
+                }
+                let (state, name) = (state.clone(), name.clone());
+                let r = tokio::task::spawn_blocking(move || state.update_vm(&name, |r| r.lifecycle = lc)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(vm = %name_of(&e), error = %e, "could not persist VM state");
+                }
+            }
+        });
+        VmActor {
+            shared,
+            rec,
+            disks: opened.disks,
+            pending: opened.pending,
+            distrust: opened.distrust,
+            signals: Some(opened.signals),
+            cancel: CancellationToken::new(),
+            snapshots: Vec::new(),
+            snapshot_ms: 0,
+            base_objects: Vec::new(),
+            persist,
+            waiting_current: Vec::new(),
+            waiting_next: Vec::new(),
+            timer: None,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.rec.spec.name
+    }
+
+    fn apply(&mut self, event: Event, ctx: &mut Context<Self>) {
+        let before = self.rec.lifecycle.clone();
+        let actions = self.rec.lifecycle.on_event(event, now_millis());
+        if self.rec.lifecycle != before {
+            if self.rec.lifecycle.state != before.state {
+                tracing::info!(vm = %self.name(), from = %before.state, to = %self.rec.lifecycle.state,
+                    reason = ?self.rec.lifecycle.transitions.last().map(|t| &t.reason), "state change");
+            }
+            let _ = self.persist.send(self.rec.lifecycle.clone());
+        }
+        if matches!(self.rec.lifecycle.state, VmState::Critical | VmState::ResyncRequired) {
+            let reason = self.rec.lifecycle.reason.clone().unwrap_or_default();
+            for w in self.waiting_current.drain(..).chain(self.waiting_next.drain(..)) {
+                let _ = w.send(Err(Error::FailedPrecondition(format!(
+                    "VM {} is {}: {reason}",
+                    self.rec.spec.name, self.rec.lifecycle.state
+                ))));
+            }
+        }
+        for a in actions {
+            self.act(a, ctx);
+        }
+    }
+
+    fn upload_ctx(&self, progress: &JobProgress) -> UploadCtx {
+        UploadCtx {
+            target: self.shared.target.clone(),
+            throttle: self.shared.throttle.clone(),
+            vm: self.rec.spec.name.clone(),
+            generation: self.rec.generation,
+            chunk_size: self.shared.config.chunk_size,
+            zstd_level: self.shared.config.zstd_level,
+            workers: self.rec.spec.upload_workers,
+            progress: progress.done.clone(),
+        }
+    }
+
+    /// Runs `fut` on the engine runtime and delivers its result as a message.
+    fn spawn<M, F>(&self, ctx: &mut Context<Self>, fut: F)
+    where
+        F: std::future::Future<Output = M> + Send + 'static,
+        M: Message + Send + 'static,
+        M::Result: Send,
+        Self: Handler<M>,
+    {
+        let addr = ctx.address();
+        let cancel = self.cancel.clone();
+        self.shared.runtime.spawn(async move {
+            tokio::select! {
+                m = fut => addr.do_send(m),
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+
+    fn start_job(&self, kind: JobKind, total: u64, detail: String) -> Result<JobProgress> {
+        self.shared.jobs.start(self.name(), kind, total, detail)
+    }
+
+    fn finish_job(&self, job: &JobProgress, r: &Result<Option<String>>) {
+        let outcome = match r {
+            Ok(d) => Ok(d.clone()),
+            Err(e) if e.class() == ErrorClass::Cancelled => Err((JobStatus::Cancelled, e.to_string())),
+            Err(e) => Err((JobStatus::Failed, e.to_string())),
+        };
+        self.shared.jobs.finish(job.id, outcome);
+    }
+
+    fn act(&mut self, action: Action, ctx: &mut Context<Self>) {
+        match action {
+            Action::TakeSnapshot => {
+                let disks = self.disks.clone();
+                self.spawn(ctx, async move { Snapshotted(blocking(move || disk::snapshot_all(&disks)).await) });
+            }
+            Action::StartInitialCopy => self.start_initial_copy(ctx),
+            Action::CommitBasePoint => self.commit_base(ctx),
+            Action::StartCycle => self.start_cycle(ctx),
+            Action::ScheduleRetry => {
+                // Delta cycles retry at the next tick with their backlog kept;
+                // an interrupted initial copy starts again after one period.
+                if self.rec.lifecycle.state == VmState::InitialReplication {
+                    ctx.run_later(self.rec.spec.frequency, |act, ctx| act.start_initial_copy(ctx));
+                }
+            }
+            Action::DiscardLogs => self.discard_logs(ctx),
+            Action::StartResync => {
+                tracing::warn!(vm = %self.name(), "resynchronization is not available in this build; the VM stays in ResyncRequired");
+            }
+        }
+    }
+
+    fn start_initial_copy(&mut self, ctx: &mut Context<Self>) {
+        let total = self.disks.iter().map(|d| d.size()).sum();
+        let job = match self.start_job(JobKind::InitialReplication, total, "recovery point 1".into()) {
+            Ok(j) => j,
+            Err(e) => return self.apply(Event::Failed { class: e.class(), reason: e.to_string() }, ctx),
+        };
+        let uctx = self.upload_ctx(&job);
+        let work: Vec<_> = self.disks.iter().cloned().zip(self.snapshots.iter().cloned()).collect();
+        self.spawn(ctx, async move {
+            let mut all = Vec::new();
+            let mut result = Ok(());
+            // One disk after the other, as Hyper-V does; parts in parallel within a disk.
+            for (d, s) in work {
+                match upload::upload_base(&uctx, d, s, 1).await {
+                    Ok(objs) => all.push(objs),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            InitialCopied { job, result: result.map(|_| all) }
+        });
+    }
+
+    fn commit_base(&mut self, ctx: &mut Context<Self>) {
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            vm: self.rec.spec.name.clone(),
+            generation: self.rec.generation,
+            seq: 1,
+            parent: None,
+            kind: PointKind::Base,
+            time_ms: self.snapshot_ms,
+            disks: self
+                .disks
+                .iter()
+                .zip(std::mem::take(&mut self.base_objects))
+                .map(|(d, objects)| DiskManifest { name: d.name.clone(), size: d.size(), objects })
+                .collect(),
+        };
+        let snaps: Vec<_> = self.disks.iter().filter_map(|d| d.end_snapshot()).collect();
+        self.snapshots.clear();
+        let shared = self.shared.clone();
+        self.spawn(ctx, async move {
+            let r = async {
+                blocking(move || {
+                    for s in snaps {
+                        // Sole owner once every upload task ended.
+                        if let Ok(s) = Arc::try_unwrap(s) {
+                            s.release()?;
+                        }
+                    }
+                    Ok(())
+                })
+                .await?;
+                commit_manifest(&shared, manifest).await
+            }
+            .await;
+            BaseCommitted(r)
+        });
+    }
+
+    fn start_cycle(&mut self, ctx: &mut Context<Self>) {
+        self.waiting_current = std::mem::take(&mut self.waiting_next);
+        let seq = self.rec.last_point_seq + 1;
+        let job = match self.start_job(JobKind::DeltaReplication, 0, format!("recovery point {seq}")) {
+            Ok(j) => j,
+            Err(e) => return self.apply(Event::Failed { class: e.class(), reason: e.to_string() }, ctx),
+        };
+        let uctx = self.upload_ctx(&job);
+        let (disks, pending, shared) = (self.disks.clone(), self.pending.clone(), self.shared.clone());
+        let (vm, generation, parent) = (self.rec.spec.name.clone(), self.rec.generation, self.rec.last_point_seq);
+        self.spawn(ctx, async move {
+            let disks2 = disks.clone();
+            let sealed = match blocking(move || rotate_and_seal(&disks2)).await {
+                Ok(s) => s,
+                Err(e) => return CycleEnded { job, included: vec![], result: Err(e) },
+            };
+            let included: Vec<Vec<PendingLog>> =
+                pending.into_iter().zip(sealed).map(|(mut p, s)| {
+                    p.extend(s);
+                    p
+                }).collect();
+            let result = upload_cycle(&shared, &uctx, &disks, &included, vm, generation, seq, parent).await;
+            CycleEnded { job, included, result }
+        });
+    }
+
+    fn discard_logs(&mut self, ctx: &mut Context<Self>) {
+        let disks = self.disks.clone();
+        self.pending.iter_mut().for_each(|p| p.clear());
+        self.spawn(ctx, async move {
+            let r = blocking(move || {
+                for d in &disks {
+                    let cur = d.take_log();
+                    let next_seq = cur.as_ref().map_or(0, |l| l.header().seq) + 1;
+                    drop(cur);
+                    let logs = changelog::list_logs(&d.path)?;
+                    let next_seq = next_seq.max(logs.last().map_or(1, |(s, _)| s + 1));
+                    for (_, p) in logs {
+                        std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
+                    }
+                    d.restart_logging(disk::new_log(&d.path, &d.vm, &d.name, next_seq, 0)?);
+                }
+                Ok(())
+            })
+            .await;
+            LogsDiscarded(r)
+        });
+    }
+
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            spec: self.rec.spec.clone(),
+            state: self.rec.lifecycle.state,
+            reason: self.rec.lifecycle.reason.clone(),
+            transitions: self.rec.lifecycle.transitions.clone(),
+            generation: self.rec.generation,
+            last_point_seq: self.rec.last_point_seq,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskInfo {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                    size: d.size(),
+                    export: d.export_name(),
+                    active_log_bytes: d.active_log_bytes(),
+                    pending_log_bytes: d.sealed_log_bytes(),
+                    snapshot_bytes: d.snapshot_bytes(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn name_of(e: &Error) -> String {
+    match e {
+        Error::NotFound { name, .. } => name.clone(),
+        _ => String::new(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("task failed: {e}")))?
+}
+
+/// Rotates every disk's active log at one instant (if any was written) and
+/// seals the old ones. Returns the sealed logs per disk.
+fn rotate_and_seal(disks: &[Arc<Disk>]) -> Result<Vec<Vec<PendingLog>>> {
+    if disks.iter().all(|d| d.active_records() == 0) {
+        return Ok(vec![Vec::new(); disks.len()]);
+    }
+    let next = disks.iter().map(|d| d.prepare_next_log()).collect::<Result<Vec<_>>>()?;
+    let (old, at) = disk::rotate_all(disks, next);
+    let mut out = Vec::new();
+    for (d, log) in disks.iter().zip(old) {
+        let Some(log) = log else {
+            out.push(Vec::new());
+            continue;
+        };
+        let sealed = log.seal()?;
+        d.sealed_added(sealed.end_offset);
+        out.push(vec![PendingLog { path: sealed.path, bytes: sealed.end_offset, sealed_ms: at }]);
+    }
+    Ok(out)
+}
+
+/// Uploads the included logs of every disk as point `seq` and commits it.
+#[allow(clippy::too_many_arguments)]
+async fn upload_cycle(
+    shared: &Arc<Shared>,
+    uctx: &UploadCtx,
+    disks: &[Arc<Disk>],
+    included: &[Vec<PendingLog>],
+    vm: String,
+    generation: u64,
+    seq: u64,
+    parent: u64,
+) -> Result<Option<RecoveryPoint>> {
+    if included.iter().all(|l| l.is_empty()) {
+        return Ok(None);
+    }
+    let time_ms = included.iter().flatten().map(|l| l.sealed_ms).max().unwrap_or_else(now_millis);
+    let mut manifest_disks = Vec::new();
+    for (d, logs) in disks.iter().zip(included) {
+        let paths = logs.iter().map(|l| l.path.clone()).collect();
+        let objects = upload::upload_logs(uctx, &d.name, paths, seq).await?;
+        manifest_disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        vm,
+        generation,
+        seq,
+        parent: Some(parent),
+        kind: PointKind::Delta,
+        time_ms,
+        disks: manifest_disks,
+    };
+    commit_manifest(shared, manifest).await.map(Some)
+}
+
+/// Puts the manifest (all its objects are durable already), then commits the point.
+async fn commit_manifest(shared: &Arc<Shared>, manifest: Manifest) -> Result<RecoveryPoint> {
+    let key = manifest_key(&manifest.vm, manifest.generation, manifest.seq);
+    shared.target.put(&key, manifest.encode()?.into()).await?;
+    let point = RecoveryPoint {
+        vm: manifest.vm.clone(),
+        seq: manifest.seq,
+        time_ms: manifest.time_ms,
+        manifest_key: key,
+        bytes_logical: manifest.bytes_logical(),
+        bytes_stored: manifest.bytes_stored(),
+        kind: manifest.kind,
+    };
+    let (state, p) = (shared.state.clone(), point.clone());
+    blocking(move || state.commit_point(&p)).await?;
+    Ok(point)
+}
+
+impl Actor for VmActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(rx) = self.signals.take() {
+            ctx.add_stream(tokio_stream_from(rx));
+        }
+        self.timer = Some(ctx.run_interval(self.rec.spec.frequency, |act, ctx| act.apply(Event::CycleDue, ctx)));
+        match self.rec.lifecycle.state {
+            VmState::Unprotected => self.apply(Event::Protect, ctx),
+            _ => {
+                if let Some(reason) = self.distrust.take() {
+                    self.apply(Event::ResyncNeeded { reason }, ctx);
+                }
+            }
+        }
+        tracing::info!(vm = %self.name(), state = %self.rec.lifecycle.state, "VM actor started");
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.cancel.cancel();
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<DiskSignal>,
+) -> impl futures::Stream<Item = DiskSignal> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+impl StreamHandler<DiskSignal> for VmActor {
+    fn handle(&mut self, signal: DiskSignal, ctx: &mut Context<Self>) {
+        match signal {
+            DiskSignal::ResyncNeeded { reason, .. } => self.apply(Event::ResyncNeeded { reason }, ctx),
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        // Disks keep a sender; the stream only ends when the actor is stopping.
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Snapshotted(Result<(Vec<Arc<CowSnapshot>>, u64)>);
+
+impl Handler<Snapshotted> for VmActor {
+    type Result = ();
+    fn handle(&mut self, msg: Snapshotted, ctx: &mut Context<Self>) {
+        match msg.0 {
+            Ok((snaps, at)) => {
+                self.snapshots = snaps;
+                self.snapshot_ms = at;
+                self.rec.protected_since_ms = at;
+                self.apply(Event::SnapshotTaken, ctx);
+            }
+            Err(e) => self.apply(Event::Failed { class: e.class(), reason: format!("snapshot failed: {e}") }, ctx),
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct InitialCopied {
+    job: JobProgress,
+    result: Result<Vec<Vec<ObjectRef>>>,
+}
+
+impl Handler<InitialCopied> for VmActor {
+    type Result = ();
+    fn handle(&mut self, msg: InitialCopied, ctx: &mut Context<Self>) {
+        self.finish_job(&msg.job, &msg.result.as_ref().map(|_| None).map_err(clone_err));
+        match msg.result {
+            Ok(objects) => {
+                self.base_objects = objects;
+                self.apply(Event::InitialCopyDone, ctx);
+            }
+            Err(e) => {
+                self.apply(Event::Failed { class: e.class(), reason: format!("initial replication failed: {e}") }, ctx)
+            }
+        }
+    }
+}
+
+/// Errors are not `Clone` (they hold io::Error); jobs keep the message.
+fn clone_err(e: &Error) -> Error {
+    match e.class() {
+        ErrorClass::Cancelled => Error::Cancelled(e.to_string()),
+        _ => Error::Internal(e.to_string()),
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BaseCommitted(Result<RecoveryPoint>);
+
+impl Handler<BaseCommitted> for VmActor {
+    type Result = ();
+    fn handle(&mut self, msg: BaseCommitted, ctx: &mut Context<Self>) {
+        match msg.0 {
+            Ok(p) => {
+                tracing::info!(vm = %self.name(), seq = p.seq, "base recovery point committed");
+                self.rec.last_point_seq = p.seq;
+                self.apply(Event::PointCommitted, ctx);
+                // Writes made during the copy are in the logs: ship them now.
+                self.apply(Event::CycleDue, ctx);
+            }
+            Err(e) => {
+                self.apply(Event::Failed { class: e.class(), reason: format!("committing the base point failed: {e}") }, ctx)
+            }
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct CycleEnded {
+    job: JobProgress,
+    included: Vec<Vec<PendingLog>>,
+    result: Result<Option<RecoveryPoint>>,
+}
+
+impl Handler<CycleEnded> for VmActor {
+    type Result = ();
+    fn handle(&mut self, msg: CycleEnded, ctx: &mut Context<Self>) {
+        let CycleEnded { job, included, result } = msg;
+        let detail = match &result {
+            Ok(Some(p)) => Ok(Some(format!("recovery point {} ({} bytes stored)", p.seq, p.bytes_stored))),
+            Ok(None) => Ok(Some("nothing to replicate".into())),
+            Err(e) => Err(clone_err(e)),
+        };
+        self.finish_job(&job, &detail);
+        // Newly sealed logs join the backlog whatever happened.
+        for (pending, inc) in self.pending.iter_mut().zip(&included) {
+            for l in inc {
+                if !pending.iter().any(|p| p.path == l.path) {
+                    pending.push(l.clone());
+                }
+            }
+        }
+        let answer = |r: &Result<Option<RecoveryPoint>>| match r {
+            Ok(p) => Ok(p.clone()),
+            Err(e) => Err(clone_err(e)),
+        };
+        for w in self.waiting_current.drain(..) {
+            let _ = w.send(answer(&result));
+        }
+        match result {
+            Ok(point) => {
+                if let Some(p) = &point {
+                    self.rec.last_point_seq = p.seq;
+                    tracing::debug!(vm = %self.name(), seq = p.seq, bytes = p.bytes_stored, "recovery point committed");
+                }
+                // Committed (or empty): those logs are no longer needed.
+                let mut done = Vec::new();
+                for ((pending, inc), d) in self.pending.iter_mut().zip(&included).zip(&self.disks) {
+                    pending.retain(|p| !inc.iter().any(|l| l.path == p.path));
+                    d.sealed_released(inc.iter().map(|l| l.bytes).sum());
+                    done.extend(inc.iter().map(|l| l.path.clone()));
+                }
+                self.shared.runtime.spawn_blocking(move || {
+                    for p in done {
+                        if let Err(e) = std::fs::remove_file(&p) {
+                            tracing::warn!(path = %p.display(), error = %e, "could not delete a committed change log");
+                        }
+                    }
+                });
+                self.apply(Event::PointCommitted, ctx);
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.name(), error = %e, class = ?e.class(), "replication cycle failed");
+                self.apply(Event::Failed { class: e.class(), reason: format!("replication failed: {e}") }, ctx);
+            }
+        }
+        if !self.waiting_next.is_empty() {
+            self.apply(Event::CycleDue, ctx);
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct LogsDiscarded(Result<()>);
+
+impl Handler<LogsDiscarded> for VmActor {
+    type Result = ();
+    fn handle(&mut self, msg: LogsDiscarded, ctx: &mut Context<Self>) {
+        if let Err(e) = msg.0 {
+            self.apply(Event::Failed { class: ErrorClass::NonRecoverable, reason: format!("discarding logs failed: {e}") }, ctx);
+        }
+    }
+}
+
+/// Returns the VM's current view.
+#[derive(Message)]
+#[rtype(result = "VmInfo")]
+pub struct GetInfo;
+
+impl Handler<GetInfo> for VmActor {
+    type Result = MessageResult<GetInfo>;
+    fn handle(&mut self, _: GetInfo, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.info())
+    }
+}
+
+/// Asks for a recovery point that includes every write acknowledged before
+/// this message; the receiver fires when it is committed (`None`: nothing to ship).
+#[derive(Message)]
+#[rtype(result = "oneshot::Receiver<Result<Option<RecoveryPoint>>>")]
+pub struct ReplicateNow;
+
+impl Handler<ReplicateNow> for VmActor {
+    type Result = MessageResult<ReplicateNow>;
+    fn handle(&mut self, _: ReplicateNow, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        match self.rec.lifecycle.state {
+            VmState::Critical | VmState::ResyncRequired | VmState::Paused => {
+                let _ = tx.send(Err(Error::FailedPrecondition(format!(
+                    "VM {} is {}{}",
+                    self.name(),
+                    self.rec.lifecycle.state,
+                    self.rec.lifecycle.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+                ))));
+            }
+            _ => {
+                self.waiting_next.push(tx);
+                self.apply(Event::CycleDue, ctx);
+            }
+        }
+        MessageResult(rx)
+    }
+}
+
+/// Operator pause / resume.
+#[derive(Message)]
+#[rtype(result = "Result<VmInfo>")]
+pub struct Operator(pub Event);
+
+impl Handler<Operator> for VmActor {
+    type Result = Result<VmInfo>;
+    fn handle(&mut self, msg: Operator, ctx: &mut Context<Self>) -> Self::Result {
+        let before = self.rec.lifecycle.state;
+        self.apply(msg.0.clone(), ctx);
+        if self.rec.lifecycle.state == before && !matches!(msg.0, Event::CycleDue) {
+            return Err(Error::FailedPrecondition(format!("VM {} is {before}: cannot {:?}", self.name(), msg.0)));
+        }
+        Ok(self.info())
+    }
+}
+
+/// Stops the actor. `unprotect`: delete local logs (the replica on the
+/// target is kept); otherwise seal the active logs so a restart trusts them.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct Stop {
+    pub unprotect: bool,
+}
+
+impl Handler<Stop> for VmActor {
+    type Result = ResponseActFuture<Self, Result<()>>;
+    fn handle(&mut self, msg: Stop, _ctx: &mut Context<Self>) -> Self::Result {
+        self.cancel.cancel();
+        let disks = self.disks.clone();
+        for w in self.waiting_current.drain(..).chain(self.waiting_next.drain(..)) {
+            let _ = w.send(Err(Error::Cancelled("the VM is stopping".into())));
+        }
+        let in_initial = matches!(
+            self.rec.lifecycle.state,
+            VmState::EnablingProtection | VmState::InitialReplication | VmState::FinalizingProtection
+        );
+        let fut = blocking(move || {
+            for d in &disks {
+                if let Some(s) = d.end_snapshot() {
+                    if let Ok(s) = Arc::try_unwrap(s) {
+                        let _ = s.release();
+                    }
+                }
+                let log = d.take_log();
+                if msg.unprotect || in_initial {
+                    drop(log);
+                    if msg.unprotect {
+                        remove_logs(&d.path)?;
+                    }
+                } else if let Some(log) = log {
+                    log.seal()?;
+                }
+            }
+            Ok(())
+        });
+        Box::pin(fut.into_actor(self).map(|r, _act, ctx| {
+            ctx.stop();
+            r
+        }))
+    }
+}
