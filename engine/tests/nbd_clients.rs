@@ -377,6 +377,7 @@ async fn fio_random_writes_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--fsync=64",
             "--group_reporting",
         ],
