@@ -56,10 +56,8 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 }
 
 pub fn encode(extents: &[BundleExtent], zstd_level: i32) -> Result<EncodedBundle> {
-    let data_len: usize = extents
-        .iter()
-        .map(|e| 17 + if let ExtentData::Data(d) = &e.data { d.len() } else { 0 })
-        .sum();
+    let data_len: usize =
+        extents.iter().map(|e| 17 + if let ExtentData::Data(d) = &e.data { d.len() } else { 0 }).sum();
     let mut raw = Vec::with_capacity(12 + data_len);
     raw.extend_from_slice(MAGIC);
     raw.extend_from_slice(&VERSION.to_le_bytes());

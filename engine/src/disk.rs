@@ -137,9 +137,7 @@ impl Disk {
             if let Some(s) = &inner.snapshot {
                 s.preserve(&self.file, offset, data.len() as u64)?;
             }
-            self.file
-                .write_all_at(data, offset)
-                .map_err(|e| Error::io(format!("write {}", self.path.display()), e))?;
+            self.file.write_all_at(data, offset).map_err(|e| Error::io(format!("write {}", self.path.display()), e))?;
             let logged = inner.log.as_mut().map(|l| l.append_write(offset, data));
             self.after_append(&mut inner, logged);
         }
@@ -277,6 +275,29 @@ impl Disk {
         inner.log = Some(log);
         inner.signalled = false;
         self.sealed_bytes.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The NBD export serves protected disks through the same write path.
+impl crate::nbd::BlockDevice for Disk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Disk::read_at(self, offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        Disk::write_at(self, offset, data, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        Disk::write_zeroes(self, offset, len, fua)
+    }
+    /// A trimmed range reads back as zeros, here and on the replica.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        Disk::write_zeroes(self, offset, len, fua)
+    }
+    fn flush(&self) -> Result<()> {
+        Disk::flush(self)
     }
 }
 

@@ -69,7 +69,7 @@ impl Engine {
             state,
             target,
             jobs,
-            disks: DiskRegistry::default(),
+            disks: Arc::new(DiskRegistry::default()),
             runtime: tokio::runtime::Handle::current(),
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -117,10 +117,8 @@ impl Engine {
                     let (state, reason) = (self.shared.state.clone(), e.to_string());
                     blocking(move || {
                         state.update_vm(&name, |r| {
-                            r.lifecycle.on_event(
-                                Event::Failed { class: ErrorClass::NonRecoverable, reason },
-                                now_millis(),
-                            );
+                            r.lifecycle
+                                .on_event(Event::Failed { class: ErrorClass::NonRecoverable, reason }, now_millis());
                         })
                     })
                     .await?;
@@ -253,6 +251,11 @@ impl Engine {
     /// Export names (`<vm>/<disk>`) of every protected disk.
     pub fn exports(&self) -> Vec<String> {
         self.shared.disks.names()
+    }
+
+    /// The protected disks as NBD exports (`<vm>/<disk>`), for [`crate::nbd::NbdServer`].
+    pub fn export_catalog(&self) -> Arc<dyn crate::nbd::ExportCatalog> {
+        self.shared.disks.clone()
     }
 
     /// Cuts a recovery point now that includes every write acknowledged

@@ -65,9 +65,14 @@ pub enum Event {
     /// The replication timer fired.
     CycleDue,
     /// The replication cycle, initial copy or resync failed.
-    Failed { class: ErrorClass, reason: String },
+    Failed {
+        class: ErrorClass,
+        reason: String,
+    },
     /// Logs can no longer be trusted or are too large.
-    ResyncNeeded { reason: String },
+    ResyncNeeded {
+        reason: String,
+    },
     /// Operator or auto-resync window: start resynchronizing now.
     StartResync,
     ResyncDone,
@@ -184,30 +189,28 @@ impl Lifecycle {
                 self.go(S::ResyncRequired, &reason, now);
                 vec![Action::DiscardLogs]
             }
-            (state, E::Failed { class, reason }) if state != S::Unprotected && state != S::Critical => {
-                match class {
-                    ErrorClass::Recoverable => {
-                        self.cycle_in_flight = false;
-                        self.reason = Some(reason);
-                        vec![Action::ScheduleRetry]
-                    }
-                    ErrorClass::NeedsResync if state == S::ResyncRequired => vec![],
-                    ErrorClass::NeedsResync => {
-                        self.cycle_in_flight = false;
-                        self.go(S::ResyncRequired, &reason, now);
-                        vec![Action::DiscardLogs]
-                    }
-                    ErrorClass::NonRecoverable => {
-                        self.cycle_in_flight = false;
-                        self.go(S::Critical, &reason, now);
-                        vec![]
-                    }
-                    ErrorClass::Cancelled => {
-                        self.cycle_in_flight = false;
-                        vec![]
-                    }
+            (state, E::Failed { class, reason }) if state != S::Unprotected && state != S::Critical => match class {
+                ErrorClass::Recoverable => {
+                    self.cycle_in_flight = false;
+                    self.reason = Some(reason);
+                    vec![Action::ScheduleRetry]
                 }
-            }
+                ErrorClass::NeedsResync if state == S::ResyncRequired => vec![],
+                ErrorClass::NeedsResync => {
+                    self.cycle_in_flight = false;
+                    self.go(S::ResyncRequired, &reason, now);
+                    vec![Action::DiscardLogs]
+                }
+                ErrorClass::NonRecoverable => {
+                    self.cycle_in_flight = false;
+                    self.go(S::Critical, &reason, now);
+                    vec![]
+                }
+                ErrorClass::Cancelled => {
+                    self.cycle_in_flight = false;
+                    vec![]
+                }
+            },
             _ => vec![],
         }
     }
@@ -255,7 +258,12 @@ mod tests {
             (S::Paused, E::Resume, S::Protected, vec![]),
             (S::Paused, E::CycleDue, S::Paused, vec![]),
             (S::Protected, E::ResyncNeeded { reason: "logs over 50%".into() }, S::ResyncRequired, vec![A::DiscardLogs]),
-            (S::InitialReplication, E::ResyncNeeded { reason: "unclean log".into() }, S::ResyncRequired, vec![A::DiscardLogs]),
+            (
+                S::InitialReplication,
+                E::ResyncNeeded { reason: "unclean log".into() },
+                S::ResyncRequired,
+                vec![A::DiscardLogs],
+            ),
             (S::ResyncRequired, E::StartResync, S::Resynchronizing, vec![A::StartResync]),
             (S::Resynchronizing, E::ResyncDone, S::Protected, vec![]),
             (S::Protected, failed(ErrorClass::Recoverable), S::Protected, vec![A::ScheduleRetry]),

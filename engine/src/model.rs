@@ -24,10 +24,7 @@ pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
         return Err(Error::invalid(field, format!("{name:?} is longer than {MAX_NAME_LEN} bytes")));
     }
     if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(Error::invalid(
-            field,
-            format!("{name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"),
-        ));
+        return Err(Error::invalid(field, format!("{name:?} contains {c:?}; use letters, digits, '.', '_' and '-'")));
     }
     if name.starts_with('.') || name.starts_with('-') {
         return Err(Error::invalid(field, format!("{name:?} must not start with '.' or '-'")));
@@ -70,12 +67,7 @@ pub const MAX_UPLOAD_WORKERS: usize = 32;
 
 impl VmSpec {
     pub fn new(name: impl Into<String>, disks: Vec<DiskSpec>) -> Self {
-        VmSpec {
-            name: name.into(),
-            disks,
-            frequency: DEFAULT_FREQUENCY,
-            upload_workers: DEFAULT_UPLOAD_WORKERS,
-        }
+        VmSpec { name: name.into(), disks, frequency: DEFAULT_FREQUENCY, upload_workers: DEFAULT_UPLOAD_WORKERS }
     }
 
     pub fn with_frequency(mut self, frequency: Duration) -> Self {
@@ -123,10 +115,7 @@ impl VmSpec {
 pub type UnixMillis = u64;
 
 pub fn now_millis() -> UnixMillis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A committed recovery point, as kept in the index.

@@ -36,12 +36,13 @@ pub async fn load_chain(target: &Target, vm: &str, generation: u64, seq: u64) ->
         if m.seq != s || m.vm != vm {
             return Err(Error::corrupt(format!("manifest {key}"), "names another point"));
         }
-        next = match m.kind {
-            PointKind::Base => None,
-            PointKind::Delta => Some(m.parent.filter(|p| *p < s).ok_or_else(|| {
-                Error::corrupt(format!("manifest {key}"), "delta point without an earlier parent")
-            })?),
-        };
+        next =
+            match m.kind {
+                PointKind::Base => None,
+                PointKind::Delta => Some(m.parent.filter(|p| *p < s).ok_or_else(|| {
+                    Error::corrupt(format!("manifest {key}"), "delta point without an earlier parent")
+                })?),
+            };
         chain.push(m);
     }
     chain.reverse();

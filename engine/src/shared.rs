@@ -19,7 +19,7 @@ pub struct Shared {
     pub jobs: Jobs,
     /// Disks of protected VMs by export name `<vm>/<disk>`: the write path's
     /// entry for NBD and the embedded API, outside the actors' mailboxes.
-    pub disks: DiskRegistry,
+    pub disks: Arc<DiskRegistry>,
     /// Where I/O tasks run (the runtime the engine was opened on).
     pub runtime: tokio::runtime::Handle,
 }
@@ -45,5 +45,17 @@ impl DiskRegistry {
 
     pub fn names(&self) -> Vec<String> {
         self.map.read().expect("registry lock").keys().cloned().collect()
+    }
+}
+
+impl crate::nbd::ExportCatalog for DiskRegistry {
+    fn open(&self, name: &str) -> Option<Arc<dyn crate::nbd::BlockDevice>> {
+        self.get(name).map(|d| d as Arc<dyn crate::nbd::BlockDevice>)
+    }
+    fn names(&self) -> Vec<String> {
+        DiskRegistry::names(self)
+    }
+    fn describe(&self, name: &str) -> Option<String> {
+        self.get(name).map(|d| format!("Ferry-protected disk {}", d.path.display()))
     }
 }

@@ -67,7 +67,13 @@ impl CowSnapshot {
             .open(&side_path)
             .map_err(|e| Error::io(format!("create snapshot file {}", side_path.display()), e))?;
         let n = size.div_ceil(SNAPSHOT_BLOCK) as usize;
-        Ok(CowSnapshot { side_path, side, size, blocks: Mutex::new(vec![Block::Live; n]), saved_bytes: AtomicU64::new(0) })
+        Ok(CowSnapshot {
+            side_path,
+            side,
+            size,
+            blocks: Mutex::new(vec![Block::Live; n]),
+            saved_bytes: AtomicU64::new(0),
+        })
     }
 
     /// Saves the protection-time bytes of every block in `[offset, offset+len)`
@@ -109,7 +115,9 @@ impl CowSnapshot {
             let n = (SNAPSHOT_BLOCK as usize).min(buf.len() - pos);
             let piece = &mut buf[pos..pos + n];
             match blocks[b] {
-                Block::Saved => self.side.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read saved block", e))?,
+                Block::Saved => {
+                    self.side.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read saved block", e))?
+                }
                 Block::Live | Block::Copied => {
                     disk.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read disk", e))?
                 }

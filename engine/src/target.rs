@@ -64,8 +64,7 @@ pub struct LocalTarget {
 impl LocalTarget {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        std::fs::create_dir_all(&root)
-            .map_err(|e| Error::io(format!("create target folder {}", root.display()), e))?;
+        std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("create target folder {}", root.display()), e))?;
         Ok(LocalTarget { root })
     }
 
@@ -81,9 +80,7 @@ impl LocalTarget {
 
 fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> BoxFuture<'static, Result<T>> {
     Box::pin(async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| Error::Internal(format!("target task failed: {e}")))?
+        tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("target task failed: {e}")))?
     })
 }
 

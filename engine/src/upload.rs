@@ -235,7 +235,8 @@ mod tests {
         for e in &covered {
             if let ExtentSource::Log { pos, .. } = e.source {
                 // Original extents: (offset, pos) = (0, 100), (2000, 500), (3000, 900).
-                let (o, p) = [(3000u64, 900u64), (2000, 500), (0, 100)].into_iter().find(|(o, _)| e.offset >= *o).unwrap();
+                let (o, p) =
+                    [(3000u64, 900u64), (2000, 500), (0, 100)].into_iter().find(|(o, _)| e.offset >= *o).unwrap();
                 assert_eq!(pos - p, e.offset - o);
             }
         }

@@ -87,9 +87,7 @@ fn remove_logs(disk_path: &std::path::Path) -> Result<()> {
     }
     let side = snapshot::side_path(disk_path);
     match std::fs::remove_file(&side) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(Error::io(format!("remove {}", side.display()), e))
-        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(format!("remove {}", side.display()), e)),
         _ => Ok(()),
     }
 }
@@ -145,10 +143,7 @@ pub fn open_disks(rec: &VmRecord, fresh: bool) -> Result<OpenedDisks> {
 
 /// Checks a disk's logs: all cleanly closed and chained. Returns them as
 /// pending logs, or why they cannot be trusted.
-fn check_logs(
-    disk: &str,
-    logs: &[(u64, PathBuf)],
-) -> (Vec<(PendingLog, changelog::LogHeader)>, Option<String>) {
+fn check_logs(disk: &str, logs: &[(u64, PathBuf)]) -> (Vec<(PendingLog, changelog::LogHeader)>, Option<String>) {
     let mut out: Vec<(PendingLog, changelog::LogHeader)> = Vec::new();
     for (_, path) in logs {
         let scan = match changelog::scan(path) {
@@ -403,11 +398,14 @@ impl VmActor {
                 Ok(s) => s,
                 Err(e) => return CycleEnded { job, included: vec![], result: Err(e) },
             };
-            let included: Vec<Vec<PendingLog>> =
-                pending.into_iter().zip(sealed).map(|(mut p, s)| {
+            let included: Vec<Vec<PendingLog>> = pending
+                .into_iter()
+                .zip(sealed)
+                .map(|(mut p, s)| {
                     p.extend(s);
                     p
-                }).collect();
+                })
+                .collect();
             let result = upload_cycle(&shared, &uctx, &disks, &included, vm, generation, seq, parent).await;
             CycleEnded { job, included, result }
         });
@@ -653,9 +651,10 @@ impl Handler<BaseCommitted> for VmActor {
                 // Writes made during the copy are in the logs: ship them now.
                 self.apply(Event::CycleDue, ctx);
             }
-            Err(e) => {
-                self.apply(Event::Failed { class: e.class(), reason: format!("committing the base point failed: {e}") }, ctx)
-            }
+            Err(e) => self.apply(
+                Event::Failed { class: e.class(), reason: format!("committing the base point failed: {e}") },
+                ctx,
+            ),
         }
     }
 }
@@ -734,7 +733,10 @@ impl Handler<LogsDiscarded> for VmActor {
     type Result = ();
     fn handle(&mut self, msg: LogsDiscarded, ctx: &mut Context<Self>) {
         if let Err(e) = msg.0 {
-            self.apply(Event::Failed { class: ErrorClass::NonRecoverable, reason: format!("discarding logs failed: {e}") }, ctx);
+            self.apply(
+                Event::Failed { class: ErrorClass::NonRecoverable, reason: format!("discarding logs failed: {e}") },
+                ctx,
+            );
         }
     }
 }

@@ -36,21 +36,12 @@ impl Served {
         let device = Arc::new(device);
         let catalog = MapCatalog::new()
             .with(EXPORT, device.clone() as Arc<dyn BlockDevice>)
-            .with(
-                "vm2/disk0",
-                Arc::new(MemDevice::new(1 << 20)) as Arc<dyn BlockDevice>,
-            );
+            .with("vm2/disk0", Arc::new(MemDevice::new(1 << 20)) as Arc<dyn BlockDevice>);
         let shutdown = CancellationToken::new();
         let server = NbdServer::new(Arc::new(catalog), shutdown.clone());
         let listener = tokio::net::UnixListener::bind(&socket).expect("bind unix socket");
         let task = tokio::spawn(async move { server.serve_unix(listener).await });
-        Served {
-            dir,
-            socket,
-            device,
-            shutdown,
-            task,
-        }
+        Served { dir, socket, device, shutdown, task }
     }
 
     fn uri(&self) -> String {
@@ -65,10 +56,7 @@ impl Served {
     async fn stop(self) {
         self.shutdown.cancel();
         let ended = tokio::time::timeout(Duration::from_secs(30), self.task).await;
-        ended
-            .expect("server stops after shutdown")
-            .expect("server task")
-            .expect("server result");
+        ended.expect("server stops after shutdown").expect("server task").expect("server result");
     }
 }
 
@@ -84,28 +72,17 @@ fn require(tool: &str, package: &str) -> PathBuf {
     std::env::split_paths(&path)
         .map(|dir| dir.join(tool))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{tool}` is required by this test but not installed: apt-get install -y {package}"
-            )
-        })
+        .unwrap_or_else(|| panic!("`{tool}` is required by this test but not installed: apt-get install -y {package}"))
 }
 
 /// Runs a client to completion under a timeout; kills it on overrun.
 async fn run(tool: &Path, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(tool);
-    cmd.args(args)
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null());
+    cmd.args(args).kill_on_drop(true).stdin(std::process::Stdio::null());
     let child = cmd.output();
     let output = tokio::time::timeout(CLIENT_TIMEOUT, child)
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "{} {args:?} did not finish within {CLIENT_TIMEOUT:?}",
-                tool.display()
-            )
-        })
+        .unwrap_or_else(|_| panic!("{} {args:?} did not finish within {CLIENT_TIMEOUT:?}", tool.display()))
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
     assert!(
         output.status.success(),
@@ -119,11 +96,7 @@ async fn run(tool: &Path, args: &[&str]) -> Output {
 }
 
 fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,20 +145,13 @@ async fn qemu_io_writes_reads_zeroes_discards_and_flushes() {
 
     let disk = served.device.contents();
     assert!(disk[..1 << 20].iter().all(|&b| b == 0xab));
-    assert!(disk[1 << 20..(1 << 20) + (64 << 10)]
-        .iter()
-        .all(|&b| b == 0x11));
+    assert!(disk[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&b| b == 0x11));
     for (i, pattern) in [0xc1u8, 0xc2, 0xc3].into_iter().enumerate() {
         let start = (8 + i) << 20;
-        assert!(disk[start..start + (256 << 10)]
-            .iter()
-            .all(|&b| b == pattern));
+        assert!(disk[start..start + (256 << 10)].iter().all(|&b| b == pattern));
     }
     assert!(served.device.flush_count() >= 1, "flush reached the device");
-    assert!(
-        served.device.fua_write_count() >= 1,
-        "write -f carried FUA to the device"
-    );
+    assert!(served.device.fua_write_count() >= 1, "write -f carried FUA to the device");
     served.stop().await;
 }
 
@@ -199,39 +165,20 @@ async fn qemu_io_processes_share_the_export_and_survive_a_failed_read() {
     let second = ["-f", "raw", &uri, "-c", "write -P 0x02 4M 4M"];
     tokio::join!(run(&qemu_io, &first), run(&qemu_io, &second));
     let disk = served.device.contents();
-    assert!(
-        disk[..4 << 20].iter().all(|&b| b == 1) && disk[4 << 20..8 << 20].iter().all(|&b| b == 2)
-    );
+    assert!(disk[..4 << 20].iter().all(|&b| b == 1) && disk[4 << 20..8 << 20].iter().all(|&b| b == 2));
 
     // qemu's block layer refuses this read itself (EIO) before it reaches
     // us; the unit tests cover the server's own range errors. What matters
     // here is that the session goes on.
     let past_end = format!("read 0 {}", SIZE + 4096);
     let out = tokio::process::Command::new(&qemu_io)
-        .args([
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            &past_end,
-            "-c",
-            "read -P 0x01 0 4k",
-        ])
+        .args(["-f", "raw", &uri, "-c", &past_end, "-c", "read -P 0x01 0 4k"])
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(CLIENT_TIMEOUT, out)
-        .await
-        .expect("qemu-io in time")
-        .expect("qemu-io runs");
+    let out = tokio::time::timeout(CLIENT_TIMEOUT, out).await.expect("qemu-io in time").expect("qemu-io runs");
     let shown = text(&out);
-    assert!(
-        shown.contains("read failed"),
-        "qemu-io refuses or reports the read past the end: {shown}"
-    );
-    assert!(
-        shown.contains("read 4096/4096 bytes"),
-        "the following read still works: {shown}"
-    );
+    assert!(shown.contains("read failed"), "qemu-io refuses or reports the read past the end: {shown}");
+    assert!(shown.contains("read 4096/4096 bytes"), "the following read still works: {shown}");
     served.stop().await;
 }
 
@@ -244,15 +191,8 @@ async fn qemu_img_converts_out_of_and_into_the_export() {
 
     let out_file = served.file("out.raw");
     let out_path = out_file.to_str().expect("utf-8 path");
-    run(
-        &qemu_img,
-        &["convert", "-f", "raw", "-O", "raw", &uri, out_path],
-    )
-    .await;
-    assert!(
-        std::fs::read(&out_file).expect("converted image") == original,
-        "bytes out equal the disk"
-    );
+    run(&qemu_img, &["convert", "-f", "raw", "-O", "raw", &uri, out_path]).await;
+    assert!(std::fs::read(&out_file).expect("converted image") == original, "bytes out equal the disk");
 
     // Into the export, with out-of-order writes and 8 coroutines: pipelined.
     let mut source = random_bytes(SIZE as usize);
@@ -260,24 +200,11 @@ async fn qemu_img_converts_out_of_and_into_the_export() {
     let src_file = served.file("src.raw");
     std::fs::write(&src_file, &source).expect("write source");
     let src_path = src_file.to_str().expect("utf-8 path");
-    run(
-        &qemu_img,
-        &[
-            "convert", "-n", "-W", "-m", "8", "-f", "raw", "-O", "raw", src_path, &uri,
-        ],
-    )
-    .await;
-    assert!(
-        served.device.contents() == source,
-        "bytes in equal the source image"
-    );
+    run(&qemu_img, &["convert", "-n", "-W", "-m", "8", "-f", "raw", "-O", "raw", src_path, &uri]).await;
+    assert!(served.device.contents() == source, "bytes in equal the source image");
 
     let info = run(&qemu_img, &["info", "--output=json", &uri]).await;
-    assert!(
-        text(&info).contains(&format!("\"virtual-size\": {SIZE}")),
-        "{}",
-        text(&info)
-    );
+    assert!(text(&info).contains(&format!("\"virtual-size\": {SIZE}")), "{}", text(&info));
     served.stop().await;
 }
 
@@ -299,14 +226,9 @@ async fn nbdinfo_lists_exports_and_describes_one() {
 
     let list_uri = format!("nbd+unix://?socket={}", served.socket.display());
     let list = run(&nbdinfo, &["--list", "--json", &list_uri]).await;
-    let json: serde_json::Value =
-        serde_json::from_slice(&list.stdout).expect("nbdinfo --list --json");
-    let names: Vec<&str> = json["exports"]
-        .as_array()
-        .expect("exports")
-        .iter()
-        .filter_map(|e| e["export-name"].as_str())
-        .collect();
+    let json: serde_json::Value = serde_json::from_slice(&list.stdout).expect("nbdinfo --list --json");
+    let names: Vec<&str> =
+        json["exports"].as_array().expect("exports").iter().filter_map(|e| e["export-name"].as_str()).collect();
     assert_eq!(names, vec!["vm1/disk0", "vm2/disk0"], "{json}");
     served.stop().await;
 }
@@ -323,37 +245,14 @@ async fn nbdcopy_with_several_connections_round_trips() {
     let src_path = src_file.to_str().expect("utf-8 path");
 
     // CAN_MULTI_CONN lets nbdcopy open several connections, each pipelined.
-    run(
-        &nbdcopy,
-        &[
-            "--connections=4",
-            "--requests=16",
-            "--flush",
-            src_path,
-            &uri,
-        ],
-    )
-    .await;
-    assert!(
-        served.device.contents() == source,
-        "bytes in equal the source"
-    );
-    assert!(
-        served.device.flush_count() >= 1,
-        "--flush reached the device"
-    );
+    run(&nbdcopy, &["--connections=4", "--requests=16", "--flush", src_path, &uri]).await;
+    assert!(served.device.contents() == source, "bytes in equal the source");
+    assert!(served.device.flush_count() >= 1, "--flush reached the device");
 
     let out_file = served.file("out.raw");
     let out_path = out_file.to_str().expect("utf-8 path");
-    run(
-        &nbdcopy,
-        &["--connections=4", "--requests=16", &uri, out_path],
-    )
-    .await;
-    assert!(
-        std::fs::read(&out_file).expect("copied image") == source,
-        "bytes out equal the disk"
-    );
+    run(&nbdcopy, &["--connections=4", "--requests=16", &uri, out_path]).await;
+    assert!(std::fs::read(&out_file).expect("copied image") == source, "bytes out equal the disk");
     served.stop().await;
 }
 
@@ -387,9 +286,6 @@ async fn fio_random_writes_verify() {
     eprintln!("{shown}");
     assert!(shown.contains("err= 0"), "{shown}");
     assert!(!shown.contains("verify: bad"), "{shown}");
-    assert!(
-        served.device.flush_count() >= 1,
-        "fio's fsync reached the device as FLUSH"
-    );
+    assert!(served.device.flush_count() >= 1, "fio's fsync reached the device as FLUSH");
     served.stop().await;
 }

@@ -70,11 +70,9 @@ async fn every_recovery_point_restores_byte_identical() {
     // Slow the initial copy (4 MiB of random data at 2 MB/s) so that writes land during it.
     config.bandwidth_limit_bps = Some(16_000_000);
     let engine = Engine::open(config).await.unwrap();
-    let spec = VmSpec::new(
-        "vm1",
-        vec![DiskSpec { name: "a".into(), path: pa }, DiskSpec { name: "b".into(), path: pb }],
-    )
-    .with_frequency(Duration::from_secs(3600));
+    let spec =
+        VmSpec::new("vm1", vec![DiskSpec { name: "a".into(), path: pa }, DiskSpec { name: "b".into(), path: pb }])
+            .with_frequency(Duration::from_secs(3600));
     engine.protect(spec).await.unwrap();
     let mut expected = vec![(1u64, model.disks.clone())];
 
@@ -131,8 +129,8 @@ async fn protection_resumes_after_restart_with_nothing_lost() {
     let (pa, a) = make_disk(tmp.path(), "a", 16 * MIB, MIB, &mut rng);
     let mut model = Model { disks: BTreeMap::from([("a".to_string(), a)]) };
     let config = EngineConfig::new(tmp.path().join("data"));
-    let spec = VmSpec::new("vm2", vec![DiskSpec { name: "a".into(), path: pa }])
-        .with_frequency(Duration::from_secs(3600));
+    let spec =
+        VmSpec::new("vm2", vec![DiskSpec { name: "a".into(), path: pa }]).with_frequency(Duration::from_secs(3600));
     {
         let engine = Engine::open(config.clone()).await.unwrap();
         engine.protect(spec).await.unwrap();

@@ -30,10 +30,7 @@ impl ExtentSource {
     /// The source of the part of an extent that starts `skip` bytes in.
     fn advanced(self, skip: u64) -> ExtentSource {
         match self {
-            ExtentSource::Log { log_index, pos } => ExtentSource::Log {
-                log_index,
-                pos: pos + skip,
-            },
+            ExtentSource::Log { log_index, pos } => ExtentSource::Log { log_index, pos: pos + skip },
             ExtentSource::Zero => ExtentSource::Zero,
         }
     }
@@ -74,17 +71,10 @@ impl Coalescer {
     /// Adds one record; call in log order, logs oldest first.
     pub fn push(&mut self, log_index: usize, meta: &RecordMeta) {
         let source = match meta.kind {
-            RecordKind::Write => ExtentSource::Log {
-                log_index,
-                pos: meta.payload_pos,
-            },
+            RecordKind::Write => ExtentSource::Log { log_index, pos: meta.payload_pos },
             RecordKind::Zero => ExtentSource::Zero,
         };
-        self.insert(Extent {
-            offset: meta.offset,
-            len: meta.len,
-            source,
-        });
+        self.insert(Extent { offset: meta.offset, len: meta.len, source });
     }
 
     /// Number of extents currently held (before the final merge pass).
@@ -100,11 +90,7 @@ impl Coalescer {
     pub fn finish(self) -> Vec<Extent> {
         let mut out: Vec<Extent> = Vec::with_capacity(self.map.len());
         for (offset, (len, source)) in self.map {
-            let next = Extent {
-                offset,
-                len,
-                source,
-            };
+            let next = Extent { offset, len, source };
             match out.last_mut() {
                 Some(prev) if prev.continues_with(&next) => prev.len += next.len,
                 _ => out.push(next),
@@ -143,30 +129,14 @@ impl Coalescer {
     /// Inserts into a gap, merging with neighbours that continue it.
     fn insert_merging(&mut self, mut new: Extent) {
         if let Some((&s, &(len, source))) = self.map.range(..new.offset).next_back() {
-            let prev = Extent {
-                offset: s,
-                len,
-                source,
-            };
+            let prev = Extent { offset: s, len, source };
             if prev.continues_with(&new) {
                 self.map.remove(&s);
-                new = Extent {
-                    offset: s,
-                    len: len + new.len,
-                    source,
-                };
+                new = Extent { offset: s, len: len + new.len, source };
             }
         }
-        if let Some((&s, &(len, source))) = self
-            .map
-            .range((Bound::Included(new.end()), Bound::Unbounded))
-            .next()
-        {
-            if new.continues_with(&Extent {
-                offset: s,
-                len,
-                source,
-            }) {
+        if let Some((&s, &(len, source))) = self.map.range((Bound::Included(new.end()), Bound::Unbounded)).next() {
+            if new.continues_with(&Extent { offset: s, len, source }) {
                 self.map.remove(&s);
                 new.len += len;
             }
@@ -183,23 +153,11 @@ mod tests {
     use std::fs::File;
 
     fn w(seq: u64, offset: u64, len: u64, payload_pos: u64) -> RecordMeta {
-        RecordMeta {
-            seq,
-            kind: RecordKind::Write,
-            offset,
-            len,
-            payload_pos,
-        }
+        RecordMeta { seq, kind: RecordKind::Write, offset, len, payload_pos }
     }
 
     fn z(seq: u64, offset: u64, len: u64) -> RecordMeta {
-        RecordMeta {
-            seq,
-            kind: RecordKind::Zero,
-            offset,
-            len,
-            payload_pos: 0,
-        }
+        RecordMeta { seq, kind: RecordKind::Zero, offset, len, payload_pos: 0 }
     }
 
     fn log(log_index: usize, pos: u64) -> ExtentSource {
@@ -207,11 +165,7 @@ mod tests {
     }
 
     fn ext(offset: u64, len: u64, source: ExtentSource) -> Extent {
-        Extent {
-            offset,
-            len,
-            source,
-        }
+        Extent { offset, len, source }
     }
 
     fn coalesce(recs: &[(usize, RecordMeta)]) -> Vec<Extent> {
@@ -225,14 +179,7 @@ mod tests {
     #[test]
     fn a_write_inside_another_splits_it_with_the_tail_pos_moved() {
         let got = coalesce(&[(0, w(1, 100, 100, 5000)), (0, w(2, 120, 10, 9000))]);
-        assert_eq!(
-            got,
-            vec![
-                ext(100, 20, log(0, 5000)),
-                ext(120, 10, log(0, 9000)),
-                ext(130, 70, log(0, 5030))
-            ]
-        );
+        assert_eq!(got, vec![ext(100, 20, log(0, 5000)), ext(120, 10, log(0, 9000)), ext(130, 70, log(0, 5030))]);
     }
 
     #[test]
@@ -242,14 +189,7 @@ mod tests {
             (0, w(2, 20, 10, 2000)),
             (1, z(1, 5, 20)), // covers the tail of the first and the head of the second
         ]);
-        assert_eq!(
-            got,
-            vec![
-                ext(0, 5, log(0, 1000)),
-                ext(5, 20, ExtentSource::Zero),
-                ext(25, 5, log(0, 2005))
-            ]
-        );
+        assert_eq!(got, vec![ext(0, 5, log(0, 1000)), ext(5, 20, ExtentSource::Zero), ext(25, 5, log(0, 2005))]);
     }
 
     #[test]
@@ -257,53 +197,19 @@ mod tests {
         let mut recs: Vec<_> = (0..10).map(|i| (0, w(i + 1, i * 10, 5, 100 * i))).collect();
         recs.push((2, w(1, 3, 90, 7000)));
         let got = coalesce(&recs);
-        assert_eq!(
-            got,
-            vec![
-                ext(0, 3, log(0, 0)),
-                ext(3, 90, log(2, 7000)),
-                ext(93, 2, log(0, 903))
-            ]
-        );
+        assert_eq!(got, vec![ext(0, 3, log(0, 0)), ext(3, 90, log(2, 7000)), ext(93, 2, log(0, 903))]);
     }
 
     #[test]
     fn contiguous_extents_merge_only_when_their_sources_continue() {
         // Sequential writes laid out back to back in the log (40-byte record
         // headers between payloads) do not merge; adjacent zeros do.
-        let got = coalesce(&[
-            (0, w(1, 0, 4, 100)),
-            (0, w(2, 4, 4, 144)),
-            (0, z(3, 8, 4)),
-            (0, z(4, 12, 4)),
-        ]);
-        assert_eq!(
-            got,
-            vec![
-                ext(0, 4, log(0, 100)),
-                ext(4, 4, log(0, 144)),
-                ext(8, 8, ExtentSource::Zero)
-            ]
-        );
+        let got = coalesce(&[(0, w(1, 0, 4, 100)), (0, w(2, 4, 4, 144)), (0, z(3, 8, 4)), (0, z(4, 12, 4))]);
+        assert_eq!(got, vec![ext(0, 4, log(0, 100)), ext(4, 4, log(0, 144)), ext(8, 8, ExtentSource::Zero)]);
         // Pieces of one split write that become adjacent again merge back.
-        let got = coalesce(&[
-            (0, w(1, 0, 100, 1000)),
-            (0, z(2, 40, 10)),
-            (1, w(1, 40, 10, 1040)),
-        ]);
-        assert_eq!(
-            got,
-            vec![
-                ext(0, 40, log(0, 1000)),
-                ext(40, 10, log(1, 1040)),
-                ext(50, 50, log(0, 1050))
-            ]
-        );
-        let got = coalesce(&[
-            (0, w(1, 0, 100, 1000)),
-            (0, z(2, 40, 10)),
-            (0, w(3, 40, 10, 1040)),
-        ]);
+        let got = coalesce(&[(0, w(1, 0, 100, 1000)), (0, z(2, 40, 10)), (1, w(1, 40, 10, 1040))]);
+        assert_eq!(got, vec![ext(0, 40, log(0, 1000)), ext(40, 10, log(1, 1040)), ext(50, 50, log(0, 1050))]);
+        let got = coalesce(&[(0, w(1, 0, 100, 1000)), (0, z(2, 40, 10)), (0, w(3, 40, 10, 1040))]);
         assert_eq!(got, vec![ext(0, 100, log(0, 1000))]);
     }
 
@@ -329,10 +235,7 @@ mod tests {
         let got = c.finish();
         assert_eq!(
             got,
-            vec![
-                ext(0, SEQ * 4096, log(2, 4096)),
-                ext(SEQ * 4096, (1 << 30) - SEQ * 4096, ExtentSource::Zero)
-            ]
+            vec![ext(0, SEQ * 4096, log(2, 4096)), ext(SEQ * 4096, (1 << 30) - SEQ * 4096, ExtentSource::Zero)]
         );
     }
 

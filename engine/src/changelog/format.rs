@@ -78,25 +78,12 @@ impl LogHeader {
         prev_log_id: u64,
         created_unix_ms: u64,
     ) -> LogHeader {
-        LogHeader {
-            vm: vm.into(),
-            disk: disk.into(),
-            seq,
-            log_id: random_log_id(),
-            prev_log_id,
-            created_unix_ms,
-        }
+        LogHeader { vm: vm.into(), disk: disk.into(), seq, log_id: random_log_id(), prev_log_id, created_unix_ms }
     }
 
     /// The header of the log that follows this one in the chain.
     pub fn successor(&self, created_unix_ms: u64) -> LogHeader {
-        LogHeader::new(
-            self.vm.clone(),
-            self.disk.clone(),
-            self.seq + 1,
-            self.log_id,
-            created_unix_ms,
-        )
+        LogHeader::new(self.vm.clone(), self.disk.clone(), self.seq + 1, self.log_id, created_unix_ms)
     }
 
     /// Checks what the encoding cannot represent, before any file exists.
@@ -108,10 +95,7 @@ impl LogHeader {
             if value.len() > MAX_ID_LEN {
                 return Err(Error::invalid(
                     field,
-                    format!(
-                        "{} bytes, at most {MAX_ID_LEN} fit in an HRL header",
-                        value.len()
-                    ),
+                    format!("{} bytes, at most {MAX_ID_LEN} fit in an HRL header", value.len()),
                 ));
             }
         }
@@ -141,26 +125,19 @@ impl LogHeader {
     /// Parses the identity part of a header; the reason names the bad field.
     pub(crate) fn decode(b: &[u8]) -> std::result::Result<LogHeader, String> {
         if b.len() < HEADER_SIZE as usize {
-            return Err(format!(
-                "header is {} bytes, expected {HEADER_SIZE}",
-                b.len()
-            ));
+            return Err(format!("header is {} bytes, expected {HEADER_SIZE}", b.len()));
         }
         if b[..8] != MAGIC {
             return Err(format!("bad magic {:02x?}, expected \"FERRYHRL\"", &b[..8]));
         }
         let version = get_u32(b, H_VERSION);
         if version != FORMAT_VERSION {
-            return Err(format!(
-                "unsupported format version {version}, expected {FORMAT_VERSION}"
-            ));
+            return Err(format!("unsupported format version {version}, expected {FORMAT_VERSION}"));
         }
         let stored = get_u32(b, H_CRC);
         let actual = crc32c::crc32c(&b[..H_CRC]);
         if stored != actual {
-            return Err(format!(
-                "header checksum mismatch: stored {stored:#010x}, computed {actual:#010x}"
-            ));
+            return Err(format!("header checksum mismatch: stored {stored:#010x}, computed {actual:#010x}"));
         }
         let header = LogHeader {
             vm: get_id(b, H_VM).map_err(|r| format!("vm id: {r}"))?,
@@ -342,15 +319,12 @@ pub(crate) fn record_header_crc(seed: u32, b: &[u8; RECORD_HEADER_SIZE as usize]
 }
 
 /// Parses a record header; the reason says why it cannot be a record.
-pub(crate) fn decode_record_header(
-    b: &[u8; RECORD_HEADER_SIZE as usize],
-) -> std::result::Result<RecordHeader, String> {
+pub(crate) fn decode_record_header(b: &[u8; RECORD_HEADER_SIZE as usize]) -> std::result::Result<RecordHeader, String> {
     let magic = get_u32(b, 0);
     if magic != RECORD_MAGIC {
         return Err(format!("bad record magic {magic:#010x}"));
     }
-    let kind = RecordKind::from_code(b[R_KIND])
-        .ok_or_else(|| format!("unknown record kind {}", b[R_KIND]))?;
+    let kind = RecordKind::from_code(b[R_KIND]).ok_or_else(|| format!("unknown record kind {}", b[R_KIND]))?;
     if b[R_KIND + 1..R_SEQ] != [0; 3] || b[R_LEN + 8..R_CRC] != [0; 4] {
         return Err("nonzero reserved bytes".into());
     }
@@ -362,13 +336,7 @@ pub(crate) fn decode_record_header(
     if offset.checked_add(len).is_none() {
         return Err(format!("range {offset}+{len} overflows"));
     }
-    Ok(RecordHeader {
-        kind,
-        seq: get_u64(b, R_SEQ),
-        offset,
-        len,
-        crc: get_u32(b, R_CRC),
-    })
+    Ok(RecordHeader { kind, seq: get_u64(b, R_SEQ), offset, len, crc: get_u32(b, R_CRC) })
 }
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -448,21 +416,14 @@ mod tests {
         for i in 0..H_CRC + 4 {
             let mut bad = b.clone();
             bad[i] ^= 0x01;
-            assert!(
-                LogHeader::decode(&bad).is_err(),
-                "flip at byte {i} went unnoticed"
-            );
+            assert!(LogHeader::decode(&bad).is_err(), "flip at byte {i} went unnoticed");
         }
     }
 
     #[test]
     fn close_block_round_trips_and_detects_damage() {
         let mut b = sample().encode().unwrap();
-        let cb = CloseBlock {
-            record_count: 3,
-            end_offset: 9000,
-            last_record_seq: 3,
-        };
+        let cb = CloseBlock { record_count: 3, end_offset: 9000, last_record_seq: 3 };
         b[CLOSE_BLOCK_OFFSET as usize..].copy_from_slice(&cb.encode());
         assert_eq!(CloseBlock::decode(&b), CloseState::Clean(cb));
         // The identity part is untouched by the close block.
@@ -470,10 +431,7 @@ mod tests {
         for i in 0..C_CRC + 4 {
             let mut bad = b.clone();
             bad[CLOSE_BLOCK_OFFSET as usize + i] ^= 0x80;
-            assert!(
-                matches!(CloseBlock::decode(&bad), CloseState::Invalid(_)),
-                "byte {i}"
-            );
+            assert!(matches!(CloseBlock::decode(&bad), CloseState::Invalid(_)), "byte {i}");
         }
     }
 
@@ -482,18 +440,9 @@ mod tests {
         let seed = record_crc_seed(99);
         let b = encode_record_header(seed, RecordKind::Write, 5, 4096, 3, b"abc");
         let r = decode_record_header(&b).unwrap();
-        assert_eq!(
-            (r.kind, r.seq, r.offset, r.len),
-            (RecordKind::Write, 5, 4096, 3)
-        );
-        assert_eq!(
-            crc32c::crc32c_append(record_header_crc(seed, &b), b"abc"),
-            r.crc
-        );
+        assert_eq!((r.kind, r.seq, r.offset, r.len), (RecordKind::Write, 5, 4096, 3));
+        assert_eq!(crc32c::crc32c_append(record_header_crc(seed, &b), b"abc"), r.crc);
         // Another log's seed does not validate it.
-        assert_ne!(
-            crc32c::crc32c_append(record_header_crc(record_crc_seed(98), &b), b"abc"),
-            r.crc
-        );
+        assert_ne!(crc32c::crc32c_append(record_header_crc(record_crc_seed(98), &b), b"abc"), r.crc);
     }
 }

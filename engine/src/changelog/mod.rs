@@ -108,8 +108,8 @@ use std::path::{Path, PathBuf};
 
 pub use coalesce::{Coalescer, Extent, ExtentSource};
 pub use format::{
-    LogHeader, RecordKind, RecordMeta, CLEAN_MARKER, CLOSE_BLOCK_OFFSET, FORMAT_VERSION,
-    HEADER_SIZE, MAGIC, MAX_ID_LEN, RECORD_HEADER_SIZE, RECORD_MAGIC,
+    LogHeader, RecordKind, RecordMeta, CLEAN_MARKER, CLOSE_BLOCK_OFFSET, FORMAT_VERSION, HEADER_SIZE, MAGIC,
+    MAX_ID_LEN, RECORD_HEADER_SIZE, RECORD_MAGIC,
 };
 pub use reader::{read_payload, read_payload_into, recover, scan, LogScan};
 pub use writer::{LogWriter, SealedLog, WRITE_BUFFER_SIZE};
@@ -130,29 +130,18 @@ pub fn list_logs(disk_path: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let disk_name = disk_path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            Error::invalid(
-                "disk_path",
-                format!("{} has no UTF-8 file name", disk_path.display()),
-            )
-        })?;
+        .ok_or_else(|| Error::invalid("disk_path", format!("{} has no UTF-8 file name", disk_path.display())))?;
     let dir = match disk_path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     let prefix = format!("{disk_name}.");
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(format!("listing HRL logs in {}", dir.display()), e))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing HRL logs in {}", dir.display()), e))?;
     let mut logs = Vec::new();
     for entry in entries {
-        let entry =
-            entry.map_err(|e| Error::io(format!("listing HRL logs in {}", dir.display()), e))?;
+        let entry = entry.map_err(|e| Error::io(format!("listing HRL logs in {}", dir.display()), e))?;
         let name = entry.file_name();
-        let Some(seq) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|n| n.strip_suffix(".hrl"))
-        else {
+        let Some(seq) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|n| n.strip_suffix(".hrl")) else {
             continue;
         };
         if !seq.bytes().all(|b| b.is_ascii_digit()) {
@@ -175,17 +164,11 @@ pub fn check_chain(prev: &LogHeader, next: &LogHeader) -> Result<()> {
     if prev.vm != next.vm || prev.disk != next.disk {
         return Err(Error::corrupt(
             what(),
-            format!(
-                "log {} belongs to {}/{}, expected {}/{}",
-                next.seq, next.vm, next.disk, prev.vm, prev.disk
-            ),
+            format!("log {} belongs to {}/{}, expected {}/{}", next.seq, next.vm, next.disk, prev.vm, prev.disk),
         ));
     }
     if prev.seq.checked_add(1) != Some(next.seq) {
-        return Err(Error::corrupt(
-            what(),
-            format!("seq {} does not follow seq {}", next.seq, prev.seq),
-        ));
+        return Err(Error::corrupt(what(), format!("seq {} does not follow seq {}", next.seq, prev.seq)));
     }
     if next.prev_log_id != prev.log_id {
         return Err(Error::corrupt(
@@ -207,14 +190,8 @@ mod tests {
 
     #[test]
     fn log_paths_sit_beside_the_disk() {
-        assert_eq!(
-            log_path(Path::new("/vms/a.img"), 3),
-            PathBuf::from("/vms/a.img.00000003.hrl")
-        );
-        assert_eq!(
-            log_path(Path::new("a.img"), 123_456_789),
-            PathBuf::from("a.img.123456789.hrl")
-        );
+        assert_eq!(log_path(Path::new("/vms/a.img"), 3), PathBuf::from("/vms/a.img.00000003.hrl"));
+        assert_eq!(log_path(Path::new("a.img"), 123_456_789), PathBuf::from("a.img.123456789.hrl"));
     }
 
     #[test]
@@ -236,18 +213,10 @@ mod tests {
             std::fs::write(dir.path().join(other), b"").unwrap();
         }
         let got = list_logs(&disk).unwrap();
-        let want: Vec<_> = [2, 9, 10, 100_000_000]
-            .into_iter()
-            .map(|s| (s, log_path(&disk, s)))
-            .collect();
+        let want: Vec<_> = [2, 9, 10, 100_000_000].into_iter().map(|s| (s, log_path(&disk, s))).collect();
         assert_eq!(got, want);
         assert_eq!(list_logs(&dir.path().join("none.img")).unwrap(), vec![]);
-        assert_eq!(
-            list_logs(&dir.path().join("gone/a.img"))
-                .unwrap_err()
-                .kind(),
-            ErrorKind::Io
-        );
+        assert_eq!(list_logs(&dir.path().join("gone/a.img")).unwrap_err().kind(), ErrorKind::Io);
     }
 
     #[test]
@@ -258,45 +227,12 @@ mod tests {
         check_chain(&second, &second.successor(20)).unwrap();
 
         let cases: Vec<(LogHeader, &str)> = vec![
-            (
-                LogHeader {
-                    vm: "other".into(),
-                    ..second.clone()
-                },
-                "belongs to other/d0",
-            ),
-            (
-                LogHeader {
-                    disk: "d1".into(),
-                    ..second.clone()
-                },
-                "belongs to vm/d1",
-            ),
-            (
-                LogHeader {
-                    seq: 3,
-                    ..second.clone()
-                },
-                "seq 3 does not follow seq 1",
-            ),
-            (
-                LogHeader {
-                    seq: 1,
-                    ..second.clone()
-                },
-                "seq 1 does not follow seq 1",
-            ),
-            (
-                LogHeader {
-                    prev_log_id: first.log_id ^ 1,
-                    ..second.clone()
-                },
-                "prev_log_id",
-            ),
-            (
-                LogHeader::new("vm", "d0", 2, 0, 0),
-                "prev_log_id 0x0000000000000000",
-            ),
+            (LogHeader { vm: "other".into(), ..second.clone() }, "belongs to other/d0"),
+            (LogHeader { disk: "d1".into(), ..second.clone() }, "belongs to vm/d1"),
+            (LogHeader { seq: 3, ..second.clone() }, "seq 3 does not follow seq 1"),
+            (LogHeader { seq: 1, ..second.clone() }, "seq 1 does not follow seq 1"),
+            (LogHeader { prev_log_id: first.log_id ^ 1, ..second.clone() }, "prev_log_id"),
+            (LogHeader::new("vm", "d0", 2, 0, 0), "prev_log_id 0x0000000000000000"),
         ];
         for (next, expect) in cases {
             let err = check_chain(&first, &next).unwrap_err();
@@ -318,11 +254,7 @@ mod tests {
             w.seal().unwrap();
             header = header.successor(0);
         }
-        let headers: Vec<_> = list_logs(&disk)
-            .unwrap()
-            .iter()
-            .map(|(_, p)| scan(p).unwrap().header)
-            .collect();
+        let headers: Vec<_> = list_logs(&disk).unwrap().iter().map(|(_, p)| scan(p).unwrap().header).collect();
         assert_eq!(headers.len(), 3);
         for pair in headers.windows(2) {
             check_chain(&pair[0], &pair[1]).unwrap();

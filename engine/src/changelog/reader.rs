@@ -6,8 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::format::{
-    decode_record_header, record_crc_seed, record_header_crc, CloseBlock, CloseState, LogHeader,
-    RecordKind, RecordMeta, HEADER_SIZE, RECORD_HEADER_SIZE,
+    decode_record_header, record_crc_seed, record_header_crc, CloseBlock, CloseState, LogHeader, RecordKind,
+    RecordMeta, HEADER_SIZE, RECORD_HEADER_SIZE,
 };
 use super::writer::WRITE_BUFFER_SIZE;
 use crate::{Error, Result};
@@ -42,8 +42,7 @@ impl LogScan {
 /// otherwise it is `Error::Corrupt` (a seal comes after the records were
 /// durable, so a sealed log has no torn tail).
 pub fn scan(path: &Path) -> Result<LogScan> {
-    let file = File::open(path)
-        .map_err(|e| Error::io(format!("opening HRL log {}", path.display()), e))?;
+    let file = File::open(path).map_err(|e| Error::io(format!("opening HRL log {}", path.display()), e))?;
     scan_file(&file, path)
 }
 
@@ -62,8 +61,7 @@ pub fn recover(path: &Path) -> Result<LogScan> {
     if !scan.clean && scan.torn_bytes > 0 {
         file.set_len(scan.valid_len)
             .map_err(|e| Error::io(format!("truncating torn tail of {}", path.display()), e))?;
-        file.sync_all()
-            .map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
+        file.sync_all().map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
     }
     Ok(scan)
 }
@@ -71,8 +69,7 @@ pub fn recover(path: &Path) -> Result<LogScan> {
 /// Reads the payload of a write record (positioned read, no cursor).
 /// The scan that produced `meta` verified its crc.
 pub fn read_payload(file: &File, meta: &RecordMeta) -> Result<Vec<u8>> {
-    let len = usize::try_from(meta.len)
-        .map_err(|_| Error::invalid("len", "payload larger than memory"))?;
+    let len = usize::try_from(meta.len).map_err(|_| Error::invalid("len", "payload larger than memory"))?;
     let mut buf = vec![0u8; len];
     read_payload_into(file, meta, &mut buf)?;
     Ok(buf)
@@ -81,68 +78,41 @@ pub fn read_payload(file: &File, meta: &RecordMeta) -> Result<Vec<u8>> {
 /// Like [`read_payload`], into a caller's buffer of exactly `meta.len` bytes.
 pub fn read_payload_into(file: &File, meta: &RecordMeta, buf: &mut [u8]) -> Result<()> {
     if meta.kind != RecordKind::Write {
-        return Err(Error::invalid(
-            "record",
-            format!("record {} is a zero range and has no payload", meta.seq),
-        ));
+        return Err(Error::invalid("record", format!("record {} is a zero range and has no payload", meta.seq)));
     }
     if buf.len() as u64 != meta.len {
-        return Err(Error::invalid(
-            "buf",
-            format!("{} bytes for a {}-byte payload", buf.len(), meta.len),
-        ));
+        return Err(Error::invalid("buf", format!("{} bytes for a {}-byte payload", buf.len(), meta.len)));
     }
-    file.read_exact_at(buf, meta.payload_pos).map_err(|e| {
-        Error::io(
-            format!(
-                "reading payload of record {} at log offset {}",
-                meta.seq, meta.payload_pos
-            ),
-            e,
-        )
-    })
+    file.read_exact_at(buf, meta.payload_pos)
+        .map_err(|e| Error::io(format!("reading payload of record {} at log offset {}", meta.seq, meta.payload_pos), e))
 }
 
 fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
     let io_ctx = |what: &str| format!("{what} of HRL log {}", path.display());
-    let file_len = file
-        .metadata()
-        .map_err(|e| Error::io(io_ctx("stat"), e))?
-        .len();
-    let corrupt_header =
-        |reason: String| Error::corrupt(format!("HRL header of {}", path.display()), reason);
+    let file_len = file.metadata().map_err(|e| Error::io(io_ctx("stat"), e))?.len();
+    let corrupt_header = |reason: String| Error::corrupt(format!("HRL header of {}", path.display()), reason);
     if file_len < HEADER_SIZE {
-        return Err(corrupt_header(format!(
-            "file is {file_len} bytes, shorter than the {HEADER_SIZE}-byte header"
-        )));
+        return Err(corrupt_header(format!("file is {file_len} bytes, shorter than the {HEADER_SIZE}-byte header")));
     }
     let mut hbuf = vec![0u8; HEADER_SIZE as usize];
-    file.read_exact_at(&mut hbuf, 0)
-        .map_err(|e| Error::io(io_ctx("reading header"), e))?;
+    file.read_exact_at(&mut hbuf, 0).map_err(|e| Error::io(io_ctx("reading header"), e))?;
     let header = LogHeader::decode(&hbuf).map_err(corrupt_header)?;
     let close = CloseBlock::decode(&hbuf);
 
     let seed = record_crc_seed(header.log_id);
     let mut reader = BufReader::with_capacity(WRITE_BUFFER_SIZE, file);
-    reader
-        .seek(SeekFrom::Start(HEADER_SIZE))
-        .map_err(|e| Error::io(io_ctx("seek"), e))?;
+    reader.seek(SeekFrom::Start(HEADER_SIZE)).map_err(|e| Error::io(io_ctx("seek"), e))?;
     let mut records = Vec::new();
     let mut pos = HEADER_SIZE;
     // Why the walk stopped before the end of the file, for error messages.
     let mut stop: Option<String> = None;
     while pos < file_len {
         if file_len - pos < RECORD_HEADER_SIZE {
-            stop = Some(format!(
-                "{} trailing bytes at {pos}, less than a record header",
-                file_len - pos
-            ));
+            stop = Some(format!("{} trailing bytes at {pos}, less than a record header", file_len - pos));
             break;
         }
         let mut rbuf = [0u8; RECORD_HEADER_SIZE as usize];
-        reader
-            .read_exact(&mut rbuf)
-            .map_err(|e| Error::io(io_ctx("reading records"), e))?;
+        reader.read_exact(&mut rbuf).map_err(|e| Error::io(io_ctx("reading records"), e))?;
         let rec = match decode_record_header(&rbuf) {
             Ok(r) => r,
             Err(reason) => {
@@ -152,31 +122,19 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
         };
         let expected_seq = records.len() as u64 + 1;
         if rec.seq != expected_seq {
-            stop = Some(format!(
-                "record at {pos}: seq {} where {expected_seq} was expected",
-                rec.seq
-            ));
+            stop = Some(format!("record at {pos}: seq {} where {expected_seq} was expected", rec.seq));
             break;
         }
         let payload_pos = pos + RECORD_HEADER_SIZE;
-        let payload_len = if rec.kind == RecordKind::Write {
-            rec.len
-        } else {
-            0
-        };
+        let payload_len = if rec.kind == RecordKind::Write { rec.len } else { 0 };
         if file_len - payload_pos < payload_len {
-            stop = Some(format!(
-                "record {} at {pos}: payload of {payload_len} bytes runs past the end",
-                rec.seq
-            ));
+            stop = Some(format!("record {} at {pos}: payload of {payload_len} bytes runs past the end", rec.seq));
             break;
         }
         let mut crc = record_header_crc(seed, &rbuf);
         let mut left = payload_len;
         while left > 0 {
-            let chunk = reader
-                .fill_buf()
-                .map_err(|e| Error::io(io_ctx("reading records"), e))?;
+            let chunk = reader.fill_buf().map_err(|e| Error::io(io_ctx("reading records"), e))?;
             if chunk.is_empty() {
                 // The file shrank under us; treat like a short record.
                 break;
@@ -190,13 +148,7 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
             stop = Some(format!("record {} at {pos}: checksum mismatch", rec.seq));
             break;
         }
-        records.push(RecordMeta {
-            seq: rec.seq,
-            kind: rec.kind,
-            offset: rec.offset,
-            len: rec.len,
-            payload_pos,
-        });
+        records.push(RecordMeta { seq: rec.seq, kind: rec.kind, offset: rec.offset, len: rec.len, payload_pos });
         pos = payload_pos + payload_len;
     }
     let valid_len = pos;
@@ -207,29 +159,16 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
             let mismatch = if let Some(why) = &stop {
                 Some(why.clone())
             } else if cb.end_offset != file_len {
-                Some(format!(
-                    "close block says {} bytes, file has {file_len}",
-                    cb.end_offset
-                ))
+                Some(format!("close block says {} bytes, file has {file_len}", cb.end_offset))
             } else if cb.record_count != records.len() as u64 {
-                Some(format!(
-                    "close block says {} records, found {}",
-                    cb.record_count,
-                    records.len()
-                ))
+                Some(format!("close block says {} records, found {}", cb.record_count, records.len()))
             } else if cb.last_record_seq != last_seq {
-                Some(format!(
-                    "close block says last seq {}, found {last_seq}",
-                    cb.last_record_seq
-                ))
+                Some(format!("close block says last seq {}, found {last_seq}", cb.last_record_seq))
             } else {
                 None
             };
             if let Some(why) = mismatch {
-                return Err(Error::corrupt(
-                    format!("cleanly closed HRL log {}", path.display()),
-                    why,
-                ));
+                return Err(Error::corrupt(format!("cleanly closed HRL log {}", path.display()), why));
             }
             true
         }
@@ -237,14 +176,7 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
         // for anything: the log counts as not cleanly closed.
         CloseState::Open | CloseState::Invalid(_) => false,
     };
-    Ok(LogScan {
-        header,
-        clean,
-        records,
-        valid_len,
-        file_len,
-        torn_bytes: file_len - valid_len,
-    })
+    Ok(LogScan { header, clean, records, valid_len, file_len, torn_bytes: file_len - valid_len })
 }
 
 #[cfg(test)]
@@ -270,10 +202,7 @@ mod tests {
                 let len = len.min(DISK - off).max(1);
                 let off = off.min(DISK - len);
                 // Data that differs byte to byte, so misplaced bytes show.
-                Op::Write(
-                    off,
-                    (0..len).map(|i| seed.wrapping_add((i * 7) as u8)).collect(),
-                )
+                Op::Write(off, (0..len).map(|i| seed.wrapping_add((i * 7) as u8)).collect())
             }),
             (0..DISK, 1u64..20000).prop_map(|(off, len)| {
                 let len = len.min(DISK - off).max(1);
@@ -284,9 +213,7 @@ mod tests {
 
     fn apply_op(disk: &mut [u8], op: &Op) {
         match op {
-            Op::Write(off, data) => {
-                disk[*off as usize..*off as usize + data.len()].copy_from_slice(data)
-            }
+            Op::Write(off, data) => disk[*off as usize..*off as usize + data.len()].copy_from_slice(data),
             Op::Zero(off, len) => disk[*off as usize..(*off + *len) as usize].fill(0),
         }
     }
@@ -319,13 +246,7 @@ mod tests {
     fn unclean_log(dir: &Path, n: u64) -> (PathBuf, Vec<Op>) {
         let path = dir.join("t.hrl");
         let ops: Vec<Op> = (0..n)
-            .map(|i| {
-                if i % 3 == 2 {
-                    Op::Zero(i * 10, 5)
-                } else {
-                    Op::Write(i * 100, vec![i as u8 + 1; 17])
-                }
-            })
+            .map(|i| if i % 3 == 2 { Op::Zero(i * 10, 5) } else { Op::Write(i * 100, vec![i as u8 + 1; 17]) })
             .collect();
         let mut w = write_log(&path, &ops);
         w.sync().unwrap();
@@ -337,41 +258,23 @@ mod tests {
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img.00000001.hrl");
-        let ops = vec![
-            Op::Write(512, b"hello".to_vec()),
-            Op::Zero(0, 4096),
-            Op::Write(4000, vec![9; 200]),
-        ];
+        let ops = vec![Op::Write(512, b"hello".to_vec()), Op::Zero(0, 4096), Op::Write(4000, vec![9; 200])];
         let w = write_log(&path, &ops);
         let header = w.header().clone();
         let sealed = w.seal().unwrap();
         let s = scan(&path).unwrap();
         assert!(s.clean);
         assert_eq!(s.header, header);
-        assert_eq!(
-            (s.torn_bytes, s.valid_len, s.file_len),
-            (0, sealed.end_offset, sealed.end_offset)
-        );
-        let metas: Vec<_> = s
-            .records
-            .iter()
-            .map(|r| (r.seq, r.kind, r.offset, r.len))
-            .collect();
+        assert_eq!((s.torn_bytes, s.valid_len, s.file_len), (0, sealed.end_offset, sealed.end_offset));
+        let metas: Vec<_> = s.records.iter().map(|r| (r.seq, r.kind, r.offset, r.len)).collect();
         assert_eq!(
             metas,
-            vec![
-                (1, RecordKind::Write, 512, 5),
-                (2, RecordKind::Zero, 0, 4096),
-                (3, RecordKind::Write, 4000, 200)
-            ]
+            vec![(1, RecordKind::Write, 512, 5), (2, RecordKind::Zero, 0, 4096), (3, RecordKind::Write, 4000, 200)]
         );
         let file = File::open(&path).unwrap();
         assert_eq!(read_payload(&file, &s.records[0]).unwrap(), b"hello");
         assert_eq!(read_payload(&file, &s.records[2]).unwrap(), vec![9; 200]);
-        assert_eq!(
-            read_payload(&file, &s.records[1]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(read_payload(&file, &s.records[1]).unwrap_err().kind(), ErrorKind::InvalidArgument);
         // recover on a clean log changes nothing.
         assert_eq!(recover(&path).unwrap(), s);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), sealed.end_offset);
@@ -385,9 +288,7 @@ mod tests {
         drop(write_log(&open, &[]));
         write_log(&sealed, &[]).seal().unwrap();
         let s = scan(&open).unwrap();
-        assert!(
-            !s.clean && s.records.is_empty() && s.torn_bytes == 0 && s.valid_len == HEADER_SIZE
-        );
+        assert!(!s.clean && s.records.is_empty() && s.torn_bytes == 0 && s.valid_len == HEADER_SIZE);
         let s = scan(&sealed).unwrap();
         assert!(s.clean && s.records.is_empty() && s.last_seq() == 0);
     }
@@ -425,18 +326,10 @@ mod tests {
         for cut in prev_start..full.len() as u64 {
             std::fs::write(&path, &full[..cut as usize]).unwrap();
             let s = scan(&path).unwrap();
-            let (keep, valid) = if cut >= last_start {
-                (3, last_start)
-            } else {
-                (2, prev_start)
-            };
+            let (keep, valid) = if cut >= last_start { (3, last_start) } else { (2, prev_start) };
             assert_eq!(s.records.len(), keep, "cut at {cut}");
             assert_eq!(s.records[..], full_scan.records[..keep]);
-            assert_eq!(
-                (s.valid_len, s.file_len, s.torn_bytes),
-                (valid, cut, cut - valid),
-                "cut at {cut}"
-            );
+            assert_eq!((s.valid_len, s.file_len, s.torn_bytes), (valid, cut, cut - valid), "cut at {cut}");
             assert!(!s.clean);
             let r = recover(&path).unwrap();
             assert_eq!(r, s);
@@ -462,10 +355,7 @@ mod tests {
                 std::fs::write(&path, &bad).unwrap();
                 let s = scan(&path).unwrap();
                 assert_eq!(s.records[..], full_scan.records[..3], "damage at {at}");
-                assert_eq!(
-                    (s.valid_len, s.torn_bytes),
-                    (last_start, full.len() as u64 - last_start)
-                );
+                assert_eq!((s.valid_len, s.torn_bytes), (last_start, full.len() as u64 - last_start));
                 recover(&path).unwrap();
                 assert_eq!(std::fs::read(&path).unwrap(), full[..last_start as usize]);
             }
@@ -491,9 +381,7 @@ mod tests {
     fn a_clean_log_that_does_not_match_its_close_block_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.hrl");
-        write_log(&path, &[Op::Write(0, vec![1; 50]), Op::Zero(0, 10)])
-            .seal()
-            .unwrap();
+        write_log(&path, &[Op::Write(0, vec![1; 50]), Op::Zero(0, 10)]).seal().unwrap();
         let full = std::fs::read(&path).unwrap();
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("truncated", full[..full.len() - 1].to_vec()),
@@ -511,11 +399,7 @@ mod tests {
             assert!(err.to_string().contains("cleanly closed"), "{name}: {err}");
             // recover must not "repair" a sealed log either.
             assert_eq!(recover(&path).unwrap_err().kind(), ErrorKind::Corrupt);
-            assert_eq!(
-                std::fs::read(&path).unwrap(),
-                bytes,
-                "{name}: file untouched"
-            );
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}: file untouched");
         }
     }
 
@@ -524,12 +408,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, _) = unclean_log(dir.path(), 1);
         let full = std::fs::read(&path).unwrap();
-        let cases: Vec<(usize, &str)> = vec![
-            (0, "bad magic"),
-            (8, "unsupported format version"),
-            (20, "checksum mismatch"),
-            (150, "checksum"),
-        ];
+        let cases: Vec<(usize, &str)> =
+            vec![(0, "bad magic"), (8, "unsupported format version"), (20, "checksum mismatch"), (150, "checksum")];
         for (at, expect) in cases {
             let mut bad = full.clone();
             bad[at] ^= 0x04;
@@ -537,18 +417,12 @@ mod tests {
             let err = scan(&path).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Corrupt);
             let msg = err.to_string();
-            assert!(
-                msg.contains(expect) && msg.contains("t.hrl"),
-                "byte {at}: {msg}"
-            );
+            assert!(msg.contains(expect) && msg.contains("t.hrl"), "byte {at}: {msg}");
         }
         std::fs::write(&path, &full[..100]).unwrap();
         let msg = scan(&path).unwrap_err().to_string();
         assert!(msg.contains("shorter than the 4096-byte header"), "{msg}");
-        assert_eq!(
-            scan(&dir.path().join("missing.hrl")).unwrap_err().kind(),
-            ErrorKind::Io
-        );
+        assert_eq!(scan(&dir.path().join("missing.hrl")).unwrap_err().kind(), ErrorKind::Io);
     }
 
     proptest! {

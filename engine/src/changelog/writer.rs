@@ -6,8 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::format::{
-    encode_record_header, record_crc_seed, CloseBlock, LogHeader, RecordKind, CLOSE_BLOCK_OFFSET,
-    HEADER_SIZE,
+    encode_record_header, record_crc_seed, CloseBlock, LogHeader, RecordKind, CLOSE_BLOCK_OFFSET, HEADER_SIZE,
 };
 use crate::{Error, ErrorClass, Result};
 
@@ -68,26 +67,16 @@ impl LogWriter {
     /// error the half-made file is removed, so the call can be retried.
     pub fn create(path: &Path, header: &LogHeader) -> Result<LogWriter> {
         let bytes = header.encode()?;
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-        {
+        let file = match OpenOptions::new().read(true).write(true).create_new(true).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(Error::AlreadyExists {
-                    what: "HRL log",
-                    name: path.display().to_string(),
-                })
+                return Err(Error::AlreadyExists { what: "HRL log", name: path.display().to_string() })
             }
             Err(e) => return Err(Error::io(format!("creating HRL log {}", path.display()), e)),
         };
         let made = (|| {
-            file.write_all_at(&bytes, 0)
-                .map_err(|e| Error::io(format!("writing header of {}", path.display()), e))?;
-            file.sync_all()
-                .map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
+            file.write_all_at(&bytes, 0).map_err(|e| Error::io(format!("writing header of {}", path.display()), e))?;
+            file.sync_all().map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
             sync_parent_dir(path)
         })();
         if let Err(e) = made {
@@ -138,10 +127,7 @@ impl LogWriter {
     /// the durability point for an NBD FLUSH or FUA.
     pub fn sync(&mut self) -> Result<()> {
         self.flush()?;
-        let r = self
-            .file
-            .sync_data()
-            .map_err(|e| self.io_err("fdatasync", e));
+        let r = self.file.sync_data().map_err(|e| self.io_err("fdatasync", e));
         self.poison_on_err(r)
     }
 
@@ -152,9 +138,7 @@ impl LogWriter {
     /// like a failed [`sync`](Self::sync) (stop using the log, resync).
     pub fn file_for_sync(&self) -> Result<File> {
         self.check_usable()?;
-        self.file
-            .try_clone()
-            .map_err(|e| self.io_err("cloning file handle", e))
+        self.file.try_clone().map_err(|e| self.io_err("cloning file handle", e))
     }
 
     /// Total bytes of the log, header and buffered records included. This is
@@ -191,23 +175,12 @@ impl LogWriter {
     /// so a valid close block always describes records that are on disk.
     pub fn seal(mut self) -> Result<SealedLog> {
         self.sync()?;
-        let block = CloseBlock {
-            record_count: self.records,
-            end_offset: self.flushed,
-            last_record_seq: self.last_seq,
-        };
+        let block = CloseBlock { record_count: self.records, end_offset: self.flushed, last_record_seq: self.last_seq };
         self.file
             .write_all_at(&block.encode(), CLOSE_BLOCK_OFFSET)
             .map_err(|e| self.io_err("writing close block", e))?;
-        self.file
-            .sync_data()
-            .map_err(|e| self.io_err("fdatasync after close block", e))?;
-        Ok(SealedLog {
-            path: self.path,
-            header: self.header,
-            records: self.records,
-            end_offset: self.flushed,
-        })
+        self.file.sync_data().map_err(|e| self.io_err("fdatasync after close block", e))?;
+        Ok(SealedLog { path: self.path, header: self.header, records: self.records, end_offset: self.flushed })
     }
 
     fn append(&mut self, kind: RecordKind, offset: u64, len: u64, payload: &[u8]) -> Result<()> {
@@ -251,9 +224,7 @@ impl LogWriter {
     /// Positional write at the end of what was handed to the OS, so the file
     /// cursor (shared with cloned handles) plays no part.
     fn pwrite(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(bytes, self.flushed)
-            .map_err(|e| self.io_err("appending records", e))?;
+        self.file.write_all_at(bytes, self.flushed).map_err(|e| self.io_err("appending records", e))?;
         self.flushed += bytes.len() as u64;
         Ok(())
     }
@@ -262,10 +233,7 @@ impl LogWriter {
         match &self.poisoned {
             None => Ok(()),
             Some(why) => Err(Error::Io {
-                context: format!(
-                    "HRL log {} is unusable after an earlier failure ({why})",
-                    self.path.display()
-                ),
+                context: format!("HRL log {} is unusable after an earlier failure ({why})", self.path.display()),
                 source: io::Error::other("log writer poisoned"),
                 class: ErrorClass::NeedsResync,
             }),
@@ -294,16 +262,10 @@ impl LogWriter {
 
 fn check_range(offset: u64, len: u64) -> Result<()> {
     if len == 0 {
-        return Err(Error::invalid(
-            "len",
-            "a log record covers at least one byte",
-        ));
+        return Err(Error::invalid("len", "a log record covers at least one byte"));
     }
     if offset.checked_add(len).is_none() {
-        return Err(Error::invalid(
-            "offset",
-            format!("range {offset}+{len} overflows u64"),
-        ));
+        return Err(Error::invalid("offset", format!("range {offset}+{len} overflows u64")));
     }
     Ok(())
 }
@@ -345,10 +307,7 @@ mod tests {
         let path = dir.path().join("x.hrl");
         let mut h = header();
         h.disk = "d".repeat(63);
-        assert_eq!(
-            LogWriter::create(&path, &h).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(LogWriter::create(&path, &h).unwrap_err().kind(), ErrorKind::InvalidArgument);
         assert!(!path.exists());
     }
 
@@ -375,10 +334,7 @@ mod tests {
         assert_eq!(sealed.records, 4);
         let s = scan(&path).unwrap();
         assert!(s.clean);
-        assert_eq!(
-            s.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4]
-        );
+        assert_eq!(s.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert_eq!(s.file_len, sealed.end_offset);
     }
 
@@ -386,14 +342,8 @@ mod tests {
     fn bad_arguments_do_not_poison() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = LogWriter::create(&dir.path().join("l.hrl"), &header()).unwrap();
-        assert_eq!(
-            w.append_write(0, &[]).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
-        assert_eq!(
-            w.append_zero(u64::MAX, 2).unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(w.append_write(0, &[]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(w.append_zero(u64::MAX, 2).unwrap_err().kind(), ErrorKind::InvalidArgument);
         assert!(!w.is_poisoned());
         w.append_write(0, b"x").unwrap();
         assert_eq!(w.seal().unwrap().records, 1);
@@ -411,10 +361,7 @@ mod tests {
         w.append_write(8, b"lost").unwrap(); // buffered: no I/O yet
         let err = w.flush().unwrap_err();
         assert_eq!(err.class(), ErrorClass::NeedsResync, "{err}");
-        assert!(
-            err.to_string().contains("l.hrl"),
-            "error names the file: {err}"
-        );
+        assert!(err.to_string().contains("l.hrl"), "error names the file: {err}");
         assert!(w.is_poisoned());
         // Even with a working file again, nothing more is accepted.
         w.file = OpenOptions::new().write(true).open(&path).unwrap();

@@ -133,11 +133,7 @@ impl MemDevice {
 
     /// A disk holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        MemDevice {
-            data: RwLock::new(bytes),
-            flushes: AtomicU64::new(0),
-            fua_writes: AtomicU64::new(0),
-        }
+        MemDevice { data: RwLock::new(bytes), flushes: AtomicU64::new(0), fua_writes: AtomicU64::new(0) }
     }
 
     /// A copy of the whole disk.
@@ -158,12 +154,7 @@ impl MemDevice {
         let end = offset
             .checked_add(len)
             .filter(|&end| end <= len_of_disk as u64)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "offset",
-                    format!("range {offset}+{len} is past the end ({len_of_disk})"),
-                )
-            })?;
+            .ok_or_else(|| Error::invalid("offset", format!("range {offset}+{len} is past the end ({len_of_disk})")))?;
         Ok(offset as usize..end as usize)
     }
 
@@ -236,39 +227,23 @@ impl MapCatalog {
 
     /// Adds or replaces an export; connections already open keep their device.
     pub fn insert(&self, name: impl Into<String>, device: Arc<dyn BlockDevice>) {
-        self.exports
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.into(), device);
+        self.exports.write().unwrap_or_else(|e| e.into_inner()).insert(name.into(), device);
     }
 
     /// Removes an export from new connections; open ones keep it.
     pub fn remove(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
-        self.exports
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
+        self.exports.write().unwrap_or_else(|e| e.into_inner()).remove(name)
     }
 }
 
 impl ExportCatalog for MapCatalog {
     fn open(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
-        self.exports
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        self.exports.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
     /// Sorted, so that `NBD_OPT_LIST` answers the same way every time.
     fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .exports
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let mut names: Vec<String> = self.exports.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         names.sort();
         names
     }

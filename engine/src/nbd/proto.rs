@@ -136,11 +136,7 @@ pub struct OptionHeader {
 
 impl OptionHeader {
     pub fn parse(b: &[u8; OPTION_HEADER_LEN]) -> Self {
-        OptionHeader {
-            magic: be_u64(&b[0..8]),
-            option: be_u32(&b[8..12]),
-            len: be_u32(&b[12..16]),
-        }
+        OptionHeader { magic: be_u64(&b[0..8]), option: be_u32(&b[8..12]), len: be_u32(&b[12..16]) }
     }
 
     pub fn encode(&self) -> [u8; OPTION_HEADER_LEN] {
@@ -251,13 +247,7 @@ mod tests {
 
     #[test]
     fn request_round_trips_and_rejects_bad_magic() {
-        let r = Request {
-            flags: CMD_FLAG_FUA,
-            command: CMD_WRITE,
-            handle: 7,
-            offset: 4096,
-            len: 512,
-        };
+        let r = Request { flags: CMD_FLAG_FUA, command: CMD_WRITE, handle: 7, offset: 4096, len: 512 };
         assert_eq!(Request::parse(&r.encode()), Some(r));
         let mut b = r.encode();
         b[0] ^= 1;

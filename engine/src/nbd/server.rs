@@ -197,14 +197,8 @@ async fn handshake<S>(stream: &mut S, catalog: &dyn ExportCatalog) -> Result<Opt
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream
-        .write_all(&proto::greeting(HANDSHAKE_FLAGS))
-        .await
-        .map_err(|e| Error::io("nbd: send greeting", e))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| Error::io("nbd: send greeting", e))?;
+    stream.write_all(&proto::greeting(HANDSHAKE_FLAGS)).await.map_err(|e| Error::io("nbd: send greeting", e))?;
+    stream.flush().await.map_err(|e| Error::io("nbd: send greeting", e))?;
 
     let mut client_flags = [0u8; 4];
     if !read_exact_or_eof(stream, &mut client_flags).await? {
@@ -213,10 +207,7 @@ where
     let client_flags = u32::from_be_bytes(client_flags);
     let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
     if client_flags & !known != 0 {
-        return Err(Error::invalid(
-            "nbd client flags",
-            format!("unknown bits in {client_flags:#x}"),
-        ));
+        return Err(Error::invalid("nbd client flags", format!("unknown bits in {client_flags:#x}")));
     }
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
 
@@ -227,26 +218,17 @@ where
         }
         let header = proto::OptionHeader::parse(&header);
         if header.magic != proto::IHAVEOPT {
-            return Err(Error::invalid(
-                "nbd option",
-                format!("bad magic {:#x}", header.magic),
-            ));
+            return Err(Error::invalid("nbd option", format!("bad magic {:#x}", header.magic)));
         }
         let option = header.option;
         if header.len > MAX_OPTION_DATA {
             // We cannot answer EXPORT_NAME with an error, and skipping up to
             // 4 GiB for a client this far off the rails is not worth it.
             if option != proto::OPT_EXPORT_NAME {
-                let msg = format!(
-                    "option data of {} bytes exceeds {MAX_OPTION_DATA}",
-                    header.len
-                );
+                let msg = format!("option data of {} bytes exceeds {MAX_OPTION_DATA}", header.len);
                 send_option_reply(stream, option, proto::REP_ERR_TOO_BIG, msg.as_bytes()).await?;
             }
-            return Err(Error::invalid(
-                "nbd option",
-                format!("length {} too big", header.len),
-            ));
+            return Err(Error::invalid("nbd option", format!("length {} too big", header.len)));
         }
         let mut data = vec![0u8; header.len as usize];
         read_exact(stream, &mut data, "nbd: read option data").await?;
@@ -254,8 +236,7 @@ where
 
         match option {
             proto::OPT_EXPORT_NAME => {
-                let name = String::from_utf8(data)
-                    .map_err(|_| Error::invalid("nbd export name", "not UTF-8"))?;
+                let name = String::from_utf8(data).map_err(|_| Error::invalid("nbd export name", "not UTF-8"))?;
                 let Some(export) = open_export(catalog, &name) else {
                     // This option has no error reply: the spec says close.
                     warn!(export = %name, "nbd: EXPORT_NAME of an unknown export, closing");
@@ -278,13 +259,7 @@ where
             }
             proto::OPT_LIST => {
                 if !data.is_empty() {
-                    send_option_reply(
-                        stream,
-                        option,
-                        proto::REP_ERR_INVALID,
-                        b"LIST takes no data",
-                    )
-                    .await?;
+                    send_option_reply(stream, option, proto::REP_ERR_INVALID, b"LIST takes no data").await?;
                     continue;
                 }
                 let mut out = Vec::new();
@@ -299,20 +274,13 @@ where
             }
             proto::OPT_INFO | proto::OPT_GO => {
                 let Some((name, infos)) = parse_info_request(&data) else {
-                    send_option_reply(
-                        stream,
-                        option,
-                        proto::REP_ERR_INVALID,
-                        b"malformed INFO/GO request",
-                    )
-                    .await?;
+                    send_option_reply(stream, option, proto::REP_ERR_INVALID, b"malformed INFO/GO request").await?;
                     continue;
                 };
                 let Some(export) = open_export(catalog, &name) else {
                     debug!(export = %name, "nbd: unknown export");
                     let msg = format!("no export named {name:?}");
-                    send_option_reply(stream, option, proto::REP_ERR_UNKNOWN, msg.as_bytes())
-                        .await?;
+                    send_option_reply(stream, option, proto::REP_ERR_UNKNOWN, msg.as_bytes()).await?;
                     continue;
                 };
                 let out = info_replies(option, &export, &infos, catalog);
@@ -334,20 +302,14 @@ where
 fn open_export(catalog: &dyn ExportCatalog, name: &str) -> Option<Export> {
     let device = catalog.open(name)?;
     let size = device.size();
-    Some(Export {
-        name: name.to_string(),
-        device,
-        size,
-    })
+    Some(Export { name: name.to_string(), device, size })
 }
 
 /// Parses INFO/GO data: u32 name length, name, u16 count, count x u16.
 fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     let name_len = proto::be_u32(data.get(0..4)?) as usize;
     let name_end = 4usize.checked_add(name_len)?;
-    let name = std::str::from_utf8(data.get(4..name_end)?)
-        .ok()?
-        .to_string();
+    let name = std::str::from_utf8(data.get(4..name_end)?).ok()?.to_string();
     let count = proto::be_u16(data.get(name_end..name_end + 2)?) as usize;
     let rest = data.get(name_end + 2..)?;
     if rest.len() != count * 2 {
@@ -357,12 +319,7 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
 }
 
 /// The NBD_REP_INFO replies for an export, then the final ACK.
-fn info_replies(
-    option: u32,
-    export: &Export,
-    infos: &[u16],
-    catalog: &dyn ExportCatalog,
-) -> Vec<u8> {
+fn info_replies(option: u32, export: &Export, infos: &[u16], catalog: &dyn ExportCatalog) -> Vec<u8> {
     let mut out = Vec::new();
     let mut info = Vec::with_capacity(12);
     info.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
@@ -404,12 +361,7 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-async fn send_option_reply<S>(
-    stream: &mut S,
-    option: u32,
-    reply_type: u32,
-    data: &[u8],
-) -> Result<()>
+async fn send_option_reply<S>(stream: &mut S, option: u32, reply_type: u32, data: &[u8]) -> Result<()>
 where
     S: AsyncWrite + Unpin,
 {
@@ -422,10 +374,7 @@ async fn write_flush<S>(stream: &mut S, bytes: &[u8], context: &'static str) -> 
 where
     S: AsyncWrite + Unpin,
 {
-    stream
-        .write_all(bytes)
-        .await
-        .map_err(|e| Error::io(context, e))?;
+    stream.write_all(bytes).await.map_err(|e| Error::io(context, e))?;
     stream.flush().await.map_err(|e| Error::io(context, e))
 }
 
@@ -433,11 +382,7 @@ async fn read_exact<S>(stream: &mut S, buf: &mut [u8], context: &'static str) ->
 where
     S: AsyncRead + Unpin,
 {
-    stream
-        .read_exact(buf)
-        .await
-        .map(|_| ())
-        .map_err(|e| Error::io(context, e))
+    stream.read_exact(buf).await.map(|_| ()).map_err(|e| Error::io(context, e))
 }
 
 /// Fills `buf`; `false` if the stream ended cleanly before its first byte,
@@ -448,20 +393,14 @@ where
 {
     let mut filled = 0;
     while filled < buf.len() {
-        let n = stream
-            .read(&mut buf[filled..])
-            .await
-            .map_err(|e| Error::io("nbd: read", e))?;
+        let n = stream.read(&mut buf[filled..]).await.map_err(|e| Error::io("nbd: read", e))?;
         if n == 0 {
             if filled == 0 {
                 return Ok(false);
             }
             return Err(Error::io(
                 "nbd: read",
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed mid-message",
-                ),
+                io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-message"),
             ));
         }
         filled += n;
@@ -488,25 +427,10 @@ struct Permits {
 
 /// What a request asks the device to do, once validated.
 enum Job {
-    Read {
-        offset: u64,
-        len: u32,
-    },
-    Write {
-        offset: u64,
-        data: Vec<u8>,
-        fua: bool,
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        fua: bool,
-    },
-    Trim {
-        offset: u64,
-        len: u64,
-        fua: bool,
-    },
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Vec<u8>, fua: bool },
+    WriteZeroes { offset: u64, len: u64, fua: bool },
+    Trim { offset: u64, len: u64, fua: bool },
     Flush,
 }
 
@@ -570,11 +494,7 @@ where
             Ok(Some(Next::Reply(reply))) => {
                 let _ = tx.send(reply);
             }
-            Ok(Some(Next::Run {
-                handle,
-                job,
-                permits,
-            })) => dispatch(&export.device, handle, job, permits, &tx),
+            Ok(Some(Next::Run { handle, job, permits })) => dispatch(&export.device, handle, job, permits, &tx),
             Ok(None) => {
                 debug!("nbd: client closed the connection without DISC");
                 return ReaderEnd::Clean;
@@ -613,79 +533,39 @@ where
     }
     let Some(req) = Request::parse(&header) else {
         let magic = proto::be_u32(&header[0..4]);
-        warn!(
-            magic = format_args!("{magic:#x}"),
-            "nbd: bad request magic, closing"
-        );
-        return Err(Error::invalid(
-            "nbd request",
-            format!("bad magic {magic:#x}"),
-        ));
+        warn!(magic = format_args!("{magic:#x}"), "nbd: bad request magic, closing");
+        return Err(Error::invalid("nbd request", format!("bad magic {magic:#x}")));
     };
     if req.command == proto::CMD_DISC {
         return Ok(Some(Next::Disconnect));
     }
 
-    let request_permit = requests
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(closed_semaphore)?;
+    let request_permit = requests.clone().acquire_owned().await.map_err(closed_semaphore)?;
     // READ and WRITE hold a buffer of `len` bytes until their reply is out.
-    let buffered =
-        matches!(req.command, proto::CMD_READ | proto::CMD_WRITE) && req.len <= proto::MAX_PAYLOAD;
+    let buffered = matches!(req.command, proto::CMD_READ | proto::CMD_WRITE) && req.len <= proto::MAX_PAYLOAD;
     let bytes_permit = if buffered && req.len > 0 {
-        Some(
-            bytes
-                .clone()
-                .acquire_many_owned(req.len)
-                .await
-                .map_err(closed_semaphore)?,
-        )
+        Some(bytes.clone().acquire_many_owned(req.len).await.map_err(closed_semaphore)?)
     } else {
         None
     };
-    let permits = Permits {
-        _request: request_permit,
-        _bytes: bytes_permit,
-    };
+    let permits = Permits { _request: request_permit, _bytes: bytes_permit };
 
     let verdict = validate(&req, export.size);
-    let reject = |error: u32, permits: Permits| {
-        Next::Reply(Reply {
-            handle: req.handle,
-            error,
-            data: None,
-            _permits: permits,
-        })
-    };
+    let reject =
+        |error: u32, permits: Permits| Next::Reply(Reply { handle: req.handle, error, data: None, _permits: permits });
 
     if req.command == proto::CMD_WRITE {
         // The payload follows whatever we think of the request: read it (or
         // skip it in bounded pieces) so the next header is where we expect it.
         if let Err(error) = verdict {
             skip(rd, u64::from(req.len)).await?;
-            debug!(
-                handle = req.handle,
-                offset = req.offset,
-                len = req.len,
-                error,
-                "nbd: WRITE rejected"
-            );
+            debug!(handle = req.handle, offset = req.offset, len = req.len, error, "nbd: WRITE rejected");
             return Ok(Some(reject(error, permits)));
         }
         let mut data = vec![0u8; req.len as usize];
         read_exact(rd, &mut data, "nbd: read WRITE payload").await?;
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-        return Ok(Some(Next::Run {
-            handle: req.handle,
-            job: Job::Write {
-                offset: req.offset,
-                data,
-                fua,
-            },
-            permits,
-        }));
+        return Ok(Some(Next::Run { handle: req.handle, job: Job::Write { offset: req.offset, data, fua }, permits }));
     }
     if let Err(error) = verdict {
         debug!(
@@ -702,21 +582,14 @@ where
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let (offset, len) = (req.offset, u64::from(req.len));
     let job = match req.command {
-        proto::CMD_READ => Job::Read {
-            offset,
-            len: req.len,
-        },
+        proto::CMD_READ => Job::Read { offset, len: req.len },
         proto::CMD_FLUSH => Job::Flush,
         proto::CMD_TRIM => Job::Trim { offset, len, fua },
         proto::CMD_WRITE_ZEROES => Job::WriteZeroes { offset, len, fua },
         // CACHE: a hint to prefetch; the data is as close as it gets already.
         _ => return Ok(Some(reject(0, permits))),
     };
-    Ok(Some(Next::Run {
-        handle: req.handle,
-        job,
-        permits,
-    }))
+    Ok(Some(Next::Run { handle: req.handle, job, permits }))
 }
 
 fn closed_semaphore(_: tokio::sync::AcquireError) -> Error {
@@ -729,11 +602,9 @@ fn validate(req: &Request, size: u64) -> std::result::Result<(), u32> {
         proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE,
         // FUA is valid on every command once negotiated (clients set it on
         // reads and flushes too); we ignore it where nothing is written.
-        proto::CMD_READ
-        | proto::CMD_WRITE
-        | proto::CMD_FLUSH
-        | proto::CMD_TRIM
-        | proto::CMD_CACHE => proto::CMD_FLAG_FUA,
+        proto::CMD_READ | proto::CMD_WRITE | proto::CMD_FLUSH | proto::CMD_TRIM | proto::CMD_CACHE => {
+            proto::CMD_FLAG_FUA
+        }
         // BLOCK_STATUS needs meta contexts, RESIZE was never offered.
         _ => return Err(proto::EINVAL),
     };
@@ -747,19 +618,12 @@ fn validate(req: &Request, size: u64) -> std::result::Result<(), u32> {
     if matches!(req.command, proto::CMD_READ | proto::CMD_WRITE) && req.len > proto::MAX_PAYLOAD {
         return Err(proto::EINVAL);
     }
-    let in_range = req
-        .offset
-        .checked_add(u64::from(req.len))
-        .is_some_and(|end| end <= size);
+    let in_range = req.offset.checked_add(u64::from(req.len)).is_some_and(|end| end <= size);
     if !in_range {
         // The spec (and qemu-nbd) answer writes past the end with ENOSPC.
         let writes = matches!(req.command, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES);
         let overflows = req.offset.checked_add(u64::from(req.len)).is_none();
-        return Err(if writes && !overflows {
-            proto::ENOSPC
-        } else {
-            proto::EINVAL
-        });
+        return Err(if writes && !overflows { proto::ENOSPC } else { proto::EINVAL });
     }
     Ok(())
 }
@@ -780,32 +644,20 @@ where
 }
 
 /// Runs a job on a blocking thread; its reply goes to the writer.
-fn dispatch(
-    device: &Arc<dyn BlockDevice>,
-    handle: u64,
-    job: Job,
-    permits: Permits,
-    tx: &mpsc::UnboundedSender<Reply>,
-) {
+fn dispatch(device: &Arc<dyn BlockDevice>, handle: u64, job: Job, permits: Permits, tx: &mpsc::UnboundedSender<Reply>) {
     let device = Arc::clone(device);
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
         // A panicking device must still answer, or the client waits forever.
-        let (error, data) =
-            match std::panic::catch_unwind(AssertUnwindSafe(|| run(&*device, handle, job))) {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    warn!(handle, "nbd: block device panicked, replying EIO");
-                    (proto::EIO, None)
-                }
-            };
+        let (error, data) = match std::panic::catch_unwind(AssertUnwindSafe(|| run(&*device, handle, job))) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                warn!(handle, "nbd: block device panicked, replying EIO");
+                (proto::EIO, None)
+            }
+        };
         // The writer is gone only if the client is: nobody to tell.
-        let _ = tx.send(Reply {
-            handle,
-            error,
-            data,
-            _permits: permits,
-        });
+        let _ = tx.send(Reply { handle, error, data, _permits: permits });
     });
 }
 
@@ -820,9 +672,7 @@ fn run(device: &dyn BlockDevice, handle: u64, job: Job) -> (u32, Option<Vec<u8>>
             }
         }
         Job::Write { offset, data, fua } => ("write", device.write_at(offset, &data, fua)),
-        Job::WriteZeroes { offset, len, fua } => {
-            ("write_zeroes", device.write_zeroes(offset, len, fua))
-        }
+        Job::WriteZeroes { offset, len, fua } => ("write_zeroes", device.write_zeroes(offset, len, fua)),
         Job::Trim { offset, len, fua } => ("trim", device.trim(offset, len, fua)),
         Job::Flush => ("flush", device.flush()),
     };
@@ -840,13 +690,8 @@ fn run(device: &dyn BlockDevice, handle: u64, job: Job) -> (u32, Option<Vec<u8>>
 pub(crate) fn errno_for(e: &Error) -> u32 {
     match e {
         Error::Io { source, .. } => {
-            let no_space = matches!(
-                source.raw_os_error(),
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
-            ) || matches!(
-                source.kind(),
-                io::ErrorKind::StorageFull | io::ErrorKind::FileTooLarge
-            );
+            let no_space = matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG))
+                || matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::FileTooLarge);
             if no_space {
                 proto::ENOSPC
             } else {
@@ -861,11 +706,7 @@ pub(crate) fn errno_for(e: &Error) -> u32 {
 /// Writes replies in the order they complete, flushing once per batch.
 /// Ends when every sender (reader and jobs) is gone, then closes the write
 /// side. On failure it tells the reader to stop.
-async fn write_replies<W>(
-    wr: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    failed: CancellationToken,
-) -> io::Result<()>
+async fn write_replies<W>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>, failed: CancellationToken) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
@@ -892,8 +733,7 @@ async fn write_reply<W>(w: &mut W, reply: Reply) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
-    w.write_all(&proto::simple_reply(reply.error, reply.handle))
-        .await?;
+    w.write_all(&proto::simple_reply(reply.error, reply.handle)).await?;
     if reply.error == 0 {
         if let Some(data) = &reply.data {
             w.write_all(data).await?;

@@ -18,9 +18,7 @@ const SIZE: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .expect("server answered in time")
+    tokio::time::timeout(WAIT, f).await.expect("server answered in time")
 }
 
 /// A catalog with one described export backed by `device`.
@@ -47,9 +45,7 @@ struct Harness {
 
 impl Harness {
     fn new(device: Arc<dyn BlockDevice>) -> Self {
-        let catalog = MapCatalog::new()
-            .with(EXPORT, device)
-            .with("vm2/disk0", Arc::new(MemDevice::new(4096)));
+        let catalog = MapCatalog::new().with(EXPORT, device).with("vm2/disk0", Arc::new(MemDevice::new(4096)));
         let shutdown = CancellationToken::new();
         let server = NbdServer::new(Arc::new(TestCatalog { inner: catalog }), shutdown.clone());
         Harness { server, shutdown }
@@ -78,19 +74,12 @@ impl Client {
     async fn greet(&mut self, client_flags: u32) {
         let mut g = [0u8; proto::GREETING_LEN];
         self.s.read_exact(&mut g).await.unwrap();
-        assert_eq!(
-            g,
-            proto::greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES)
-        );
+        assert_eq!(g, proto::greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES));
         self.s.write_all(&client_flags.to_be_bytes()).await.unwrap();
     }
 
     async fn send_option(&mut self, option: u32, data: &[u8]) {
-        let h = proto::OptionHeader {
-            magic: proto::IHAVEOPT,
-            option,
-            len: data.len() as u32,
-        };
+        let h = proto::OptionHeader { magic: proto::IHAVEOPT, option, len: data.len() as u32 };
         self.s.write_all(&h.encode()).await.unwrap();
         self.s.write_all(data).await.unwrap();
     }
@@ -101,11 +90,7 @@ impl Client {
         assert_eq!(proto::be_u64(&h[0..8]), proto::OPTION_REPLY_MAGIC);
         let mut data = vec![0u8; proto::be_u32(&h[16..20]) as usize];
         self.s.read_exact(&mut data).await.unwrap();
-        OptReply {
-            option: proto::be_u32(&h[8..12]),
-            reply_type: proto::be_u32(&h[12..16]),
-            data,
-        }
+        OptReply { option: proto::be_u32(&h[8..12]), reply_type: proto::be_u32(&h[12..16]), data }
     }
 
     /// Sends INFO or GO and collects the NBD_REP_INFO payloads up to the final reply.
@@ -131,34 +116,20 @@ impl Client {
 
     /// Full handshake with GO; returns (size, transmission flags).
     async fn go(&mut self, name: &str) -> (u64, u16) {
-        self.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
-            .await;
+        self.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).await;
         let (infos, last) = self.info(proto::OPT_GO, name, &[]).await;
         assert_eq!(last, proto::REP_ACK);
-        let export = infos
-            .iter()
-            .find(|i| proto::be_u16(i) == proto::INFO_EXPORT)
-            .expect("INFO_EXPORT sent");
-        (
-            proto::be_u64(&export[2..10]),
-            proto::be_u16(&export[10..12]),
-        )
+        let export = infos.iter().find(|i| proto::be_u16(i) == proto::INFO_EXPORT).expect("INFO_EXPORT sent");
+        (proto::be_u64(&export[2..10]), proto::be_u16(&export[10..12]))
     }
 
     async fn request(&mut self, command: u16, flags: u16, handle: u64, offset: u64, len: u32) {
-        let r = Request {
-            flags,
-            command,
-            handle,
-            offset,
-            len,
-        };
+        let r = Request { flags, command, handle, offset, len };
         self.s.write_all(&r.encode()).await.unwrap();
     }
 
     async fn write(&mut self, handle: u64, offset: u64, data: &[u8], flags: u16) {
-        self.request(proto::CMD_WRITE, flags, handle, offset, data.len() as u32)
-            .await;
+        self.request(proto::CMD_WRITE, flags, handle, offset, data.len() as u32).await;
         self.s.write_all(data).await.unwrap();
     }
 
@@ -179,11 +150,7 @@ impl Client {
     /// One request, one reply; returns (error, data).
     async fn call(&mut self, command: u16, flags: u16, offset: u64, len: u32) -> (u32, Vec<u8>) {
         self.request(command, flags, 99, offset, len).await;
-        let read_len = if command == proto::CMD_READ {
-            len as usize
-        } else {
-            0
-        };
+        let read_len = if command == proto::CMD_READ { len as usize } else { 0 };
         let (handle, error, data) = self.reply(read_len).await;
         assert_eq!(handle, 99);
         (error, data)
@@ -218,14 +185,8 @@ fn mem() -> Arc<MemDevice> {
 async fn go_negotiates_size_flags_and_requested_infos() {
     let h = Harness::new(mem());
     let (mut c, task) = h.connect();
-    c.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
-        .await;
-    let want = [
-        proto::INFO_NAME,
-        proto::INFO_DESCRIPTION,
-        proto::INFO_BLOCK_SIZE,
-        0x7777,
-    ];
+    c.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).await;
+    let want = [proto::INFO_NAME, proto::INFO_DESCRIPTION, proto::INFO_BLOCK_SIZE, 0x7777];
     let (infos, last) = c.info(proto::OPT_GO, EXPORT, &want).await;
     assert_eq!(last, proto::REP_ACK);
     let by_type = |t: u16| infos.iter().find(|i| proto::be_u16(i) == t).cloned();
@@ -245,19 +206,9 @@ async fn go_negotiates_size_flags_and_requested_infos() {
     }
     assert_eq!(flags & proto::FLAG_READ_ONLY, 0);
     assert_eq!(&by_type(proto::INFO_NAME).unwrap()[2..], EXPORT.as_bytes());
-    assert_eq!(
-        &by_type(proto::INFO_DESCRIPTION).unwrap()[2..],
-        b"disk vm1/disk0"
-    );
+    assert_eq!(&by_type(proto::INFO_DESCRIPTION).unwrap()[2..], b"disk vm1/disk0");
     let bs = by_type(proto::INFO_BLOCK_SIZE).unwrap();
-    assert_eq!(
-        (
-            proto::be_u32(&bs[2..6]),
-            proto::be_u32(&bs[6..10]),
-            proto::be_u32(&bs[10..14])
-        ),
-        (1, 4096, 32 << 20)
-    );
+    assert_eq!((proto::be_u32(&bs[2..6]), proto::be_u32(&bs[6..10]), proto::be_u32(&bs[10..14])), (1, 4096, 32 << 20));
     assert_eq!(infos.len(), 4, "the unknown info type is ignored");
 
     let (error, data) = c.call(proto::CMD_READ, 0, 0, 512).await;
@@ -271,15 +222,9 @@ async fn export_name_enters_transmission_with_and_without_zeroes() {
         let dev = mem();
         let h = Harness::new(dev.clone());
         let (mut c, task) = h.connect();
-        let flags = proto::FLAG_C_FIXED_NEWSTYLE
-            | if no_zeroes {
-                proto::FLAG_C_NO_ZEROES
-            } else {
-                0
-            };
+        let flags = proto::FLAG_C_FIXED_NEWSTYLE | if no_zeroes { proto::FLAG_C_NO_ZEROES } else { 0 };
         c.greet(flags).await;
-        c.send_option(proto::OPT_EXPORT_NAME, EXPORT.as_bytes())
-            .await;
+        c.send_option(proto::OPT_EXPORT_NAME, EXPORT.as_bytes()).await;
         let mut reply = vec![0u8; if no_zeroes { 10 } else { 134 }];
         c.s.read_exact(&mut reply).await.unwrap();
         assert_eq!(proto::be_u64(&reply[0..8]), SIZE);
@@ -305,8 +250,7 @@ async fn export_name_of_unknown_export_closes() {
 async fn list_info_unknown_and_unsupported_options_keep_haggling() {
     let h = Harness::new(mem());
     let (mut c, task) = h.connect();
-    c.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES)
-        .await;
+    c.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).await;
 
     c.send_option(proto::OPT_LIST, &[]).await;
     let mut names = Vec::new();
@@ -320,10 +264,7 @@ async fn list_info_unknown_and_unsupported_options_keep_haggling() {
         let len = proto::be_u32(&r.data[0..4]) as usize;
         names.push(String::from_utf8(r.data[4..4 + len].to_vec()).unwrap());
     }
-    assert_eq!(
-        names,
-        vec!["vm1/disk0".to_string(), "vm2/disk0".to_string()]
-    );
+    assert_eq!(names, vec!["vm1/disk0".to_string(), "vm2/disk0".to_string()]);
 
     c.send_option(proto::OPT_LIST, b"junk").await;
     assert_eq!(c.option_reply().await.reply_type, proto::REP_ERR_INVALID);
@@ -378,11 +319,7 @@ async fn oversized_option_gets_too_big_and_closes_without_allocating() {
     let h = Harness::new(mem());
     let (mut c, task) = h.connect();
     c.greet(proto::FLAG_C_FIXED_NEWSTYLE).await;
-    let header = proto::OptionHeader {
-        magic: proto::IHAVEOPT,
-        option: proto::OPT_GO,
-        len: u32::MAX,
-    };
+    let header = proto::OptionHeader { magic: proto::IHAVEOPT, option: proto::OPT_GO, len: u32::MAX };
     c.s.write_all(&header.encode()).await.unwrap();
     assert_eq!(c.option_reply().await.reply_type, proto::REP_ERR_TOO_BIG);
     c.expect_closed().await;
@@ -416,18 +353,8 @@ async fn read_write_flush_trim_write_zeroes_round_trip() {
     assert_eq!(c.call(proto::CMD_FLUSH, 0, 0, 0).await.0, 0);
     assert_eq!(dev.flush_count(), 1);
 
-    assert_eq!(
-        c.call(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_NO_HOLE, 8192, 4096)
-            .await
-            .0,
-        0
-    );
-    assert_eq!(
-        c.call(proto::CMD_TRIM, proto::CMD_FLAG_FUA, 8192 + 4096, 4096)
-            .await
-            .0,
-        0
-    );
+    assert_eq!(c.call(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_NO_HOLE, 8192, 4096).await.0, 0);
+    assert_eq!(c.call(proto::CMD_TRIM, proto::CMD_FLAG_FUA, 8192 + 4096, 4096).await.0, 0);
     assert_eq!(dev.fua_write_count(), 2);
     assert_eq!(c.call(proto::CMD_CACHE, 0, 0, 4096).await.0, 0);
     let (_, data) = c.call(proto::CMD_READ, 0, 8192, pattern.len() as u32).await;
@@ -449,39 +376,16 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
     let (mut c, task) = h.connect();
     c.go(EXPORT).await;
 
-    assert_eq!(
-        c.call(proto::CMD_READ, 0, SIZE - 10, 11).await.0,
-        proto::EINVAL
-    );
-    assert_eq!(
-        c.call(proto::CMD_READ, 0, u64::MAX - 1, 16).await.0,
-        proto::EINVAL
-    );
+    assert_eq!(c.call(proto::CMD_READ, 0, SIZE - 10, 11).await.0, proto::EINVAL);
+    assert_eq!(c.call(proto::CMD_READ, 0, u64::MAX - 1, 16).await.0, proto::EINVAL);
     assert_eq!(c.call(proto::CMD_TRIM, 0, SIZE, 1).await.0, proto::EINVAL);
-    assert_eq!(
-        c.call(proto::CMD_WRITE_ZEROES, 0, SIZE - 1, 2).await.0,
-        proto::ENOSPC
-    );
+    assert_eq!(c.call(proto::CMD_WRITE_ZEROES, 0, SIZE - 1, 2).await.0, proto::ENOSPC);
     assert_eq!(c.call(proto::CMD_CACHE, 0, SIZE, 1).await.0, proto::EINVAL);
-    assert_eq!(
-        c.call(proto::CMD_READ, 0, 0, (32 << 20) + 1).await.0,
-        proto::EINVAL
-    );
-    assert_eq!(
-        c.call(proto::CMD_BLOCK_STATUS, 0, 0, 4096).await.0,
-        proto::EINVAL
-    );
+    assert_eq!(c.call(proto::CMD_READ, 0, 0, (32 << 20) + 1).await.0, proto::EINVAL);
+    assert_eq!(c.call(proto::CMD_BLOCK_STATUS, 0, 0, 4096).await.0, proto::EINVAL);
     assert_eq!(c.call(77, 0, 0, 0).await.0, proto::EINVAL);
-    assert_eq!(
-        c.call(proto::CMD_READ, proto::CMD_FLAG_DF, 0, 512).await.0,
-        proto::EINVAL
-    );
-    assert_eq!(
-        c.call(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_FAST_ZERO, 0, 512)
-            .await
-            .0,
-        proto::EINVAL
-    );
+    assert_eq!(c.call(proto::CMD_READ, proto::CMD_FLAG_DF, 0, 512).await.0, proto::EINVAL);
+    assert_eq!(c.call(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_FAST_ZERO, 0, 512).await.0, proto::EINVAL);
 
     // Rejected writes still have their payload consumed.
     assert_eq!(c.call_write(SIZE - 2, &[9; 8], 0).await, proto::ENOSPC);
@@ -491,16 +395,10 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
     let huge = vec![7u8; (32 << 20) + 4096];
     c.write(6, 0, &huge, 0).await;
     assert_eq!(c.reply(0).await, (6, proto::EINVAL, vec![]));
-    assert!(
-        dev.contents().iter().all(|&b| b == 0),
-        "no rejected write reached the disk"
-    );
+    assert!(dev.contents().iter().all(|&b| b == 0), "no rejected write reached the disk");
 
     assert_eq!(c.call_write(100, b"still here", 0).await, 0);
-    assert_eq!(
-        c.call(proto::CMD_READ, 0, 100, 10).await,
-        (0, b"still here".to_vec())
-    );
+    assert_eq!(c.call(proto::CMD_READ, 0, 100, 10).await, (0, b"still here".to_vec()));
     c.disconnect(task).await;
 }
 
@@ -509,14 +407,7 @@ async fn bad_request_magic_closes() {
     let h = Harness::new(mem());
     let (mut c, task) = h.connect();
     c.go(EXPORT).await;
-    let mut r = Request {
-        flags: 0,
-        command: proto::CMD_READ,
-        handle: 1,
-        offset: 0,
-        len: 512,
-    }
-    .encode();
+    let mut r = Request { flags: 0, command: proto::CMD_READ, handle: 1, offset: 0, len: 512 }.encode();
     r[0] ^= 0xff;
     c.s.write_all(&r).await.unwrap();
     c.expect_closed().await;
@@ -542,18 +433,12 @@ async fn hundred_pipelined_writes_all_answered_with_their_handles() {
     assert_eq!(handles, (1000..1100).collect::<Vec<_>>());
     let disk = dev.contents();
     for i in 0..100usize {
-        assert!(
-            disk[i * 4096..(i + 1) * 4096]
-                .iter()
-                .all(|&b| b == i as u8 + 1),
-            "block {i}"
-        );
+        assert!(disk[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8 + 1), "block {i}");
     }
 
     // Pipelined reads come back with their own data.
     for i in 0..100u64 {
-        c.request(proto::CMD_READ, 0, 5000 + i, i * 4096, 4096)
-            .await;
+        c.request(proto::CMD_READ, 0, 5000 + i, i * 4096, 4096).await;
     }
     for _ in 0..100 {
         let (handle, error, data) = c.reply(4096).await;
@@ -634,11 +519,7 @@ async fn replies_go_out_in_completion_order() {
     c.request(proto::CMD_READ, 0, 1, 0, 512).await;
     dev.wait_until_blocked().await;
     c.request(proto::CMD_READ, 0, 2, 4096, 512).await;
-    assert_eq!(
-        c.reply(512).await.0,
-        2,
-        "the fast read overtakes the blocked one"
-    );
+    assert_eq!(c.reply(512).await.0, 2, "the fast read overtakes the blocked one");
     dev.release();
     assert_eq!(c.reply(512).await.0, 1);
     c.disconnect(task).await;
@@ -699,22 +580,13 @@ impl BlockDevice for FailingDevice {
         SIZE
     }
     fn read_at(&self, _: u64, _: &mut [u8]) -> crate::Result<()> {
-        Err(crate::Error::io(
-            "read",
-            std::io::Error::from_raw_os_error(libc::EIO),
-        ))
+        Err(crate::Error::io("read", std::io::Error::from_raw_os_error(libc::EIO)))
     }
     fn write_at(&self, _: u64, _: &[u8], _: bool) -> crate::Result<()> {
-        Err(crate::Error::io(
-            "write",
-            std::io::Error::from_raw_os_error(libc::ENOSPC),
-        ))
+        Err(crate::Error::io("write", std::io::Error::from_raw_os_error(libc::ENOSPC)))
     }
     fn write_zeroes(&self, _: u64, _: u64, _: bool) -> crate::Result<()> {
-        Err(crate::Error::io(
-            "zero",
-            std::io::Error::from_raw_os_error(libc::EDQUOT),
-        ))
+        Err(crate::Error::io("zero", std::io::Error::from_raw_os_error(libc::EDQUOT)))
     }
     fn trim(&self, _: u64, _: u64, _: bool) -> crate::Result<()> {
         panic!("a buggy device");
@@ -729,20 +601,10 @@ async fn device_errors_map_to_protocol_errors() {
     let h = Harness::new(Arc::new(FailingDevice));
     let (mut c, task) = h.connect();
     c.go(EXPORT).await;
-    assert_eq!(
-        c.call(proto::CMD_READ, 0, 0, 512).await,
-        (proto::EIO, vec![])
-    );
+    assert_eq!(c.call(proto::CMD_READ, 0, 0, 512).await, (proto::EIO, vec![]));
     assert_eq!(c.call_write(0, &[1; 512], 0).await, proto::ENOSPC);
-    assert_eq!(
-        c.call(proto::CMD_WRITE_ZEROES, 0, 0, 512).await.0,
-        proto::ENOSPC
-    );
-    assert_eq!(
-        c.call(proto::CMD_TRIM, 0, 0, 512).await.0,
-        proto::EIO,
-        "a panic is answered"
-    );
+    assert_eq!(c.call(proto::CMD_WRITE_ZEROES, 0, 0, 512).await.0, proto::ENOSPC);
+    assert_eq!(c.call(proto::CMD_TRIM, 0, 0, 512).await.0, proto::EIO, "a panic is answered");
     assert_eq!(c.call(proto::CMD_FLUSH, 0, 0, 0).await.0, proto::EINVAL);
     assert_eq!(c.call(proto::CMD_READ, 0, 0, 512).await.0, proto::EIO);
     c.disconnect(task).await;
@@ -773,11 +635,7 @@ async fn mem_device_and_map_catalog_behave() {
 /// Runs the server on `bytes` sent after a GO handshake (or from the very
 /// start), then hangs up: the server must end, without panicking.
 fn survive(bytes: &[u8], after_handshake: bool) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     rt.block_on(async {
         let h = Harness::new(mem());
         let (mut c, task) = h.connect();
@@ -798,27 +656,12 @@ fn survive(bytes: &[u8], after_handshake: bool) {
 
 /// Random requests that mostly carry the right magic, so they get past the first check.
 fn request_like() -> impl Strategy<Value = Vec<u8>> {
-    let header = (
-        any::<u16>(),
-        0u16..10,
-        any::<u64>(),
-        prop_oneof![0u64..SIZE + 10, any::<u64>()],
-        0u32..70_000,
-    )
+    let header = (any::<u16>(), 0u16..10, any::<u64>(), prop_oneof![0u64..SIZE + 10, any::<u64>()], 0u32..70_000)
         .prop_map(|(flags, command, handle, offset, len)| {
-            Request {
-                flags: flags & 0x1f,
-                command,
-                handle,
-                offset,
-                len,
-            }
-            .encode()
-            .to_vec()
+            Request { flags: flags & 0x1f, command, handle, offset, len }.encode().to_vec()
         });
     let noise = proptest::collection::vec(any::<u8>(), 0..200);
-    proptest::collection::vec(prop_oneof![3 => header, 1 => noise], 0..20)
-        .prop_map(|parts| parts.concat())
+    proptest::collection::vec(prop_oneof![3 => header, 1 => noise], 0..20).prop_map(|parts| parts.concat())
 }
 
 proptest! {
