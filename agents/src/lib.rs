@@ -1,1 +1,19 @@
+//! Ferry's binaries and what only they need.
+//!
+//! - [`daemon`]: `ferryd`, the engine with its gRPC API and NBD export.
+//! - [`service`]: the `ferry.v1` gRPC service over the engine.
+//! - [`convert`]: wire <-> domain conversion and error -> status mapping.
+//! - [`cli`]: `ferryctl`, the command-line client.
+//! - [`units`]: parsing sizes, rates and durations as operators type them.
 
+pub mod cli;
+pub mod convert;
+pub mod daemon;
+pub mod service;
+pub mod units;
+
+/// Where `ferryd` listens for gRPC by default, and where `ferryctl` connects.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50551";
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50551";
+/// The standard NBD port, on loopback.
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";

@@ -35,7 +35,7 @@ pub enum PointSelector {
 pub struct Engine {
     shared: Arc<Shared>,
     scheduler: Addr<Scheduler>,
-    system: Option<(actix_rt::System, std::thread::JoinHandle<()>)>,
+    system: std::sync::Mutex<Option<(actix_rt::System, std::thread::JoinHandle<()>)>>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -84,7 +84,7 @@ impl Engine {
             })
             .map_err(|e| Error::io("start actor thread", e))?;
         let (scheduler, system) = rx.recv().map_err(|_| Error::Internal("actor system did not start".into()))?;
-        let engine = Engine { shared, scheduler, system: Some((system, thread)) };
+        let engine = Engine { shared, scheduler, system: std::sync::Mutex::new(Some((system, thread))) };
         engine.resume_all().await?;
         Ok(engine)
     }
@@ -412,7 +412,7 @@ impl Engine {
 
     /// Stops every VM actor (sealing active logs so a restart trusts them)
     /// and the actor system.
-    pub async fn shutdown(mut self) -> Result<()> {
+    pub async fn shutdown(&self) -> Result<()> {
         let vms = mailbox(self.scheduler.send(All).await)?;
         let mut first_err = None;
         for (name, _) in vms {
@@ -425,8 +425,9 @@ impl Engine {
         first_err.map_or(Ok(()), Err)
     }
 
-    fn stop_system(&mut self) {
-        if let Some((sys, thread)) = self.system.take() {
+    fn stop_system(&self) {
+        let taken = self.system.lock().expect("system lock").take();
+        if let Some((sys, thread)) = taken {
             sys.stop();
             let _ = thread.join();
         }

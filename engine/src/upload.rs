@@ -44,8 +44,9 @@ pub struct UploadCtx {
     pub chunk_size: u64,
     pub zstd_level: i32,
     pub workers: usize,
-    /// Bytes done, for the job's progress.
+    /// Bytes done and bytes planned, for the job's progress.
     pub progress: Arc<AtomicU64>,
+    pub total: Arc<AtomicU64>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -166,7 +167,8 @@ fn split_extent(e: Extent, at: u64) -> (Extent, Extent) {
 pub async fn upload_logs(ctx: &UploadCtx, disk: &str, logs: Vec<PathBuf>, seq: u64) -> Result<Vec<ObjectRef>> {
     let chunk = ctx.chunk_size;
     let logs2 = logs.clone();
-    let (parts, _) = blocking(move || plan_parts(&logs2, chunk)).await?;
+    let (parts, planned) = blocking(move || plan_parts(&logs2, chunk)).await?;
+    ctx.total.fetch_add(planned, Ordering::Relaxed);
     let files: Arc<Vec<File>> = Arc::new(
         logs.iter()
             .map(|p| File::open(p).map_err(|e| Error::io(format!("open change log {}", p.display()), e)))

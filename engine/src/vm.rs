@@ -262,6 +262,7 @@ impl VmActor {
             zstd_level: self.shared.config.zstd_level,
             workers: self.rec.spec.upload_workers,
             progress: progress.done.clone(),
+            total: progress.total.clone(),
         }
     }
 

@@ -1,0 +1,364 @@
+//! `ferryctl`: the command-line client of `ferryd`'s gRPC API.
+//!
+//! Human-readable output by default, `--json` on every command. Exit codes:
+//! 0 success, 1 the daemon refused or failed (message on stderr), 2 usage.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use ferry_proto::v1 as pb;
+use ferry_proto::v1::ferry_client::FerryClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::units::{format_bytes, parse_duration};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferryctl", version, about = "Control a Ferry daemon (ferryd)")]
+pub struct Args {
+    /// ferryd's gRPC endpoint.
+    #[arg(long, env = "FERRY_ENDPOINT", default_value = crate::DEFAULT_ENDPOINT, global = true)]
+    pub endpoint: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Protect a VM: snapshot, initial replication, then a recovery point every FREQUENCY.
+    Protect {
+        vm: String,
+        /// A disk as [NAME=]PATH (repeat for each disk); NAME defaults to the file name without extension.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// Replication frequency: 30s, 5m, 15m or any duration >= 1s.
+        #[arg(long, default_value = "5m")]
+        frequency: String,
+        /// Upload workers for this VM (1..32).
+        #[arg(long, default_value_t = 4)]
+        workers: u32,
+    },
+    /// Stop protecting a VM (its change logs are deleted; the replica is kept).
+    Unprotect { vm: String },
+    /// List protected VMs.
+    List,
+    /// Show one VM: state, reason, disks, space used, transitions.
+    Show { vm: String },
+    /// Pause replication of a VM (writes stay tracked).
+    Pause { vm: String },
+    /// Resume a paused or Critical VM.
+    Resume { vm: String },
+    /// Cut a recovery point now and wait for it.
+    ReplicateNow { vm: String },
+    /// List a VM's recovery points.
+    RecoveryPoints { vm: String },
+    /// Rebuild a recovery point's disks as <out>/<disk>.img; replication keeps running.
+    TestFailover {
+        vm: String,
+        /// Recovery point number, or "latest".
+        #[arg(long, default_value = "latest")]
+        recovery_point: String,
+        /// Output folder (on the daemon's host).
+        #[arg(long)]
+        out: PathBuf,
+        /// Return the job at once instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List jobs (initial replication, cycles, failovers).
+    Jobs {
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Show one job.
+    Job { id: u64 },
+}
+
+fn split_disk(s: &str) -> anyhow::Result<pb::DiskSpec> {
+    let (name, path) = match s.split_once('=') {
+        Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+        None => {
+            let p = PathBuf::from(s);
+            let stem = p.file_stem().map(|x| x.to_string_lossy().to_string()).unwrap_or_default();
+            (stem, p)
+        }
+    };
+    if path.as_os_str().is_empty() {
+        bail!("--disk {s:?}: no path given");
+    }
+    let path = std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))?;
+    Ok(pb::DiskSpec { name, path: path.display().to_string() })
+}
+
+fn time(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn vm_json(v: &pb::Vm) -> serde_json::Value {
+    json!({
+        "name": v.name, "state": v.state, "reason": v.reason, "frequency": v.frequency,
+        "upload_workers": v.upload_workers, "last_recovery_point": v.last_recovery_point,
+        "disks": v.disks.iter().map(|d| json!({
+            "name": d.name, "path": d.path, "size": d.size, "export": d.export,
+            "active_log_bytes": d.active_log_bytes, "pending_log_bytes": d.pending_log_bytes,
+            "snapshot_bytes": d.snapshot_bytes,
+        })).collect::<Vec<_>>(),
+        "transitions": v.transitions.iter().map(|t| json!({
+            "from": t.from, "to": t.to, "reason": t.reason, "at_ms": t.at_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn point_json(p: &pb::RecoveryPoint) -> serde_json::Value {
+    json!({"seq": p.seq, "time_ms": p.time_ms, "kind": p.kind, "bytes_logical": p.bytes_logical, "bytes_stored": p.bytes_stored})
+}
+
+fn job_json(j: &pb::Job) -> serde_json::Value {
+    json!({
+        "id": j.id, "vm": j.vm, "kind": j.kind, "status": j.status, "bytes_done": j.bytes_done,
+        "bytes_total": j.bytes_total, "started_ms": j.started_ms, "ended_ms": j.ended_ms,
+        "error": j.error, "detail": j.detail,
+    })
+}
+
+fn print_vm(v: &pb::Vm) {
+    println!("VM {}: {}", v.name, v.state);
+    if !v.reason.is_empty() {
+        println!("  reason: {}", v.reason);
+    }
+    println!(
+        "  frequency: {}, upload workers: {}, last recovery point: {}",
+        v.frequency, v.upload_workers, v.last_recovery_point
+    );
+    for d in &v.disks {
+        println!(
+            "  disk {} ({}) {}: export {}, active log {}, pending logs {}, snapshot {}",
+            d.name,
+            format_bytes(d.size),
+            d.path,
+            d.export,
+            format_bytes(d.active_log_bytes),
+            format_bytes(d.pending_log_bytes),
+            format_bytes(d.snapshot_bytes)
+        );
+    }
+    for t in v.transitions.iter().rev().take(10) {
+        println!("  {} {} -> {}: {}", time(t.at_ms), t.from, t.to, t.reason);
+    }
+}
+
+fn print_job(j: &pb::Job) {
+    let pct = if j.bytes_total > 0 {
+        format!(" {:.0}%", 100.0 * j.bytes_done as f64 / j.bytes_total as f64)
+    } else {
+        String::new()
+    };
+    println!(
+        "job {} {} {} {}{}: {} of {}, started {}{}{}",
+        j.id,
+        j.vm,
+        j.kind,
+        j.status,
+        pct,
+        format_bytes(j.bytes_done),
+        format_bytes(j.bytes_total),
+        time(j.started_ms),
+        if j.detail.is_empty() { String::new() } else { format!(", {}", j.detail) },
+        if j.error.is_empty() { String::new() } else { format!(", error: {}", j.error) },
+    );
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<FerryClient<Channel>> {
+    let ch = Channel::from_shared(endpoint.to_string())
+        .with_context(|| format!("bad endpoint {endpoint:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot reach ferryd at {endpoint} (is it running? see --endpoint / FERRY_ENDPOINT)")
+        })?;
+    Ok(FerryClient::new(ch))
+}
+
+/// A gRPC error as a one-line message: "NotFound: VM not found: x".
+fn rpc(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut c = connect(&args.endpoint).await?;
+    let json = args.json;
+    match args.command {
+        Command::Protect { vm, disks, frequency, workers } => {
+            parse_duration(&frequency).map_err(|e| anyhow::anyhow!("--frequency: {e}"))?;
+            let disks = disks.iter().map(|d| split_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
+            let v = c
+                .protect_vm(pb::ProtectVmRequest { name: vm, disks, frequency, upload_workers: workers })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if json {
+                println!("{}", vm_json(&v));
+            } else {
+                println!("protecting {}: {}", v.name, v.state);
+                for d in &v.disks {
+                    println!("  disk {} -> NBD export {}", d.name, d.export);
+                }
+            }
+        }
+        Command::Unprotect { vm } => {
+            c.unprotect_vm(pb::VmRef { name: vm.clone() }).await.map_err(rpc)?;
+            if json {
+                println!("{}", json!({"unprotected": vm}));
+            } else {
+                println!("{vm} is no longer protected (its replica is kept on the target)");
+            }
+        }
+        Command::List => {
+            let vms = c.list_vms(pb::ListVmsRequest {}).await.map_err(rpc)?.into_inner().vms;
+            if json {
+                println!("{}", json!(vms.iter().map(vm_json).collect::<Vec<_>>()));
+            } else if vms.is_empty() {
+                println!("no protected VMs");
+            } else {
+                println!("{:<24} {:<22} {:>6} {:>10}  REASON", "VM", "STATE", "DISKS", "LAST POINT");
+                for v in &vms {
+                    println!(
+                        "{:<24} {:<22} {:>6} {:>10}  {}",
+                        v.name,
+                        v.state,
+                        v.disks.len(),
+                        v.last_recovery_point,
+                        v.reason
+                    );
+                }
+            }
+        }
+        Command::Show { vm } => {
+            let v = c.get_vm(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner();
+            if json {
+                println!("{}", vm_json(&v));
+            } else {
+                print_vm(&v);
+            }
+        }
+        Command::Pause { vm } => {
+            let v = c.pause_vm(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner();
+            if json {
+                println!("{}", vm_json(&v))
+            } else {
+                println!("{}: {}", v.name, v.state)
+            }
+        }
+        Command::Resume { vm } => {
+            let v = c.resume_vm(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner();
+            if json {
+                println!("{}", vm_json(&v))
+            } else {
+                println!("{}: {}", v.name, v.state)
+            }
+        }
+        Command::ReplicateNow { vm } => {
+            let r = c.replicate_now(pb::VmRef { name: vm.clone() }).await.map_err(rpc)?.into_inner();
+            match (json, r.point) {
+                (true, p) => println!("{}", json!({"point": p.as_ref().map(point_json)})),
+                (false, Some(p)) => println!(
+                    "recovery point {} of {vm} at {} ({} stored)",
+                    p.seq,
+                    time(p.time_ms),
+                    format_bytes(p.bytes_stored)
+                ),
+                (false, None) => println!("nothing written since the last recovery point of {vm}"),
+            }
+        }
+        Command::RecoveryPoints { vm } => {
+            let points = c.list_recovery_points(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner().points;
+            if json {
+                println!("{}", json!(points.iter().map(point_json).collect::<Vec<_>>()));
+            } else {
+                println!("{:>6}  {:<26} {:<6} {:>12} {:>12}", "ID", "TIME", "KIND", "CHANGED", "STORED");
+                for p in &points {
+                    println!(
+                        "{:>6}  {:<26} {:<6} {:>12} {:>12}",
+                        p.seq,
+                        time(p.time_ms),
+                        p.kind,
+                        format_bytes(p.bytes_logical),
+                        format_bytes(p.bytes_stored)
+                    );
+                }
+            }
+        }
+        Command::TestFailover { vm, recovery_point, out, no_wait } => {
+            let seq = match recovery_point.as_str() {
+                "latest" => 0,
+                s => match s.parse::<u64>() {
+                    Ok(n) if n > 0 => n,
+                    _ => bail!("--recovery-point {s:?}: expected a recovery point number or \"latest\""),
+                },
+            };
+            let out = std::path::absolute(&out).with_context(|| format!("resolving {}", out.display()))?;
+            let mut j = c
+                .test_failover(pb::TestFailoverRequest { vm, recovery_point: seq, out_dir: out.display().to_string() })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            while !no_wait && j.status == "Running" {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                j = c.get_job(pb::GetJobRequest { id: j.id }).await.map_err(rpc)?.into_inner();
+            }
+            if json {
+                println!("{}", job_json(&j));
+            } else {
+                print_job(&j);
+            }
+            if j.status == "Failed" {
+                bail!("test failover failed: {}", j.error);
+            }
+        }
+        Command::Jobs { vm } => {
+            let jobs =
+                c.list_jobs(pb::ListJobsRequest { vm: vm.unwrap_or_default() }).await.map_err(rpc)?.into_inner().jobs;
+            if json {
+                println!("{}", json!(jobs.iter().map(job_json).collect::<Vec<_>>()));
+            } else {
+                for j in &jobs {
+                    print_job(j);
+                }
+            }
+        }
+        Command::Job { id } => {
+            let j = c.get_job(pb::GetJobRequest { id }).await.map_err(rpc)?.into_inner();
+            if json {
+                println!("{}", job_json(&j));
+            } else {
+                print_job(&j);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_names_default_to_the_file_stem() {
+        let d = split_disk("/vms/web01-os.img").unwrap();
+        assert_eq!((d.name.as_str(), d.path.as_str()), ("web01-os", "/vms/web01-os.img"));
+        let d = split_disk("data=/vms/x.raw").unwrap();
+        assert_eq!(d.name, "data");
+        assert!(split_disk("data=").is_err());
+        assert!(split_disk("rel.img").unwrap().path.starts_with('/'));
+    }
+}

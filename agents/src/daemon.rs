@@ -1,0 +1,164 @@
+//! `ferryd`: the engine, its gRPC API (with health and reflection) and the
+//! NBD export of every protected disk, on loopback by default.
+//!
+//! Shutdown (SIGINT/SIGTERM): stop accepting, let NBD requests in flight
+//! finish, stop gRPC, then stop the engine, which seals every active change
+//! log cleanly so the next start trusts them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use ferry_engine::nbd::NbdServer;
+use ferry_engine::{Engine, EngineConfig};
+use ferry_proto::v1::ferry_server::FerryServer;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::FerryService;
+use crate::units;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferryd",
+    version,
+    about = "Ferry replication daemon: protects VM disks by shipping their change logs"
+)]
+pub struct Args {
+    /// State folder (state store, default NBD socket). Default: $XDG_DATA_HOME/ferry or ~/.local/share/ferry.
+    #[arg(long, env = "FERRY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Local target folder that receives the replicas. Default: <data-dir>/target.
+    #[arg(long, env = "FERRY_TARGET")]
+    pub target: Option<PathBuf>,
+    /// gRPC listen address (loopback by default; port 0 picks a free port).
+    #[arg(long, default_value = crate::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// NBD Unix socket. Default: <data-dir>/nbd.sock.
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
+    /// NBD TCP listen address; "off" disables it.
+    #[arg(long, default_value = crate::DEFAULT_NBD_LISTEN)]
+    pub nbd_listen: String,
+    /// Host-wide upload limit: 512Kbps..1023Mbps or "unlimited".
+    #[arg(long, default_value = "unlimited")]
+    pub bandwidth_limit: String,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("ferry");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/ferry"),
+        None => PathBuf::from("ferry-data"),
+    }
+}
+
+fn loopback_only(addr: &SocketAddr, flag: &str) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!("{flag} {addr} is not a loopback address: the API has no authentication yet");
+    }
+    Ok(())
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let mut config = EngineConfig::new(&data_dir);
+    if let Some(t) = &args.target {
+        config = config.with_local_target(t);
+    }
+    config.bandwidth_limit_bps =
+        units::parse_bandwidth(&args.bandwidth_limit).map_err(|e| anyhow::anyhow!("--bandwidth-limit: {e}"))?;
+    loopback_only(&args.listen, "--listen")?;
+
+    let engine = Arc::new(Engine::open(config).await.context("opening the engine")?);
+    let shutdown = CancellationToken::new();
+
+    // NBD export.
+    let nbd = NbdServer::new(engine.export_catalog(), shutdown.clone());
+    let socket = args.nbd_socket.clone().unwrap_or_else(|| data_dir.join("nbd.sock"));
+    if socket.exists() {
+        // A socket left by a previous run; refuse if someone still serves it.
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            anyhow::bail!("{} is in use by another process", socket.display());
+        }
+        std::fs::remove_file(&socket).with_context(|| format!("removing stale socket {}", socket.display()))?;
+    }
+    let unix = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let nbd = nbd.clone();
+        tasks.spawn(async move { nbd.serve_unix(unix).await.map_err(anyhow::Error::from) });
+    }
+    let mut nbd_tcp = None;
+    if args.nbd_listen != "off" {
+        let addr: SocketAddr =
+            args.nbd_listen.parse().with_context(|| format!("--nbd-listen {:?} is not an address", args.nbd_listen))?;
+        loopback_only(&addr, "--nbd-listen")?;
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding NBD on {addr}"))?;
+        nbd_tcp = Some(l.local_addr()?);
+        let nbd = nbd.clone();
+        tasks.spawn(async move { nbd.serve_tcp(l).await.map_err(anyhow::Error::from) });
+    }
+
+    // gRPC with health and reflection.
+    let grpc = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let grpc_addr = grpc.local_addr()?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<FerryServer<FerryService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferry_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection service")?;
+    {
+        let svc = FerryServer::new(FerryService::new(engine.clone()));
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                    stop.cancelled_owned(),
+                )
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+
+    println!(
+        "ferryd ready: grpc=http://{grpc_addr} nbd-socket={} nbd-tcp={} data={} target={}",
+        socket.display(),
+        nbd_tcp.map_or("off".to_string(), |a| a.to_string()),
+        data_dir.display(),
+        engine.target_description()
+    );
+    tracing::info!(%grpc_addr, socket = %socket.display(), "ferryd ready");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut failure = None;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+        Some(r) = tasks.join_next() => {
+            failure = Some(match r {
+                Ok(Ok(())) => anyhow::anyhow!("a server stopped unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!("a server task failed: {e}"),
+            });
+        }
+    }
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    let _ = std::fs::remove_file(&socket);
+    engine.shutdown().await.context("stopping the engine")?;
+    println!("ferryd stopped");
+    failure.map_or(Ok(()), Err)
+}

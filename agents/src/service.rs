@@ -1,0 +1,129 @@
+//! The `ferry.v1.Ferry` gRPC service: validates wire input, calls the
+//! engine, converts the answer. Field-level checks that need no state
+//! happen here so a bad request never reaches the engine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_engine::model::{DiskSpec, VmSpec, DEFAULT_UPLOAD_WORKERS};
+use ferry_engine::{Engine, PointSelector};
+use ferry_proto::v1 as pb;
+use ferry_proto::v1::ferry_server::Ferry;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{self, status};
+use crate::units;
+
+pub struct FerryService {
+    engine: Arc<Engine>,
+}
+
+impl FerryService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        FerryService { engine }
+    }
+}
+
+fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("invalid {field}: {why}"))
+}
+
+/// Turns a ProtectVm request into a spec; names the bad field.
+pub fn spec_from(req: pb::ProtectVmRequest) -> Result<VmSpec, Status> {
+    let frequency = if req.frequency.trim().is_empty() {
+        ferry_engine::model::DEFAULT_FREQUENCY
+    } else {
+        units::parse_duration(&req.frequency).map_err(|e| invalid("frequency", e))?
+    };
+    let disks = req
+        .disks
+        .into_iter()
+        .map(|d| {
+            if d.path.is_empty() {
+                return Err(invalid("disk path", format!("disk {:?} has no path", d.name)));
+            }
+            let path = PathBuf::from(&d.path);
+            if !path.is_absolute() {
+                return Err(invalid("disk path", format!("{} must be absolute (the daemon resolves it)", d.path)));
+            }
+            Ok(DiskSpec { name: d.name, path })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let workers = if req.upload_workers == 0 { DEFAULT_UPLOAD_WORKERS } else { req.upload_workers as usize };
+    let spec = VmSpec { name: req.name, disks, frequency, upload_workers: workers };
+    spec.validate().map_err(status)?;
+    Ok(spec)
+}
+
+#[tonic::async_trait]
+impl Ferry for FerryService {
+    async fn protect_vm(&self, req: Request<pb::ProtectVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let spec = spec_from(req.into_inner())?;
+        let info = self.engine.protect(spec).await.map_err(status)?;
+        Ok(Response::new(convert::vm(info)))
+    }
+
+    async fn unprotect_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::UnprotectVmResponse>, Status> {
+        self.engine.unprotect(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(pb::UnprotectVmResponse {}))
+    }
+
+    async fn get_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let info = self.engine.vm(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(convert::vm(info)))
+    }
+
+    async fn list_vms(&self, _req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let vms = self.engine.list().await.map_err(status)?;
+        Ok(Response::new(pb::ListVmsResponse { vms: vms.into_iter().map(convert::vm).collect() }))
+    }
+
+    async fn pause_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let info = self.engine.pause(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(convert::vm(info)))
+    }
+
+    async fn resume_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let info = self.engine.resume(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(convert::vm(info)))
+    }
+
+    async fn replicate_now(&self, req: Request<pb::VmRef>) -> Result<Response<pb::ReplicateNowResponse>, Status> {
+        let p = self.engine.replicate_now(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(pb::ReplicateNowResponse { point: p.map(convert::point) }))
+    }
+
+    async fn list_recovery_points(
+        &self,
+        req: Request<pb::VmRef>,
+    ) -> Result<Response<pb::ListRecoveryPointsResponse>, Status> {
+        let points = self.engine.recovery_points(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(pb::ListRecoveryPointsResponse { points: points.into_iter().map(convert::point).collect() }))
+    }
+
+    async fn test_failover(&self, req: Request<pb::TestFailoverRequest>) -> Result<Response<pb::Job>, Status> {
+        let req = req.into_inner();
+        if req.out_dir.is_empty() {
+            return Err(invalid("out_dir", "an output folder is required"));
+        }
+        let out = PathBuf::from(&req.out_dir);
+        if !out.is_absolute() {
+            return Err(invalid("out_dir", format!("{} must be absolute (the daemon resolves it)", req.out_dir)));
+        }
+        let sel = if req.recovery_point == 0 { PointSelector::Latest } else { PointSelector::Seq(req.recovery_point) };
+        let id = self.engine.test_failover(&req.vm, sel, &out).await.map_err(status)?;
+        Ok(Response::new(convert::job(self.engine.job(id).map_err(status)?)))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(convert::job(self.engine.job(req.into_inner().id).map_err(status)?)))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let vm = req.into_inner().vm;
+        let jobs = self.engine.jobs().map_err(status)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().filter(|j| vm.is_empty() || j.vm == vm).map(convert::job).collect(),
+        }))
+    }
+}
