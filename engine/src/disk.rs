@@ -268,8 +268,15 @@ impl Disk {
         let _ = self.sealed_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(bytes)));
     }
 
-    /// Drops every pending log and starts a fresh chain (after a resync
-    /// decision): the disk logs again from a new log with `seq`.
+    /// Stops logging (logs discarded for a resync); returns the active log.
+    /// Writes still reach the disk; the resync finds them by comparison.
+    pub fn stop_logging(&self) -> Option<LogWriter> {
+        let mut inner = self.lock();
+        self.sealed_bytes.store(0, Ordering::Relaxed);
+        inner.log.take()
+    }
+
+    /// Starts a new log chain with `log` (when a resync begins).
     pub fn restart_logging(&self, log: LogWriter) {
         let mut inner = self.lock();
         inner.log = Some(log);

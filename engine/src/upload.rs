@@ -109,7 +109,7 @@ type Part = Vec<Extent>;
 pub fn plan_parts(logs: &[PathBuf], chunk_size: u64) -> Result<(Vec<Part>, u64)> {
     let mut c = Coalescer::new();
     for (i, path) in logs.iter().enumerate() {
-        let scan = changelog::scan(path)?;
+        let scan = changelog::scan(path).map_err(untrusted_log)?;
         if !scan.clean {
             return Err(Error::corrupt(format!("change log {}", path.display()), "sealed log is not closed cleanly"));
         }
@@ -120,6 +120,16 @@ pub fn plan_parts(logs: &[PathBuf], chunk_size: u64) -> Result<(Vec<Part>, u64)>
     let extents = c.finish();
     let total = extents.iter().map(|e| e.len).sum();
     Ok((cut_parts(extents, chunk_size), total))
+}
+
+/// A sealed log that cannot be read (gone, damaged) breaks the chain: the
+/// replica can only catch up by a resync, whatever the OS error was.
+fn untrusted_log(e: Error) -> Error {
+    match e {
+        Error::Io { context, source, .. } => Error::Io { context, source, class: crate::ErrorClass::NeedsResync },
+        Error::Corrupt { what, reason, .. } => Error::Corrupt { what, reason, class: crate::ErrorClass::NeedsResync },
+        other => other,
+    }
 }
 
 /// Splits extents into parts whose data bytes stay within `chunk_size`
@@ -171,7 +181,7 @@ pub async fn upload_logs(ctx: &UploadCtx, disk: &str, logs: Vec<PathBuf>, seq: u
     ctx.total.fetch_add(planned, Ordering::Relaxed);
     let files: Arc<Vec<File>> = Arc::new(
         logs.iter()
-            .map(|p| File::open(p).map_err(|e| Error::io(format!("open change log {}", p.display()), e)))
+            .map(|p| File::open(p).map_err(|e| untrusted_log(Error::io(format!("open change log {}", p.display()), e))))
             .collect::<Result<_>>()?,
     );
     futures::stream::iter(parts.into_iter().enumerate())
@@ -189,7 +199,7 @@ pub async fn upload_logs(ctx: &UploadCtx, disk: &str, logs: Vec<PathBuf>, seq: u
                                 ExtentSource::Log { log_index, pos } => {
                                     let mut buf = vec![0u8; e.len as usize];
                                     std::os::unix::fs::FileExt::read_exact_at(&files[log_index], &mut buf, pos)
-                                        .map_err(|err| Error::io("read change log payload", err))?;
+                                        .map_err(|err| untrusted_log(Error::io("read change log payload", err)))?;
                                     ExtentData::Data(buf)
                                 }
                             };

@@ -188,6 +188,8 @@ pub struct VmActor {
     /// Callers that need a cycle that starts after their call.
     waiting_next: Vec<oneshot::Sender<Result<Option<RecoveryPoint>>>>,
     timer: Option<SpawnHandle>,
+    /// Bumped when logs are discarded: a cycle that started before is stale.
+    log_epoch: u64,
 }
 
 impl VmActor {
@@ -221,6 +223,7 @@ impl VmActor {
             waiting_current: Vec::new(),
             waiting_next: Vec::new(),
             timer: None,
+            log_epoch: 0,
         }
     }
 
@@ -393,11 +396,12 @@ impl VmActor {
         let uctx = self.upload_ctx(&job);
         let (disks, pending, shared) = (self.disks.clone(), self.pending.clone(), self.shared.clone());
         let (vm, generation, parent) = (self.rec.spec.name.clone(), self.rec.generation, self.rec.last_point_seq);
+        let epoch = self.log_epoch;
         self.spawn(ctx, async move {
             let disks2 = disks.clone();
             let sealed = match blocking(move || rotate_and_seal(&disks2)).await {
                 Ok(s) => s,
-                Err(e) => return CycleEnded { job, included: vec![], result: Err(e) },
+                Err(e) => return CycleEnded { job, epoch, included: vec![], result: Err(e) },
             };
             let included: Vec<Vec<PendingLog>> = pending
                 .into_iter()
@@ -408,25 +412,24 @@ impl VmActor {
                 })
                 .collect();
             let result = upload_cycle(&shared, &uctx, &disks, &included, vm, generation, seq, parent).await;
-            CycleEnded { job, included, result }
+            CycleEnded { job, epoch, included, result }
         });
     }
 
+    /// Drops every log: the resync compares whole disks, so per-write logs
+    /// are not needed until it starts (it opens a fresh chain). Logging stops
+    /// meanwhile, so a VM waiting for its resync does not fill the disk.
     fn discard_logs(&mut self, ctx: &mut Context<Self>) {
         let disks = self.disks.clone();
+        self.log_epoch += 1;
         self.pending.iter_mut().for_each(|p| p.clear());
         self.spawn(ctx, async move {
             let r = blocking(move || {
                 for d in &disks {
-                    let cur = d.take_log();
-                    let next_seq = cur.as_ref().map_or(0, |l| l.header().seq) + 1;
-                    drop(cur);
-                    let logs = changelog::list_logs(&d.path)?;
-                    let next_seq = next_seq.max(logs.last().map_or(1, |(s, _)| s + 1));
-                    for (_, p) in logs {
+                    drop(d.stop_logging());
+                    for (_, p) in changelog::list_logs(&d.path)? {
                         std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
                     }
-                    d.restart_logging(disk::new_log(&d.path, &d.vm, &d.name, next_seq, 0)?);
                 }
                 Ok(())
             })
@@ -555,6 +558,7 @@ impl Actor for VmActor {
         self.timer = Some(ctx.run_interval(self.rec.spec.frequency, |act, ctx| act.apply(Event::CycleDue, ctx)));
         match self.rec.lifecycle.state {
             VmState::Unprotected => self.apply(Event::Protect, ctx),
+            VmState::ResyncRequired => self.discard_logs(ctx),
             _ => {
                 if let Some(reason) = self.distrust.take() {
                     self.apply(Event::ResyncNeeded { reason }, ctx);
@@ -664,6 +668,7 @@ impl Handler<BaseCommitted> for VmActor {
 #[rtype(result = "()")]
 struct CycleEnded {
     job: JobProgress,
+    epoch: u64,
     included: Vec<Vec<PendingLog>>,
     result: Result<Option<RecoveryPoint>>,
 }
@@ -671,7 +676,20 @@ struct CycleEnded {
 impl Handler<CycleEnded> for VmActor {
     type Result = ();
     fn handle(&mut self, msg: CycleEnded, ctx: &mut Context<Self>) {
-        let CycleEnded { job, included, result } = msg;
+        let CycleEnded { job, epoch, included, result } = msg;
+        if epoch != self.log_epoch {
+            // The logs this cycle read were discarded meanwhile (resync needed):
+            // whatever it did is moot; a committed point is still a valid point.
+            if let Ok(Some(p)) = &result {
+                self.rec.last_point_seq = self.rec.last_point_seq.max(p.seq);
+            }
+            self.finish_job(&job, &Err(Error::Cancelled("logs discarded for a resync".into())));
+            for w in self.waiting_current.drain(..) {
+                let _ = w.send(Err(Error::FailedPrecondition("the VM needs a resync".into())));
+            }
+            self.rec.lifecycle.cycle_in_flight = false;
+            return;
+        }
         let detail = match &result {
             Ok(Some(p)) => Ok(Some(format!("recovery point {} ({} bytes stored)", p.seq, p.bytes_stored))),
             Ok(None) => Ok(Some("nothing to replicate".into())),

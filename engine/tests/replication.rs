@@ -151,3 +151,39 @@ async fn protection_resumes_after_restart_with_nothing_lost() {
     assert_point_equals(&engine, "vm2", p.seq, &model.disks, &tmp.path().join("restore")).await;
     engine.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_over_half_the_disk_require_a_resync_and_are_discarded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let (pa, _) = make_disk(tmp.path(), "a", 4 * MIB, 0, &mut rng);
+    let engine = Engine::open(EngineConfig::new(tmp.path().join("data"))).await.unwrap();
+    let spec = VmSpec::new("vm3", vec![DiskSpec { name: "a".into(), path: pa.clone() }])
+        .with_frequency(Duration::from_secs(3600));
+    engine.protect(spec).await.unwrap();
+    engine.wait_protected("vm3", Duration::from_secs(60)).await.unwrap();
+    // 2.5 MiB of writes into a 4 MiB disk: pending logs pass 50%.
+    for i in 0..10u64 {
+        engine.write("vm3", "a", (i % 4) * MIB, vec![i as u8; 256 << 10]).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let info = engine.vm("vm3").await.unwrap();
+        let logs = ferry_engine::changelog::list_logs(&pa).unwrap();
+        if info.state == VmState::ResyncRequired && logs.is_empty() {
+            break info;
+        }
+        assert!(std::time::Instant::now() < deadline, "{info:?} {logs:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(info.reason.as_deref().unwrap_or("").contains("50%"), "{info:?}");
+    // Writes go on (to the disk) without logs piling up while the VM waits for its resync.
+    for i in 0..8u64 {
+        engine.write("vm3", "a", i * 512 << 10, vec![0xee; 512 << 10]).await.unwrap();
+    }
+    let info = engine.vm("vm3").await.unwrap();
+    assert_eq!(info.disks[0].active_log_bytes + info.disks[0].pending_log_bytes, 0, "{info:?}");
+    let e = engine.replicate_now("vm3").await.unwrap_err();
+    assert!(e.to_string().contains("ResyncRequired"), "{e}");
+    engine.shutdown().await.unwrap();
+}
