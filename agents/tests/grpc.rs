@@ -1,0 +1,112 @@
+//! The gRPC surface of a real `ferryd`: health, reflection, and status codes
+//! for bad input, over loopback.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ferry_proto::v1 as pb;
+use ferry_proto::v1::ferry_client::FerryClient;
+use tonic::Code;
+
+struct Daemon {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "off", "--log", "warn", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let endpoint = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("no ready line from ferryd: {line:?}"))
+        .to_string();
+    Daemon { child, endpoint, _dir: dir }
+}
+
+#[tokio::test]
+async fn health_reflection_and_bad_input_statuses() {
+    let d = start();
+    let channel = tonic::transport::Endpoint::from_shared(d.endpoint.clone())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "ferry.v1.Ferry".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = stream.message().await.unwrap().expect("one reflection answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer: {resp:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"ferry.v1.Ferry") && names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+    let mut c = FerryClient::new(channel);
+    let protect = |name: &str, disk: &str, path: &str, freq: &str| pb::ProtectVmRequest {
+        name: name.into(),
+        disks: vec![pb::DiskSpec { name: disk.into(), path: path.into() }],
+        frequency: freq.into(),
+        upload_workers: 0,
+    };
+    let cases = [
+        (protect("../x", "a", "/tmp/a.img", "30s"), Code::InvalidArgument, "vm name"),
+        (protect("vm", "a/b", "/tmp/a.img", "30s"), Code::InvalidArgument, "disk name"),
+        (protect("vm", "a", "relative.img", "30s"), Code::InvalidArgument, "disk path"),
+        (protect("vm", "a", "/tmp/a.img", "0s"), Code::InvalidArgument, "frequency"),
+        (protect("vm", "a", "/tmp/a.img", "often"), Code::InvalidArgument, "frequency"),
+        (protect("vm", "a", "/nonexistent/ferry/a.img", "30s"), Code::NotFound, "disk file"),
+        (
+            pb::ProtectVmRequest { upload_workers: 33, ..protect("vm", "a", "/tmp/a.img", "30s") },
+            Code::InvalidArgument,
+            "upload_workers",
+        ),
+    ];
+    for (req, code, field) in cases {
+        let s = c.protect_vm(req.clone()).await.unwrap_err();
+        assert_eq!(s.code(), code, "{req:?}: {s:?}");
+        assert!(s.message().contains(field), "{req:?}: {}", s.message());
+    }
+    let s = c.get_vm(pb::VmRef { name: "nope".into() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+    let s = c
+        .test_failover(pb::TestFailoverRequest { vm: "nope".into(), recovery_point: 0, out_dir: "/tmp/x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+    assert!(c.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty(), "nothing was created");
+}
