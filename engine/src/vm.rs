@@ -688,6 +688,10 @@ impl Handler<CycleEnded> for VmActor {
                 let _ = w.send(Err(Error::FailedPrecondition("the VM needs a resync".into())));
             }
             self.rec.lifecycle.cycle_in_flight = false;
+            if self.rec.lifecycle.state == VmState::ResyncRequired {
+                // The stale cycle may have swapped in a fresh log: stop it again.
+                self.discard_logs(ctx);
+            }
             return;
         }
         let detail = match &result {
