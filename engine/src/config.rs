@@ -6,7 +6,22 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::throttle;
+use crate::resync::DEFAULT_RESYNC_BLOCK;
+use crate::target::unreliable::Faults;
+use crate::throttle::BandwidthPolicy;
+
+/// When a VM in `ResyncRequired` starts its resync by itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoResync {
+    /// At the next off-hours moment of the bandwidth schedule (default).
+    #[default]
+    OffHours,
+    /// As soon as it is needed.
+    Immediately,
+    /// Only when an operator asks (`ferryctl resync`).
+    Manual,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -15,15 +30,25 @@ pub enum TargetConfig {
     Local { path: PathBuf },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EngineConfig {
     /// Where the state store (`state.redb`) lives. Default `./ferry-data`.
     pub data_dir: PathBuf,
     /// Where replicas go. Default: local folder `<data_dir>/target`.
     pub target: Option<TargetConfig>,
-    /// Host-wide upload limit in bit/s: 512 Kbps..=1023 Mbps, `None` = unlimited (default).
-    pub bandwidth_limit_bps: Option<u64>,
+    /// Host-wide upload limits (work hours / off hours), each 512 Kbps..=1023 Mbps
+    /// or unlimited. Default: unlimited; work hours 08:00-18:00 Monday to Friday.
+    pub bandwidth: BandwidthPolicy,
+    /// Shrinks retry delays (1, 2, 4, 8, 10 min, then every 30) for tests and
+    /// the simulator. Default 1.0 (real time), (0, 1].
+    pub retry_time_scale: f64,
+    /// When a VM that needs a resync starts it. Default: off-hours.
+    pub auto_resync: AutoResync,
+    /// Resync block size. Default 64 KiB; a power of two, 4 KiB..=4 MiB.
+    pub resync_block_size: u64,
+    /// Fault injection: wraps the target in an unreliable one. Default none.
+    pub faults: Option<Faults>,
     /// Largest logical bytes per uploaded object. Default 4 MiB, 64 KiB..=64 MiB.
     pub chunk_size: u64,
     /// zstd level for uploads. Default 3, 1..=19.
@@ -37,7 +62,11 @@ impl Default for EngineConfig {
         EngineConfig {
             data_dir: PathBuf::from("ferry-data"),
             target: None,
-            bandwidth_limit_bps: None,
+            bandwidth: BandwidthPolicy::default(),
+            retry_time_scale: 1.0,
+            auto_resync: AutoResync::OffHours,
+            resync_block_size: DEFAULT_RESYNC_BLOCK,
+            faults: None,
             chunk_size: 4 << 20,
             zstd_level: 3,
             restore_parallelism: 8,
@@ -63,7 +92,19 @@ impl EngineConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(Error::invalid("data_dir", "must not be empty"));
         }
-        throttle::validate_limit("bandwidth_limit_bps", self.bandwidth_limit_bps)?;
+        self.bandwidth.validate()?;
+        if !(self.retry_time_scale > 0.0 && self.retry_time_scale <= 1.0) {
+            return Err(Error::invalid("retry_time_scale", format!("{} is outside (0, 1]", self.retry_time_scale)));
+        }
+        if !self.resync_block_size.is_power_of_two() || !(4 << 10..=4 << 20).contains(&self.resync_block_size) {
+            return Err(Error::invalid(
+                "resync_block_size",
+                format!("{} is not a power of two in 4 KiB..=4 MiB", self.resync_block_size),
+            ));
+        }
+        if let Some(f) = &self.faults {
+            f.validate()?;
+        }
         if !(64 << 10..=64 << 20).contains(&self.chunk_size) {
             return Err(Error::invalid("chunk_size", format!("{} is outside 64 KiB..=64 MiB", self.chunk_size)));
         }
@@ -91,7 +132,9 @@ mod tests {
             (EngineConfig { chunk_size: 1, ..Default::default() }, "chunk_size"),
             (EngineConfig { zstd_level: 0, ..Default::default() }, "zstd_level"),
             (EngineConfig { restore_parallelism: 65, ..Default::default() }, "restore_parallelism"),
-            (EngineConfig { bandwidth_limit_bps: Some(10), ..Default::default() }, "bandwidth_limit_bps"),
+            (EngineConfig { bandwidth: BandwidthPolicy::flat(Some(10)), ..Default::default() }, "work limit"),
+            (EngineConfig { retry_time_scale: 0.0, ..Default::default() }, "retry_time_scale"),
+            (EngineConfig { resync_block_size: 5000, ..Default::default() }, "resync_block_size"),
             (EngineConfig { data_dir: PathBuf::new(), ..Default::default() }, "data_dir"),
         ];
         for (c, field) in bad {

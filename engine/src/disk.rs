@@ -345,6 +345,33 @@ pub fn snapshot_all(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
     Ok((snaps, at))
 }
 
+/// Starts a resync on every disk at one instant: the old logs are dropped,
+/// a new log chain starts (writes made during the resync go there and are
+/// shipped after it), and a copy-before-write snapshot is taken.
+pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)> {
+    let mut logs = Vec::new();
+    let mut snaps = Vec::new();
+    for d in disks {
+        drop(d.stop_logging());
+        let old = changelog::list_logs(&d.path)?;
+        let next_seq = old.last().map_or(1, |(s, _)| s + 1);
+        for (_, p) in old {
+            std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
+        }
+        logs.push(new_log(&d.path, &d.vm, &d.name, next_seq, 0)?);
+        snaps.push(Arc::new(CowSnapshot::create(&d.path, d.size)?));
+    }
+    let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
+    let at = now_millis();
+    for ((d, g), (log, snap)) in disks.iter().zip(guards.iter_mut()).zip(logs.into_iter().zip(snaps.iter())) {
+        g.log = Some(log);
+        g.snapshot = Some(snap.clone());
+        g.signalled = false;
+        d.sealed_bytes.store(0, Ordering::Relaxed);
+    }
+    Ok((snaps, at))
+}
+
 /// Swaps in the prepared logs of all disks at one instant, so a recovery
 /// point is crash-consistent across the VM's disks. Returns the old logs
 /// (still to be sealed) and the instant.

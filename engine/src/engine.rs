@@ -22,7 +22,9 @@ use crate::scheduler::{All, Lookup, Scheduler, StartVm, StopVm};
 use crate::shared::{DiskRegistry, Shared};
 use crate::state::{StateStore, VmRecord};
 use crate::target::{LocalTarget, Target};
-use crate::throttle::Throttle;
+use crate::retry::RetryPolicy;
+use crate::target::unreliable::{Faults, UnreliableTarget};
+use crate::throttle::{BandwidthPolicy, Throttle};
 use crate::vm::{self, GetInfo, Operator, ReplicateNow, VmActor, VmInfo};
 
 /// Which recovery point to restore.
@@ -56,15 +58,25 @@ impl Engine {
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| Error::io(format!("create data folder {}", data_dir.display()), e))?;
         let state = blocking(move || StateStore::open(&data_dir.join("state.redb"))).await?;
-        let target: Target = match config.target() {
+        let mut target: Target = match config.target() {
             TargetConfig::Local { path } => Arc::new(LocalTarget::open(path)?),
+        };
+        let unreliable = match &config.faults {
+            Some(f) => {
+                let u = UnreliableTarget::new(target, f.clone())?;
+                target = u.clone();
+                Some(u)
+            }
+            None => None,
         };
         let jobs = {
             let s = state.clone();
             blocking(move || Jobs::open(s)).await?
         };
         let shared = Arc::new(Shared {
-            throttle: Arc::new(Throttle::new(config.bandwidth_limit_bps)?),
+            throttle: Arc::new(Throttle::new(config.bandwidth.clone())?),
+            retry: RetryPolicy { time_scale: config.retry_time_scale },
+            unreliable,
             config,
             state,
             target,
@@ -321,6 +333,7 @@ impl Engine {
                 point.seq,
                 &out_dir,
                 shared.config.restore_parallelism,
+                None,
                 job.done.clone(),
                 job.total.clone(),
             )
@@ -351,6 +364,7 @@ impl Engine {
             point.seq,
             &out_dir,
             self.shared.config.restore_parallelism,
+            None,
             Default::default(),
             Default::default(),
         )
@@ -397,13 +411,39 @@ impl Engine {
         }
     }
 
-    /// Host-wide upload limit in bit/s (`None` = unlimited).
+    /// The host-wide upload limit in force now, bit/s (`None` = unlimited).
     pub fn bandwidth_limit(&self) -> Option<u64> {
         self.shared.throttle.limit()
     }
 
+    /// Sets one limit for all hours.
     pub fn set_bandwidth_limit(&self, bps: Option<u64>) -> Result<()> {
-        self.shared.throttle.set(bps)
+        let mut p = self.shared.throttle.policy();
+        p.work_limit_bps = bps;
+        p.off_limit_bps = bps;
+        self.shared.throttle.set_policy(p)
+    }
+
+    pub fn bandwidth_policy(&self) -> BandwidthPolicy {
+        self.shared.throttle.policy()
+    }
+
+    /// Changes the limits at once, without a restart; a refused policy changes nothing.
+    pub fn set_bandwidth_policy(&self, policy: BandwidthPolicy) -> Result<()> {
+        self.shared.throttle.set_policy(policy)
+    }
+
+    /// Changes the injected faults (only when the engine was opened with `faults`).
+    pub fn set_faults(&self, faults: Faults) -> Result<()> {
+        match &self.shared.unreliable {
+            Some(u) => u.set_faults(faults),
+            None => Err(Error::FailedPrecondition("fault injection is not configured".into())),
+        }
+    }
+
+    /// Starts a resync now (operator), whatever the off-hours window.
+    pub async fn resync(&self, name: &str) -> Result<VmInfo> {
+        mailbox(self.actor(name).await?.send(Operator(Event::StartResync)).await)?
     }
 
     pub fn target_description(&self) -> String {

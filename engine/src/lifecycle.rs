@@ -89,8 +89,10 @@ pub enum Action {
     CommitBasePoint,
     /// Seal the active logs and upload them as a delta recovery point.
     StartCycle,
-    /// Retry the failed step after the backoff the scheduler computes.
+    /// Retry the failed step after the backoff the retry policy computes.
     ScheduleRetry,
+    /// Retry the failed step now (the operator resumed a Critical VM).
+    RetryNow,
     /// Drop pending logs; new writes stay tracked.
     DiscardLogs,
     StartResync,
@@ -115,12 +117,21 @@ pub struct Lifecycle {
     pub cycle_in_flight: bool,
     /// Why the VM is in `Critical` or `ResyncRequired`, for `show`.
     pub reason: Option<String>,
+    /// The state a `Critical` VM returns to when the operator resumes it.
+    #[serde(default)]
+    pub resume_to: Option<VmState>,
     pub transitions: Vec<Transition>,
 }
 
 impl Default for Lifecycle {
     fn default() -> Self {
-        Lifecycle { state: VmState::Unprotected, cycle_in_flight: false, reason: None, transitions: Vec::new() }
+        Lifecycle {
+            state: VmState::Unprotected,
+            cycle_in_flight: false,
+            reason: None,
+            resume_to: None,
+            transitions: Vec::new(),
+        }
     }
 }
 
@@ -159,7 +170,8 @@ impl Lifecycle {
                 self.go(S::Protected, "resync done", now);
                 vec![]
             }
-            (S::ResyncRequired, E::StartResync) | (S::Critical, E::StartResync) => {
+            (S::ResyncRequired | S::Critical | S::Protected | S::Paused, E::StartResync) => {
+                self.cycle_in_flight = false;
                 self.go(S::Resynchronizing, "resync started", now);
                 vec![Action::StartResync]
             }
@@ -173,8 +185,9 @@ impl Lifecycle {
             }
             (S::Critical, E::Resume) => {
                 // The operator fixed the cause: retry from where it stopped.
-                self.go(S::Protected, "resumed by operator", now);
-                vec![Action::ScheduleRetry]
+                let to = self.resume_to.take().unwrap_or(S::Protected);
+                self.go(to, "resumed by operator", now);
+                vec![Action::RetryNow]
             }
             (
                 S::EnablingProtection
@@ -217,6 +230,9 @@ impl Lifecycle {
 
     fn go(&mut self, to: VmState, reason: &str, now: UnixMillis) {
         let from = self.state;
+        if to == VmState::Critical && from != VmState::Critical {
+            self.resume_to = Some(from);
+        }
         self.state = to;
         self.reason = match to {
             VmState::Critical | VmState::ResyncRequired => Some(reason.to_string()),
@@ -273,7 +289,8 @@ mod tests {
             (S::InitialReplication, failed(ErrorClass::NonRecoverable), S::Critical, vec![]),
             (S::Critical, failed(ErrorClass::Recoverable), S::Critical, vec![]),
             (S::Critical, E::CycleDue, S::Critical, vec![]),
-            (S::Critical, E::Resume, S::Protected, vec![A::ScheduleRetry]),
+            (S::Critical, E::Resume, S::Protected, vec![A::RetryNow]),
+            (S::Protected, E::StartResync, S::Resynchronizing, vec![A::StartResync]),
             (S::Critical, E::StartResync, S::Resynchronizing, vec![A::StartResync]),
             (S::Unprotected, E::CycleDue, S::Unprotected, vec![]),
             (S::Protected, E::Protect, S::Protected, vec![]),
@@ -298,6 +315,40 @@ mod tests {
         assert_eq!(lc.on_event(E::CycleDue, 4), vec![A::StartCycle]);
         lc.on_event(failed(ErrorClass::Recoverable), 5);
         assert_eq!(lc.on_event(E::CycleDue, 6), vec![A::StartCycle]);
+    }
+
+    #[test]
+    fn resume_returns_a_critical_vm_to_where_it_failed() {
+        let mut lc = at(S::InitialReplication);
+        lc.on_event(failed(ErrorClass::NonRecoverable), 1);
+        assert_eq!(lc.state, S::Critical);
+        assert_eq!(lc.on_event(E::CycleDue, 2), vec![]);
+        assert_eq!(lc.on_event(E::Resume, 3), vec![A::RetryNow]);
+        assert_eq!(lc.state, S::InitialReplication);
+    }
+
+    #[test]
+    fn every_error_class_in_every_active_state() {
+        let active = [
+            S::EnablingProtection,
+            S::InitialReplication,
+            S::FinalizingProtection,
+            S::Protected,
+            S::Resynchronizing,
+            S::Paused,
+        ];
+        for state in active {
+            for (class, to, actions) in [
+                (ErrorClass::Recoverable, state, vec![A::ScheduleRetry]),
+                (ErrorClass::NeedsResync, S::ResyncRequired, vec![A::DiscardLogs]),
+                (ErrorClass::NonRecoverable, S::Critical, vec![]),
+                (ErrorClass::Cancelled, state, vec![]),
+            ] {
+                let mut lc = at(state);
+                let got = lc.on_event(failed(class), 1);
+                assert_eq!((lc.state, got), (to, actions), "{state:?} + {class:?}");
+            }
+        }
     }
 
     #[test]

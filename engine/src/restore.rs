@@ -56,7 +56,8 @@ pub struct RestoredDisk {
     pub size: u64,
 }
 
-/// Rebuilds every disk of point `seq` as `<out_dir>/<disk>.img`.
+/// Rebuilds every disk of point `seq` (or only disk `only`) as `<out_dir>/<disk>.img`.
+#[allow(clippy::too_many_arguments)]
 pub async fn restore_point(
     target: &Target,
     vm: &str,
@@ -64,6 +65,7 @@ pub async fn restore_point(
     seq: u64,
     out_dir: &Path,
     parallelism: usize,
+    only: Option<&str>,
     progress: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
 ) -> Result<Vec<RestoredDisk>> {
@@ -72,7 +74,7 @@ pub async fn restore_point(
     total.store(chain.iter().map(|m| m.bytes_logical()).sum(), Ordering::Relaxed);
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(format!("create {}", out_dir.display()), e))?;
     let mut files = Vec::new();
-    for d in &last.disks {
+    for d in last.disks.iter().filter(|d| only.is_none_or(|o| o == d.name)) {
         let partial = out_dir.join(format!("{}.img.partial", d.name));
         let f = OpenOptions::new()
             .read(true)

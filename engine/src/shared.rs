@@ -16,6 +16,9 @@ pub struct Shared {
     pub target: Target,
     /// Host-wide upload limit; every VM's uploads are charged to it.
     pub throttle: Arc<Throttle>,
+    pub retry: crate::retry::RetryPolicy,
+    /// The fault-injecting wrapper, when configured (tests, drills).
+    pub unreliable: Option<Arc<crate::target::unreliable::UnreliableTarget>>,
     pub jobs: Jobs,
     /// Disks of protected VMs by export name `<vm>/<disk>`: the write path's
     /// entry for NBD and the embedded API, outside the actors' mailboxes.

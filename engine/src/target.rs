@@ -19,6 +19,8 @@
 //! was put; a put is durable when it returns (local: file and directory
 //! fsynced, then renamed into place).
 
+pub mod unreliable;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -55,7 +55,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 async fn put_part(ctx: &UploadCtx, key: String, enc: bundle::EncodedBundle) -> Result<ObjectRef> {
     let stored_len = enc.bytes.len() as u64;
-    ctx.throttle.acquire(stored_len).await;
+    ctx.throttle.acquire(&ctx.vm, stored_len).await;
     ctx.target.put(&key, Bytes::from(enc.bytes)).await?;
     Ok(ObjectRef { key, checksum: enc.checksum, stored_len, logical_len: enc.logical_len })
 }

@@ -1,0 +1,257 @@
+//! Resynchronization by fixed-block checksums.
+//!
+//! When change logs can no longer describe what changed (logs over 50% of
+//! the disk, an unclean or broken chain, a failed log write, a missing
+//! remote object), the replica is brought back by comparison instead:
+//! source and target are cut into fixed blocks, each block is hashed (xxh3)
+//! on both sides, and only the blocks whose hashes differ are sent.
+//!
+//! Overview: the VM actor starts a new log chain and a copy-before-write
+//! snapshot at one instant (writes made during the resync are logged and
+//! shipped as the next point, after it). The target's block hashes are
+//! computed once, from the replica at the last committed point; the
+//! source's blocks are read from the snapshot once, hashed, and a block is
+//! kept for upload only when its hash differs. The resync's recovery point
+//! is a delta on top of the last point holding just those blocks, so
+//! restore is unchanged and the point equals the source at snapshot time.
+//!
+//! Consistency: the point is committed like any other (objects, manifest,
+//! index). Keys depend on (point, disk, chunk), so a retried resync rewrites
+//! the same keys.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::bundle::{self, BundleExtent, ExtentData};
+use crate::disk::Disk;
+use crate::error::{Error, Result};
+use crate::manifest::{object_key, ObjectRef};
+use crate::snapshot::CowSnapshot;
+use crate::target::Target;
+use crate::upload::UploadCtx;
+
+/// Default resync block: 64 KiB.
+pub const DEFAULT_RESYNC_BLOCK: u64 = 64 << 10;
+
+pub fn hash_block(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
+/// Runs of block indices whose hashes differ. A block the target lacks
+/// (the target list is shorter) differs.
+pub fn differing_runs(source: &[u64], target: &[u64]) -> Vec<Range<u64>> {
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for (i, h) in source.iter().enumerate() {
+        if target.get(i) == Some(h) {
+            continue;
+        }
+        let i = i as u64;
+        match runs.last_mut() {
+            Some(r) if r.end == i => r.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
+/// What a resync did, for its job and the operator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResyncStats {
+    pub blocks_compared: u64,
+    pub blocks_sent: u64,
+    /// Bytes put on the target (compressed).
+    pub bytes_sent: u64,
+    /// Bytes of disk the sent blocks cover.
+    pub bytes_logical: u64,
+}
+
+impl ResyncStats {
+    pub fn add(&mut self, o: &ResyncStats) {
+        self.blocks_compared += o.blocks_compared;
+        self.blocks_sent += o.blocks_sent;
+        self.bytes_sent += o.bytes_sent;
+        self.bytes_logical += o.bytes_logical;
+    }
+}
+
+/// Hashes every block of an image file (a replica restored once).
+pub fn hash_file(path: &Path, size: u64, block: u64) -> Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let mut buf = vec![0u8; (4 << 20).max(block as usize)];
+    let per = buf.len() as u64 / block * block;
+    let mut out = Vec::with_capacity(size.div_ceil(block) as usize);
+    let mut off = 0;
+    while off < size {
+        let n = per.min(size - off) as usize;
+        f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        out.extend(buf[..n].chunks(block as usize).map(hash_block));
+        off += n as u64;
+    }
+    Ok(out)
+}
+
+/// Compares one disk's snapshot with the target's block hashes and uploads
+/// the differing blocks as parts of point `seq` (one part per chunk of
+/// `ctx.chunk_size`, none for a chunk that matches).
+pub async fn resync_disk(
+    ctx: &UploadCtx,
+    disk: Arc<Disk>,
+    snap: Arc<CowSnapshot>,
+    target_hashes: Arc<Vec<u64>>,
+    block: u64,
+    seq: u64,
+) -> Result<(Vec<ObjectRef>, ResyncStats)> {
+    let size = disk.size();
+    let chunk = (ctx.chunk_size / block).max(1) * block;
+    let chunks = size.div_ceil(chunk);
+    let stats = Arc::new(ResyncCounters::default());
+    let objects: Vec<Option<ObjectRef>> = futures::stream::iter(0..chunks)
+        .map(|i| {
+            let (disk, snap, hashes, ctx, stats) =
+                (disk.clone(), snap.clone(), target_hashes.clone(), ctx.clone(), stats.clone());
+            async move {
+                let offset = i * chunk;
+                let len = chunk.min(size - offset);
+                let level = ctx.zstd_level;
+                let enc = tokio::task::spawn_blocking(move || -> Result<Option<(bundle::EncodedBundle, u64)>> {
+                    let mut buf = vec![0u8; len as usize];
+                    snap.read_for_copy(disk.file(), offset, &mut buf)?;
+                    let first = offset / block;
+                    let source: Vec<u64> = buf.chunks(block as usize).map(hash_block).collect();
+                    let end = (first as usize + source.len()).min(hashes.len());
+                    let target = hashes.get(first as usize..end).unwrap_or(&[]);
+                    let runs = differing_runs(&source, target);
+                    let sent: u64 = runs.iter().map(|r| r.end - r.start).sum();
+                    stats.compared.fetch_add(source.len() as u64, Ordering::Relaxed);
+                    if runs.is_empty() {
+                        return Ok(None);
+                    }
+                    let extents: Vec<BundleExtent> = runs
+                        .iter()
+                        .map(|r| {
+                            let a = (r.start * block) as usize;
+                            let b = ((r.end * block) as usize).min(buf.len());
+                            BundleExtent { offset: offset + a as u64, data: ExtentData::Data(buf[a..b].to_vec()) }
+                        })
+                        .collect();
+                    Ok(Some((bundle::encode(&extents, level)?, sent)))
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("resync task failed: {e}")))??;
+                ctx.progress.fetch_add(len, Ordering::Relaxed);
+                let Some((enc, blocks)) = enc else { return Ok(None) };
+                let key = object_key(&ctx.vm, ctx.generation, &disk.name, seq, i);
+                let stored_len = enc.bytes.len() as u64;
+                ctx.throttle.acquire(&ctx.vm, stored_len).await;
+                ctx.target.put(&key, Bytes::from(enc.bytes)).await?;
+                stats.sent.fetch_add(blocks, Ordering::Relaxed);
+                stats.bytes.fetch_add(stored_len, Ordering::Relaxed);
+                stats.logical.fetch_add(enc.logical_len, Ordering::Relaxed);
+                Ok::<_, Error>(Some(ObjectRef { key, checksum: enc.checksum, stored_len, logical_len: enc.logical_len }))
+            }
+        })
+        .buffered(ctx.workers)
+        .try_collect()
+        .await?;
+    let s = ResyncStats {
+        blocks_compared: stats.compared.load(Ordering::Relaxed),
+        blocks_sent: stats.sent.load(Ordering::Relaxed),
+        bytes_sent: stats.bytes.load(Ordering::Relaxed),
+        bytes_logical: stats.logical.load(Ordering::Relaxed),
+    };
+    Ok((objects.into_iter().flatten().collect(), s))
+}
+
+#[derive(Default)]
+struct ResyncCounters {
+    compared: AtomicU64,
+    sent: AtomicU64,
+    bytes: AtomicU64,
+    logical: AtomicU64,
+}
+
+/// The target's block hashes of one disk at point `seq`: the replica is
+/// rebuilt once into `scratch` (sparse), hashed, and removed.
+pub async fn target_hashes(
+    target: &Target,
+    vm: &str,
+    generation: u64,
+    seq: u64,
+    disk: &str,
+    size: u64,
+    block: u64,
+    scratch: &Path,
+    parallelism: usize,
+) -> Result<Vec<u64>> {
+    if seq == 0 {
+        return Ok(Vec::new()); // no replica yet: every block differs
+    }
+    let restored = crate::restore::restore_point(
+        target,
+        vm,
+        generation,
+        seq,
+        scratch,
+        parallelism,
+        Some(disk),
+        Default::default(),
+        Default::default(),
+    )
+    .await?;
+    let Some(img) = restored.into_iter().find(|d| d.name == disk) else {
+        return Ok(Vec::new()); // the disk is new since that point
+    };
+    let path = img.path.clone();
+    let hashes = tokio::task::spawn_blocking(move || hash_file(&path, size.min(img.size), block))
+        .await
+        .map_err(|e| Error::Internal(format!("hash task failed: {e}")))??;
+    let _ = std::fs::remove_file(&img.path);
+    Ok(hashes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn runs_table() {
+        let cases: Vec<(Vec<u64>, Vec<u64>, Vec<Range<u64>>)> = vec![
+            (vec![1, 2, 3], vec![1, 2, 3], vec![]),
+            (vec![1, 2, 3], vec![9, 2, 9], vec![0..1, 2..3]),
+            (vec![1, 2, 3, 4], vec![9, 9, 3, 9], vec![0..2, 3..4]),
+            (vec![1, 2, 3], vec![1], vec![1..3]),
+            (vec![1, 2], vec![], vec![0..2]),
+            (vec![], vec![1], vec![]),
+        ];
+        for (s, t, want) in cases {
+            assert_eq!(differing_runs(&s, &t), want, "{s:?} vs {t:?}");
+        }
+    }
+
+    proptest! {
+        /// Copying exactly the differing runs from source onto target makes them equal,
+        /// and no run covers a block that was already equal.
+        #[test]
+        fn applying_the_runs_makes_target_equal_source(
+            source in proptest::collection::vec(0u64..4, 0..200),
+            target in proptest::collection::vec(0u64..4, 0..200),
+        ) {
+            let mut t = target.clone();
+            t.resize(source.len().max(t.len()), u64::MAX);
+            for r in differing_runs(&source, &target) {
+                for i in r {
+                    prop_assert!(target.get(i as usize) != Some(&source[i as usize]));
+                    t[i as usize] = source[i as usize];
+                }
+            }
+            prop_assert_eq!(&t[..source.len()], &source[..]);
+        }
+    }
+}
