@@ -136,13 +136,10 @@ fn refusals_name_the_field_and_leave_no_trace() {
     d.stop();
 }
 
-/// Product bug (see the report): `check_out_dir` only compares `<out>/<disk>.img` with the disk path
-/// after canonicalizing the output folder, and falls back to the raw path
-/// when that fails; `<disks>/missing/..` does not canonicalize (no
-/// `missing`), yet `create_dir_all` + rename then resolve it to `<disks>`,
-/// replacing the protected disk file with the restored image.
+/// An output folder spelled so that it only resolves to the disks' folder
+/// once created (`<disks>/missing/..`) must still be refused: a test
+/// failover never replaces a protected disk.
 #[test]
-#[ignore = "product bug: test failover with --out <disks>/missing/.. replaces the protected disk file"]
 fn test_failover_refuses_an_out_folder_that_resolves_to_the_disk_folder() {
     let mut d = Daemon::start();
     let disk = protected_vm(&d);
@@ -164,14 +161,10 @@ fn test_failover_refuses_an_out_folder_that_resolves_to_the_disk_folder() {
     d.stop();
 }
 
-/// Product bug (see the report): duplicate paths are checked before
-/// canonicalization, so one file under two names (`dir/a.img` and
-/// `dir/sub/../a.img`) gets past validation; opening the second disk then
-/// fails with FailedPrecondition and the first disk's fresh change log
-/// (`a.img.00000001.hrl`) is left behind, which blocks protecting that disk
-/// under any other VM or disk name until it is deleted by hand.
+/// One file listed as two disks under two spellings (`dir/a.img` and
+/// `dir/sub/../a.img`) is refused as InvalidArgument, leaves no change log
+/// behind, and the file can then be protected normally.
 #[test]
-#[ignore = "product bug: a disk aliased twice gets FailedPrecondition and leaves a stale .hrl that blocks later protection"]
 fn a_disk_listed_twice_under_an_alias_is_refused() {
     let mut d = Daemon::start();
     let path = d.disks().join("a.img");
