@@ -153,6 +153,7 @@ impl Engine {
             })?;
             crate::disk::open_image(&d.path)?;
         }
+        spec.validate()?; // again: two spellings of one file are now the same path
         let (state, s) = (self.shared.state.clone(), spec.clone());
         blocking(move || {
             if state.get_vm(&s.name)?.is_some() {
@@ -179,11 +180,19 @@ impl Engine {
             protected_since_ms: 0,
         };
         let r = rec.clone();
-        let opened = blocking(move || vm::open_disks(&r, true)).await?;
+        let opened = match blocking(move || vm::open_disks(&r, true)).await {
+            Ok(o) => o,
+            Err(e) => {
+                for d in &spec.disks {
+                    remove_fresh_logs(&d.path, &spec.name);
+                }
+                return Err(e);
+            }
+        };
         let (state, r) = (self.shared.state.clone(), rec.clone());
         if let Err(e) = blocking(move || state.insert_vm(&r)).await {
             for d in &spec.disks {
-                remove_fresh_logs(&d.path);
+                remove_fresh_logs(&d.path, &spec.name);
             }
             return Err(e);
         }
@@ -316,7 +325,7 @@ impl Engine {
     pub async fn test_failover(&self, vm: &str, point: PointSelector, out_dir: &Path) -> Result<JobId> {
         let (rec, point) = self.resolve_point(vm, point).await?;
         let out_dir = absolute(out_dir)?;
-        check_out_dir(&rec.spec, &out_dir)?;
+        let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
         let job = self.shared.jobs.start(
             vm,
             JobKind::TestFailover,
@@ -356,7 +365,7 @@ impl Engine {
     pub async fn restore(&self, vm: &str, point: PointSelector, out_dir: &Path) -> Result<Vec<RestoredDisk>> {
         let (rec, point) = self.resolve_point(vm, point).await?;
         let out_dir = absolute(out_dir)?;
-        check_out_dir(&rec.spec, &out_dir)?;
+        let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
         restore::restore_point(
             &self.shared.target,
             vm,
@@ -369,6 +378,13 @@ impl Engine {
             Default::default(),
         )
         .await
+    }
+
+    /// Every disk path of every protected VM.
+    async fn protected_paths(&self) -> Result<Vec<PathBuf>> {
+        let state = self.shared.state.clone();
+        let vms = blocking(move || state.list_vms()).await?;
+        Ok(vms.into_iter().flat_map(|v| v.spec.disks.into_iter().map(|d| d.path)).collect())
     }
 
     async fn resolve_point(&self, vm: &str, sel: PointSelector) -> Result<(VmRecord, RecoveryPoint)> {
@@ -505,10 +521,14 @@ fn offline_info(rec: VmRecord) -> VmInfo {
     }
 }
 
-fn remove_fresh_logs(disk_path: &Path) {
+/// Removes the logs a failed protect created beside a disk: only logs of
+/// `vm` (the name is not in use, so they cannot belong to anyone else).
+fn remove_fresh_logs(disk_path: &Path, vm: &str) {
     if let Ok(logs) = crate::changelog::list_logs(disk_path) {
         for (_, p) in logs {
-            let _ = std::fs::remove_file(p);
+            if crate::changelog::scan(&p).map(|s| s.header.vm == vm).unwrap_or(false) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
@@ -521,16 +541,22 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 /// Refuses an output folder where a restored image would replace a live disk.
-fn check_out_dir(spec: &VmSpec, out_dir: &Path) -> Result<()> {
-    let out_dir = std::fs::canonicalize(out_dir).unwrap_or_else(|_| out_dir.to_path_buf());
+/// The folder is created and resolved first (symlinks, `..`), so the
+/// comparison is between real paths; every protected disk of every VM counts.
+fn check_out_dir(spec: &VmSpec, out_dir: &Path, protected: &[PathBuf]) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(format!("create {}", out_dir.display()), e))?;
+    let real = std::fs::canonicalize(out_dir).map_err(|e| Error::io(format!("resolve {}", out_dir.display()), e))?;
     for d in &spec.disks {
-        let img = out_dir.join(format!("{}.img", d.name));
-        if img == d.path || std::fs::canonicalize(&img).is_ok_and(|p| p == d.path) {
-            return Err(Error::invalid(
-                "out",
-                format!("{} would overwrite the protected disk {}", img.display(), d.path.display()),
-            ));
+        for name in [format!("{}.img", d.name), format!("{}.img.partial", d.name)] {
+            let img = real.join(name);
+            let img_real = std::fs::canonicalize(&img).unwrap_or_else(|_| img.clone());
+            if let Some(hit) = protected.iter().find(|p| **p == img || **p == img_real) {
+                return Err(Error::invalid(
+                    "out",
+                    format!("{} would overwrite the protected disk {}", img.display(), hit.display()),
+                ));
+            }
         }
     }
-    Ok(())
+    Ok(real)
 }
