@@ -53,6 +53,13 @@ pub enum Command {
     Pause { vm: String },
     /// Resume a paused or Critical VM.
     Resume { vm: String },
+    /// Resynchronize a VM now by fixed-block checksums (only differing blocks are sent).
+    Resync { vm: String },
+    /// Show or change the host-wide upload bandwidth limits.
+    Throttle {
+        #[command(subcommand)]
+        action: ThrottleCmd,
+    },
     /// Cut a recovery point now and wait for it.
     ReplicateNow { vm: String },
     /// List a VM's recovery points.
@@ -77,6 +84,27 @@ pub enum Command {
     },
     /// Show one job.
     Job { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ThrottleCmd {
+    /// Show the limits and the one in force now.
+    Show,
+    /// Change limits at once; flags left out keep their value.
+    Set {
+        /// Work hours, local time, e.g. 08:00-18:00.
+        #[arg(long)]
+        work_hours: Option<String>,
+        /// Work days: mon-fri, mon,wed,fri, all or none.
+        #[arg(long)]
+        work_days: Option<String>,
+        /// Limit during work hours: 512Kbps..1023Mbps or unlimited.
+        #[arg(long)]
+        work_limit: Option<String>,
+        /// Limit outside work hours: 512Kbps..1023Mbps or unlimited.
+        #[arg(long)]
+        off_limit: Option<String>,
+    },
 }
 
 fn split_disk(s: &str) -> anyhow::Result<pb::DiskSpec> {
@@ -265,6 +293,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 println!("{}", vm_json(&v))
             } else {
                 println!("{}: {}", v.name, v.state)
+            }
+        }
+        Command::Resync { vm } => {
+            let v = c.resync_vm(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner();
+            if json {
+                println!("{}", vm_json(&v))
+            } else {
+                println!("{}: {} (see `ferryctl jobs --vm {}` for progress)", v.name, v.state, v.name)
+            }
+        }
+        Command::Throttle { action } => {
+            let t = match action {
+                ThrottleCmd::Show => c.get_throttle(pb::GetThrottleRequest {}).await.map_err(rpc)?.into_inner(),
+                ThrottleCmd::Set { work_hours, work_days, work_limit, off_limit } => {
+                    if work_hours.is_none() && work_days.is_none() && work_limit.is_none() && off_limit.is_none() {
+                        bail!(
+                            "throttle set: give at least one of --work-hours, --work-days, --work-limit, --off-limit"
+                        );
+                    }
+                    let req = pb::Throttle {
+                        work_hours: work_hours.unwrap_or_default(),
+                        work_days: work_days.unwrap_or_default(),
+                        work_limit: work_limit.unwrap_or_default(),
+                        off_limit: off_limit.unwrap_or_default(),
+                        limit_now: String::new(),
+                    };
+                    c.set_throttle(req).await.map_err(rpc)?.into_inner()
+                }
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({"work_hours": t.work_hours, "work_days": t.work_days, "work_limit": t.work_limit,
+                           "off_limit": t.off_limit, "limit_now": t.limit_now})
+                );
+            } else {
+                println!("work hours {} on {}: {}", t.work_hours, t.work_days, t.work_limit);
+                println!("other hours: {}", t.off_limit);
+                println!("in force now: {}", t.limit_now);
             }
         }
         Command::ReplicateNow { vm } => {

@@ -44,6 +44,28 @@ pub struct Args {
     /// Host-wide upload limit: 512Kbps..1023Mbps or "unlimited".
     #[arg(long, default_value = "unlimited")]
     pub bandwidth_limit: String,
+    /// When a VM that needs a resync starts it: off-hours (outside --work-hours/--work-days), immediately, or manual.
+    #[arg(long, default_value = "off-hours")]
+    pub auto_resync: String,
+    /// Work hours for the bandwidth limits and the off-hours resync window, local time.
+    #[arg(long, default_value = "08:00-18:00")]
+    pub work_hours: String,
+    /// Work days: mon-fri, mon,wed,fri, all or none.
+    #[arg(long, default_value = "mon-fri")]
+    pub work_days: String,
+    /// Upload limit during work hours (overrides --bandwidth-limit then): 512Kbps..1023Mbps or unlimited.
+    #[arg(long)]
+    pub work_limit: Option<String>,
+    /// Upload limit outside work hours (overrides --bandwidth-limit then).
+    #[arg(long)]
+    pub off_limit: Option<String>,
+    /// Shrinks retry delays (1, 2, 4, 8, 10 min, then every 30) by this factor, (0, 1]: for tests and drills.
+    #[arg(long, default_value_t = 1.0)]
+    pub retry_time_scale: f64,
+    /// Fault injection: a JSON file of target faults (error_rate, fail_first, outages, down,
+    /// latency_ms, auth_failure, seed), re-read every second while ferryd runs.
+    #[arg(long)]
+    pub faults: Option<PathBuf>,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -66,18 +88,70 @@ fn loopback_only(addr: &SocketAddr, flag: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn read_faults(path: &std::path::Path) -> anyhow::Result<ferry_engine::target::unreliable::Faults> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading --faults {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing --faults {}", path.display()))
+}
+
+/// Re-reads the faults file every second, so a drill can change faults live.
+fn watch_faults(engine: Arc<Engine>, path: PathBuf, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            match read_faults(&path) {
+                Ok(f) if last.as_ref() != Some(&f) => {
+                    match engine.set_faults(f.clone()) {
+                        Ok(()) => tracing::info!(faults = ?f, "fault injection changed"),
+                        Err(e) => tracing::warn!(error = %e, "faults file refused"),
+                    }
+                    last = Some(f);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "faults file unreadable"),
+            }
+        }
+    });
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let mut config = EngineConfig::new(&data_dir);
     if let Some(t) = &args.target {
         config = config.with_local_target(t);
     }
-    config.bandwidth_limit_bps =
-        units::parse_bandwidth(&args.bandwidth_limit).map_err(|e| anyhow::anyhow!("--bandwidth-limit: {e}"))?;
+    let flat = units::parse_bandwidth(&args.bandwidth_limit).map_err(|e| anyhow::anyhow!("--bandwidth-limit: {e}"))?;
+    let limit = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
+        match v {
+            Some(s) => units::parse_bandwidth(s).map_err(|e| anyhow::anyhow!("{flag}: {e}")),
+            None => Ok(flat),
+        }
+    };
+    config.bandwidth = ferry_engine::throttle::BandwidthPolicy {
+        schedule: ferry_engine::schedule::WorkSchedule::parse(&args.work_hours, &args.work_days)?,
+        work_limit_bps: limit("--work-limit", &args.work_limit)?,
+        off_limit_bps: limit("--off-limit", &args.off_limit)?,
+    };
+    config.auto_resync = match args.auto_resync.as_str() {
+        "off-hours" => ferry_engine::config::AutoResync::OffHours,
+        "immediately" => ferry_engine::config::AutoResync::Immediately,
+        "manual" => ferry_engine::config::AutoResync::Manual,
+        other => anyhow::bail!("--auto-resync {other:?}: expected off-hours, immediately or manual"),
+    };
+    config.retry_time_scale = args.retry_time_scale;
+    if let Some(path) = &args.faults {
+        config.faults = Some(read_faults(path)?);
+    }
     loopback_only(&args.listen, "--listen")?;
 
     let engine = Arc::new(Engine::open(config).await.context("opening the engine")?);
     let shutdown = CancellationToken::new();
+    if let Some(path) = &args.faults {
+        watch_faults(engine.clone(), path.clone(), shutdown.clone());
+    }
 
     // NBD export.
     let nbd = NbdServer::new(engine.export_catalog(), shutdown.clone());

@@ -22,6 +22,17 @@ impl FerryService {
     pub fn new(engine: Arc<Engine>) -> Self {
         FerryService { engine }
     }
+
+    fn throttle(&self) -> pb::Throttle {
+        let p = self.engine.bandwidth_policy();
+        pb::Throttle {
+            work_hours: p.schedule.hours_string(),
+            work_days: p.schedule.days_string(),
+            work_limit: units::format_bandwidth(p.work_limit_bps),
+            off_limit: units::format_bandwidth(p.off_limit_bps),
+            limit_now: units::format_bandwidth(self.engine.bandwidth_limit()),
+        }
+    }
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
@@ -113,6 +124,33 @@ impl Ferry for FerryService {
         let sel = if req.recovery_point == 0 { PointSelector::Latest } else { PointSelector::Seq(req.recovery_point) };
         let id = self.engine.test_failover(&req.vm, sel, &out).await.map_err(status)?;
         Ok(Response::new(convert::job(self.engine.job(id).map_err(status)?)))
+    }
+
+    async fn resync_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let info = self.engine.resync(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(convert::vm(info)))
+    }
+
+    async fn get_throttle(&self, _req: Request<pb::GetThrottleRequest>) -> Result<Response<pb::Throttle>, Status> {
+        Ok(Response::new(self.throttle()))
+    }
+
+    async fn set_throttle(&self, req: Request<pb::Throttle>) -> Result<Response<pb::Throttle>, Status> {
+        let req = req.into_inner();
+        let mut p = self.engine.bandwidth_policy();
+        if !req.work_hours.is_empty() || !req.work_days.is_empty() {
+            let hours = if req.work_hours.is_empty() { p.schedule.hours_string() } else { req.work_hours.clone() };
+            let days = if req.work_days.is_empty() { p.schedule.days_string() } else { req.work_days.clone() };
+            p.schedule = ferry_engine::schedule::WorkSchedule::parse(&hours, &days).map_err(status)?;
+        }
+        if !req.work_limit.is_empty() {
+            p.work_limit_bps = units::parse_bandwidth(&req.work_limit).map_err(|e| invalid("work_limit", e))?;
+        }
+        if !req.off_limit.is_empty() {
+            p.off_limit_bps = units::parse_bandwidth(&req.off_limit).map_err(|e| invalid("off_limit", e))?;
+        }
+        self.engine.set_bandwidth_policy(p).map_err(status)?;
+        Ok(Response::new(self.throttle()))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {

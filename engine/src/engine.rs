@@ -18,12 +18,12 @@ use crate::jobs::Jobs;
 use crate::lifecycle::{Event, Lifecycle, VmState};
 use crate::model::{now_millis, DiskSpec, Job, JobId, JobKind, JobStatus, RecoveryPoint, VmSpec};
 use crate::restore::{self, RestoredDisk};
+use crate::retry::RetryPolicy;
 use crate::scheduler::{All, Lookup, Scheduler, StartVm, StopVm};
 use crate::shared::{DiskRegistry, Shared};
 use crate::state::{StateStore, VmRecord};
-use crate::target::{LocalTarget, Target};
-use crate::retry::RetryPolicy;
 use crate::target::unreliable::{Faults, UnreliableTarget};
+use crate::target::{LocalTarget, Target};
 use crate::throttle::{BandwidthPolicy, Throttle};
 use crate::vm::{self, GetInfo, Operator, ReplicateNow, VmActor, VmInfo};
 
@@ -57,7 +57,20 @@ impl Engine {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| Error::io(format!("create data folder {}", data_dir.display()), e))?;
-        let state = blocking(move || StateStore::open(&data_dir.join("state.redb"))).await?;
+        // An engine of this process that was just dropped may still be
+        // letting go of the store: give it a moment before refusing.
+        let path = data_dir.join("state.redb");
+        let mut waited = 0;
+        let state = loop {
+            let p = path.clone();
+            match blocking(move || StateStore::open(&p)).await {
+                Err(Error::FailedPrecondition(_)) if waited < 40 => {
+                    waited += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => break other?,
+            }
+        };
         let mut target: Target = match config.target() {
             TargetConfig::Local { path } => Arc::new(LocalTarget::open(path)?),
         };
@@ -455,6 +468,11 @@ impl Engine {
             Some(u) => u.set_faults(faults),
             None => Err(Error::FailedPrecondition("fault injection is not configured".into())),
         }
+    }
+
+    /// Operations the fault injector failed so far (`None` without fault injection).
+    pub fn injected_faults(&self) -> Option<u64> {
+        self.shared.unreliable.as_ref().map(|u| u.injected())
     }
 
     /// Starts a resync now (operator), whatever the off-hours window.

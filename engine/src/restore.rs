@@ -32,7 +32,7 @@ pub async fn load_chain(target: &Target, vm: &str, generation: u64, seq: u64) ->
     let mut next = Some(seq);
     while let Some(s) = next {
         let key = manifest_key(vm, generation, s);
-        let m = Manifest::decode(&key, &target.get(&key).await?)?;
+        let m = Manifest::decode(&key, &get_with_retries(target, &key).await?)?;
         if m.seq != s || m.vm != vm {
             return Err(Error::corrupt(format!("manifest {key}"), "names another point"));
         }
@@ -47,6 +47,26 @@ pub async fn load_chain(target: &Target, vm: &str, generation: u64, seq: u64) ->
     }
     chain.reverse();
     Ok(chain)
+}
+
+/// Tries of one download before a restore gives up on a recoverable error.
+pub const RESTORE_TRIES: u32 = 6;
+
+/// A restore runs during an outage: a flaky target gets a few quick retries
+/// per object (0.1, 0.2, 0.4 ... s) before the restore fails.
+async fn get_with_retries(target: &Target, key: &str) -> Result<bytes::Bytes> {
+    let mut delay = std::time::Duration::from_millis(100);
+    for _ in 1..RESTORE_TRIES {
+        match target.get(key).await {
+            Err(e) if e.class() == crate::ErrorClass::Recoverable => {
+                tracing::debug!(key, error = %e, "restore download failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
+    target.get(key).await
 }
 
 #[derive(Debug, Clone)]
@@ -98,7 +118,7 @@ pub async fn restore_point(
             .map(|(f, size, o)| {
                 let progress = progress.clone();
                 async move {
-                    let bytes = target.get(&o.key).await?;
+                    let bytes = get_with_retries(target, &o.key).await?;
                     let logical = o.logical_len;
                     tokio::task::spawn_blocking(move || apply_object(&f, size, &o, &bytes))
                         .await

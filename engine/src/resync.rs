@@ -119,6 +119,8 @@ pub async fn resync_disk(
                 let offset = i * chunk;
                 let len = chunk.min(size - offset);
                 let level = ctx.zstd_level;
+                let key = object_key(&ctx.vm, ctx.generation, &disk.name, seq, i);
+                let counters = stats.clone();
                 let enc = tokio::task::spawn_blocking(move || -> Result<Option<(bundle::EncodedBundle, u64)>> {
                     let mut buf = vec![0u8; len as usize];
                     snap.read_for_copy(disk.file(), offset, &mut buf)?;
@@ -128,7 +130,7 @@ pub async fn resync_disk(
                     let target = hashes.get(first as usize..end).unwrap_or(&[]);
                     let runs = differing_runs(&source, target);
                     let sent: u64 = runs.iter().map(|r| r.end - r.start).sum();
-                    stats.compared.fetch_add(source.len() as u64, Ordering::Relaxed);
+                    counters.compared.fetch_add(source.len() as u64, Ordering::Relaxed);
                     if runs.is_empty() {
                         return Ok(None);
                     }
@@ -146,14 +148,17 @@ pub async fn resync_disk(
                 .map_err(|e| Error::Internal(format!("resync task failed: {e}")))??;
                 ctx.progress.fetch_add(len, Ordering::Relaxed);
                 let Some((enc, blocks)) = enc else { return Ok(None) };
-                let key = object_key(&ctx.vm, ctx.generation, &disk.name, seq, i);
                 let stored_len = enc.bytes.len() as u64;
-                ctx.throttle.acquire(&ctx.vm, stored_len).await;
-                ctx.target.put(&key, Bytes::from(enc.bytes)).await?;
+                crate::upload::put_with_retries(&ctx, &key, Bytes::from(enc.bytes)).await?;
                 stats.sent.fetch_add(blocks, Ordering::Relaxed);
                 stats.bytes.fetch_add(stored_len, Ordering::Relaxed);
                 stats.logical.fetch_add(enc.logical_len, Ordering::Relaxed);
-                Ok::<_, Error>(Some(ObjectRef { key, checksum: enc.checksum, stored_len, logical_len: enc.logical_len }))
+                Ok::<_, Error>(Some(ObjectRef {
+                    key,
+                    checksum: enc.checksum,
+                    stored_len,
+                    logical_len: enc.logical_len,
+                }))
             }
         })
         .buffered(ctx.workers)

@@ -150,7 +150,10 @@ mod tests {
 
     #[test]
     fn parsing_names_the_problem() {
-        assert_eq!(WorkSchedule::parse("09:30-17:00", "mon,wed,sun").unwrap().days, [true, false, true, false, false, false, true]);
+        assert_eq!(
+            WorkSchedule::parse("09:30-17:00", "mon,wed,sun").unwrap().days,
+            [true, false, true, false, false, false, true]
+        );
         assert_eq!(WorkSchedule::parse("00:00-24:00", "all").unwrap().end_minute, 1440);
         for (h, d, field) in [
             ("8-18", "mon", "work hours"),

@@ -31,10 +31,9 @@ pub const MAX_LIMIT_BPS: u64 = 1_023_000_000;
 /// Checks a limit in bits per second (`None` = unlimited).
 pub fn validate_limit(field: &'static str, bps: Option<u64>) -> Result<()> {
     match bps {
-        Some(b) if !(MIN_LIMIT_BPS..=MAX_LIMIT_BPS).contains(&b) => Err(Error::invalid(
-            field,
-            format!("{b} bit/s is outside 512 Kbps..=1023 Mbps (or unlimited)"),
-        )),
+        Some(b) if !(MIN_LIMIT_BPS..=MAX_LIMIT_BPS).contains(&b) => {
+            Err(Error::invalid(field, format!("{b} bit/s is outside 512 Kbps..=1023 Mbps (or unlimited)")))
+        }
         _ => Ok(()),
     }
 }

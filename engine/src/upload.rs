@@ -55,9 +55,31 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 async fn put_part(ctx: &UploadCtx, key: String, enc: bundle::EncodedBundle) -> Result<ObjectRef> {
     let stored_len = enc.bytes.len() as u64;
-    ctx.throttle.acquire(&ctx.vm, stored_len).await;
-    ctx.target.put(&key, Bytes::from(enc.bytes)).await?;
+    put_with_retries(ctx, &key, Bytes::from(enc.bytes)).await?;
     Ok(ObjectRef { key, checksum: enc.checksum, stored_len, logical_len: enc.logical_len })
+}
+
+/// Quick tries of one put before the step fails (and the step-level backoff
+/// of [`crate::retry`] takes over): transient errors of one request should
+/// not restart a whole cycle.
+pub const PUT_TRIES: u32 = 4;
+
+/// Puts one object, charged to the throttle, retrying recoverable errors
+/// after 0.1, 0.2, 0.4 s. The key is the same on every try.
+pub async fn put_with_retries(ctx: &UploadCtx, key: &str, data: Bytes) -> Result<()> {
+    ctx.throttle.acquire(&ctx.vm, data.len() as u64).await;
+    let mut delay = std::time::Duration::from_millis(100);
+    for _ in 1..PUT_TRIES {
+        match ctx.target.put(key, data.clone()).await {
+            Err(e) if e.class() == crate::ErrorClass::Recoverable => {
+                tracing::debug!(key, error = %e, "put failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
+    ctx.target.put(key, data).await
 }
 
 /// Copies a disk as of its snapshot: one bundle per non-zero chunk.

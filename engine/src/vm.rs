@@ -28,12 +28,15 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::changelog;
+use crate::config::AutoResync;
 use crate::disk::{self, Disk, DiskSignal};
 use crate::error::{Error, ErrorClass, Result};
 use crate::jobs::JobProgress;
 use crate::lifecycle::{Action, Event, Lifecycle, Transition, VmState};
 use crate::manifest::{manifest_key, DiskManifest, Manifest, ObjectRef, MANIFEST_FORMAT};
 use crate::model::{now_millis, JobKind, JobStatus, PointKind, RecoveryPoint, VmSpec};
+use crate::resync::{self, ResyncStats};
+use crate::retry::RetryState;
 use crate::shared::Shared;
 use crate::snapshot::{self, CowSnapshot};
 use crate::state::VmRecord;
@@ -190,6 +193,24 @@ pub struct VmActor {
     timer: Option<SpawnHandle>,
     /// Bumped when logs are discarded: a cycle that started before is stale.
     log_epoch: u64,
+    /// Backoff of the failing step, if any.
+    retry: RetryState,
+    /// A retry is scheduled: timer ticks do not start cycles meanwhile.
+    retry_timer: Option<SpawnHandle>,
+    /// The step a retry runs again.
+    last_step: Step,
+    /// The auto-resync timer, while a VM waits for its window.
+    resync_timer: Option<SpawnHandle>,
+}
+
+/// The steps that can fail and be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Snapshot,
+    InitialCopy,
+    CommitBase,
+    Cycle,
+    Resync,
 }
 
 impl VmActor {
@@ -224,6 +245,10 @@ impl VmActor {
             waiting_next: Vec::new(),
             timer: None,
             log_epoch: 0,
+            retry: RetryState::default(),
+            retry_timer: None,
+            last_step: Step::Cycle,
+            resync_timer: None,
         }
     }
 
@@ -310,24 +335,116 @@ impl VmActor {
             Action::CommitBasePoint => self.commit_base(ctx),
             Action::StartCycle => self.start_cycle(ctx),
             Action::ScheduleRetry => {
-                // Delta cycles retry at the next tick with their backlog kept;
-                // an interrupted initial copy starts again after one period.
-                if self.rec.lifecycle.state == VmState::InitialReplication {
-                    ctx.run_later(self.rec.spec.frequency, |act, ctx| act.start_initial_copy(ctx));
+                let now = now_millis();
+                let at = self.retry.on_failure(&self.shared.retry, now);
+                let delay = std::time::Duration::from_millis(at.saturating_sub(now));
+                tracing::info!(vm = %self.name(), step = ?self.last_step, retry = self.retry.retries(), ?delay, "retry scheduled");
+                if let Some(h) = self.retry_timer.take() {
+                    ctx.cancel_future(h);
                 }
+                self.retry_timer = Some(ctx.run_later(delay, |act, ctx| {
+                    act.retry_timer = None;
+                    act.retry_step(ctx);
+                }));
+            }
+            Action::RetryNow => {
+                self.retry.on_success();
+                if let Some(h) = self.retry_timer.take() {
+                    ctx.cancel_future(h);
+                }
+                self.retry_step(ctx);
             }
             Action::DiscardLogs => self.discard_logs(ctx),
-            Action::StartResync => {
-                tracing::warn!(vm = %self.name(), "resynchronization is not available in this build; the VM stays in ResyncRequired");
-            }
+            Action::StartResync => self.start_resync(ctx),
         }
+    }
+
+    /// Runs the failed step again (its backlog was kept).
+    fn retry_step(&mut self, ctx: &mut Context<Self>) {
+        use VmState as S;
+        match (self.last_step, self.rec.lifecycle.state) {
+            (Step::Snapshot, S::EnablingProtection) => self.act(Action::TakeSnapshot, ctx),
+            (Step::InitialCopy, S::InitialReplication) => self.start_initial_copy(ctx),
+            (Step::CommitBase, S::FinalizingProtection) => self.commit_base(ctx),
+            (Step::Resync, S::Resynchronizing) => self.start_resync(ctx),
+            (_, S::Protected) => self.apply(Event::CycleDue, ctx),
+            (step, state) => tracing::debug!(vm = %self.name(), ?step, %state, "retry no longer applies"),
+        }
+    }
+
+    fn failed(&mut self, step: Step, e: &Error, what: &str, ctx: &mut Context<Self>) {
+        self.last_step = step;
+        tracing::warn!(vm = %self.name(), ?step, error = %e, class = ?e.class(), "{what} failed");
+        self.apply(Event::Failed { class: e.class(), reason: format!("{what} failed: {e}") }, ctx);
+    }
+
+    /// Schedules the automatic resync of a VM in `ResyncRequired`.
+    fn schedule_auto_resync(&mut self, ctx: &mut Context<Self>) {
+        if self.rec.lifecycle.state != VmState::ResyncRequired || self.resync_timer.is_some() {
+            return;
+        }
+        let wait_minutes = match self.shared.config.auto_resync {
+            AutoResync::Manual => return,
+            AutoResync::Immediately => 0,
+            AutoResync::OffHours => {
+                self.shared.throttle.policy().schedule.minutes_until_off_hours(crate::schedule::local_now())
+            }
+        };
+        let delay = std::time::Duration::from_secs(wait_minutes as u64 * 60);
+        tracing::info!(vm = %self.name(), ?delay, "automatic resync scheduled");
+        self.resync_timer = Some(ctx.run_later(delay, |act, ctx| {
+            act.resync_timer = None;
+            if act.rec.lifecycle.state != VmState::ResyncRequired {
+                return;
+            }
+            // The window may have moved (schedule changed): check again.
+            if act.shared.config.auto_resync == AutoResync::OffHours
+                && act.shared.throttle.policy().schedule.minutes_until_off_hours(crate::schedule::local_now()) > 0
+            {
+                return act.schedule_auto_resync(ctx);
+            }
+            act.apply(Event::StartResync, ctx);
+        }));
+    }
+
+    /// Compares every disk with the replica block by block and sends only
+    /// what differs (see [`crate::resync`]).
+    fn start_resync(&mut self, ctx: &mut Context<Self>) {
+        self.log_epoch += 1; // a cycle still running is stale now
+        self.pending.iter_mut().for_each(|p| p.clear());
+        if let Some(h) = self.resync_timer.take() {
+            ctx.cancel_future(h);
+        }
+        let last = self.rec.last_point_seq;
+        let seq = last + 1;
+        let total = self.disks.iter().map(|d| d.size()).sum();
+        let job = match self.start_job(JobKind::Resync, total, format!("recovery point {seq}")) {
+            Ok(j) => j,
+            Err(e) => return self.failed(Step::Resync, &e, "resync", ctx),
+        };
+        let uctx = self.upload_ctx(&job);
+        let (disks, shared, epoch) = (self.disks.clone(), self.shared.clone(), self.log_epoch);
+        let (vm, generation) = (self.rec.spec.name.clone(), self.rec.generation);
+        self.spawn(ctx, async move {
+            let d2 = disks.clone();
+            let r = match blocking(move || disk::begin_resync(&d2)).await {
+                Ok((snaps, at)) => {
+                    let r = resync_all(&shared, &uctx, &disks, &snaps, vm, generation, last, seq, at).await;
+                    drop(snaps);
+                    release_snapshots(&disks).await;
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            ResyncEnded { job, epoch, result: r }
+        });
     }
 
     fn start_initial_copy(&mut self, ctx: &mut Context<Self>) {
         let total = self.disks.iter().map(|d| d.size()).sum();
         let job = match self.start_job(JobKind::InitialReplication, total, "recovery point 1".into()) {
             Ok(j) => j,
-            Err(e) => return self.apply(Event::Failed { class: e.class(), reason: e.to_string() }, ctx),
+            Err(e) => return self.failed(Step::InitialCopy, &e, "initial replication", ctx),
         };
         let uctx = self.upload_ctx(&job);
         let work: Vec<_> = self.disks.iter().cloned().zip(self.snapshots.iter().cloned()).collect();
@@ -360,7 +477,7 @@ impl VmActor {
             disks: self
                 .disks
                 .iter()
-                .zip(std::mem::take(&mut self.base_objects))
+                .zip(self.base_objects.clone())
                 .map(|(d, objects)| DiskManifest { name: d.name.clone(), size: d.size(), objects })
                 .collect(),
         };
@@ -391,7 +508,7 @@ impl VmActor {
         let seq = self.rec.last_point_seq + 1;
         let job = match self.start_job(JobKind::DeltaReplication, 0, format!("recovery point {seq}")) {
             Ok(j) => j,
-            Err(e) => return self.apply(Event::Failed { class: e.class(), reason: e.to_string() }, ctx),
+            Err(e) => return self.failed(Step::Cycle, &e, "replication", ctx),
         };
         let uctx = self.upload_ctx(&job);
         let (disks, pending, shared) = (self.disks.clone(), self.pending.clone(), self.shared.clone());
@@ -533,7 +650,17 @@ async fn upload_cycle(
 /// Puts the manifest (all its objects are durable already), then commits the point.
 async fn commit_manifest(shared: &Arc<Shared>, manifest: Manifest) -> Result<RecoveryPoint> {
     let key = manifest_key(&manifest.vm, manifest.generation, manifest.seq);
-    shared.target.put(&key, manifest.encode()?.into()).await?;
+    let mut tries = 0;
+    let data: bytes::Bytes = manifest.encode()?.into();
+    loop {
+        tries += 1;
+        match shared.target.put(&key, data.clone()).await {
+            Err(e) if e.class() == ErrorClass::Recoverable && tries < crate::upload::PUT_TRIES => {
+                tokio::time::sleep(std::time::Duration::from_millis(100 << tries)).await;
+            }
+            other => break other?,
+        }
+    }
     let point = RecoveryPoint {
         vm: manifest.vm.clone(),
         seq: manifest.seq,
@@ -555,7 +682,12 @@ impl Actor for VmActor {
         if let Some(rx) = self.signals.take() {
             ctx.add_stream(tokio_stream_from(rx));
         }
-        self.timer = Some(ctx.run_interval(self.rec.spec.frequency, |act, ctx| act.apply(Event::CycleDue, ctx)));
+        self.timer = Some(ctx.run_interval(self.rec.spec.frequency, |act, ctx| {
+            // While a retry is pending the backoff decides, not the timer.
+            if act.retry_timer.is_none() {
+                act.apply(Event::CycleDue, ctx);
+            }
+        }));
         match self.rec.lifecycle.state {
             VmState::Unprotected => self.apply(Event::Protect, ctx),
             VmState::ResyncRequired => self.discard_logs(ctx),
@@ -605,7 +737,7 @@ impl Handler<Snapshotted> for VmActor {
                 self.rec.protected_since_ms = at;
                 self.apply(Event::SnapshotTaken, ctx);
             }
-            Err(e) => self.apply(Event::Failed { class: e.class(), reason: format!("snapshot failed: {e}") }, ctx),
+            Err(e) => self.failed(Step::Snapshot, &e, "snapshot", ctx),
         }
     }
 }
@@ -624,11 +756,10 @@ impl Handler<InitialCopied> for VmActor {
         match msg.result {
             Ok(objects) => {
                 self.base_objects = objects;
+                self.retry.on_success();
                 self.apply(Event::InitialCopyDone, ctx);
             }
-            Err(e) => {
-                self.apply(Event::Failed { class: e.class(), reason: format!("initial replication failed: {e}") }, ctx)
-            }
+            Err(e) => self.failed(Step::InitialCopy, &e, "initial replication", ctx),
         }
     }
 }
@@ -652,14 +783,13 @@ impl Handler<BaseCommitted> for VmActor {
             Ok(p) => {
                 tracing::info!(vm = %self.name(), seq = p.seq, "base recovery point committed");
                 self.rec.last_point_seq = p.seq;
+                self.base_objects.clear();
+                self.retry.on_success();
                 self.apply(Event::PointCommitted, ctx);
                 // Writes made during the copy are in the logs: ship them now.
                 self.apply(Event::CycleDue, ctx);
             }
-            Err(e) => self.apply(
-                Event::Failed { class: e.class(), reason: format!("committing the base point failed: {e}") },
-                ctx,
-            ),
+            Err(e) => self.failed(Step::CommitBase, &e, "committing the base point", ctx),
         }
     }
 }
@@ -717,6 +847,7 @@ impl Handler<CycleEnded> for VmActor {
         }
         match result {
             Ok(point) => {
+                self.retry.on_success();
                 if let Some(p) = &point {
                     self.rec.last_point_seq = p.seq;
                     tracing::debug!(vm = %self.name(), seq = p.seq, bytes = p.bytes_stored, "recovery point committed");
@@ -737,10 +868,7 @@ impl Handler<CycleEnded> for VmActor {
                 });
                 self.apply(Event::PointCommitted, ctx);
             }
-            Err(e) => {
-                tracing::warn!(vm = %self.name(), error = %e, class = ?e.class(), "replication cycle failed");
-                self.apply(Event::Failed { class: e.class(), reason: format!("replication failed: {e}") }, ctx);
-            }
+            Err(e) => self.failed(Step::Cycle, &e, "replication", ctx),
         }
         if !self.waiting_next.is_empty() {
             self.apply(Event::CycleDue, ctx);
@@ -755,13 +883,139 @@ struct LogsDiscarded(Result<()>);
 impl Handler<LogsDiscarded> for VmActor {
     type Result = ();
     fn handle(&mut self, msg: LogsDiscarded, ctx: &mut Context<Self>) {
-        if let Err(e) = msg.0 {
-            self.apply(
+        match msg.0 {
+            Ok(()) => self.schedule_auto_resync(ctx),
+            Err(e) => self.apply(
                 Event::Failed { class: ErrorClass::NonRecoverable, reason: format!("discarding logs failed: {e}") },
                 ctx,
-            );
+            ),
         }
     }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ResyncEnded {
+    job: JobProgress,
+    epoch: u64,
+    result: Result<(RecoveryPoint, ResyncStats)>,
+}
+
+impl Handler<ResyncEnded> for VmActor {
+    type Result = ();
+    fn handle(&mut self, msg: ResyncEnded, ctx: &mut Context<Self>) {
+        let ResyncEnded { job, epoch, result } = msg;
+        let detail = match &result {
+            Ok((p, s)) => Ok(Some(format!(
+                "recovery point {}: compared {} blocks, sent {} blocks, {} bytes sent",
+                p.seq, s.blocks_compared, s.blocks_sent, s.bytes_sent
+            ))),
+            Err(e) => Err(clone_err(e)),
+        };
+        self.finish_job(&job, &detail);
+        if epoch != self.log_epoch {
+            return; // a newer resync (or discard) superseded this one
+        }
+        match result {
+            Ok((p, s)) => {
+                tracing::info!(vm = %self.name(), seq = p.seq, compared = s.blocks_compared, sent = s.blocks_sent,
+                    bytes = s.bytes_sent, "resync committed");
+                self.rec.last_point_seq = p.seq;
+                self.retry.on_success();
+                self.apply(Event::ResyncDone, ctx);
+                // Writes made during the resync are in the new logs: ship them now.
+                self.apply(Event::CycleDue, ctx);
+            }
+            Err(e) => self.failed(Step::Resync, &e, "resync", ctx),
+        }
+    }
+}
+
+async fn release_snapshots(disks: &[Arc<Disk>]) {
+    let disks = disks.to_vec();
+    let _ = blocking(move || {
+        for d in &disks {
+            if let Some(s) = d.end_snapshot() {
+                if let Ok(s) = Arc::try_unwrap(s) {
+                    s.release()?;
+                }
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// The resync of every disk, committed as point `seq` (see [`crate::resync`]).
+#[allow(clippy::too_many_arguments)]
+async fn resync_all(
+    shared: &Arc<Shared>,
+    uctx: &UploadCtx,
+    disks: &[Arc<Disk>],
+    snaps: &[Arc<CowSnapshot>],
+    vm: String,
+    generation: u64,
+    last: u64,
+    seq: u64,
+    at: u64,
+) -> Result<(RecoveryPoint, ResyncStats)> {
+    let block = shared.config.resync_block_size;
+    let scratch = shared.config.data_dir.join("scratch").join(&vm);
+    let mut stats = ResyncStats::default();
+    let mut manifest_disks = Vec::new();
+    // A replica whose chain is broken (a missing object) cannot be compared
+    // with: the resync then sends every block as a new base.
+    let mut full = last == 0;
+    let mut hashes = Vec::new();
+    for d in disks {
+        let h = if full {
+            Vec::new()
+        } else {
+            match resync::target_hashes(
+                &shared.target,
+                &vm,
+                generation,
+                last,
+                &d.name,
+                d.size(),
+                block,
+                &scratch,
+                shared.config.restore_parallelism,
+            )
+            .await
+            {
+                Ok(h) => h,
+                Err(e) if e.class() == ErrorClass::NeedsResync => {
+                    tracing::warn!(vm = %vm, error = %e, "replica chain broken: resync sends a full copy");
+                    full = true;
+                    Vec::new()
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        hashes.push(h);
+    }
+    if full {
+        hashes.iter_mut().for_each(|h| h.clear());
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    for ((d, snap), h) in disks.iter().zip(snaps).zip(hashes) {
+        let (objects, s) = resync::resync_disk(uctx, d.clone(), snap.clone(), Arc::new(h), block, seq).await?;
+        stats.add(&s);
+        manifest_disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
+    }
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        vm,
+        generation,
+        seq,
+        parent: if full { None } else { Some(last) },
+        kind: if full { PointKind::Base } else { PointKind::Delta },
+        time_ms: at,
+        disks: manifest_disks,
+    };
+    let point = commit_manifest(shared, manifest).await?;
+    Ok((point, stats))
 }
 
 /// Returns the VM's current view.

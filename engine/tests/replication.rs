@@ -68,7 +68,7 @@ async fn every_recovery_point_restores_byte_identical() {
     let mut config = EngineConfig::new(tmp.path().join("data"));
     config.chunk_size = 256 << 10;
     // Slow the initial copy (4 MiB of random data at 2 MB/s) so that writes land during it.
-    config.bandwidth_limit_bps = Some(16_000_000);
+    config.bandwidth = ferry_engine::throttle::BandwidthPolicy::flat(Some(16_000_000));
     let engine = Engine::open(config).await.unwrap();
     let spec =
         VmSpec::new("vm1", vec![DiskSpec { name: "a".into(), path: pa }, DiskSpec { name: "b".into(), path: pb }])
@@ -157,7 +157,9 @@ async fn logs_over_half_the_disk_require_a_resync_and_are_discarded() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let (pa, _) = make_disk(tmp.path(), "a", 4 * MIB, 0, &mut rng);
-    let engine = Engine::open(EngineConfig::new(tmp.path().join("data"))).await.unwrap();
+    let mut config = EngineConfig::new(tmp.path().join("data"));
+    config.auto_resync = ferry_engine::config::AutoResync::Manual; // stay in ResyncRequired to look at it
+    let engine = Engine::open(config).await.unwrap();
     let spec = VmSpec::new("vm3", vec![DiskSpec { name: "a".into(), path: pa.clone() }])
         .with_frequency(Duration::from_secs(3600));
     engine.protect(spec).await.unwrap();

@@ -1,0 +1,268 @@
+//! Resilience scenarios: faulty targets (error rate, outage, authentication
+//! failure), retries, Critical and resume, pause, auto-resync by block
+//! checksums, and an unclean shutdown. Each ends with a byte-identical restore.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_engine::config::AutoResync;
+use ferry_engine::lifecycle::VmState;
+use ferry_engine::model::{JobKind, JobStatus};
+use ferry_engine::target::unreliable::Faults;
+use ferry_engine::{DiskSpec, Engine, EngineConfig, PointSelector, VmSpec};
+use rand::{Rng, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+
+fn disk(dir: &Path, name: &str, size: u64, seed: u64) -> PathBuf {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; size as usize];
+    rng.fill(&mut data[..]);
+    let p = dir.join(format!("{name}.img"));
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn config(dir: &Path, faults: Option<Faults>) -> EngineConfig {
+    let mut c = EngineConfig::new(dir.join("data"));
+    c.retry_time_scale = 0.0005; // 1 min -> 30 ms, 30 min -> 0.9 s
+    c.auto_resync = AutoResync::Immediately;
+    c.chunk_size = 256 << 10;
+    c.faults = faults;
+    c
+}
+
+async fn protect(engine: &Engine, vm: &str, paths: &[&Path]) {
+    let disks = paths
+        .iter()
+        .map(|p| DiskSpec { name: p.file_stem().unwrap().to_string_lossy().into(), path: p.to_path_buf() })
+        .collect();
+    engine.protect(VmSpec::new(vm, disks).with_frequency(Duration::from_secs(3600))).await.unwrap();
+}
+
+async fn wait_state(engine: &Engine, vm: &str, want: VmState, timeout: Duration) -> ferry_engine::VmInfo {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = engine.vm(vm).await.unwrap();
+        if info.state == want {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "waiting for {want}: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn churn(engine: &Engine, vm: &str, disk: &str, size: u64, seed: u64, n: usize) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..n {
+        let len = rng.random_range(1..=64u64) * 1024;
+        let off = rng.random_range(0..(size - len) / 512) * 512;
+        let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        engine.write(vm, disk, off, data).await.unwrap();
+    }
+    engine.flush(vm, disk).await.unwrap();
+}
+
+/// Cuts a point, retrying through recoverable failures until `timeout`.
+async fn replicate_eventually(engine: &Engine, vm: &str, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match engine.replicate_now(vm).await {
+            Ok(Some(p)) => return p.seq,
+            Ok(None) => return engine.vm(vm).await.unwrap().last_point_seq,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no recovery point before the deadline: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn assert_latest_equals_source(engine: &Engine, vm: &str, disks: &[&Path], out: &Path) {
+    let restored = engine.restore(vm, PointSelector::Latest, out).await.unwrap();
+    assert_eq!(restored.len(), disks.len());
+    for src in disks {
+        let name = src.file_stem().unwrap().to_string_lossy();
+        let got = std::fs::read(out.join(format!("{name}.img"))).unwrap();
+        assert!(got == std::fs::read(src).unwrap(), "disk {name} differs from its source");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_percent_target_errors_still_replicate_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = disk(tmp.path(), "a", 4 * MIB, 1);
+    let faults = Faults { error_rate: 0.3, seed: 42, ..Default::default() };
+    let engine = Engine::open(config(tmp.path(), Some(faults))).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(120)).await;
+    for round in 0..3 {
+        churn(&engine, "vm", "a", 4 * MIB, round, 20).await;
+        replicate_eventually(&engine, "vm", Duration::from_secs(120)).await;
+    }
+    assert_eq!(engine.vm("vm").await.unwrap().state, VmState::Protected);
+    assert!(engine.injected_faults().unwrap() > 10, "30% of operations failed: {:?}", engine.injected_faults());
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_is_retried_with_backoff_and_the_backlog_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = disk(tmp.path(), "a", 4 * MIB, 2);
+    let engine = Engine::open(config(tmp.path(), Some(Faults::default()))).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+    engine.set_faults(Faults { down: true, ..Default::default() }).unwrap();
+    churn(&engine, "vm", "a", 4 * MIB, 7, 30).await;
+    let e = engine.replicate_now("vm").await.unwrap_err();
+    assert!(e.to_string().contains("outage"), "{e}");
+    let info = engine.vm("vm").await.unwrap();
+    assert_eq!(info.state, VmState::Protected, "recoverable: no state change");
+    assert!(info.reason.unwrap_or_default().contains("outage"));
+    assert!(info.disks[0].pending_log_bytes > 0, "the backlog is kept");
+    // Retries keep failing during the outage (1, 2, 4 scaled minutes)...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let failed = engine.jobs().unwrap().iter().filter(|j| j.status == JobStatus::Failed).count();
+        if failed >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "retries did not run: {failed} failed jobs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(engine.vm("vm").await.unwrap().last_point_seq, 1, "nothing committed during the outage");
+    // ...and the next retry after the outage commits the backlog by itself.
+    engine.set_faults(Faults::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while engine.vm("vm").await.unwrap().last_point_seq < 2 {
+        assert!(Instant::now() < deadline, "no point after the outage");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_authentication_failure_is_critical_until_the_operator_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = disk(tmp.path(), "a", 4 * MIB, 3);
+    let engine = Engine::open(config(tmp.path(), Some(Faults::default()))).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+    engine.set_faults(Faults { auth_failure: true, ..Default::default() }).unwrap();
+    churn(&engine, "vm", "a", 4 * MIB, 9, 10).await;
+    assert!(engine.replicate_now("vm").await.is_err());
+    let info = wait_state(&engine, "vm", VmState::Critical, Duration::from_secs(10)).await;
+    assert!(info.reason.as_deref().unwrap_or("").contains("authentication"), "{info:?}");
+    // No retry: the job count stays put for many scaled retry periods.
+    let jobs = engine.jobs().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(engine.jobs().unwrap().len(), jobs, "a Critical VM does not retry by itself");
+    assert_eq!(engine.vm("vm").await.unwrap().state, VmState::Critical);
+    // The operator fixes the credentials and resumes.
+    engine.set_faults(Faults::default()).unwrap();
+    let info = engine.resume("vm").await.unwrap();
+    assert_eq!(info.state, VmState::Protected);
+    replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_over_half_the_disk_resync_by_block_checksums() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    let a = disk(tmp.path(), "a", size, 4);
+    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+    // Rewrite the same 1 MiB five times: 5 MiB of logs (> 50%), 1 MiB changed.
+    for pass in 0..5u8 {
+        for k in 0..16u64 {
+            engine.write("vm", "a", 2 * MIB + k * 65536, vec![pass ^ k as u8; 65536]).await.unwrap();
+        }
+    }
+    engine.flush("vm", "a").await.unwrap();
+    // Immediately-mode auto-resync runs by itself and comes back to Protected.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let jobs = engine.jobs().unwrap();
+        if let Some(j) = jobs.iter().find(|j| j.kind == JobKind::Resync && j.status == JobStatus::Succeeded) {
+            break j.clone();
+        }
+        assert!(Instant::now() < deadline, "no resync: {:?}", engine.vm("vm").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let info = engine.vm("vm").await.unwrap();
+    assert!(info.transitions.iter().any(|t| t.to == VmState::ResyncRequired && t.reason.contains("50%")), "{info:?}");
+    // Only the 16 changed blocks (64 KiB each) were sent.
+    assert!(job.detail.contains("compared 128 blocks, sent 16 blocks"), "{}", job.detail);
+    let p = engine.recovery_points("vm").await.unwrap();
+    let resync_point = p.iter().find(|x| job.detail.contains(&format!("recovery point {}", x.seq))).unwrap();
+    assert!(resync_point.bytes_logical == MIB && resync_point.bytes_stored < size, "{resync_point:?}");
+    // Writes during and after the resync are replicated too.
+    churn(&engine, "vm", "a", size, 11, 20).await;
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(30)).await;
+    replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unclean_stop_is_never_trusted_and_resyncs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = disk(tmp.path(), "a", 4 * MIB, 5);
+    {
+        let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+        protect(&engine, "vm", &[&a]).await;
+        wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+        churn(&engine, "vm", "a", 4 * MIB, 12, 20).await;
+        // Dropped without shutdown: the active log is left open, as after kill -9.
+    }
+    // A torn record at the end of the open log, as a crash mid-append leaves.
+    let (_, log) = ferry_engine::changelog::list_logs(&a).unwrap().pop().unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, &[0x48, 0x52, 0x4c, 0x52, 1, 2, 3]).unwrap();
+    drop(f);
+    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = engine.vm("vm").await.unwrap();
+        let resynced =
+            engine.jobs().unwrap().iter().any(|j| j.kind == JobKind::Resync && j.status == JobStatus::Succeeded);
+        if resynced && info.state == VmState::Protected {
+            assert!(
+                info.transitions
+                    .iter()
+                    .any(|t| t.to == VmState::ResyncRequired && t.reason.contains("not closed cleanly")),
+                "{info:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    churn(&engine, "vm", "a", 4 * MIB, 13, 10).await;
+    replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_keeps_tracking_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = disk(tmp.path(), "a", 4 * MIB, 6);
+    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+    assert_eq!(engine.pause("vm").await.unwrap().state, VmState::Paused);
+    churn(&engine, "vm", "a", 4 * MIB, 14, 10).await;
+    assert!(engine.replicate_now("vm").await.is_err(), "no cycles while paused");
+    assert!(engine.vm("vm").await.unwrap().disks[0].active_log_bytes > 4096, "writes are tracked while paused");
+    assert!(engine.pause("vm").await.is_err(), "pausing twice is refused");
+    assert_eq!(engine.resume("vm").await.unwrap().state, VmState::Protected);
+    replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
