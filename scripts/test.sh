@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install-test-deps.sh
 # End-to-end tests start the real binaries: build them in the test profile first.
 cargo build --workspace --bins --locked
-cargo nextest run --workspace --locked --no-fail-fast
 cargo test --workspace --doc --locked
+cargo nextest run --workspace --locked --no-fail-fast
