@@ -210,6 +210,13 @@ pub const CTL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Ferryd {
     pub fn start(bins: &Bins, dir: &Path) -> Ferryd {
+        Ferryd::start_with(bins, dir, &[], "warn")
+    }
+
+    /// Like [`Ferryd::start`], with more ferryd flags (`extra`, e.g.
+    /// `["--auto-resync", "manual"]`) and a log filter (`log_filter`, RUST_LOG
+    /// syntax) for its log file.
+    pub fn start_with(bins: &Bins, dir: &Path, extra: &[&str], log_filter: &str) -> Ferryd {
         let data = dir.join("data");
         let target = dir.join("target");
         let socket = dir.join("nbd.sock");
@@ -221,9 +228,10 @@ impl Ferryd {
             .arg(&data)
             .arg("--target")
             .arg(&target)
-            .args(["--listen", "127.0.0.1:0", "--nbd-listen", "off", "--log", "warn"])
+            .args(["--listen", "127.0.0.1:0", "--nbd-listen", "off", "--log", log_filter])
             .arg("--nbd-socket")
             .arg(&socket)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
