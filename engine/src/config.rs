@@ -45,7 +45,7 @@ pub struct EngineConfig {
     pub retry_time_scale: f64,
     /// When a VM that needs a resync starts it. Default: off-hours.
     pub auto_resync: AutoResync,
-    /// Resync block size. Default 64 KiB; a power of two, 4 KiB..=4 MiB.
+    /// Resync block size. Default 4 KiB; a power of two, 4 KiB..=4 MiB.
     pub resync_block_size: u64,
     /// Fault injection: wraps the target in an unreliable one. Default none.
     pub faults: Option<Faults>,

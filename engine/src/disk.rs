@@ -385,7 +385,7 @@ pub fn rotate_all(disks: &[Arc<Disk>], next: Vec<LogWriter>) -> (Vec<Option<LogW
 
 /// Writes zeros over a range: punches a hole where the file system can
 /// (reads back as zeros, frees space), else writes zero buffers.
-fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     if len == 0 {
         return Ok(());

@@ -354,8 +354,7 @@ impl Engine {
                 rec.generation,
                 point.seq,
                 &out_dir,
-                shared.config.restore_parallelism,
-                None,
+                restore::RestoreOpts { parallelism: shared.config.restore_parallelism, only: None, durable: true },
                 job.done.clone(),
                 job.total.clone(),
             )
@@ -385,8 +384,7 @@ impl Engine {
             rec.generation,
             point.seq,
             &out_dir,
-            self.shared.config.restore_parallelism,
-            None,
+            restore::RestoreOpts { parallelism: self.shared.config.restore_parallelism, only: None, durable: true },
             Default::default(),
             Default::default(),
         )

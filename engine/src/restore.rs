@@ -76,7 +76,19 @@ pub struct RestoredDisk {
     pub size: u64,
 }
 
-/// Rebuilds every disk of point `seq` (or only disk `only`) as `<out_dir>/<disk>.img`.
+/// What to rebuild and how.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreOpts<'a> {
+    /// Downloads in flight.
+    pub parallelism: usize,
+    /// Only this disk (resync's replica hashing); `None` = every disk.
+    pub only: Option<&'a str>,
+    /// fsync the images before renaming them into place. Off only for
+    /// scratch copies that are read once and deleted.
+    pub durable: bool,
+}
+
+/// Rebuilds every disk of point `seq` (or only `opts.only`) as `<out_dir>/<disk>.img`.
 #[allow(clippy::too_many_arguments)]
 pub async fn restore_point(
     target: &Target,
@@ -84,8 +96,7 @@ pub async fn restore_point(
     generation: u64,
     seq: u64,
     out_dir: &Path,
-    parallelism: usize,
-    only: Option<&str>,
+    opts: RestoreOpts<'_>,
     progress: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
 ) -> Result<Vec<RestoredDisk>> {
@@ -94,7 +105,7 @@ pub async fn restore_point(
     total.store(chain.iter().map(|m| m.bytes_logical()).sum(), Ordering::Relaxed);
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(format!("create {}", out_dir.display()), e))?;
     let mut files = Vec::new();
-    for d in last.disks.iter().filter(|d| only.is_none_or(|o| o == d.name)) {
+    for d in last.disks.iter().filter(|d| opts.only.is_none_or(|o| o == d.name)) {
         let partial = out_dir.join(format!("{}.img.partial", d.name));
         let f = OpenOptions::new()
             .read(true)
@@ -127,18 +138,22 @@ pub async fn restore_point(
                     Ok::<_, Error>(())
                 }
             })
-            .buffer_unordered(parallelism)
+            .buffer_unordered(opts.parallelism)
             .try_collect::<()>()
             .await?;
     }
     let mut out = Vec::new();
     for (name, partial, f, size) in files {
-        f.sync_all().map_err(|e| Error::io(format!("sync {}", partial.display()), e))?;
+        if opts.durable {
+            f.sync_all().map_err(|e| Error::io(format!("sync {}", partial.display()), e))?;
+        }
         let path = out_dir.join(format!("{name}.img"));
         std::fs::rename(&partial, &path).map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
         out.push(RestoredDisk { name, path, size });
     }
-    File::open(out_dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync restore folder", e))?;
+    if opts.durable {
+        File::open(out_dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync restore folder", e))?;
+    }
     Ok(out)
 }
 
@@ -149,20 +164,9 @@ fn apply_object(f: &File, size: u64, o: &ObjectRef, bytes: &[u8]) -> Result<()> 
         }
         match e.data {
             ExtentData::Data(d) => f.write_all_at(&d, e.offset),
-            ExtentData::Zero(n) => write_zeros(f, e.offset, n),
+            ExtentData::Zero(n) => crate::disk::zero_range(f, e.offset, n),
         }
         .map_err(|err| Error::io("write restored image", err))?;
-    }
-    Ok(())
-}
-
-fn write_zeros(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let zeros = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        f.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
     }
     Ok(())
 }

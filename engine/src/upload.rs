@@ -97,10 +97,11 @@ pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot
                 let enc = blocking(move || {
                     let mut buf = vec![0u8; len as usize];
                     snap.read_for_copy(disk.file(), offset, &mut buf)?;
-                    if is_zero(&buf) {
+                    let extents = non_zero_extents(offset, &buf);
+                    if extents.is_empty() {
                         return Ok(None);
                     }
-                    bundle::encode(&[BundleExtent { offset, data: ExtentData::Data(buf) }], level).map(Some)
+                    bundle::encode(&extents, level).map(Some)
                 })
                 .await?;
                 let out = match enc {
@@ -115,6 +116,35 @@ pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot
         .try_collect()
         .await?;
     Ok(results.into_iter().flatten().collect())
+}
+
+/// Granularity at which a base chunk leaves out zeros: a restored image
+/// stays sparse there, and the point counts only the data it holds.
+pub const ZERO_SKIP_BLOCK: usize = 64 << 10;
+
+/// The runs of a chunk that are not all zeros, in `ZERO_SKIP_BLOCK` steps.
+fn non_zero_extents(offset: u64, buf: &[u8]) -> Vec<BundleExtent> {
+    let mut out: Vec<BundleExtent> = Vec::new();
+    let mut run: Option<usize> = None;
+    let mut pos = 0;
+    for block in buf.chunks(ZERO_SKIP_BLOCK) {
+        match (is_zero(block), run) {
+            (false, None) => run = Some(pos),
+            (true, Some(start)) => {
+                out.push(BundleExtent {
+                    offset: offset + start as u64,
+                    data: ExtentData::Data(buf[start..pos].to_vec()),
+                });
+                run = None;
+            }
+            _ => {}
+        }
+        pos += block.len();
+    }
+    if let Some(start) = run {
+        out.push(BundleExtent { offset: offset + start as u64, data: ExtentData::Data(buf[start..].to_vec()) });
+    }
+    out
 }
 
 fn is_zero(buf: &[u8]) -> bool {
@@ -276,6 +306,20 @@ mod tests {
         }
         let total: u64 = covered.iter().map(|e| e.len).sum();
         assert_eq!(total, 10 + 1000 + 25 + 3);
+    }
+
+    #[test]
+    fn base_chunks_leave_out_zero_blocks() {
+        let b = ZERO_SKIP_BLOCK;
+        let mut buf = vec![0u8; 5 * b + 100];
+        buf[b + 3] = 1; // block 1
+        buf[2 * b] = 2; // block 2 (joins block 1)
+        buf[5 * b + 99] = 3; // the short tail
+        let got: Vec<(u64, u64)> = non_zero_extents(1000, &buf).iter().map(|e| (e.offset, e.data.len())).collect();
+        assert_eq!(got, vec![(1000 + b as u64, 2 * b as u64), (1000 + 5 * b as u64, 100)]);
+        assert!(non_zero_extents(0, &vec![0u8; 3 * b]).is_empty());
+        let all: Vec<u8> = (0..b * 2).map(|i| i as u8 | 1).collect();
+        assert_eq!(non_zero_extents(0, &all).len(), 1);
     }
 
     #[test]

@@ -481,25 +481,11 @@ impl VmActor {
                 .map(|(d, objects)| DiskManifest { name: d.name.clone(), size: d.size(), objects })
                 .collect(),
         };
-        let snaps: Vec<_> = self.disks.iter().filter_map(|d| d.end_snapshot()).collect();
         self.snapshots.clear();
-        let shared = self.shared.clone();
+        let (shared, disks) = (self.shared.clone(), self.disks.clone());
         self.spawn(ctx, async move {
-            let r = async {
-                blocking(move || {
-                    for s in snaps {
-                        // Sole owner once every upload task ended.
-                        if let Ok(s) = Arc::try_unwrap(s) {
-                            s.release()?;
-                        }
-                    }
-                    Ok(())
-                })
-                .await?;
-                commit_manifest(&shared, manifest).await
-            }
-            .await;
-            BaseCommitted(r)
+            release_snapshots(&disks).await;
+            BaseCommitted(commit_manifest(&shared, manifest).await)
         });
     }
 
@@ -931,19 +917,24 @@ impl Handler<ResyncEnded> for VmActor {
     }
 }
 
+/// Stops copy-before-write on a disk and deletes its side file.
+fn release_snapshot(d: &Disk) -> Result<()> {
+    // The sole owner once every copy task ended.
+    match d.end_snapshot().map(Arc::try_unwrap) {
+        Some(Ok(s)) => s.release(),
+        _ => Ok(()),
+    }
+}
+
+/// Stops copy-before-write on every disk and deletes the side files (their
+/// space is reclaimed). A side file that cannot be deleted is only logged:
+/// it is ours, holds nothing needed, and the next protection removes it.
 async fn release_snapshots(disks: &[Arc<Disk>]) {
     let disks = disks.to_vec();
-    let _ = blocking(move || {
-        for d in &disks {
-            if let Some(s) = d.end_snapshot() {
-                if let Ok(s) = Arc::try_unwrap(s) {
-                    s.release()?;
-                }
-            }
-        }
-        Ok(())
-    })
-    .await;
+    let r = blocking(move || disks.iter().try_for_each(|d| release_snapshot(d))).await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not release a snapshot");
+    }
 }
 
 /// The resync of every disk, committed as point `seq` (see [`crate::resync`]).
@@ -1097,11 +1088,7 @@ impl Handler<Stop> for VmActor {
         );
         let fut = blocking(move || {
             for d in &disks {
-                if let Some(s) = d.end_snapshot() {
-                    if let Ok(s) = Arc::try_unwrap(s) {
-                        let _ = s.release();
-                    }
-                }
+                let _ = release_snapshot(d);
                 let log = d.take_log();
                 if msg.unprotect || in_initial {
                     drop(log);

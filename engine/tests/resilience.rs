@@ -196,8 +196,8 @@ async fn logs_over_half_the_disk_resync_by_block_checksums() {
     };
     let info = engine.vm("vm").await.unwrap();
     assert!(info.transitions.iter().any(|t| t.to == VmState::ResyncRequired && t.reason.contains("50%")), "{info:?}");
-    // Only the 16 changed blocks (64 KiB each) were sent.
-    assert!(job.detail.contains("compared 128 blocks, sent 16 blocks"), "{}", job.detail);
+    // Only the 256 changed blocks (4 KiB each) were sent.
+    assert!(job.detail.contains("compared 2048 blocks, sent 256 blocks"), "{}", job.detail);
     let p = engine.recovery_points("vm").await.unwrap();
     let resync_point = p.iter().find(|x| job.detail.contains(&format!("recovery point {}", x.seq))).unwrap();
     assert!(resync_point.bytes_logical == MIB && resync_point.bytes_stored < size, "{resync_point:?}");
