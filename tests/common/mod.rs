@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -191,16 +193,37 @@ pub struct Daemon {
     child: Option<Child>,
     stdout_lines: Option<mpsc::Receiver<String>>,
     starts: u32,
+    /// Extra ferryd flags, given on every (re)start.
+    extra_args: Vec<String>,
 }
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// Starts ferryd with extra flags (e.g. `--auto-resync immediately`),
+    /// kept for every restart.
+    pub fn start_with(extra_args: &[&str]) -> Daemon {
         let root = tempfile::Builder::new().prefix("ferry-e2e").tempdir().expect("temp dir");
         std::fs::create_dir_all(root.path().join("disks")).expect("disks folder");
         let socket = root.path().join("nbd.sock");
-        let mut d = Daemon { root, endpoint: String::new(), socket, child: None, stdout_lines: None, starts: 0 };
+        let mut d = Daemon {
+            root,
+            endpoint: String::new(),
+            socket,
+            child: None,
+            stdout_lines: None,
+            starts: 0,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        };
         d.spawn();
         d
+    }
+
+    /// How many times ferryd was started.
+    pub fn starts(&self) -> u32 {
+        self.starts
     }
 
     pub fn dir(&self) -> &Path {
@@ -247,6 +270,7 @@ impl Daemon {
             .args(["--listen", "127.0.0.1:0", "--nbd-listen", "off", "--log", "info"])
             .arg("--nbd-socket")
             .arg(&self.socket)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -327,6 +351,28 @@ impl Daemon {
     /// Graceful stop, then start again on the same folders (new gRPC port).
     pub fn restart(&mut self) {
         self.stop();
+        self.spawn();
+    }
+
+    /// `kill -9` ferryd (no cleanup at all: change logs stay open, the
+    /// socket stays behind) and reap it; asserts it was still running.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("ferryd is running");
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "ferryd died before the kill; stderr:\n{}",
+            self.stderr()
+        );
+        // SAFETY: plain syscall on our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0, "SIGKILL to ferryd");
+        let status = wait_timeout(&mut child, STOP_TIMEOUT).expect("ferryd reaped after SIGKILL");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{status}");
+        self.stdout_lines = None;
+    }
+
+    /// Starts ferryd again on the same folders after [`Daemon::kill9`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "ferryd is still running");
         self.spawn();
     }
 
@@ -417,6 +463,71 @@ impl Drop for Daemon {
         }
         if std::thread::panicking() {
             eprintln!("--- ferryd stderr ({}) ---\n{}", self.stderr_path().display(), self.stderr());
+        }
+    }
+}
+
+/// Reads a whole file, panicking with its path on failure.
+pub fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+impl Daemon {
+    /// `recovery-points --json`: the seqs listed, in order.
+    pub fn point_seqs(&self, vm: &str) -> Vec<u64> {
+        let v = self.ctl_json(&["recovery-points", vm]);
+        v.as_array().expect("points array").iter().map(|p| p["seq"].as_u64().expect("seq")).collect()
+    }
+
+    /// `jobs --vm VM --json`.
+    pub fn jobs_of(&self, vm: &str) -> Vec<serde_json::Value> {
+        self.ctl_json(&["jobs", "--vm", vm]).as_array().expect("jobs array").clone()
+    }
+
+    /// `replicate-now --json`, retried while the VM is not ready for it
+    /// (FailedPrecondition while ResyncRequired / Resynchronizing, or a
+    /// cycle that failed and is retried). Returns the new point's seq
+    /// (`None`: nothing written since the last point). Panics on Critical or
+    /// at the deadline.
+    pub fn replicate_now_retry(&self, vm: &str, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let out = self.ctl(&["--json", "replicate-now", vm]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .unwrap_or_else(|e| panic!("replicate-now: not JSON ({e}): {}", text(&out)));
+                return v["point"]["seq"].as_u64();
+            }
+            let state = self.ctl_json(&["show", vm]);
+            assert_ne!(state["state"], "Critical", "{vm} went Critical: {state:#}\n{}", text(&out));
+            assert!(
+                Instant::now() < deadline,
+                "replicate-now {vm} still failing after {tries} tries in {timeout:?}: {}\nVM: {state:#}",
+                text(&out)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `test-failover VM --recovery-point POINT --out OUT` (waits for the
+    /// job); asserts it succeeded and returns the job.
+    pub fn test_failover(&self, vm: &str, point: &str, out: &Path) -> serde_json::Value {
+        let out_s = out.to_str().expect("utf-8 path");
+        let job = self.ctl_json(&["test-failover", vm, "--recovery-point", point, "--out", out_s]);
+        assert_eq!(job["kind"], "TestFailover", "{job}");
+        assert_eq!(job["status"], "Succeeded", "test failover of {vm} at {point}: {job}");
+        job
+    }
+
+    /// Test failover at latest into `out`, compared byte for byte with the
+    /// source disk files `(name, path)`.
+    pub fn assert_failover_equals_sources(&self, vm: &str, out: &Path, disks: &[(&str, &Path)]) {
+        let job = self.test_failover(vm, "latest", out);
+        for (name, path) in disks {
+            let got = read_file(&out.join(format!("{name}.img")));
+            assert_same_bytes(&format!("{vm}/{name} restored at latest ({job}) vs source"), &got, &read_file(path));
         }
     }
 }
