@@ -100,8 +100,14 @@ impl Ferry for FerryService {
     }
 
     async fn replicate_now(&self, req: Request<pb::VmRef>) -> Result<Response<pb::ReplicateNowResponse>, Status> {
-        let p = self.engine.replicate_now(&req.into_inner().name).await.map_err(status)?;
-        Ok(Response::new(pb::ReplicateNowResponse { point: p.map(convert::point) }))
+        let name = req.into_inner().name;
+        let created = self.engine.replicate_now(&name).await.map_err(status)?;
+        let (point, created) = match created {
+            Some(p) => (Some(p), true),
+            // Nothing new: the latest point already holds every acknowledged write.
+            None => (self.engine.recovery_points(&name).await.map_err(status)?.pop(), false),
+        };
+        Ok(Response::new(pb::ReplicateNowResponse { point: point.map(convert::point), created }))
     }
 
     async fn list_recovery_points(

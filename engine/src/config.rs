@@ -102,6 +102,12 @@ impl EngineConfig {
                 format!("{} is not a power of two in 4 KiB..=4 MiB", self.resync_block_size),
             ));
         }
+        if self.chunk_size % self.resync_block_size != 0 {
+            return Err(Error::invalid(
+                "chunk_size",
+                format!("{} is not a multiple of resync_block_size {}", self.chunk_size, self.resync_block_size),
+            ));
+        }
         if let Some(f) = &self.faults {
             f.validate()?;
         }

@@ -134,7 +134,8 @@ impl Engine {
                 blocking(move || state.put_vm(&r)).await?;
             }
             let r = rec.clone();
-            let opened = match blocking(move || vm::open_disks(&r, restart)).await {
+            let dd = self.shared.config.data_dir.clone();
+            let opened = match blocking(move || vm::open_disks(&r, restart, &dd)).await {
                 Ok(o) => o,
                 Err(e) => {
                     // The VM stays known (and Critical) so an operator sees why.
@@ -193,7 +194,8 @@ impl Engine {
             protected_since_ms: 0,
         };
         let r = rec.clone();
-        let opened = match blocking(move || vm::open_disks(&r, true)).await {
+        let dd = self.shared.config.data_dir.clone();
+        let opened = match blocking(move || vm::open_disks(&r, true, &dd)).await {
             Ok(o) => o,
             Err(e) => {
                 for d in &spec.disks {
@@ -223,7 +225,17 @@ impl Engine {
         crate::model::validate_name("vm name", name)?;
         mailbox(self.scheduler.send(StopVm { name: name.to_string(), unprotect: true }).await)??;
         let (state, n) = (self.shared.state.clone(), name.to_string());
-        blocking(move || state.delete_vm(&n)).await
+        let kept_hashes = self.shared.config.data_dir.join("hashes").join(name);
+        blocking(move || {
+            state.delete_vm(&n)?;
+            match std::fs::remove_dir_all(&kept_hashes) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io(format!("remove {}", kept_hashes.display()), e))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await
     }
 
     pub async fn vm(&self, name: &str) -> Result<VmInfo> {

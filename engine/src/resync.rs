@@ -39,9 +39,7 @@ use crate::upload::UploadCtx;
 /// small writes cost what they changed (a hash list is 0.2% of the disk).
 pub const DEFAULT_RESYNC_BLOCK: u64 = 4 << 10;
 
-pub fn hash_block(data: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(data)
-}
+pub use crate::hashes::hash_block;
 
 /// Runs of block indices whose hashes differ. A block the target lacks
 /// (the target list is shorter) differs.
@@ -107,12 +105,12 @@ pub async fn resync_disk(
     target_hashes: Arc<Vec<u64>>,
     block: u64,
     seq: u64,
-) -> Result<(Vec<ObjectRef>, ResyncStats)> {
+) -> Result<(Vec<ObjectRef>, ResyncStats, Vec<u64>)> {
     let size = disk.size();
     let chunk = (ctx.chunk_size / block).max(1) * block;
     let chunks = size.div_ceil(chunk);
     let stats = Arc::new(ResyncCounters::default());
-    let objects: Vec<Option<ObjectRef>> = futures::stream::iter(0..chunks)
+    let objects: Vec<(Option<ObjectRef>, Vec<u64>)> = futures::stream::iter(0..chunks)
         .map(|i| {
             let (disk, snap, hashes, ctx, stats) =
                 (disk.clone(), snap.clone(), target_hashes.clone(), ctx.clone(), stats.clone());
@@ -122,7 +120,8 @@ pub async fn resync_disk(
                 let level = ctx.zstd_level;
                 let key = object_key(&ctx.vm, ctx.generation, &disk.name, seq, i);
                 let counters = stats.clone();
-                let enc = tokio::task::spawn_blocking(move || -> Result<Option<(bundle::EncodedBundle, u64)>> {
+                type Chunk = (Option<(bundle::EncodedBundle, u64)>, Vec<u64>);
+                let (enc, source) = tokio::task::spawn_blocking(move || -> Result<Chunk> {
                     let mut buf = vec![0u8; len as usize];
                     snap.read_for_copy(disk.file(), offset, &mut buf)?;
                     let first = offset / block;
@@ -133,7 +132,7 @@ pub async fn resync_disk(
                     let sent: u64 = runs.iter().map(|r| r.end - r.start).sum();
                     counters.compared.fetch_add(source.len() as u64, Ordering::Relaxed);
                     if runs.is_empty() {
-                        return Ok(None);
+                        return Ok((None, source));
                     }
                     let extents: Vec<BundleExtent> = runs
                         .iter()
@@ -143,23 +142,19 @@ pub async fn resync_disk(
                             BundleExtent { offset: offset + a as u64, data: ExtentData::Data(buf[a..b].to_vec()) }
                         })
                         .collect();
-                    Ok(Some((bundle::encode(&extents, level)?, sent)))
+                    Ok((Some((bundle::encode(&extents, level)?, sent)), source))
                 })
                 .await
                 .map_err(|e| Error::Internal(format!("resync task failed: {e}")))??;
                 ctx.progress.fetch_add(len, Ordering::Relaxed);
-                let Some((enc, blocks)) = enc else { return Ok(None) };
+                let Some((enc, blocks)) = enc else { return Ok((None, source)) };
                 let stored_len = enc.bytes.len() as u64;
                 crate::upload::put_with_retries(&ctx, &key, Bytes::from(enc.bytes)).await?;
                 stats.sent.fetch_add(blocks, Ordering::Relaxed);
                 stats.bytes.fetch_add(stored_len, Ordering::Relaxed);
                 stats.logical.fetch_add(enc.logical_len, Ordering::Relaxed);
-                Ok::<_, Error>(Some(ObjectRef {
-                    key,
-                    checksum: enc.checksum,
-                    stored_len,
-                    logical_len: enc.logical_len,
-                }))
+                let object = ObjectRef { key, checksum: enc.checksum, stored_len, logical_len: enc.logical_len };
+                Ok::<_, Error>((Some(object), source))
             }
         })
         .buffered(ctx.workers)
@@ -171,7 +166,13 @@ pub async fn resync_disk(
         bytes_sent: stats.bytes.load(Ordering::Relaxed),
         bytes_logical: stats.logical.load(Ordering::Relaxed),
     };
-    Ok((objects.into_iter().flatten().collect(), s))
+    let mut objs = Vec::new();
+    let mut hashes = Vec::new();
+    for (o, h) in objects {
+        objs.extend(o);
+        hashes.extend(h);
+    }
+    Ok((objs, s, hashes))
 }
 
 #[derive(Default)]

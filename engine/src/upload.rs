@@ -47,6 +47,8 @@ pub struct UploadCtx {
     /// Bytes done and bytes planned, for the job's progress.
     pub progress: Arc<AtomicU64>,
     pub total: Arc<AtomicU64>,
+    /// Block size of the replica hashes kept for resync ([`crate::hashes`]).
+    pub hash_block: u64,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -82,11 +84,17 @@ pub async fn put_with_retries(ctx: &UploadCtx, key: &str, data: Bytes) -> Result
     ctx.target.put(key, data).await
 }
 
-/// Copies a disk as of its snapshot: one bundle per non-zero chunk.
-pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot>, seq: u64) -> Result<Vec<ObjectRef>> {
+/// Copies a disk as of its snapshot: one bundle per non-zero chunk. Also
+/// returns the hash of every block sent (the replica's block hashes).
+pub async fn upload_base(
+    ctx: &UploadCtx,
+    disk: Arc<Disk>,
+    snap: Arc<CowSnapshot>,
+    seq: u64,
+) -> Result<(Vec<ObjectRef>, Vec<u64>)> {
     let size = disk.size();
     let chunks = size.div_ceil(ctx.chunk_size);
-    let results: Vec<Option<ObjectRef>> = futures::stream::iter(0..chunks)
+    let results: Vec<(Option<ObjectRef>, Vec<u64>)> = futures::stream::iter(0..chunks)
         .map(|i| {
             let (disk, snap, ctx) = (disk.clone(), snap.clone(), ctx.clone());
             async move {
@@ -94,14 +102,16 @@ pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot
                 let len = ctx.chunk_size.min(size - offset);
                 let level = ctx.zstd_level;
                 let key = object_key(&ctx.vm, ctx.generation, &disk.name, seq, i);
-                let enc = blocking(move || {
+                let block = ctx.hash_block as usize;
+                let (enc, hashes) = blocking(move || {
                     let mut buf = vec![0u8; len as usize];
                     snap.read_for_copy(disk.file(), offset, &mut buf)?;
+                    let hashes: Vec<u64> = buf.chunks(block).map(crate::hashes::hash_block).collect();
                     let extents = non_zero_extents(offset, &buf);
                     if extents.is_empty() {
-                        return Ok(None);
+                        return Ok((None, hashes));
                     }
-                    bundle::encode(&extents, level).map(Some)
+                    Ok((Some(bundle::encode(&extents, level)?), hashes))
                 })
                 .await?;
                 let out = match enc {
@@ -109,13 +119,19 @@ pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot
                     None => None,
                 };
                 ctx.progress.fetch_add(len, Ordering::Relaxed);
-                Ok::<_, Error>(out)
+                Ok::<_, Error>((out, hashes))
             }
         })
         .buffered(ctx.workers)
         .try_collect()
         .await?;
-    Ok(results.into_iter().flatten().collect())
+    let mut objects = Vec::new();
+    let mut hashes = Vec::new();
+    for (o, h) in results {
+        objects.extend(o);
+        hashes.extend(h);
+    }
+    Ok((objects, hashes))
 }
 
 /// Granularity at which a base chunk leaves out zeros: a restored image
@@ -225,8 +241,14 @@ fn split_extent(e: Extent, at: u64) -> (Extent, Extent) {
     )
 }
 
-/// Uploads a disk's sealed logs as the parts of point `seq`.
-pub async fn upload_logs(ctx: &UploadCtx, disk: &str, logs: Vec<PathBuf>, seq: u64) -> Result<Vec<ObjectRef>> {
+/// Uploads a disk's sealed logs as the parts of point `seq`. Also returns
+/// how the replica's block hashes change ([`crate::hashes`]).
+pub async fn upload_logs(
+    ctx: &UploadCtx,
+    disk: &str,
+    logs: Vec<PathBuf>,
+    seq: u64,
+) -> Result<(Vec<ObjectRef>, crate::hashes::HashUpdates)> {
     let chunk = ctx.chunk_size;
     let logs2 = logs.clone();
     let (parts, planned) = blocking(move || plan_parts(&logs2, chunk)).await?;
@@ -242,34 +264,49 @@ pub async fn upload_logs(ctx: &UploadCtx, disk: &str, logs: Vec<PathBuf>, seq: u
             let key = object_key(&ctx.vm, ctx.generation, disk, seq, i as u64);
             async move {
                 let level = ctx.zstd_level;
-                let enc = blocking(move || {
+                let block = ctx.hash_block;
+                let (enc, updates) = blocking(move || {
+                    let mut updates = Vec::new();
                     let extents = part
                         .iter()
                         .map(|e| {
                             let data = match e.source {
-                                ExtentSource::Zero => ExtentData::Zero(e.len),
+                                ExtentSource::Zero => {
+                                    crate::hashes::updates_for(e.offset, None, e.len, block, &mut updates);
+                                    ExtentData::Zero(e.len)
+                                }
                                 ExtentSource::Log { log_index, pos } => {
                                     let mut buf = vec![0u8; e.len as usize];
                                     std::os::unix::fs::FileExt::read_exact_at(&files[log_index], &mut buf, pos)
                                         .map_err(|err| untrusted_log(Error::io("read change log payload", err)))?;
+                                    crate::hashes::updates_for(e.offset, Some(&buf), e.len, block, &mut updates);
                                     ExtentData::Data(buf)
                                 }
                             };
                             Ok(BundleExtent { offset: e.offset, data })
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    bundle::encode(&extents, level)
+                    Ok((bundle::encode(&extents, level)?, updates))
                 })
                 .await?;
                 let logical = enc.logical_len;
                 let r = put_part(&ctx, key, enc).await?;
                 ctx.progress.fetch_add(logical, Ordering::Relaxed);
-                Ok::<_, Error>(r)
+                Ok::<_, Error>((r, updates))
             }
         })
         .buffered(ctx.workers)
-        .try_collect()
+        .try_collect::<Vec<_>>()
         .await
+        .map(|parts| {
+            let mut objects = Vec::new();
+            let mut updates = Vec::new();
+            for (o, u) in parts {
+                objects.push(o);
+                updates.extend(u);
+            }
+            (objects, updates)
+        })
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use crate::changelog;
 use crate::config::AutoResync;
 use crate::disk::{self, Disk, DiskSignal};
 use crate::error::{Error, ErrorClass, Result};
+use crate::hashes::{self, BlockHashes, HashUpdates};
 use crate::jobs::JobProgress;
 use crate::lifecycle::{Action, Event, Lifecycle, Transition, VmState};
 use crate::manifest::{manifest_key, DiskManifest, Manifest, ObjectRef, MANIFEST_FORMAT};
@@ -82,6 +83,40 @@ pub struct OpenedDisks {
     /// Why the logs found cannot be trusted (unclean, broken chain, missing).
     pub distrust: Option<String>,
     pub signals: tokio::sync::mpsc::UnboundedReceiver<DiskSignal>,
+    /// The replica's block hashes kept for resync, per disk (None: not known).
+    pub hashes: Vec<Option<BlockHashes>>,
+}
+
+/// A disk's kept replica hashes, shared with the tasks that commit points.
+type HashCache = Arc<std::sync::Mutex<Option<BlockHashes>>>;
+
+/// How a committed point changes a disk's kept replica hashes.
+enum HashChange {
+    /// The point sent every block (base copy, resync).
+    Replace(BlockHashes),
+    /// A delta on top of `parent`.
+    Apply { generation: u64, parent: u64, seq: u64, updates: HashUpdates },
+}
+
+/// After a point is committed, brings a disk's kept hashes up to it (blocking).
+fn keep_hashes(shared: &Shared, vm: &str, disk: &str, cache: &HashCache, change: HashChange) {
+    let mut c = cache.lock().expect("hash cache lock");
+    match change {
+        HashChange::Replace(h) => *c = Some(h),
+        HashChange::Apply { generation, parent, seq, updates } => match c.as_mut() {
+            Some(h) if h.generation == generation && h.seq == parent => {
+                h.apply(&updates);
+                h.seq = seq;
+            }
+            // Not known as of the parent: stay unknown (the file's seq no longer matches).
+            _ => *c = None,
+        },
+    }
+    if let Some(h) = c.as_ref() {
+        if let Err(e) = h.save(&hashes::path(&shared.config.data_dir, vm, disk)) {
+            tracing::warn!(vm, disk, error = %e, "could not keep replica hashes; the next resync reads the replica");
+        }
+    }
 }
 
 fn remove_logs(disk_path: &std::path::Path) -> Result<()> {
@@ -98,12 +133,13 @@ fn remove_logs(disk_path: &std::path::Path) -> Result<()> {
 /// Opens a VM's disks (blocking). `fresh`: a new protection (or one restarted
 /// from scratch): old logs of this VM are removed and each disk starts a new
 /// chain. Otherwise existing logs are checked and kept as pending.
-pub fn open_disks(rec: &VmRecord, fresh: bool) -> Result<OpenedDisks> {
+pub fn open_disks(rec: &VmRecord, fresh: bool, data_dir: &std::path::Path) -> Result<OpenedDisks> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let vm = &rec.spec.name;
     let mut disks = Vec::new();
     let mut pending = Vec::new();
     let mut distrust = None;
+    let mut hash_sets = Vec::new();
     for spec in &rec.spec.disks {
         disk::open_image(&spec.path)?; // a clear error before any log is touched
         let logs = changelog::list_logs(&spec.path)?;
@@ -140,8 +176,15 @@ pub fn open_disks(rec: &VmRecord, fresh: bool) -> Result<OpenedDisks> {
         let log = disk::new_log(&spec.path, vm, &spec.name, next_seq, prev_id)?;
         disks.push(Arc::new(Disk::new(vm, &spec.name, &spec.path, log, sealed, tx.clone())?));
         pending.push(kept);
+        let hpath = hashes::path(data_dir, vm, &spec.name);
+        hash_sets.push(if fresh {
+            let _ = std::fs::remove_file(&hpath);
+            None
+        } else {
+            BlockHashes::load(&hpath).filter(|h| h.generation == rec.generation)
+        });
     }
-    Ok(OpenedDisks { disks, pending, distrust, signals: rx })
+    Ok(OpenedDisks { disks, pending, distrust, signals: rx, hashes: hash_sets })
 }
 
 /// Checks a disk's logs: all cleanly closed and chained. Returns them as
@@ -201,6 +244,10 @@ pub struct VmActor {
     last_step: Step,
     /// The auto-resync timer, while a VM waits for its window.
     resync_timer: Option<SpawnHandle>,
+    /// Per disk: the replica's block hashes, kept as points commit.
+    hash_caches: Vec<HashCache>,
+    /// Per disk: block hashes of the base copy, kept until the base commits.
+    base_hashes: Vec<Vec<u64>>,
 }
 
 /// The steps that can fail and be retried.
@@ -249,6 +296,8 @@ impl VmActor {
             retry_timer: None,
             last_step: Step::Cycle,
             resync_timer: None,
+            hash_caches: opened.hashes.into_iter().map(|h| Arc::new(std::sync::Mutex::new(h))).collect(),
+            base_hashes: Vec::new(),
         }
     }
 
@@ -291,6 +340,7 @@ impl VmActor {
             workers: self.rec.spec.upload_workers,
             progress: progress.done.clone(),
             total: progress.total.clone(),
+            hash_block: self.shared.config.resync_block_size,
         }
     }
 
@@ -425,11 +475,12 @@ impl VmActor {
         let uctx = self.upload_ctx(&job);
         let (disks, shared, epoch) = (self.disks.clone(), self.shared.clone(), self.log_epoch);
         let (vm, generation) = (self.rec.spec.name.clone(), self.rec.generation);
+        let caches = self.hash_caches.clone();
         self.spawn(ctx, async move {
             let d2 = disks.clone();
             let r = match blocking(move || disk::begin_resync(&d2)).await {
                 Ok((snaps, at)) => {
-                    let r = resync_all(&shared, &uctx, &disks, &snaps, vm, generation, last, seq, at).await;
+                    let r = resync_all(&shared, &uctx, &disks, &snaps, &caches, vm, generation, last, seq, at).await;
                     drop(snaps);
                     release_snapshots(&disks).await;
                     r
@@ -454,7 +505,7 @@ impl VmActor {
             // One disk after the other, as Hyper-V does; parts in parallel within a disk.
             for (d, s) in work {
                 match upload::upload_base(&uctx, d, s, 1).await {
-                    Ok(objs) => all.push(objs),
+                    Ok(r) => all.push(r),
                     Err(e) => {
                         result = Err(e);
                         break;
@@ -483,9 +534,25 @@ impl VmActor {
         };
         self.snapshots.clear();
         let (shared, disks) = (self.shared.clone(), self.disks.clone());
+        let caches = self.hash_caches.clone();
+        let (generation, block) = (self.rec.generation, self.shared.config.resync_block_size);
+        let hash_sets = self.base_hashes.clone();
         self.spawn(ctx, async move {
             release_snapshots(&disks).await;
-            BaseCommitted(commit_manifest(&shared, manifest).await)
+            let r = commit_manifest(&shared, manifest).await;
+            if r.is_ok() {
+                let (s2, vm) = (shared.clone(), disks.first().map(|d| d.vm.clone()).unwrap_or_default());
+                let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+                let _ = blocking(move || {
+                    for ((name, cache), hashes) in names.iter().zip(&caches).zip(hash_sets) {
+                        let h = BlockHashes { generation, seq: 1, block, hashes };
+                        keep_hashes(&s2, &vm, name, cache, HashChange::Replace(h));
+                    }
+                    Ok(())
+                })
+                .await;
+            }
+            BaseCommitted(r)
         });
     }
 
@@ -500,6 +567,7 @@ impl VmActor {
         let (disks, pending, shared) = (self.disks.clone(), self.pending.clone(), self.shared.clone());
         let (vm, generation, parent) = (self.rec.spec.name.clone(), self.rec.generation, self.rec.last_point_seq);
         let epoch = self.log_epoch;
+        let caches = self.hash_caches.clone();
         self.spawn(ctx, async move {
             let disks2 = disks.clone();
             let sealed = match blocking(move || rotate_and_seal(&disks2)).await {
@@ -514,7 +582,7 @@ impl VmActor {
                     p
                 })
                 .collect();
-            let result = upload_cycle(&shared, &uctx, &disks, &included, vm, generation, seq, parent).await;
+            let result = upload_cycle(&shared, &uctx, &disks, &included, vm, generation, seq, parent, &caches).await;
             CycleEnded { job, epoch, included, result }
         });
     }
@@ -609,20 +677,23 @@ async fn upload_cycle(
     generation: u64,
     seq: u64,
     parent: u64,
+    caches: &[HashCache],
 ) -> Result<Option<RecoveryPoint>> {
     if included.iter().all(|l| l.is_empty()) {
         return Ok(None);
     }
     let time_ms = included.iter().flatten().map(|l| l.sealed_ms).max().unwrap_or_else(now_millis);
     let mut manifest_disks = Vec::new();
+    let mut all_updates = Vec::new();
     for (d, logs) in disks.iter().zip(included) {
         let paths = logs.iter().map(|l| l.path.clone()).collect();
-        let objects = upload::upload_logs(uctx, &d.name, paths, seq).await?;
+        let (objects, updates) = upload::upload_logs(uctx, &d.name, paths, seq).await?;
         manifest_disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
+        all_updates.push(updates);
     }
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
-        vm,
+        vm: vm.clone(),
         generation,
         seq,
         parent: Some(parent),
@@ -630,7 +701,17 @@ async fn upload_cycle(
         time_ms,
         disks: manifest_disks,
     };
-    commit_manifest(shared, manifest).await.map(Some)
+    let point = commit_manifest(shared, manifest).await?;
+    let (s2, caches) = (shared.clone(), caches.to_vec());
+    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+    let _ = blocking(move || {
+        for ((name, cache), updates) in names.iter().zip(&caches).zip(all_updates) {
+            keep_hashes(&s2, &vm, name, cache, HashChange::Apply { generation, parent, seq, updates });
+        }
+        Ok(())
+    })
+    .await;
+    Ok(Some(point))
 }
 
 /// Puts the manifest (all its objects are durable already), then commits the point.
@@ -732,7 +813,8 @@ impl Handler<Snapshotted> for VmActor {
 #[rtype(result = "()")]
 struct InitialCopied {
     job: JobProgress,
-    result: Result<Vec<Vec<ObjectRef>>>,
+    /// Per disk: the objects put and the hash of every block.
+    result: Result<Vec<(Vec<ObjectRef>, Vec<u64>)>>,
 }
 
 impl Handler<InitialCopied> for VmActor {
@@ -740,8 +822,8 @@ impl Handler<InitialCopied> for VmActor {
     fn handle(&mut self, msg: InitialCopied, ctx: &mut Context<Self>) {
         self.finish_job(&msg.job, &msg.result.as_ref().map(|_| None).map_err(clone_err));
         match msg.result {
-            Ok(objects) => {
-                self.base_objects = objects;
+            Ok(per_disk) => {
+                (self.base_objects, self.base_hashes) = per_disk.into_iter().unzip();
                 self.retry.on_success();
                 self.apply(Event::InitialCopyDone, ctx);
             }
@@ -770,6 +852,7 @@ impl Handler<BaseCommitted> for VmActor {
                 tracing::info!(vm = %self.name(), seq = p.seq, "base recovery point committed");
                 self.rec.last_point_seq = p.seq;
                 self.base_objects.clear();
+                self.base_hashes.clear();
                 self.retry.on_success();
                 self.apply(Event::PointCommitted, ctx);
                 // Writes made during the copy are in the logs: ship them now.
@@ -944,6 +1027,7 @@ async fn resync_all(
     uctx: &UploadCtx,
     disks: &[Arc<Disk>],
     snaps: &[Arc<CowSnapshot>],
+    caches: &[HashCache],
     vm: String,
     generation: u64,
     last: u64,
@@ -958,9 +1042,18 @@ async fn resync_all(
     // with: the resync then sends every block as a new base.
     let mut full = last == 0;
     let mut hashes = Vec::new();
-    for d in disks {
+    for (d, cache) in disks.iter().zip(caches) {
+        let kept = cache.lock().expect("hash cache lock").clone().filter(|h| {
+            h.generation == generation
+                && h.seq == last
+                && h.block == block
+                && h.hashes.len() as u64 == d.size().div_ceil(block)
+        });
         let h = if full {
             Vec::new()
+        } else if let Some(kept) = kept {
+            // Kept as blocks were written: no need to read the replica.
+            kept.hashes
         } else {
             match resync::target_hashes(
                 &shared.target,
@@ -990,10 +1083,12 @@ async fn resync_all(
         hashes.iter_mut().for_each(|h| h.clear());
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    let mut source_hashes = Vec::new();
     for ((d, snap), h) in disks.iter().zip(snaps).zip(hashes) {
-        let (objects, s) = resync::resync_disk(uctx, d.clone(), snap.clone(), Arc::new(h), block, seq).await?;
+        let (objects, s, source) = resync::resync_disk(uctx, d.clone(), snap.clone(), Arc::new(h), block, seq).await?;
         stats.add(&s);
         manifest_disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
+        source_hashes.push(source);
     }
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
@@ -1005,7 +1100,18 @@ async fn resync_all(
         time_ms: at,
         disks: manifest_disks,
     };
+    let vm = manifest.vm.clone();
     let point = commit_manifest(shared, manifest).await?;
+    // The replica now equals the snapshot block for block.
+    let (s2, caches) = (shared.clone(), caches.to_vec());
+    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+    let _ = blocking(move || {
+        for ((name, cache), hashes) in names.iter().zip(&caches).zip(source_hashes) {
+            keep_hashes(&s2, &vm, name, cache, HashChange::Replace(BlockHashes { generation, seq, block, hashes }));
+        }
+        Ok(())
+    })
+    .await;
     Ok((point, stats))
 }
 

@@ -266,3 +266,71 @@ async fn pause_keeps_tracking_writes() {
     assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
     engine.shutdown().await.unwrap();
 }
+
+/// The replica hashes kept as points commit match the replica itself:
+/// every kept hash equals the restored block's hash or is UNKNOWN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kept_replica_hashes_match_the_replica() {
+    use ferry_engine::hashes::{self, BlockHashes, UNKNOWN};
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let a = disk(tmp.path(), "a", size, 21);
+    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    for _ in 0..3 {
+        for _ in 0..30 {
+            // Unaligned on purpose: partly covered blocks must become UNKNOWN.
+            let len = rng.random_range(1..=20_000u64);
+            let off = rng.random_range(0..size - len);
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            engine.write("vm", "a", off, data).await.unwrap();
+        }
+        engine.disk("vm", "a").unwrap().write_zeroes(8192, 12288, false).unwrap();
+        replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    }
+    let last = engine.vm("vm").await.unwrap().last_point_seq;
+    let kept = BlockHashes::load(&hashes::path(&tmp.path().join("data"), "vm", "a")).expect("hashes are kept");
+    assert_eq!(kept.seq, last, "kept hashes describe the last committed point");
+    let out = tmp.path().join("out");
+    engine.restore("vm", PointSelector::Latest, &out).await.unwrap();
+    let actual = ferry_engine::resync::hash_file(&out.join("a.img"), size, kept.block).unwrap();
+    assert_eq!(actual.len(), kept.hashes.len());
+    let mut unknown = 0;
+    for (i, (k, a)) in kept.hashes.iter().zip(&actual).enumerate() {
+        if *k == UNKNOWN {
+            unknown += 1;
+        } else {
+            assert_eq!(k, a, "block {i}: kept hash differs from the replica");
+        }
+    }
+    assert!(unknown > 0 && unknown < actual.len() / 4, "{unknown} of {} unknown", actual.len());
+    engine.shutdown().await.unwrap();
+
+    // Without kept hashes (lost file), a resync reads the replica once instead.
+    drop(engine);
+    std::fs::remove_file(hashes::path(&tmp.path().join("data"), "vm", "a")).unwrap();
+    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    engine.write("vm", "a", 0, vec![9u8; 8192]).await.unwrap();
+    engine.resync("vm").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        if let Some(j) =
+            engine.jobs().unwrap().into_iter().find(|j| j.kind == JobKind::Resync && j.status != JobStatus::Running)
+        {
+            break j;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert!(job.detail.contains("compared 1024 blocks, sent 2 blocks"), "{}", job.detail);
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(30)).await;
+    assert!(
+        BlockHashes::load(&hashes::path(&tmp.path().join("data"), "vm", "a")).is_some(),
+        "kept again after the resync"
+    );
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out2")).await;
+    engine.shutdown().await.unwrap();
+}

@@ -1,0 +1,144 @@
+//! The replica's block hashes, kept as blocks are written.
+//!
+//! A resync compares the source's block hashes with the target's. Reading
+//! the replica back to hash it would cost a full download per resync, so
+//! the engine keeps the target's hashes as it writes: the base copy and a
+//! resync know every block they send, and a delta knows every block its
+//! coalesced extents cover entirely. A block a delta only partly covers
+//! becomes [`UNKNOWN`] and is simply sent by the next resync.
+//!
+//! Consistency: the file (`<data-dir>/hashes/<vm>/<disk>.hashes`) names
+//! the recovery point it describes and is rewritten (temp file, rename)
+//! only after that point is committed. A crash in between leaves a file for
+//! an older point; the resync then sees the mismatch and falls back to
+//! hashing the replica once. So stale hashes are never trusted.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A block whose replica content is not known here.
+pub const UNKNOWN: u64 = u64::MAX;
+const MAGIC: &[u8; 8] = b"FRYHASH1";
+
+/// One disk's replica block hashes as of recovery point `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHashes {
+    pub generation: u64,
+    pub seq: u64,
+    pub block: u64,
+    pub hashes: Vec<u64>,
+}
+
+/// A change to some blocks' hashes: `(block index, hash or UNKNOWN)`.
+pub type HashUpdates = Vec<(u64, u64)>;
+
+pub fn path(data_dir: &Path, vm: &str, disk: &str) -> PathBuf {
+    data_dir.join("hashes").join(vm).join(format!("{disk}.hashes"))
+}
+
+pub fn hash_block(data: &[u8]) -> u64 {
+    match xxhash_rust::xxh3::xxh3_64(data) {
+        UNKNOWN => UNKNOWN - 1, // keep the marker unambiguous
+        h => h,
+    }
+}
+
+/// Hashes of the blocks a piece of data at `offset` covers entirely, and
+/// UNKNOWN for the blocks it covers only in part.
+pub fn updates_for(offset: u64, data: Option<&[u8]>, len: u64, block: u64, out: &mut HashUpdates) {
+    if len == 0 {
+        return;
+    }
+    let end = offset + len;
+    let first = offset / block;
+    let last = (end - 1) / block;
+    let zero = data.is_none().then(|| hash_block(&vec![0u8; block as usize]));
+    for b in first..=last {
+        let (bs, be) = (b * block, (b + 1) * block);
+        if bs < offset || be > end {
+            out.push((b, UNKNOWN));
+            continue;
+        }
+        let h = match data {
+            Some(d) => hash_block(&d[(bs - offset) as usize..(be - offset) as usize]),
+            None => zero.expect("set when data is None"),
+        };
+        out.push((b, h));
+    }
+}
+
+impl BlockHashes {
+    pub fn apply(&mut self, updates: &[(u64, u64)]) {
+        for &(b, h) in updates {
+            if let Some(slot) = self.hashes.get_mut(b as usize) {
+                *slot = h;
+            }
+        }
+    }
+
+    pub fn load(path: &Path) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        let (head, body) = bytes.split_at_checked(40)?;
+        if &head[..8] != MAGIC || body.len() % 8 != 0 {
+            return None;
+        }
+        let n = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+        let (generation, seq, block, count) = (n(8), n(16), n(24), n(32));
+        let hashes: Vec<u64> =
+            body.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        (hashes.len() as u64 == count).then_some(BlockHashes { generation, seq, block, hashes })
+    }
+
+    /// Writes the file atomically (temp file, rename). Not fsynced: a lost
+    /// file only costs a fallback hash pass, never a wrong answer.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let dir = path.parent().expect("hash files live in a folder");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let mut out = Vec::with_capacity(40 + self.hashes.len() * 8);
+        out.extend_from_slice(MAGIC);
+        for v in [self.generation, self.seq, self.block, self.hashes.len() as u64] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for h in &self.hashes {
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+        let tmp = path.with_extension("hashes.tmp");
+        std::fs::write(&tmp, &out).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename {}", path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_fully_covered_blocks_get_a_hash() {
+        let data = vec![7u8; 10_000];
+        let mut u = vec![];
+        updates_for(4096, Some(&data), 10_000, 4096, &mut u);
+        // 4096..14096 covers block 1 and 2 fully, block 3 (12288..16384) in part.
+        assert_eq!(u.len(), 3);
+        assert_eq!(u[0], (1, hash_block(&data[..4096])));
+        assert_eq!(u[1], (2, hash_block(&data[4096..8192])));
+        assert_eq!(u[2], (3, UNKNOWN));
+        let mut z = vec![];
+        updates_for(100, None, 9000, 4096, &mut z);
+        assert_eq!(z, vec![(0, UNKNOWN), (1, hash_block(&[0u8; 4096])), (2, UNKNOWN)]);
+    }
+
+    #[test]
+    fn save_load_round_trip_and_garbage_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path(), "vm", "d");
+        let mut h = BlockHashes { generation: 9, seq: 3, block: 4096, hashes: vec![1, 2, UNKNOWN, 4] };
+        h.save(&p).unwrap();
+        assert_eq!(BlockHashes::load(&p), Some(h.clone()));
+        h.apply(&[(1, 20), (9, 1)]);
+        assert_eq!(h.hashes, vec![1, 20, UNKNOWN, 4]);
+        std::fs::write(&p, b"FRYHASH1short").unwrap();
+        assert_eq!(BlockHashes::load(&p), None);
+        assert_eq!(BlockHashes::load(&dir.path().join("missing")), None);
+    }
+}
