@@ -110,14 +110,18 @@ impl Throttle {
 
     /// The limiter for the limit in force, rebuilt when the limit changed.
     fn current(&self) -> Option<Limiter> {
-        let want = self.limit();
-        let have = self.limiter.read().expect("throttle lock").clone();
-        match (want, have) {
-            (None, _) => None,
-            (Some(w), Some(h)) if h.0 == w => Some(h),
-            (Some(w), _) => {
-                let l = build(w);
-                *self.limiter.write().expect("throttle lock") = Some(l.clone());
+        let want = self.limit()?;
+        if let Some(h) = self.limiter.read().expect("throttle lock").as_ref().filter(|h| h.0 == want) {
+            return Some(h.clone());
+        }
+        // Build under the write lock, checking again: two callers racing here
+        // must share one limiter, or each would get a fresh burst.
+        let mut slot = self.limiter.write().expect("throttle lock");
+        match slot.as_ref() {
+            Some(h) if h.0 == want => Some(h.clone()),
+            _ => {
+                let l = build(want);
+                *slot = Some(l.clone());
                 Some(l)
             }
         }
