@@ -1,6 +1,6 @@
 //! Resync, side by side: a protected disk that drifted by 1% (random 4 KiB
 //! writes) brought back to its replica by `ferryctl resync` (fixed-block
-//! checksums, 64 KiB blocks) and by `rsync --inplace --no-whole-file` (rolling
+//! checksums, 4 KiB blocks) and by `rsync --inplace --no-whole-file` (rolling
 //! checksums) on the same two images, in the same run.
 //!
 //!     cargo bench --bench resync
@@ -44,7 +44,7 @@ use common::{mib, Ferryd};
 const VM: &str = "resync";
 const BLOCK: u64 = 4096;
 /// ferry's resync block (engine `DEFAULT_RESYNC_BLOCK`).
-const FERRY_BLOCK: u64 = 64 << 10;
+const FERRY_BLOCK: u64 = 4 << 10; // ferry_engine::resync::DEFAULT_RESYNC_BLOCK
 
 /// rsync's default block length for a file of `len` bytes (protocol >= 30):
 /// the square root rounded down to a multiple of 8, within 700..=128 KiB.

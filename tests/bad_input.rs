@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use common::nbd::{NbdClient, CMD_READ, CMD_WRITE};
 use common::{qemu_io, random_disk, Daemon, MIB};
 
 const SIZE: u64 = 4 * MIB;
@@ -188,101 +187,8 @@ fn a_disk_listed_twice_under_an_alias_is_refused() {
     d.stop();
 }
 
-// ---- a minimal NBD client (fixed newstyle, simple replies) ----
-
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
-
-struct Nbd {
-    s: UnixStream,
-    size: u64,
-    handle: u64,
-}
-
-fn read_exact<const N: usize>(s: &mut UnixStream) -> [u8; N] {
-    let mut b = [0u8; N];
-    s.read_exact(&mut b).expect("NBD read");
-    b
-}
-
-impl Nbd {
-    /// Handshake with NBD_OPT_GO; `Err(reply type)` if the server refuses the export.
-    fn connect(socket: &Path, export: &str) -> Result<Nbd, u32> {
-        let mut s = UnixStream::connect(socket).expect("connect to the NBD socket");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        assert_eq!(&read_exact::<8>(&mut s), b"NBDMAGIC");
-        assert_eq!(&read_exact::<8>(&mut s), b"IHAVEOPT");
-        let flags = u16::from_be_bytes(read_exact::<2>(&mut s));
-        assert!(flags & 1 == 1, "server is fixed newstyle");
-        // Client flags: FIXED_NEWSTYLE | NO_ZEROES (if offered).
-        s.write_all(&(1u32 | (flags as u32 & 2)).to_be_bytes()).unwrap();
-        let mut data = Vec::new();
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes()); // no info requests
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&data);
-        s.write_all(&opt).unwrap();
-        let mut size = None;
-        loop {
-            assert_eq!(u64::from_be_bytes(read_exact::<8>(&mut s)), OPT_REPLY_MAGIC);
-            assert_eq!(u32::from_be_bytes(read_exact::<4>(&mut s)), OPT_GO);
-            let kind = u32::from_be_bytes(read_exact::<4>(&mut s));
-            let len = u32::from_be_bytes(read_exact::<4>(&mut s)) as usize;
-            let mut payload = vec![0u8; len];
-            s.read_exact(&mut payload).unwrap();
-            if kind & 0x8000_0000 != 0 {
-                return Err(kind);
-            }
-            match kind {
-                REP_INFO if payload.len() >= 12 && payload[..2] == [0, 0] => {
-                    size = Some(u64::from_be_bytes(payload[2..10].try_into().unwrap()));
-                }
-                REP_INFO => {}
-                REP_ACK => break,
-                other => panic!("unexpected option reply {other:#x}"),
-            }
-        }
-        Ok(Nbd { s, size: size.expect("NBD_INFO_EXPORT before ACK"), handle: 0 })
-    }
-
-    /// Sends one request (with `payload` for a write) and reads its simple
-    /// reply: (error, data read).
-    fn call(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> (u32, Vec<u8>) {
-        self.handle += 1;
-        let mut req = Vec::with_capacity(28 + payload.len());
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&cmd.to_be_bytes());
-        req.extend_from_slice(&self.handle.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&len.to_be_bytes());
-        req.extend_from_slice(payload);
-        self.s.write_all(&req).unwrap();
-        assert_eq!(u32::from_be_bytes(read_exact::<4>(&mut self.s)), SIMPLE_REPLY_MAGIC);
-        let error = u32::from_be_bytes(read_exact::<4>(&mut self.s));
-        assert_eq!(u64::from_be_bytes(read_exact::<8>(&mut self.s)), self.handle, "reply handle");
-        let mut data = Vec::new();
-        if error == 0 && cmd == CMD_READ {
-            data = vec![0u8; len as usize];
-            self.s.read_exact(&mut data).unwrap();
-        }
-        (error, data)
-    }
-}
 
 #[test]
 fn nbd_requests_past_the_end_get_einval_and_the_session_goes_on() {
@@ -290,25 +196,29 @@ fn nbd_requests_past_the_end_get_einval_and_the_session_goes_on() {
     let disk = protected_vm(&d);
     let bytes = std::fs::read(&disk).unwrap();
 
-    assert!(Nbd::connect(&d.socket, "vm1/nope").is_err(), "an unknown export is refused");
-    assert!(Nbd::connect(&d.socket, "../vm1/ok").is_err(), "an odd export name is refused");
+    assert!(NbdClient::connect(&d.socket, "vm1/nope").unwrap().is_err(), "an unknown export is refused");
+    assert!(NbdClient::connect(&d.socket, "../vm1/ok").unwrap().is_err(), "an odd export name is refused");
 
-    let mut c = Nbd::connect(&d.socket, "vm1/ok").expect("export vm1/ok");
+    let mut c = NbdClient::open(&d.socket, "vm1/ok");
     assert_eq!(c.size, SIZE);
-    assert_eq!(c.call(CMD_READ, SIZE, 4096, &[]).0, EINVAL, "READ at the end");
-    assert_eq!(c.call(CMD_READ, SIZE - 4096, 8192, &[]).0, EINVAL, "READ across the end");
-    assert_eq!(c.call(CMD_READ, u64::MAX - 511, 512, &[]).0, EINVAL, "READ where offset + length overflows");
-    let (err, data) = c.call(CMD_READ, SIZE - 4096, 4096, &[]);
+    assert_eq!(c.call(CMD_READ, SIZE, 4096, &[]).unwrap().0, EINVAL, "READ at the end");
+    assert_eq!(c.call(CMD_READ, SIZE - 4096, 8192, &[]).unwrap().0, EINVAL, "READ across the end");
+    assert_eq!(c.call(CMD_READ, u64::MAX - 511, 512, &[]).unwrap().0, EINVAL, "READ where offset + length overflows");
+    let (err, data) = c.call(CMD_READ, SIZE - 4096, 4096, &[]).unwrap();
     assert_eq!(err, 0, "an in-range READ after the errors");
     assert!(data == bytes[(SIZE - 4096) as usize..], "the last 4K read back");
 
     let junk = vec![0xeeu8; 4096];
     // The spec (like qemu-nbd) answers writes past the end with ENOSPC, and
     // a range that overflows u64 with EINVAL.
-    assert_eq!(c.call(CMD_WRITE, SIZE, 4096, &junk).0, ENOSPC, "WRITE at the end");
-    assert_eq!(c.call(CMD_WRITE, SIZE - 2048, 4096, &junk).0, ENOSPC, "WRITE across the end");
-    assert_eq!(c.call(CMD_WRITE, u64::MAX - 511, 4096, &junk).0, EINVAL, "WRITE where offset + length overflows");
-    let (err, data) = c.call(CMD_READ, 0, 4096, &[]);
+    assert_eq!(c.call(CMD_WRITE, SIZE, 4096, &junk).unwrap().0, ENOSPC, "WRITE at the end");
+    assert_eq!(c.call(CMD_WRITE, SIZE - 2048, 4096, &junk).unwrap().0, ENOSPC, "WRITE across the end");
+    assert_eq!(
+        c.call(CMD_WRITE, u64::MAX - 511, 4096, &junk).unwrap().0,
+        EINVAL,
+        "WRITE where offset + length overflows"
+    );
+    let (err, data) = c.call(CMD_READ, 0, 4096, &[]).unwrap();
     assert_eq!(err, 0, "the session goes on after refused writes");
     assert!(data == bytes[..4096], "first 4K");
     drop(c);
