@@ -758,6 +758,9 @@ impl Actor for VmActor {
         match self.rec.lifecycle.state {
             VmState::Unprotected => self.apply(Event::Protect, ctx),
             VmState::ResyncRequired => self.discard_logs(ctx),
+            // Stopped mid-resync: its point was never committed, so run it again
+            // (it starts a new chain and snapshot; logs found now are not needed).
+            VmState::Resynchronizing => self.start_resync(ctx),
             _ => {
                 if let Some(reason) = self.distrust.take() {
                     self.apply(Event::ResyncNeeded { reason }, ctx);

@@ -334,3 +334,30 @@ async fn kept_replica_hashes_match_the_replica() {
     assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out2")).await;
     engine.shutdown().await.unwrap();
 }
+
+/// A daemon stopped while a resync runs starts the resync again on restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resync_interrupted_by_a_stop_runs_again_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = disk(tmp.path(), "a", 4 * MIB, 31);
+    {
+        // Slow puts keep the resync running long enough to stop in the middle of it.
+        let engine = Engine::open(config(tmp.path(), Some(Faults::default()))).await.unwrap();
+        protect(&engine, "vm", &[&a]).await;
+        wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+        churn(&engine, "vm", "a", 4 * MIB, 32, 40).await;
+        engine.set_faults(Faults { latency_ms: 300, ..Default::default() }).unwrap();
+        engine.resync("vm").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(engine.vm("vm").await.unwrap().state, VmState::Resynchronizing);
+        engine.shutdown().await.unwrap();
+    }
+    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+    let resyncs = engine.jobs().unwrap().into_iter().filter(|j| j.kind == JobKind::Resync).collect::<Vec<_>>();
+    assert!(resyncs.iter().any(|j| j.status == JobStatus::Succeeded), "{resyncs:?}");
+    churn(&engine, "vm", "a", 4 * MIB, 33, 10).await;
+    replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
