@@ -138,6 +138,7 @@ fn check_protected(ferryd: &Ferryd, when: &str, notes: &mut FerryNotes) -> bool 
 
 /// Runs one workload on one server. `ferry`: cut a recovery point before
 /// every write slice and check the state.
+#[allow(clippy::too_many_arguments)]
 fn run_workload(
     fio: &Path,
     uri: &str,

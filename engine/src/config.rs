@@ -102,7 +102,7 @@ impl EngineConfig {
                 format!("{} is not a power of two in 4 KiB..=4 MiB", self.resync_block_size),
             ));
         }
-        if self.chunk_size % self.resync_block_size != 0 {
+        if !self.chunk_size.is_multiple_of(self.resync_block_size) {
             return Err(Error::invalid(
                 "chunk_size",
                 format!("{} is not a multiple of resync_block_size {}", self.chunk_size, self.resync_block_size),

@@ -183,6 +183,7 @@ struct ResyncCounters {
     logical: AtomicU64,
 }
 
+#[allow(clippy::too_many_arguments)]
 /// The target's block hashes of one disk at point `seq`: the replica is
 /// rebuilt once into `scratch` (sparse), hashed, and removed.
 pub async fn target_hashes(
@@ -227,6 +228,7 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    #[allow(clippy::type_complexity, clippy::single_range_in_vec_init)]
     fn runs_table() {
         let cases: Vec<(Vec<u64>, Vec<u64>, Vec<Range<u64>>)> = vec![
             (vec![1, 2, 3], vec![1, 2, 3], vec![]),

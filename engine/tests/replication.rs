@@ -181,7 +181,7 @@ async fn logs_over_half_the_disk_require_a_resync_and_are_discarded() {
     assert!(info.reason.as_deref().unwrap_or("").contains("50%"), "{info:?}");
     // Writes go on (to the disk) without logs piling up while the VM waits for its resync.
     for i in 0..8u64 {
-        engine.write("vm3", "a", i * 512 << 10, vec![0xee; 512 << 10]).await.unwrap();
+        engine.write("vm3", "a", (i * 512) << 10, vec![0xee; 512 << 10]).await.unwrap();
     }
     let info = engine.vm("vm3").await.unwrap();
     assert_eq!(info.disks[0].active_log_bytes + info.disks[0].pending_log_bytes, 0, "{info:?}");
