@@ -102,6 +102,12 @@ impl EngineConfig {
                 format!("{} is not a power of two in 4 KiB..=4 MiB", self.resync_block_size),
             ));
         }
+        if !self.chunk_size.is_multiple_of(crate::snapshot::SNAPSHOT_BLOCK) {
+            return Err(Error::invalid(
+                "chunk_size",
+                format!("{} is not a multiple of the 64 KiB snapshot block", self.chunk_size),
+            ));
+        }
         if !self.chunk_size.is_multiple_of(self.resync_block_size) {
             return Err(Error::invalid(
                 "chunk_size",
@@ -136,6 +142,7 @@ mod tests {
         EngineConfig::default().validate().unwrap();
         let bad = [
             (EngineConfig { chunk_size: 1, ..Default::default() }, "chunk_size"),
+            (EngineConfig { chunk_size: 100 << 10, ..Default::default() }, "chunk_size"),
             (EngineConfig { zstd_level: 0, ..Default::default() }, "zstd_level"),
             (EngineConfig { restore_parallelism: 65, ..Default::default() }, "restore_parallelism"),
             (EngineConfig { bandwidth: BandwidthPolicy::flat(Some(10)), ..Default::default() }, "work limit"),

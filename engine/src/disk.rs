@@ -216,6 +216,14 @@ impl Disk {
         self.lock().snapshot.take()
     }
 
+    /// Stops copy-before-write only if `snap` is still the disk's snapshot.
+    pub fn end_snapshot_if(&self, snap: &Arc<CowSnapshot>) {
+        let mut inner = self.lock();
+        if inner.snapshot.as_ref().is_some_and(|s| Arc::ptr_eq(s, snap)) {
+            inner.snapshot = None;
+        }
+    }
+
     /// The file the snapshot reads the disk through.
     pub fn file(&self) -> &File {
         &self.file

@@ -118,6 +118,12 @@ impl Engine {
         let state = self.shared.state.clone();
         for mut rec in blocking(move || state.list_vms()).await? {
             let name = rec.spec.name.clone();
+            if rec.lifecycle.state == VmState::FinalizingProtection && rec.last_point_seq > 0 {
+                // The base committed but its state change was not recorded.
+                rec.lifecycle.on_event(Event::PointCommitted, now_millis());
+                let (state, r) = (self.shared.state.clone(), rec.clone());
+                blocking(move || state.put_vm(&r)).await?;
+            }
             let restart = matches!(
                 rec.lifecycle.state,
                 VmState::Unprotected

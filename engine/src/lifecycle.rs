@@ -202,6 +202,12 @@ impl Lifecycle {
                 self.go(S::ResyncRequired, &reason, now);
                 vec![Action::DiscardLogs]
             }
+            (S::Critical, E::ResyncNeeded { reason }) => {
+                // Stay Critical for the operator, but come back to a resync.
+                self.resume_to = Some(S::ResyncRequired);
+                self.transitions.push(Transition { from: S::Critical, to: S::Critical, reason, at_ms: now });
+                vec![Action::DiscardLogs]
+            }
             (state, E::Failed { class, reason }) if state != S::Unprotected && state != S::Critical => match class {
                 ErrorClass::Recoverable => {
                     self.cycle_in_flight = false;
@@ -292,6 +298,7 @@ mod tests {
             (S::Critical, E::Resume, S::Protected, vec![A::RetryNow]),
             (S::Protected, E::StartResync, S::Resynchronizing, vec![A::StartResync]),
             (S::Critical, E::StartResync, S::Resynchronizing, vec![A::StartResync]),
+            (S::Critical, E::ResyncNeeded { reason: "log write failed".into() }, S::Critical, vec![A::DiscardLogs]),
             (S::Unprotected, E::CycleDue, S::Unprotected, vec![]),
             (S::Protected, E::Protect, S::Protected, vec![]),
         ];

@@ -48,10 +48,28 @@ pub struct CowSnapshot {
     saved_bytes: AtomicU64,
 }
 
+/// A new side-file path for a snapshot of `disk_path`: unique per snapshot,
+/// so a snapshot never shares (or truncates) another one's saved blocks.
 pub fn side_path(disk_path: &Path) -> PathBuf {
     let mut name = disk_path.file_name().unwrap_or_default().to_os_string();
-    name.push(".ferry-snap");
+    name.push(format!(".ferry-snap.{:016x}", rand::random::<u64>()));
     disk_path.with_file_name(name)
+}
+
+/// Side files of snapshots of `disk_path` left on disk (for clean-up).
+pub fn side_files(disk_path: &Path) -> Vec<PathBuf> {
+    let mut prefix = disk_path.file_name().unwrap_or_default().to_os_string();
+    prefix.push(".ferry-snap");
+    let prefix = prefix.to_string_lossy().to_string();
+    let dir = disk_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl CowSnapshot {
@@ -106,7 +124,9 @@ impl CowSnapshot {
     /// Reads `buf.len()` bytes at `offset` as they were at snapshot time and
     /// marks those blocks copied. `offset` must be block-aligned.
     pub fn read_for_copy(&self, disk: &File, offset: u64, buf: &mut [u8]) -> Result<()> {
-        debug_assert_eq!(offset % SNAPSHOT_BLOCK, 0);
+        if offset % SNAPSHOT_BLOCK != 0 {
+            return Err(Error::Internal(format!("snapshot read at {offset} is not aligned to {SNAPSHOT_BLOCK}")));
+        }
         let mut blocks = self.blocks.lock().expect("snapshot lock is never poisoned");
         let mut pos = 0usize;
         while pos < buf.len() {
@@ -131,6 +151,11 @@ impl CowSnapshot {
     /// Bytes held by the side file (blocks saved so far).
     pub fn space_used(&self) -> u64 {
         self.saved_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The side file holding this snapshot's saved blocks.
+    pub fn path(&self) -> &Path {
+        &self.side_path
     }
 
     /// Deletes the side file, reclaiming its space.
@@ -179,8 +204,9 @@ mod tests {
             }
             prop_assert!(copy == original);
             prop_assert!(snap.space_used() <= size);
-            let side = side_path(&path);
+            let side = snap.path().to_path_buf();
             prop_assert!(side.exists());
+            prop_assert_eq!(side_files(&path), vec![side.clone()]);
             snap.release().unwrap();
             prop_assert!(!side.exists());
         }

@@ -123,11 +123,15 @@ fn remove_logs(disk_path: &std::path::Path) -> Result<()> {
     for (_, p) in changelog::list_logs(disk_path)? {
         std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
     }
-    let side = snapshot::side_path(disk_path);
-    match std::fs::remove_file(&side) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(format!("remove {}", side.display()), e)),
-        _ => Ok(()),
+    for side in snapshot::side_files(disk_path) {
+        match std::fs::remove_file(&side) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("remove {}", side.display()), e))
+            }
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 /// Opens a VM's disks (blocking). `fresh`: a new protection (or one restarted
@@ -229,13 +233,14 @@ pub struct VmActor {
     base_objects: Vec<Vec<ObjectRef>>,
     /// Lifecycle changes go to one writer task, in order.
     persist: UnboundedSender<Lifecycle>,
-    /// Callers of `replicate_now` answered when the running cycle ends.
-    waiting_current: Vec<oneshot::Sender<Result<Option<RecoveryPoint>>>>,
     /// Callers that need a cycle that starts after their call.
     waiting_next: Vec<oneshot::Sender<Result<Option<RecoveryPoint>>>>,
     timer: Option<SpawnHandle>,
     /// Bumped when logs are discarded: a cycle that started before is stale.
     log_epoch: u64,
+    /// The same epoch, read by tasks right before they commit: a superseded
+    /// resync never commits (its snapshot may no longer be preserved).
+    epoch_now: Arc<std::sync::atomic::AtomicU64>,
     /// Backoff of the failing step, if any.
     retry: RetryState,
     /// A retry is scheduled: timer ticks do not start cycles meanwhile.
@@ -244,10 +249,34 @@ pub struct VmActor {
     last_step: Step,
     /// The auto-resync timer, while a VM waits for its window.
     resync_timer: Option<SpawnHandle>,
+    /// Point number the next task uses. A retry of the same step reuses it
+    /// (same keys); a task started while a superseded one may still run
+    /// takes a new one, so two tasks never write the same keys.
+    next_seq: u64,
+    /// A cycle, initial copy or resync task is running.
+    task_running: bool,
     /// Per disk: the replica's block hashes, kept as points commit.
     hash_caches: Vec<HashCache>,
     /// Per disk: block hashes of the base copy, kept until the base commits.
     base_hashes: Vec<Vec<u64>>,
+}
+
+/// Lets a task check, right before it commits, that it was not superseded.
+/// Everything the task read happened before that check, so a newer task's
+/// changes (which start after the bump) cannot have torn it.
+struct Fence {
+    now: Arc<std::sync::atomic::AtomicU64>,
+    mine: u64,
+}
+
+impl Fence {
+    fn check(&self) -> Result<()> {
+        if self.now.load(std::sync::atomic::Ordering::SeqCst) == self.mine {
+            Ok(())
+        } else {
+            Err(Error::Cancelled("superseded by a newer resync".into()))
+        }
+    }
 }
 
 /// The steps that can fail and be retried.
@@ -262,6 +291,7 @@ enum Step {
 
 impl VmActor {
     pub fn new(shared: Arc<Shared>, rec: VmRecord, opened: OpenedDisks) -> Self {
+        let next_seq = rec.last_point_seq + 1;
         let (persist, mut rx) = tokio::sync::mpsc::unbounded_channel::<Lifecycle>();
         let (state, name) = (shared.state.clone(), rec.spec.name.clone());
         shared.runtime.spawn(async move {
@@ -288,14 +318,16 @@ impl VmActor {
             snapshot_ms: 0,
             base_objects: Vec::new(),
             persist,
-            waiting_current: Vec::new(),
             waiting_next: Vec::new(),
             timer: None,
             log_epoch: 0,
+            epoch_now: Default::default(),
             retry: RetryState::default(),
             retry_timer: None,
             last_step: Step::Cycle,
             resync_timer: None,
+            next_seq,
+            task_running: false,
             hash_caches: opened.hashes.into_iter().map(|h| Arc::new(std::sync::Mutex::new(h))).collect(),
             base_hashes: Vec::new(),
         }
@@ -303,6 +335,11 @@ impl VmActor {
 
     fn name(&self) -> &str {
         &self.rec.spec.name
+    }
+
+    fn bump_epoch(&mut self) {
+        self.log_epoch += 1;
+        self.epoch_now.store(self.log_epoch, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn apply(&mut self, event: Event, ctx: &mut Context<Self>) {
@@ -317,7 +354,7 @@ impl VmActor {
         }
         if matches!(self.rec.lifecycle.state, VmState::Critical | VmState::ResyncRequired) {
             let reason = self.rec.lifecycle.reason.clone().unwrap_or_default();
-            for w in self.waiting_current.drain(..).chain(self.waiting_next.drain(..)) {
+            for w in self.waiting_next.drain(..) {
                 let _ = w.send(Err(Error::FailedPrecondition(format!(
                     "VM {} is {}: {reason}",
                     self.rec.spec.name, self.rec.lifecycle.state
@@ -414,7 +451,18 @@ impl VmActor {
         use VmState as S;
         match (self.last_step, self.rec.lifecycle.state) {
             (Step::Snapshot, S::EnablingProtection) => self.act(Action::TakeSnapshot, ctx),
-            (Step::InitialCopy, S::InitialReplication) => self.start_initial_copy(ctx),
+            (Step::InitialCopy, S::InitialReplication) => {
+                // Blocks already copied are no longer preserved: a retry on the
+                // same snapshot would mix times. Take a new one (the logs since
+                // the first one replay idempotently on top).
+                let disks = self.disks.clone();
+                self.snapshots.clear();
+                self.spawn(ctx, async move {
+                    release_snapshots(&disks).await;
+                    Snapshotted(blocking(move || disk::snapshot_all(&disks)).await)
+                });
+            }
+            (_, S::ResyncRequired) => self.schedule_auto_resync(ctx),
             (Step::CommitBase, S::FinalizingProtection) => self.commit_base(ctx),
             (Step::Resync, S::Resynchronizing) => self.start_resync(ctx),
             (_, S::Protected) => self.apply(Event::CycleDue, ctx),
@@ -460,13 +508,18 @@ impl VmActor {
     /// Compares every disk with the replica block by block and sends only
     /// what differs (see [`crate::resync`]).
     fn start_resync(&mut self, ctx: &mut Context<Self>) {
-        self.log_epoch += 1; // a cycle still running is stale now
+        self.bump_epoch(); // a task still running is stale now
         self.pending.iter_mut().for_each(|p| p.clear());
         if let Some(h) = self.resync_timer.take() {
             ctx.cancel_future(h);
         }
+        if self.task_running {
+            // The superseded task may still put objects under its number.
+            self.next_seq += 1;
+        }
+        self.task_running = true;
         let last = self.rec.last_point_seq;
-        let seq = last + 1;
+        let seq = self.next_seq;
         let total = self.disks.iter().map(|d| d.size()).sum();
         let job = match self.start_job(JobKind::Resync, total, format!("recovery point {seq}")) {
             Ok(j) => j,
@@ -476,13 +529,14 @@ impl VmActor {
         let (disks, shared, epoch) = (self.disks.clone(), self.shared.clone(), self.log_epoch);
         let (vm, generation) = (self.rec.spec.name.clone(), self.rec.generation);
         let caches = self.hash_caches.clone();
+        let fence = Fence { now: self.epoch_now.clone(), mine: epoch };
         self.spawn(ctx, async move {
             let d2 = disks.clone();
             let r = match blocking(move || disk::begin_resync(&d2)).await {
                 Ok((snaps, at)) => {
-                    let r = resync_all(&shared, &uctx, &disks, &snaps, &caches, vm, generation, last, seq, at).await;
-                    drop(snaps);
-                    release_snapshots(&disks).await;
+                    let r = resync_all(&shared, &uctx, &disks, &snaps, &caches, &fence, vm, generation, last, seq, at)
+                        .await;
+                    release_own_snapshots(&disks, snaps).await;
                     r
                 }
                 Err(e) => Err(e),
@@ -499,6 +553,8 @@ impl VmActor {
         };
         let uctx = self.upload_ctx(&job);
         let work: Vec<_> = self.disks.iter().cloned().zip(self.snapshots.iter().cloned()).collect();
+        let epoch = self.log_epoch;
+        self.task_running = true;
         self.spawn(ctx, async move {
             let mut all = Vec::new();
             let mut result = Ok(());
@@ -512,7 +568,7 @@ impl VmActor {
                     }
                 }
             }
-            InitialCopied { job, result: result.map(|_| all) }
+            InitialCopied { job, epoch, result: result.map(|_| all) }
         });
     }
 
@@ -533,6 +589,7 @@ impl VmActor {
                 .collect(),
         };
         self.snapshots.clear();
+        self.task_running = true;
         let (shared, disks) = (self.shared.clone(), self.disks.clone());
         let caches = self.hash_caches.clone();
         let (generation, block) = (self.rec.generation, self.shared.config.resync_block_size);
@@ -557,12 +614,13 @@ impl VmActor {
     }
 
     fn start_cycle(&mut self, ctx: &mut Context<Self>) {
-        self.waiting_current = std::mem::take(&mut self.waiting_next);
-        let seq = self.rec.last_point_seq + 1;
+        let waiters = std::mem::take(&mut self.waiting_next);
+        let seq = self.next_seq;
         let job = match self.start_job(JobKind::DeltaReplication, 0, format!("recovery point {seq}")) {
             Ok(j) => j,
             Err(e) => return self.failed(Step::Cycle, &e, "replication", ctx),
         };
+        self.task_running = true;
         let uctx = self.upload_ctx(&job);
         let (disks, pending, shared) = (self.disks.clone(), self.pending.clone(), self.shared.clone());
         let (vm, generation, parent) = (self.rec.spec.name.clone(), self.rec.generation, self.rec.last_point_seq);
@@ -572,7 +630,7 @@ impl VmActor {
             let disks2 = disks.clone();
             let sealed = match blocking(move || rotate_and_seal(&disks2)).await {
                 Ok(s) => s,
-                Err(e) => return CycleEnded { job, epoch, included: vec![], result: Err(e) },
+                Err(e) => return CycleEnded { job, epoch, waiters, included: vec![], result: Err(e) },
             };
             let included: Vec<Vec<PendingLog>> = pending
                 .into_iter()
@@ -583,7 +641,7 @@ impl VmActor {
                 })
                 .collect();
             let result = upload_cycle(&shared, &uctx, &disks, &included, vm, generation, seq, parent, &caches).await;
-            CycleEnded { job, epoch, included, result }
+            CycleEnded { job, epoch, waiters, included, result }
         });
     }
 
@@ -592,11 +650,14 @@ impl VmActor {
     /// meanwhile, so a VM waiting for its resync does not fill the disk.
     fn discard_logs(&mut self, ctx: &mut Context<Self>) {
         let disks = self.disks.clone();
-        self.log_epoch += 1;
+        self.bump_epoch();
         self.pending.iter_mut().for_each(|p| p.clear());
+        self.snapshots.clear();
         self.spawn(ctx, async move {
             let r = blocking(move || {
                 for d in &disks {
+                    // A copy or resync still running is superseded: stop preserving for it.
+                    release_snapshot(d)?;
                     drop(d.stop_logging());
                     for (_, p) in changelog::list_logs(&d.path)? {
                         std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
@@ -648,10 +709,28 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 /// Rotates every disk's active log at one instant (if any was written) and
 /// seals the old ones. Returns the sealed logs per disk.
 fn rotate_and_seal(disks: &[Arc<Disk>]) -> Result<Vec<Vec<PendingLog>>> {
+    // A protected disk that is not logging cannot describe its changes.
+    if let Some(d) = disks.iter().find(|d| d.active_header().is_none()) {
+        return Err(Error::corrupt(format!("change log of disk {}", d.name), "the disk is not logging"));
+    }
     if disks.iter().all(|d| d.active_records() == 0) {
         return Ok(vec![Vec::new(); disks.len()]);
     }
-    let next = disks.iter().map(|d| d.prepare_next_log()).collect::<Result<Vec<_>>>()?;
+    let mut next = Vec::new();
+    for d in disks {
+        match d.prepare_next_log() {
+            Ok(l) => next.push(l),
+            Err(e) => {
+                // Nothing rotated yet: remove what was prepared, so a retry starts clean.
+                for l in next {
+                    let p = l.path().to_path_buf();
+                    drop(l);
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        }
+    }
     let (old, at) = disk::rotate_all(disks, next);
     let mut out = Vec::new();
     for (d, log) in disks.iter().zip(old) {
@@ -659,7 +738,13 @@ fn rotate_and_seal(disks: &[Arc<Disk>]) -> Result<Vec<Vec<PendingLog>>> {
             out.push(Vec::new());
             continue;
         };
-        let sealed = log.seal()?;
+        // A log that cannot be sealed breaks its disk's chain: resync, never
+        // a cycle that would skip it (its siblings were rotated already).
+        let sealed = log.seal().map_err(|e| Error::Corrupt {
+            what: format!("change log of disk {}", d.name),
+            reason: format!("sealing failed: {e}"),
+            class: ErrorClass::NeedsResync,
+        })?;
         d.sealed_added(sealed.end_offset);
         out.push(vec![PendingLog { path: sealed.path, bytes: sealed.end_offset, sealed_ms: at }]);
     }
@@ -805,7 +890,19 @@ impl Handler<Snapshotted> for VmActor {
                 self.snapshots = snaps;
                 self.snapshot_ms = at;
                 self.rec.protected_since_ms = at;
-                self.apply(Event::SnapshotTaken, ctx);
+                match self.rec.lifecycle.state {
+                    VmState::EnablingProtection => self.apply(Event::SnapshotTaken, ctx),
+                    // A retried initial copy on a fresh snapshot.
+                    VmState::InitialReplication => self.start_initial_copy(ctx),
+                    _ => {
+                        let disks = self.disks.clone();
+                        self.snapshots.clear();
+                        self.spawn(ctx, async move {
+                            release_snapshots(&disks).await;
+                            LogsDiscarded(Ok(()))
+                        });
+                    }
+                }
             }
             Err(e) => self.failed(Step::Snapshot, &e, "snapshot", ctx),
         }
@@ -816,6 +913,7 @@ impl Handler<Snapshotted> for VmActor {
 #[rtype(result = "()")]
 struct InitialCopied {
     job: JobProgress,
+    epoch: u64,
     /// Per disk: the objects put and the hash of every block.
     result: Result<Vec<(Vec<ObjectRef>, Vec<u64>)>>,
 }
@@ -824,6 +922,10 @@ impl Handler<InitialCopied> for VmActor {
     type Result = ();
     fn handle(&mut self, msg: InitialCopied, ctx: &mut Context<Self>) {
         self.finish_job(&msg.job, &msg.result.as_ref().map(|_| None).map_err(clone_err));
+        if msg.epoch != self.log_epoch || self.rec.lifecycle.state != VmState::InitialReplication {
+            return; // superseded (logs discarded for a resync, or stopped)
+        }
+        self.task_running = false;
         match msg.result {
             Ok(per_disk) => {
                 (self.base_objects, self.base_hashes) = per_disk.into_iter().unzip();
@@ -850,10 +952,12 @@ struct BaseCommitted(Result<RecoveryPoint>);
 impl Handler<BaseCommitted> for VmActor {
     type Result = ();
     fn handle(&mut self, msg: BaseCommitted, ctx: &mut Context<Self>) {
+        self.task_running = false;
         match msg.0 {
             Ok(p) => {
                 tracing::info!(vm = %self.name(), seq = p.seq, "base recovery point committed");
                 self.rec.last_point_seq = p.seq;
+                self.next_seq = self.next_seq.max(p.seq + 1);
                 self.base_objects.clear();
                 self.base_hashes.clear();
                 self.retry.on_success();
@@ -871,6 +975,8 @@ impl Handler<BaseCommitted> for VmActor {
 struct CycleEnded {
     job: JobProgress,
     epoch: u64,
+    /// The `replicate_now` callers this cycle answers.
+    waiters: Vec<oneshot::Sender<Result<Option<RecoveryPoint>>>>,
     included: Vec<Vec<PendingLog>>,
     result: Result<Option<RecoveryPoint>>,
 }
@@ -878,18 +984,20 @@ struct CycleEnded {
 impl Handler<CycleEnded> for VmActor {
     type Result = ();
     fn handle(&mut self, msg: CycleEnded, ctx: &mut Context<Self>) {
-        let CycleEnded { job, epoch, included, result } = msg;
+        let CycleEnded { job, epoch, waiters, included, result } = msg;
+        if let Ok(Some(p)) = &result {
+            // Committed, stale or not: a valid point; never reuse its number.
+            self.rec.last_point_seq = self.rec.last_point_seq.max(p.seq);
+            self.next_seq = self.next_seq.max(p.seq + 1);
+        }
         if epoch != self.log_epoch {
-            // The logs this cycle read were discarded meanwhile (resync needed):
-            // whatever it did is moot; a committed point is still a valid point.
-            if let Ok(Some(p)) = &result {
-                self.rec.last_point_seq = self.rec.last_point_seq.max(p.seq);
-            }
+            // The logs this cycle read were discarded meanwhile (resync
+            // needed); a newer task may be running, so the lifecycle's
+            // in-flight flag is not this cycle's to clear.
             self.finish_job(&job, &Err(Error::Cancelled("logs discarded for a resync".into())));
-            for w in self.waiting_current.drain(..) {
+            for w in waiters {
                 let _ = w.send(Err(Error::FailedPrecondition("the VM needs a resync".into())));
             }
-            self.rec.lifecycle.cycle_in_flight = false;
             if self.rec.lifecycle.state == VmState::ResyncRequired {
                 // The stale cycle may have swapped in a fresh log: stop it again.
                 self.discard_logs(ctx);
@@ -914,7 +1022,8 @@ impl Handler<CycleEnded> for VmActor {
             Ok(p) => Ok(p.clone()),
             Err(e) => Err(clone_err(e)),
         };
-        for w in self.waiting_current.drain(..) {
+        self.task_running = false;
+        for w in waiters {
             let _ = w.send(answer(&result));
         }
         match result {
@@ -985,9 +1094,14 @@ impl Handler<ResyncEnded> for VmActor {
             Err(e) => Err(clone_err(e)),
         };
         self.finish_job(&job, &detail);
+        if let Ok((p, _)) = &result {
+            self.rec.last_point_seq = self.rec.last_point_seq.max(p.seq);
+            self.next_seq = self.next_seq.max(p.seq + 1);
+        }
         if epoch != self.log_epoch {
             return; // a newer resync (or discard) superseded this one
         }
+        self.task_running = false;
         match result {
             Ok((p, s)) => {
                 tracing::info!(vm = %self.name(), seq = p.seq, compared = s.blocks_compared, sent = s.blocks_sent,
@@ -1005,10 +1119,40 @@ impl Handler<ResyncEnded> for VmActor {
 
 /// Stops copy-before-write on a disk and deletes its side file.
 fn release_snapshot(d: &Disk) -> Result<()> {
-    // The sole owner once every copy task ended.
-    match d.end_snapshot().map(Arc::try_unwrap) {
-        Some(Ok(s)) => s.release(),
-        _ => Ok(()),
+    match d.end_snapshot() {
+        Some(s) => release_snapshot_arc(s),
+        None => Ok(()),
+    }
+}
+
+/// Deletes a snapshot's side file, even while a finishing copy task still
+/// holds the snapshot (its reads then fail; its result is stale anyway).
+fn release_snapshot_arc(s: Arc<CowSnapshot>) -> Result<()> {
+    match Arc::try_unwrap(s) {
+        Ok(s) => s.release(),
+        Err(s) => match std::fs::remove_file(s.path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("remove {}", s.path().display()), e))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
+/// Ends and releases the given snapshots on their disks only if they are
+/// still the disks' current ones (a newer resync may have replaced them).
+async fn release_own_snapshots(disks: &[Arc<Disk>], own: Vec<Arc<CowSnapshot>>) {
+    let disks = disks.to_vec();
+    let r = blocking(move || {
+        for (d, s) in disks.iter().zip(own) {
+            d.end_snapshot_if(&s);
+            release_snapshot_arc(s)?;
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not release a snapshot");
     }
 }
 
@@ -1031,6 +1175,7 @@ async fn resync_all(
     disks: &[Arc<Disk>],
     snaps: &[Arc<CowSnapshot>],
     caches: &[HashCache],
+    fence: &Fence,
     vm: String,
     generation: u64,
     last: u64,
@@ -1077,7 +1222,10 @@ async fn resync_all(
                     full = true;
                     Vec::new()
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    return Err(e);
+                }
             }
         };
         hashes.push(h);
@@ -1104,6 +1252,7 @@ async fn resync_all(
         disks: manifest_disks,
     };
     let vm = manifest.vm.clone();
+    fence.check()?;
     let point = commit_manifest(shared, manifest).await?;
     // The replica now equals the snapshot block for block.
     let (s2, caches) = (shared.clone(), caches.to_vec());
@@ -1188,7 +1337,7 @@ impl Handler<Stop> for VmActor {
     fn handle(&mut self, msg: Stop, _ctx: &mut Context<Self>) -> Self::Result {
         self.cancel.cancel();
         let disks = self.disks.clone();
-        for w in self.waiting_current.drain(..).chain(self.waiting_next.drain(..)) {
+        for w in self.waiting_next.drain(..) {
             let _ = w.send(Err(Error::Cancelled("the VM is stopping".into())));
         }
         let in_initial = matches!(
