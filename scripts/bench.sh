@@ -10,25 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v fio >/dev/null 2>&1 || need+=(fio)
-command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
-command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
-command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
-command -v zstd >/dev/null 2>&1 || need+=(zstd)
-command -v rsync >/dev/null 2>&1 || need+=(rsync)
+source scripts/ensure-packages.sh
+ensure_packages fio:fio nbdinfo:libnbd-bin qemu-nbd:qemu-utils qemu-img:qemu-utils zstd:zstd rsync:rsync
 # fio's nbd engine lives in a plugin package on some distributions.
-if command -v fio >/dev/null 2>&1 && ! fio --enghelp 2>/dev/null | grep -qw nbd; then
-  apt-cache show fio-plugin-nbd >/dev/null 2>&1 && need+=(fio-plugin-nbd) || true
-fi
-
-if [ ${#need[@]} -gt 0 ]; then
-  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
-  echo "installing: ${need[*]}"
-  sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}"
+if ! fio --enghelp 2>/dev/null | grep -qw nbd && apt-cache show fio-plugin-nbd >/dev/null 2>&1; then
+  ensure_packages fio-plugin-nbd-absent:fio-plugin-nbd  # no command to check: install the package
 fi
 
 benches=("$@")

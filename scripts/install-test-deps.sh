@@ -3,22 +3,9 @@
 # qemu-utils (qemu-io, qemu-img, qemu-nbd), fio (its nbd engine), libnbd-bin
 # (nbdcopy, nbdinfo). Runs `apt-get update` once, and only when something is missing.
 set -euo pipefail
+source "$(dirname "$0")/ensure-packages.sh"
 
-need=()
-command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
-command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
-command -v fio >/dev/null 2>&1 || need+=(fio)
-command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
-command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
-
-if [ ${#need[@]} -gt 0 ]; then
-  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
-  echo "installing: ${need[*]}"
-  sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+ensure_packages qemu-io:qemu-utils qemu-img:qemu-utils fio:fio nbdcopy:libnbd-bin nbdinfo:libnbd-bin
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
