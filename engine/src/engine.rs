@@ -24,6 +24,7 @@ use crate::shared::{DiskRegistry, Shared};
 use crate::state::{StateStore, VmRecord};
 use crate::target::unreliable::{Faults, UnreliableTarget};
 use crate::target::{LocalTarget, Target};
+use crate::task::blocking;
 use crate::throttle::{BandwidthPolicy, Throttle};
 use crate::vm::{self, GetInfo, Operator, ReplicateNow, VmActor, VmInfo};
 
@@ -38,10 +39,6 @@ pub struct Engine {
     shared: Arc<Shared>,
     scheduler: Addr<Scheduler>,
     system: std::sync::Mutex<Option<(actix_rt::System, std::thread::JoinHandle<()>)>>,
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("task failed: {e}")))?
 }
 
 fn mailbox<T>(r: std::result::Result<T, MailboxError>) -> Result<T> {

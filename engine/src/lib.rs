@@ -75,6 +75,7 @@ mod shared;
 pub mod snapshot;
 pub mod state;
 pub mod target;
+mod task;
 pub mod throttle;
 pub mod upload;
 pub mod vm;

@@ -81,9 +81,7 @@ impl LocalTarget {
 }
 
 fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> BoxFuture<'static, Result<T>> {
-    Box::pin(async move {
-        tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("target task failed: {e}")))?
-    })
+    Box::pin(crate::task::blocking(f))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{object_key, ObjectRef};
 use crate::snapshot::CowSnapshot;
 use crate::target::Target;
+use crate::task::blocking;
 use crate::throttle::Throttle;
 
 /// What every upload needs to know; shared by a VM's jobs.
@@ -51,10 +52,6 @@ pub struct UploadCtx {
     pub hash_block: u64,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("upload task failed: {e}")))?
-}
-
 async fn put_part(ctx: &UploadCtx, key: String, enc: bundle::EncodedBundle) -> Result<ObjectRef> {
     let stored_len = enc.bytes.len() as u64;
     put_with_retries(ctx, &key, Bytes::from(enc.bytes)).await?;
@@ -70,9 +67,15 @@ pub const PUT_TRIES: u32 = 4;
 /// after 0.1, 0.2, 0.4 s. The key is the same on every try.
 pub async fn put_with_retries(ctx: &UploadCtx, key: &str, data: Bytes) -> Result<()> {
     ctx.throttle.acquire(&ctx.vm, data.len() as u64).await;
+    put_retrying(&ctx.target, key, data).await
+}
+
+/// Puts one object, retrying recoverable errors after 0.1, 0.2, 0.4 s
+/// (`PUT_TRIES` in all). The key is the same on every try.
+pub async fn put_retrying(target: &Target, key: &str, data: Bytes) -> Result<()> {
     let mut delay = std::time::Duration::from_millis(100);
     for _ in 1..PUT_TRIES {
-        match ctx.target.put(key, data.clone()).await {
+        match target.put(key, data.clone()).await {
             Err(e) if e.class() == crate::ErrorClass::Recoverable => {
                 tracing::debug!(key, error = %e, "put failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -81,7 +84,7 @@ pub async fn put_with_retries(ctx: &UploadCtx, key: &str, data: Bytes) -> Result
             other => return other,
         }
     }
-    ctx.target.put(key, data).await
+    target.put(key, data).await
 }
 
 /// Copies a disk as of its snapshot: one bundle per non-zero chunk. Also

@@ -41,6 +41,7 @@ use crate::retry::RetryState;
 use crate::shared::Shared;
 use crate::snapshot::{self, CowSnapshot};
 use crate::state::VmRecord;
+use crate::task::blocking;
 use crate::upload::{self, UploadCtx};
 
 /// A sealed log waiting to be part of a recovery point.
@@ -96,6 +97,19 @@ enum HashChange {
     Replace(BlockHashes),
     /// A delta on top of `parent`.
     Apply { generation: u64, parent: u64, seq: u64, updates: HashUpdates },
+}
+
+/// After a point is committed, brings every disk's kept hashes up to it
+/// (one change per disk, in disk order), off the async workers.
+async fn keep_all_hashes(shared: &Arc<Shared>, disks: &[Arc<Disk>], caches: &[HashCache], changes: Vec<HashChange>) {
+    let (shared, disks, caches) = (shared.clone(), disks.to_vec(), caches.to_vec());
+    let _ = blocking(move || {
+        for ((d, cache), change) in disks.iter().zip(&caches).zip(changes) {
+            keep_hashes(&shared, &d.vm, &d.name, cache, change);
+        }
+        Ok(())
+    })
+    .await;
 }
 
 /// After a point is committed, brings a disk's kept hashes up to it (blocking).
@@ -598,16 +612,11 @@ impl VmActor {
             release_snapshots(&disks).await;
             let r = commit_manifest(&shared, manifest).await;
             if r.is_ok() {
-                let (s2, vm) = (shared.clone(), disks.first().map(|d| d.vm.clone()).unwrap_or_default());
-                let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
-                let _ = blocking(move || {
-                    for ((name, cache), hashes) in names.iter().zip(&caches).zip(hash_sets) {
-                        let h = BlockHashes { generation, seq: 1, block, hashes };
-                        keep_hashes(&s2, &vm, name, cache, HashChange::Replace(h));
-                    }
-                    Ok(())
-                })
-                .await;
+                let changes = hash_sets
+                    .into_iter()
+                    .map(|hashes| HashChange::Replace(BlockHashes { generation, seq: 1, block, hashes }))
+                    .collect();
+                keep_all_hashes(&shared, &disks, &caches, changes).await;
             }
             BaseCommitted(r)
         });
@@ -702,10 +711,6 @@ fn name_of(e: &Error) -> String {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("task failed: {e}")))?
-}
-
 /// Rotates every disk's active log at one instant (if any was written) and
 /// seals the old ones. Returns the sealed logs per disk.
 fn rotate_and_seal(disks: &[Arc<Disk>]) -> Result<Vec<Vec<PendingLog>>> {
@@ -778,7 +783,7 @@ async fn upload_cycle(
     }
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
-        vm: vm.clone(),
+        vm,
         generation,
         seq,
         parent: Some(parent),
@@ -787,32 +792,16 @@ async fn upload_cycle(
         disks: manifest_disks,
     };
     let point = commit_manifest(shared, manifest).await?;
-    let (s2, caches) = (shared.clone(), caches.to_vec());
-    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
-    let _ = blocking(move || {
-        for ((name, cache), updates) in names.iter().zip(&caches).zip(all_updates) {
-            keep_hashes(&s2, &vm, name, cache, HashChange::Apply { generation, parent, seq, updates });
-        }
-        Ok(())
-    })
-    .await;
+    let changes =
+        all_updates.into_iter().map(|updates| HashChange::Apply { generation, parent, seq, updates }).collect();
+    keep_all_hashes(shared, disks, caches, changes).await;
     Ok(Some(point))
 }
 
 /// Puts the manifest (all its objects are durable already), then commits the point.
 async fn commit_manifest(shared: &Arc<Shared>, manifest: Manifest) -> Result<RecoveryPoint> {
     let key = manifest_key(&manifest.vm, manifest.generation, manifest.seq);
-    let mut tries = 0;
-    let data: bytes::Bytes = manifest.encode()?.into();
-    loop {
-        tries += 1;
-        match shared.target.put(&key, data.clone()).await {
-            Err(e) if e.class() == ErrorClass::Recoverable && tries < crate::upload::PUT_TRIES => {
-                tokio::time::sleep(std::time::Duration::from_millis(100 << tries)).await;
-            }
-            other => break other?,
-        }
-    }
+    upload::put_retrying(&shared.target, &key, manifest.encode()?.into()).await?;
     let point = RecoveryPoint {
         vm: manifest.vm.clone(),
         seq: manifest.seq,
@@ -1251,19 +1240,14 @@ async fn resync_all(
         time_ms: at,
         disks: manifest_disks,
     };
-    let vm = manifest.vm.clone();
     fence.check()?;
     let point = commit_manifest(shared, manifest).await?;
     // The replica now equals the snapshot block for block.
-    let (s2, caches) = (shared.clone(), caches.to_vec());
-    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
-    let _ = blocking(move || {
-        for ((name, cache), hashes) in names.iter().zip(&caches).zip(source_hashes) {
-            keep_hashes(&s2, &vm, name, cache, HashChange::Replace(BlockHashes { generation, seq, block, hashes }));
-        }
-        Ok(())
-    })
-    .await;
+    let changes = source_hashes
+        .into_iter()
+        .map(|hashes| HashChange::Replace(BlockHashes { generation, seq, block, hashes }))
+        .collect();
+    keep_all_hashes(shared, disks, caches, changes).await;
     Ok((point, stats))
 }
 
