@@ -33,13 +33,13 @@ pub struct Args {
     #[arg(long, env = "FERRY_TARGET")]
     pub target: Option<PathBuf>,
     /// gRPC listen address (loopback by default; port 0 picks a free port).
-    #[arg(long, default_value = crate::DEFAULT_LISTEN)]
+    #[arg(long, env = "FERRY_LISTEN", default_value = crate::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// NBD Unix socket. Default: <data-dir>/nbd.sock.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,
     /// NBD TCP listen address; "off" disables it.
-    #[arg(long, default_value = crate::DEFAULT_NBD_LISTEN)]
+    #[arg(long, env = "FERRY_NBD_LISTEN", default_value = crate::DEFAULT_NBD_LISTEN)]
     pub nbd_listen: String,
     /// Host-wide upload limit: 512Kbps..1023Mbps or "unlimited".
     #[arg(long, default_value = "unlimited")]
