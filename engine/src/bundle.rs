@@ -9,13 +9,56 @@
 //! Uncompressed layout (little endian):
 //! `b"FRYB"`, version u32 = 1, count u32, then per extent: offset u64,
 //! len u64, kind u8 (1 = data, followed by `len` bytes; 2 = zeros).
+//!
+//! Validity is one definition, [`Limits`], used by the encoder (which
+//! refuses to produce what the decoder would refuse: nothing is committed
+//! that restore cannot read) and by the decoder (which guards against
+//! hostile input). A bundle holds at most [`MAX_EXTENTS`] extents and
+//! [`MAX_DATA_BYTES`] bytes of data; a zero extent may cover any range that
+//! does not overflow the 64-bit address space (a TRIM or WRITE_ZEROES can be
+//! GiBs, and adjacent ones coalesce). Decompression stops at the largest
+//! valid size, so a hostile object cannot inflate without bound.
 
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"FRYB";
 const VERSION: u32 = 1;
-/// Largest extent a bundle may claim (guards decode against hostile input).
-pub const MAX_BUNDLE_BYTES: u64 = 256 << 20;
+const HEADER_BYTES: u64 = 12;
+/// Bytes each extent takes before its data: offset, len, kind.
+pub const EXTENT_HEADER_BYTES: u64 = 17;
+/// Most extents one bundle may hold (parts are cut to stay within it).
+pub const MAX_EXTENTS: u32 = 1 << 16;
+/// Most data bytes one bundle may hold: the largest chunk size.
+pub const MAX_DATA_BYTES: u64 = 64 << 20;
+/// Largest uncompressed bundle.
+const MAX_RAW_BYTES: u64 = HEADER_BYTES + MAX_EXTENTS as u64 * EXTENT_HEADER_BYTES + MAX_DATA_BYTES;
+
+/// What makes a list of extents a valid bundle, checked extent by extent.
+#[derive(Debug, Default)]
+pub struct Limits {
+    extents: u64,
+    data_bytes: u64,
+}
+
+impl Limits {
+    /// Accepts one more extent, or says why it makes the bundle invalid.
+    pub fn admit(&mut self, offset: u64, len: u64, is_data: bool) -> std::result::Result<(), &'static str> {
+        self.extents += 1;
+        if self.extents > MAX_EXTENTS as u64 {
+            return Err("too many extents");
+        }
+        if offset.checked_add(len).is_none() {
+            return Err("extent range overflows");
+        }
+        if is_data {
+            self.data_bytes += len;
+            if self.data_bytes > MAX_DATA_BYTES {
+                return Err("data larger than a bundle may hold");
+            }
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExtentData {
@@ -62,11 +105,15 @@ pub fn encode(extents: &[BundleExtent], zstd_level: i32) -> Result<EncodedBundle
     raw.extend_from_slice(MAGIC);
     raw.extend_from_slice(&VERSION.to_le_bytes());
     raw.extend_from_slice(&(extents.len() as u32).to_le_bytes());
-    let mut logical_len = 0;
+    let mut logical_len = 0u64;
+    let mut limits = Limits::default();
     for e in extents {
+        limits
+            .admit(e.offset, e.data.len(), matches!(e.data, ExtentData::Data(_)))
+            .map_err(|why| Error::Internal(format!("refusing to encode an unreadable bundle: {why}")))?;
         raw.extend_from_slice(&e.offset.to_le_bytes());
         raw.extend_from_slice(&e.data.len().to_le_bytes());
-        logical_len += e.data.len();
+        logical_len = logical_len.saturating_add(e.data.len());
         match &e.data {
             ExtentData::Data(d) => {
                 raw.push(1);
@@ -88,7 +135,7 @@ pub fn decode(what: &str, bytes: &[u8], expected_checksum: u64) -> Result<Vec<Bu
             format!("checksum {got:016x} does not match the manifest's {expected_checksum:016x}"),
         ));
     }
-    let raw = zstd::stream::decode_all(bytes).map_err(|e| Error::corrupt(what, format!("zstd: {e}")))?;
+    let raw = decompress_bounded(bytes).map_err(|e| Error::corrupt(what, format!("zstd: {e}")))?;
     let bad = |reason: &str| Error::corrupt(what, reason.to_string());
     let mut r = Reader { buf: &raw, pos: 0 };
     if r.take(4).ok_or_else(|| bad("short header"))? != MAGIC {
@@ -99,14 +146,17 @@ pub fn decode(what: &str, bytes: &[u8], expected_checksum: u64) -> Result<Vec<Bu
         return Err(bad(&format!("unknown version {version}")));
     }
     let count = r.u32().ok_or_else(|| bad("short header"))?;
-    let mut out = Vec::with_capacity(count.min(1 << 16) as usize);
+    if count > MAX_EXTENTS {
+        return Err(bad("too many extents"));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    let mut limits = Limits::default();
     for _ in 0..count {
         let offset = r.u64().ok_or_else(|| bad("truncated extent"))?;
         let len = r.u64().ok_or_else(|| bad("truncated extent"))?;
-        if len > MAX_BUNDLE_BYTES || offset.checked_add(len).is_none() {
-            return Err(bad("extent length out of range"));
-        }
-        let data = match r.take(1).ok_or_else(|| bad("truncated extent"))?[0] {
+        let kind = r.take(1).ok_or_else(|| bad("truncated extent"))?[0];
+        limits.admit(offset, len, kind == 1).map_err(bad)?;
+        let data = match kind {
             1 => ExtentData::Data(r.take(len as usize).ok_or_else(|| bad("truncated data"))?.to_vec()),
             2 => ExtentData::Zero(len),
             k => return Err(bad(&format!("unknown extent kind {k}"))),
@@ -117,6 +167,17 @@ pub fn decode(what: &str, bytes: &[u8], expected_checksum: u64) -> Result<Vec<Bu
         return Err(bad("trailing bytes"));
     }
     Ok(out)
+}
+
+/// Decompresses at most the largest valid bundle (and one byte more, to tell).
+fn decompress_bounded(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    zstd::stream::read::Decoder::new(bytes)?.take(MAX_RAW_BYTES + 1).read_to_end(&mut raw)?;
+    if raw.len() as u64 > MAX_RAW_BYTES {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "larger than any valid bundle"));
+    }
+    Ok(raw)
 }
 
 struct Reader<'a> {
@@ -167,6 +228,26 @@ mod tests {
             // Garbage with a matching checksum still fails cleanly.
             let _ = decode("b", &bytes, checksum(&bytes));
         }
+    }
+
+    #[test]
+    fn the_encoder_refuses_what_the_decoder_would() {
+        let too_many: Vec<_> =
+            (0..=MAX_EXTENTS as u64).map(|i| BundleExtent { offset: i, data: ExtentData::Zero(1) }).collect();
+        assert!(encode(&too_many, 1).is_err());
+        let overflow = [BundleExtent { offset: u64::MAX - 1, data: ExtentData::Zero(2) }];
+        assert!(encode(&overflow, 1).is_err());
+        let huge_zero = [BundleExtent { offset: 1 << 40, data: ExtentData::Zero(1 << 50) }];
+        let enc = encode(&huge_zero, 1).unwrap();
+        assert_eq!(decode("b", &enc.bytes, enc.checksum).unwrap(), huge_zero);
+    }
+
+    #[test]
+    fn a_bundle_that_inflates_past_any_valid_size_is_refused() {
+        let raw = vec![0u8; (MAX_RAW_BYTES + 10) as usize];
+        let bytes = zstd::bulk::compress(&raw, 1).unwrap();
+        let e = decode("vms/a/bomb", &bytes, checksum(&bytes)).unwrap_err();
+        assert!(e.to_string().contains("vms/a/bomb") && e.to_string().contains("larger than any valid bundle"), "{e}");
     }
 
     #[test]

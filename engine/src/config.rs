@@ -117,7 +117,7 @@ impl EngineConfig {
         if let Some(f) = &self.faults {
             f.validate()?;
         }
-        if !(64 << 10..=64 << 20).contains(&self.chunk_size) {
+        if !(64 << 10..=crate::bundle::MAX_DATA_BYTES).contains(&self.chunk_size) {
             return Err(Error::invalid("chunk_size", format!("{} is outside 64 KiB..=64 MiB", self.chunk_size)));
         }
         if !(1..=19).contains(&self.zstd_level) {

@@ -20,6 +20,16 @@
 //! so it is acknowledged; the disk stops logging and signals the VM, which
 //! goes to `ResyncRequired` (a resync compares whole disks, so nothing is
 //! lost). The same signal fires once when pending logs reach 50% of the disk.
+//! A failed disk write may have changed part of its range while the log
+//! knows nothing: the write gets an error and the disk is flagged for a
+//! resync the same way. A failed disk fdatasync is sticky (as in redb and
+//! PostgreSQL): the kernel may have dropped the dirty pages, so every later
+//! flush fails too, until a resync re-establishes what the disk holds.
+//!
+//! Zero-length requests are legal (NBD and the embedded API): they succeed
+//! and log nothing. A closed disk (its VM was unprotected or stopped)
+//! refuses every request, so an NBD connection that outlives its VM can
+//! never write unlogged.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -62,6 +72,10 @@ struct Inner {
     snapshot: Option<Arc<CowSnapshot>>,
     /// The resync signal was sent; it is sent once per episode.
     signalled: bool,
+    /// Why a disk fdatasync failed: every flush fails until a resync begins.
+    sync_failed: Option<String>,
+    /// The VM stopped or was unprotected: every request fails.
+    closed: bool,
 }
 
 /// Opens a disk image for the write path, checking it exists and is usable.
@@ -97,7 +111,13 @@ impl Disk {
             path: path.to_path_buf(),
             size,
             file,
-            inner: Mutex::new(Inner { log: Some(log), snapshot: None, signalled: false }),
+            inner: Mutex::new(Inner {
+                log: Some(log),
+                snapshot: None,
+                signalled: false,
+                sync_failed: None,
+                closed: false,
+            }),
             sealed_bytes: AtomicU64::new(sealed_bytes),
             signals,
         })
@@ -125,39 +145,69 @@ impl Disk {
         }
     }
 
+    fn closed_error(&self) -> Error {
+        Error::FailedPrecondition(format!(
+            "disk {} of VM {} is no longer protected (the VM was unprotected or stopped)",
+            self.name, self.vm
+        ))
+    }
+
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if self.lock().closed {
+            return Err(self.closed_error());
+        }
         self.file.read_exact_at(buf, offset).map_err(|e| Error::io(format!("read {}", self.path.display()), e))
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        self.check_range(offset, data.len() as u64)?;
-        {
-            let mut inner = self.lock();
-            if let Some(s) = &inner.snapshot {
-                s.preserve(&self.file, offset, data.len() as u64)?;
-            }
-            self.file.write_all_at(data, offset).map_err(|e| Error::io(format!("write {}", self.path.display()), e))?;
-            let logged = inner.log.as_mut().map(|l| l.append_write(offset, data));
-            self.after_append(&mut inner, logged);
-        }
-        if fua {
-            self.flush()?;
-        }
-        Ok(())
+        self.change(
+            offset,
+            data.len() as u64,
+            fua,
+            "write",
+            |file| file.write_all_at(data, offset),
+            |log| log.append_write(offset, data),
+        )
     }
 
     /// Zeroes a range (NBD WRITE_ZEROES and TRIM): the replica reads zeros there too.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.change(offset, len, fua, "zero", |file| zero_range(file, offset, len), |log| log.append_zero(offset, len))
+    }
+
+    /// One change of the disk: snapshot blocks saved, the image changed,
+    /// the change logged, all under the lock (see the module header).
+    fn change(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        what: &str,
+        apply: impl FnOnce(&File) -> std::io::Result<()>,
+        log: impl FnOnce(&mut LogWriter) -> Result<()>,
+    ) -> Result<()> {
         self.check_range(offset, len)?;
         {
             let mut inner = self.lock();
-            if let Some(s) = &inner.snapshot {
-                s.preserve(&self.file, offset, len)?;
+            if inner.closed {
+                return Err(self.closed_error());
             }
-            zero_range(&self.file, offset, len).map_err(|e| Error::io(format!("zero {}", self.path.display()), e))?;
-            let logged = inner.log.as_mut().map(|l| l.append_zero(offset, len));
-            self.after_append(&mut inner, logged);
+            if len > 0 {
+                if let Some(s) = &inner.snapshot {
+                    s.preserve(&self.file, offset, len)?;
+                }
+                let applied = crate::failpoint::check("disk.write", &self.path).and_then(|()| apply(&self.file));
+                if let Err(e) = applied {
+                    // Part of the range may have changed: the log cannot describe it.
+                    let err = Error::io(format!("{what} {} bytes at {offset} of {}", len, self.path.display()), e);
+                    let reason = format!("a {what} to disk {} failed: {err}", self.name);
+                    self.untrust(&mut inner, reason);
+                    return Err(err);
+                }
+                let logged = inner.log.as_mut().map(log);
+                self.after_append(&mut inner, logged);
+            }
         }
         if fua {
             self.flush()?;
@@ -165,21 +215,14 @@ impl Disk {
         Ok(())
     }
 
-    fn after_append(&self, inner: &mut Inner, logged: Option<Result<()>>) {
-        let reason = match logged {
-            Some(Ok(())) => {
-                let pending = self.sealed_bytes.load(Ordering::Relaxed) + inner.log.as_ref().map_or(0, |l| l.len());
-                if pending < self.size / 2 {
-                    return;
-                }
-                format!("change logs of disk {} reached {pending} bytes, 50% of its size", self.name)
-            }
-            Some(Err(e)) => {
-                inner.log = None;
-                format!("change log write failed on disk {}: {e}", self.name)
-            }
-            None => return, // not logging until the resync
-        };
+    /// The log can no longer describe the disk: stop logging, ask for a resync.
+    fn untrust(&self, inner: &mut Inner, reason: String) {
+        inner.log = None;
+        self.signal_resync(inner, reason);
+    }
+
+    /// Tells the VM a resync is needed, once per episode.
+    fn signal_resync(&self, inner: &mut Inner, reason: String) {
         if !inner.signalled {
             inner.signalled = true;
             tracing::warn!(vm = %self.vm, disk = %self.name, %reason, "resync needed");
@@ -187,10 +230,33 @@ impl Disk {
         }
     }
 
+    fn after_append(&self, inner: &mut Inner, logged: Option<Result<()>>) {
+        match logged {
+            Some(Ok(())) => {
+                let pending = self.sealed_bytes.load(Ordering::Relaxed) + inner.log.as_ref().map_or(0, |l| l.len());
+                if pending >= self.size / 2 {
+                    let reason = format!("change logs of disk {} reached {pending} bytes, 50% of its size", self.name);
+                    self.signal_resync(inner, reason);
+                }
+            }
+            Some(Err(e)) => self.untrust(inner, format!("change log write failed on disk {}: {e}", self.name)),
+            None => {} // not logging until the resync
+        }
+    }
+
     /// Makes every acknowledged write durable in the log and on the disk.
     pub fn flush(&self) -> Result<()> {
         let log_file = {
             let mut inner = self.lock();
+            if inner.closed {
+                return Err(self.closed_error());
+            }
+            if let Some(why) = &inner.sync_failed {
+                return Err(Error::io(
+                    format!("sync {}: an earlier sync failed ({why}); writes since may be lost", self.path.display()),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
             match inner.log.as_mut() {
                 Some(l) => match l.flush().and_then(|_| l.file_for_sync()) {
                     Ok(f) => Some(f),
@@ -208,7 +274,26 @@ impl Disk {
                 self.after_append(&mut inner, Some(Err(Error::io("sync change log", e))));
             }
         }
-        self.file.sync_data().map_err(|e| Error::io(format!("sync {}", self.path.display()), e))
+        let synced = crate::failpoint::check("disk.sync", &self.path).and_then(|()| self.file.sync_data());
+        if let Err(e) = synced {
+            // The kernel may have dropped the pages: never report them durable later.
+            let err = Error::io(format!("sync {}", self.path.display()), e);
+            let mut inner = self.lock();
+            inner.sync_failed = Some(err.to_string());
+            self.untrust(&mut inner, format!("disk {} could not be synced: {err}", self.name));
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Closes the disk for good (the VM stops or is unprotected): every later
+    /// request fails, so no write reaches the image unlogged. Returns the
+    /// active log, if any.
+    pub fn close(&self) -> Option<LogWriter> {
+        let mut inner = self.lock();
+        inner.closed = true;
+        inner.snapshot = None;
+        inner.log.take()
     }
 
     /// Stops copy-before-write; the caller releases the snapshot's space.
@@ -264,11 +349,6 @@ impl Disk {
     /// A log of this disk was sealed and waits for upload.
     pub fn sealed_added(&self, bytes: u64) {
         self.sealed_bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    /// Takes the active log out (graceful stop seals it; unprotect drops it).
-    pub fn take_log(&self) -> Option<LogWriter> {
-        self.lock().log.take()
     }
 
     /// Logs were committed to a recovery point or discarded: stop counting them.
@@ -375,6 +455,8 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
         g.log = Some(log);
         g.snapshot = Some(snap.clone());
         g.signalled = false;
+        // The resync reads what the disk holds now: syncs can be trusted again.
+        g.sync_failed = None;
         d.sealed_bytes.store(0, Ordering::Relaxed);
     }
     Ok((snaps, at))

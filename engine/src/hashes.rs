@@ -30,8 +30,17 @@ pub struct BlockHashes {
     pub hashes: Vec<u64>,
 }
 
-/// A change to some blocks' hashes: `(block index, hash or UNKNOWN)`.
-pub type HashUpdates = Vec<(u64, u64)>;
+/// A change to a run of blocks' hashes: `count` blocks from block `first`
+/// all get `hash` (or UNKNOWN). A zeroed range of any size is one run, so
+/// a TRIM of a whole disk costs one entry, not one per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashRun {
+    pub first: u64,
+    pub count: u64,
+    pub hash: u64,
+}
+
+pub type HashUpdates = Vec<HashRun>;
 
 pub fn path(data_dir: &Path, vm: &str, disk: &str) -> PathBuf {
     data_dir.join("hashes").join(vm).join(format!("{disk}.hashes"))
@@ -51,29 +60,38 @@ pub fn updates_for(offset: u64, data: Option<&[u8]>, len: u64, block: u64, out: 
         return;
     }
     let end = offset + len;
-    let first = offset / block;
-    let last = (end - 1) / block;
-    let zero = data.is_none().then(|| hash_block(&vec![0u8; block as usize]));
-    for b in first..=last {
-        let (bs, be) = (b * block, (b + 1) * block);
-        if bs < offset || be > end {
-            out.push((b, UNKNOWN));
-            continue;
-        }
-        let h = match data {
-            Some(d) => hash_block(&d[(bs - offset) as usize..(be - offset) as usize]),
-            None => zero.expect("set when data is None"),
-        };
-        out.push((b, h));
+    let (first, last) = (offset / block, (end - 1) / block);
+    // Blocks the range covers entirely: `first_full..end_full`.
+    let first_full = offset.div_ceil(block);
+    let end_full = (end / block).max(first_full);
+    let (head_partial, tail_partial) = (!offset.is_multiple_of(block), !end.is_multiple_of(block));
+    let run = |first, count, hash| HashRun { first, count, hash };
+    if head_partial {
+        out.push(run(first, 1, UNKNOWN));
+    }
+    match data {
+        Some(d) => out.extend((first_full..end_full).map(|b| {
+            let at = (b * block - offset) as usize;
+            run(b, 1, hash_block(&d[at..at + block as usize]))
+        })),
+        None if end_full > first_full => out.push(run(first_full, end_full - first_full, zero_block_hash(block))),
+        None => {}
+    }
+    if tail_partial && !(head_partial && last == first) {
+        out.push(run(last, 1, UNKNOWN));
     }
 }
 
+fn zero_block_hash(block: u64) -> u64 {
+    hash_block(&vec![0u8; block as usize])
+}
+
 impl BlockHashes {
-    pub fn apply(&mut self, updates: &[(u64, u64)]) {
-        for &(b, h) in updates {
-            if let Some(slot) = self.hashes.get_mut(b as usize) {
-                *slot = h;
-            }
+    pub fn apply(&mut self, updates: &[HashRun]) {
+        let len = self.hashes.len() as u64;
+        for r in updates {
+            let (a, b) = (r.first.min(len), r.first.saturating_add(r.count).min(len));
+            self.hashes[a as usize..b as usize].fill(r.hash);
         }
     }
 
@@ -119,13 +137,50 @@ mod tests {
         let mut u = vec![];
         updates_for(4096, Some(&data), 10_000, 4096, &mut u);
         // 4096..14096 covers block 1 and 2 fully, block 3 (12288..16384) in part.
-        assert_eq!(u.len(), 3);
-        assert_eq!(u[0], (1, hash_block(&data[..4096])));
-        assert_eq!(u[1], (2, hash_block(&data[4096..8192])));
-        assert_eq!(u[2], (3, UNKNOWN));
+        let run = |first, count, hash| HashRun { first, count, hash };
+        assert_eq!(
+            u,
+            vec![run(1, 1, hash_block(&data[..4096])), run(2, 1, hash_block(&data[4096..8192])), run(3, 1, UNKNOWN)]
+        );
         let mut z = vec![];
         updates_for(100, None, 9000, 4096, &mut z);
-        assert_eq!(z, vec![(0, UNKNOWN), (1, hash_block(&[0u8; 4096])), (2, UNKNOWN)]);
+        assert_eq!(z, vec![run(0, 1, UNKNOWN), run(1, 1, hash_block(&[0u8; 4096])), run(2, 1, UNKNOWN)]);
+        // Inside one block, in part: that block alone becomes unknown.
+        let mut p = vec![];
+        updates_for(10, None, 20, 4096, &mut p);
+        assert_eq!(p, vec![run(0, 1, UNKNOWN)]);
+        // A TRIM of a terabyte is one run.
+        let mut t = vec![];
+        updates_for(0, None, 1 << 40, 4096, &mut t);
+        assert_eq!(t, vec![run(0, 1 << 28, hash_block(&[0u8; 4096]))]);
+    }
+
+    proptest::proptest! {
+        /// Runs describe exactly the per-block rule: full blocks hashed, partial ones UNKNOWN.
+        #[test]
+        fn runs_match_the_per_block_rule(offset in 0u64..40_000, len in 0u64..40_000, zero: bool) {
+            let block = 4096;
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + offset) as u8).collect();
+            let mut runs = vec![];
+            updates_for(offset, (!zero).then_some(&data[..]), len, block, &mut runs);
+            let mut got = BlockHashes { generation: 0, seq: 0, block, hashes: vec![1; 25] };
+            got.apply(&runs);
+            let mut want = vec![1u64; 25];
+            for b in 0..25u64 {
+                let (bs, be) = (b * block, (b + 1) * block);
+                if len == 0 || be <= offset || bs >= offset + len {
+                    continue;
+                }
+                want[b as usize] = if bs < offset || be > offset + len {
+                    UNKNOWN
+                } else if zero {
+                    hash_block(&[0u8; 4096])
+                } else {
+                    hash_block(&data[(bs - offset) as usize..(be - offset) as usize])
+                };
+            }
+            proptest::prop_assert_eq!(got.hashes, want);
+        }
     }
 
     #[test]
@@ -135,7 +190,7 @@ mod tests {
         let mut h = BlockHashes { generation: 9, seq: 3, block: 4096, hashes: vec![1, 2, UNKNOWN, 4] };
         h.save(&p).unwrap();
         assert_eq!(BlockHashes::load(&p), Some(h.clone()));
-        h.apply(&[(1, 20), (9, 1)]);
+        h.apply(&[HashRun { first: 1, count: 1, hash: 20 }, HashRun { first: 9, count: 1, hash: 1 }]);
         assert_eq!(h.hashes, vec![1, 20, UNKNOWN, 4]);
         std::fs::write(&p, b"FRYHASH1short").unwrap();
         assert_eq!(BlockHashes::load(&p), None);

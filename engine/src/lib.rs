@@ -60,6 +60,7 @@ pub mod config;
 pub mod disk;
 mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod hashes;
 pub mod jobs;
 pub mod lifecycle;

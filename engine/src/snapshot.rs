@@ -124,7 +124,7 @@ impl CowSnapshot {
     /// Reads `buf.len()` bytes at `offset` as they were at snapshot time and
     /// marks those blocks copied. `offset` must be block-aligned.
     pub fn read_for_copy(&self, disk: &File, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset % SNAPSHOT_BLOCK != 0 {
+        if !offset.is_multiple_of(SNAPSHOT_BLOCK) {
             return Err(Error::Internal(format!("snapshot read at {offset} is not aligned to {SNAPSHOT_BLOCK}")));
         }
         let mut blocks = self.blocks.lock().expect("snapshot lock is never poisoned");

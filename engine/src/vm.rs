@@ -1331,7 +1331,8 @@ impl Handler<Stop> for VmActor {
         let fut = blocking(move || {
             for d in &disks {
                 let _ = release_snapshot(d);
-                let log = d.take_log();
+                // Connections that outlive the VM get errors, never unlogged writes.
+                let log = d.close();
                 if msg.unprotect || in_initial {
                     drop(log);
                     if msg.unprotect {

@@ -1,0 +1,171 @@
+//! Defects found by review and by new users, each pinned by a test that
+//! failed before its fix: the engine must keep every recovery point
+//! restorable and every write either logged or flagged for a resync.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_engine::lifecycle::VmState;
+use ferry_engine::{DiskSpec, Engine, EngineConfig, PointSelector, VmSpec};
+
+const MIB: u64 = 1 << 20;
+
+fn sparse_disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let path = dir.join(format!("{name}.img"));
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    path
+}
+
+async fn protected(tmp: &Path, vm: &str, disks: &[(&str, &Path)]) -> Engine {
+    let mut config = EngineConfig::new(tmp.join("data"));
+    config.auto_resync = ferry_engine::config::AutoResync::Manual;
+    let engine = Engine::open(config).await.unwrap();
+    let specs = disks.iter().map(|(n, p)| DiskSpec { name: n.to_string(), path: p.to_path_buf() }).collect();
+    engine.protect(VmSpec::new(vm, specs).with_frequency(Duration::from_secs(3600))).await.unwrap();
+    engine.wait_protected(vm, Duration::from_secs(60)).await.unwrap();
+    engine
+}
+
+fn assert_same_file(got: &Path, want: &Path) {
+    let (g, w) = (std::fs::read(got).unwrap(), std::fs::read(want).unwrap());
+    assert_eq!(g.len(), w.len(), "{} vs {}: size", got.display(), want.display());
+    if let Some(i) = g.iter().zip(&w).position(|(a, b)| a != b) {
+        panic!("{} vs {}: first differing byte at {i}", got.display(), want.display());
+    }
+}
+
+/// Defect 1: `qemu-io -c 'write -z 0 300M'` made the point (and every later
+/// one) unrestorable: "extent length out of range".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_zero_range_restores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = sparse_disk(tmp.path(), "os", 512 * MIB);
+    let engine = protected(tmp.path(), "vm", &[("os", &path)]).await;
+    let disk = engine.disk("vm", "os").unwrap();
+    engine.write("vm", "os", 0, vec![0xab; MIB as usize]).await.unwrap();
+    engine.write("vm", "os", 400 * MIB, vec![0xcd; MIB as usize]).await.unwrap();
+    engine.replicate_now("vm").await.unwrap().unwrap();
+    // One huge zero range, then many small adjacent ones that coalesce (mkfs, fstrim).
+    disk.write_zeroes(0, 300 * MIB, false).unwrap();
+    for i in 0..64 {
+        disk.write_zeroes(300 * MIB + i * (64 << 10), 64 << 10, false).unwrap();
+    }
+    disk.write_zeroes(304 * MIB, 100 * MIB + 4096, false).unwrap();
+    disk.flush().unwrap();
+    let p = engine.replicate_now("vm").await.unwrap().unwrap();
+    engine.write("vm", "os", 5 * MIB, vec![1; 4096]).await.unwrap();
+    let later = engine.replicate_now("vm").await.unwrap().unwrap();
+    assert!(later.seq > p.seq);
+    let out = tmp.path().join("restored");
+    engine.restore("vm", PointSelector::Latest, &out).await.unwrap();
+    assert_same_file(&out.join("os.img"), &path);
+    engine.shutdown().await.unwrap();
+}
+
+async fn wait_state(engine: &Engine, vm: &str, want: VmState) -> ferry_engine::VmInfo {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = engine.vm(vm).await.unwrap();
+        if info.state == want {
+            return info;
+        }
+        assert!(std::time::Instant::now() < deadline, "waiting for {want}: {info:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Defect 6: a zero-length WRITE, TRIM or WRITE_ZEROES stopped logging and
+/// sent the VM to ResyncRequired. It is harmless: success, nothing logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn zero_length_requests_succeed_and_log_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = sparse_disk(tmp.path(), "os", 4 * MIB);
+    let engine = protected(tmp.path(), "vm", &[("os", &path)]).await;
+    let disk = engine.disk("vm", "os").unwrap();
+    let before = engine.vm("vm").await.unwrap().disks[0].active_log_bytes;
+    engine.write("vm", "os", 4096, Vec::new()).await.unwrap();
+    disk.write_zeroes(8192, 0, false).unwrap();
+    ferry_engine::nbd::BlockDevice::trim(&*disk, 4 * MIB, 0, true).unwrap();
+    disk.write_at(0, &[], true).unwrap();
+    let info = engine.vm("vm").await.unwrap();
+    assert_eq!(info.state, VmState::Protected, "{info:?}");
+    assert_eq!(info.disks[0].active_log_bytes, before, "nothing logged: {info:?}");
+    assert_eq!(engine.replicate_now("vm").await.unwrap(), None, "nothing to replicate");
+    // Logging goes on.
+    engine.write("vm", "os", 0, vec![9; 4096]).await.unwrap();
+    assert!(engine.replicate_now("vm").await.unwrap().is_some());
+    engine.shutdown().await.unwrap();
+}
+
+/// Defect 7: a disk write that failed part-way was neither logged nor
+/// flagged, so the replica diverged silently. It must fail and mark the
+/// disk for a resync, after which the replica equals the disk again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_disk_write_errors_and_needs_a_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = sparse_disk(tmp.path(), "os", 4 * MIB);
+    let engine = protected(tmp.path(), "vm", &[("os", &path)]).await;
+    // As if the image's file system ran out of space.
+    ferry_engine::failpoint::arm("disk.write", tmp.path(), 1, libc::ENOSPC);
+    let e = engine.write("vm", "os", 0, vec![7; 4096]).await.unwrap_err();
+    assert!(e.to_string().contains("bytes at 0 of") && e.to_string().contains(&path.display().to_string()), "{e}");
+    let info = wait_state(&engine, "vm", VmState::ResyncRequired).await;
+    assert!(info.reason.as_deref().unwrap_or("").contains("write to disk os failed"), "{info:?}");
+    engine.resync("vm").await.unwrap();
+    wait_state(&engine, "vm", VmState::Protected).await;
+    let out = tmp.path().join("restored");
+    engine.restore("vm", PointSelector::Latest, &out).await.unwrap();
+    assert_same_file(&out.join("os.img"), &path);
+    engine.shutdown().await.unwrap();
+}
+
+/// Defect 8: after a failed disk fdatasync a later flush succeeded, though
+/// the kernel may have dropped the pages. The failure is sticky until a
+/// resync, which also tells the VM the log cannot be trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_disk_sync_is_sticky_until_a_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = sparse_disk(tmp.path(), "os", 4 * MIB);
+    let engine = protected(tmp.path(), "vm", &[("os", &path)]).await;
+    engine.write("vm", "os", 0, vec![7; 4096]).await.unwrap();
+    ferry_engine::failpoint::arm("disk.sync", tmp.path(), 1, libc::EIO);
+    assert!(engine.flush("vm", "os").await.is_err());
+    let again = engine.flush("vm", "os").await.unwrap_err();
+    assert!(again.to_string().contains("an earlier sync failed"), "{again}");
+    let info = wait_state(&engine, "vm", VmState::ResyncRequired).await;
+    assert!(info.reason.as_deref().unwrap_or("").contains("could not be synced"), "{info:?}");
+    engine.resync("vm").await.unwrap();
+    wait_state(&engine, "vm", VmState::Protected).await;
+    engine.flush("vm", "os").await.unwrap();
+    engine.shutdown().await.unwrap();
+}
+
+/// Defect 5: a disk handle kept across unprotect (an open NBD connection)
+/// went on writing with no log and no copy-before-write, tearing the next
+/// protection's base copy. After unprotect every request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disk_handle_kept_across_unprotect_cannot_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = sparse_disk(tmp.path(), "os", 4 * MIB);
+    let engine = protected(tmp.path(), "vm", &[("os", &path)]).await;
+    let old = engine.disk("vm", "os").unwrap();
+    old.write_at(0, &[1; 4096], false).unwrap();
+    engine.unprotect("vm").await.unwrap();
+    let e = old.write_at(4096, &[2; 4096], false).unwrap_err();
+    assert!(e.to_string().contains("no longer protected"), "{e}");
+    assert!(old.write_zeroes(0, 4096, false).is_err());
+    assert!(old.flush().is_err());
+    let mut buf = [0u8; 16];
+    assert!(old.read_at(0, &mut buf).is_err());
+    // Protected again: the old handle still cannot write; the new VM replicates what the disk holds.
+    let specs = vec![DiskSpec { name: "os".into(), path: path.clone() }];
+    engine.protect(VmSpec::new("vm", specs).with_frequency(Duration::from_secs(3600))).await.unwrap();
+    assert!(old.write_at(8192, &[3; 4096], false).is_err());
+    engine.wait_protected("vm", Duration::from_secs(60)).await.unwrap();
+    engine.write("vm", "os", 12288, vec![4; 4096]).await.unwrap();
+    engine.replicate_now("vm").await.unwrap().unwrap();
+    let out = tmp.path().join("restored");
+    engine.restore("vm", PointSelector::Latest, &out).await.unwrap();
+    assert_same_file(&out.join("os.img"), &path);
+    engine.shutdown().await.unwrap();
+}
