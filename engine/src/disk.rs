@@ -441,11 +441,8 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
     let mut snaps = Vec::new();
     for d in disks {
         drop(d.stop_logging());
-        let old = changelog::list_logs(&d.path)?;
-        let next_seq = old.last().map_or(1, |(s, _)| s + 1);
-        for (_, p) in old {
-            std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
-        }
+        let next_seq = changelog::list_logs(&d.path)?.last().map_or(1, |(s, _)| s + 1);
+        changelog::remove_logs(&d.path)?;
         logs.push(new_log(&d.path, &d.vm, &d.name, next_seq, 0)?);
         snaps.push(Arc::new(CowSnapshot::create(&d.path, d.size)?));
     }
@@ -465,12 +462,30 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
 /// Swaps in the prepared logs of all disks at one instant, so a recovery
 /// point is crash-consistent across the VM's disks. Returns the old logs
 /// (still to be sealed) and the instant.
-pub fn rotate_all(disks: &[Arc<Disk>], next: Vec<LogWriter>) -> (Vec<Option<LogWriter>>, u64) {
+///
+/// Refuses (and gives back) the prepared logs unless each one follows its
+/// disk's current log: a resync that started a new chain meanwhile, or a
+/// disk that stopped logging, must not have its log sealed by a cycle.
+pub fn rotate_all(
+    disks: &[Arc<Disk>],
+    next: Vec<LogWriter>,
+) -> std::result::Result<(Vec<LogWriter>, u64), (Error, Vec<LogWriter>)> {
     let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
+    for ((d, g), n) in disks.iter().zip(&guards).zip(&next) {
+        let follows = g.log.as_ref().is_some_and(|cur| cur.header().log_id == n.header().prev_log_id);
+        if !follows {
+            let why = Error::Cancelled(format!(
+                "the change log of disk {} changed while its rotation was prepared (a resync started?)",
+                d.name
+            ));
+            drop(guards);
+            return Err((why, next));
+        }
+    }
     let at = now_millis();
-    let old = guards.iter_mut().zip(next).map(|(g, n)| g.log.replace(n)).collect();
+    let old = guards.iter_mut().zip(next).map(|(g, n)| g.log.replace(n).expect("checked above")).collect();
     drop(guards);
-    (old, at)
+    Ok((old, at))
 }
 
 /// Writes zeros over a range: punches a hole where the file system can

@@ -169,3 +169,70 @@ async fn a_disk_handle_kept_across_unprotect_cannot_write() {
     assert_same_file(&out.join("os.img"), &path);
     engine.shutdown().await.unwrap();
 }
+
+/// Defect 4: a rotation prepared against one log swapped blindly, so a
+/// resync begun meanwhile had its new log sealed by the cycle (which then
+/// committed a point on an old parent) and the disk logged into a deleted
+/// file. The rotation must refuse and leave the resync's log in place.
+#[test]
+fn a_rotation_prepared_before_a_resync_is_refused() {
+    use ferry_engine::disk::{self, Disk};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = sparse_disk(tmp.path(), "d", MIB);
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let log = disk::new_log(&path, "vm", "d", 1, 0).unwrap();
+    let d = std::sync::Arc::new(Disk::new("vm", "d", &path, log, 0, tx).unwrap());
+    d.write_at(0, &[1; 4096], false).unwrap();
+    let prepared = d.prepare_next_log().unwrap();
+    let prepared_path = prepared.path().to_path_buf();
+    let (snaps, _) = disk::begin_resync(std::slice::from_ref(&d)).unwrap();
+    let resync_log = d.active_header().unwrap();
+    let (e, back) = disk::rotate_all(std::slice::from_ref(&d), vec![prepared]).unwrap_err();
+    assert!(e.to_string().contains("changed while its rotation was prepared"), "{e}");
+    assert_eq!(back.len(), 1, "the prepared log is handed back to be removed");
+    assert_eq!(d.active_header().unwrap(), resync_log, "the resync's log stays active");
+    drop(back);
+    let _ = std::fs::remove_file(prepared_path);
+    // Writes during the resync are logged in the resync's chain.
+    d.write_at(4096, &[2; 4096], false).unwrap();
+    d.flush().unwrap();
+    assert_eq!(d.active_records(), 1);
+    drop(snaps);
+}
+
+/// Defect 3: discarding logs raced an operator resync accepted right after
+/// the VM needed one: the late discard ended the resync's snapshot and
+/// dropped its new log (later writes unlogged), and two tasks deleting the
+/// same files sent the VM to Critical. Repeated, since it is a race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_resync_right_after_a_resync_is_needed_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = sparse_disk(tmp.path(), "os", 2 * MIB);
+    let engine = protected(tmp.path(), "vm", &[("os", &path)]).await;
+    let mut rng_state = 1u64;
+    for round in 0..12u64 {
+        // Past 50% of the disk: the VM needs a resync; the operator asks at once.
+        for i in 0..5u64 {
+            engine.write("vm", "os", (i * 256) << 10, vec![round as u8 + 1; 256 << 10]).await.unwrap();
+        }
+        loop {
+            match engine.resync("vm").await {
+                Ok(_) => break,
+                Err(_) => tokio::task::yield_now().await, // not in ResyncRequired yet
+            }
+        }
+        // Writes while the resync runs must reach the next point.
+        for _ in 0..8 {
+            rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let off = (rng_state >> 33) % (2 * MIB - 4096);
+            engine.write("vm", "os", off, vec![(rng_state >> 13) as u8; 4096]).await.unwrap();
+        }
+        let info = wait_state(&engine, "vm", VmState::Protected).await;
+        assert!(info.disks[0].active_log_bytes > 0, "round {round}: the disk is logging: {info:?}");
+        engine.replicate_now("vm").await.unwrap();
+        let out = tmp.path().join(format!("restored{round}"));
+        engine.restore("vm", PointSelector::Latest, &out).await.unwrap();
+        assert_same_file(&out.join("os.img"), &path);
+    }
+    engine.shutdown().await.unwrap();
+}

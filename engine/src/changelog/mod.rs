@@ -157,6 +157,24 @@ pub fn list_logs(disk_path: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(logs)
 }
 
+/// Deletes every log beside the disk at `disk_path` (the one owner of that
+/// policy). A log already gone counts as deleted, so two tasks racing to
+/// drop the same chain never fail each other.
+pub fn remove_logs(disk_path: &Path) -> Result<()> {
+    for (_, p) in list_logs(disk_path)? {
+        remove_file_if_present(&p)?;
+    }
+    Ok(())
+}
+
+/// Deletes a file; one that is already gone is not an error.
+pub fn remove_file_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(format!("remove {}", path.display()), e)),
+        _ => Ok(()),
+    }
+}
+
 /// Checks that `next` directly follows `prev` in a disk's chain. A broken
 /// chain is `Error::Corrupt` (class `NeedsResync`) naming the mismatch.
 pub fn check_chain(prev: &LogHeader, next: &LogHeader) -> Result<()> {

@@ -44,6 +44,8 @@ use crate::state::VmRecord;
 use crate::task::blocking;
 use crate::upload::{self, UploadCtx};
 
+use super::ChainFence;
+
 /// A sealed log waiting to be part of a recovery point.
 #[derive(Debug, Clone)]
 pub struct PendingLog {
@@ -133,19 +135,10 @@ fn keep_hashes(shared: &Shared, vm: &str, disk: &str, cache: &HashCache, change:
     }
 }
 
-fn remove_logs(disk_path: &std::path::Path) -> Result<()> {
-    for (_, p) in changelog::list_logs(disk_path)? {
-        std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
-    }
-    for side in snapshot::side_files(disk_path) {
-        match std::fs::remove_file(&side) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::io(format!("remove {}", side.display()), e))
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+/// Deletes what protection kept beside a disk: its logs and snapshot side files.
+fn remove_local_files(disk_path: &std::path::Path) -> Result<()> {
+    changelog::remove_logs(disk_path)?;
+    snapshot::side_files(disk_path).iter().try_for_each(|side| changelog::remove_file_if_present(side))
 }
 
 /// Opens a VM's disks (blocking). `fresh`: a new protection (or one restarted
@@ -186,7 +179,7 @@ pub fn open_disks(rec: &VmRecord, fresh: bool, data_dir: &std::path::Path) -> Re
                         format!("no change log found for disk {}: the chain is broken", spec.name)
                     })));
                 }
-                remove_logs(&spec.path)?;
+                remove_local_files(&spec.path)?;
                 (Vec::new(), 0)
             }
         };
@@ -250,11 +243,11 @@ pub struct VmActor {
     /// Callers that need a cycle that starts after their call.
     waiting_next: Vec<oneshot::Sender<Result<Option<RecoveryPoint>>>>,
     timer: Option<SpawnHandle>,
-    /// Bumped when logs are discarded: a cycle that started before is stale.
+    /// The epoch of the newest tasks: bumped when logs are discarded or a
+    /// resync starts, so a task started before is stale.
     log_epoch: u64,
-    /// The same epoch, read by tasks right before they commit: a superseded
-    /// resync never commits (its snapshot may no longer be preserved).
-    epoch_now: Arc<std::sync::atomic::AtomicU64>,
+    /// Orders changes to the log chain and fences commits (see [`ChainFence`]).
+    fence: Arc<ChainFence>,
     /// Backoff of the failing step, if any.
     retry: RetryState,
     /// A retry is scheduled: timer ticks do not start cycles meanwhile.
@@ -273,24 +266,6 @@ pub struct VmActor {
     hash_caches: Vec<HashCache>,
     /// Per disk: block hashes of the base copy, kept until the base commits.
     base_hashes: Vec<Vec<u64>>,
-}
-
-/// Lets a task check, right before it commits, that it was not superseded.
-/// Everything the task read happened before that check, so a newer task's
-/// changes (which start after the bump) cannot have torn it.
-struct Fence {
-    now: Arc<std::sync::atomic::AtomicU64>,
-    mine: u64,
-}
-
-impl Fence {
-    fn check(&self) -> Result<()> {
-        if self.now.load(std::sync::atomic::Ordering::SeqCst) == self.mine {
-            Ok(())
-        } else {
-            Err(Error::Cancelled("superseded by a newer resync".into()))
-        }
-    }
 }
 
 /// The steps that can fail and be retried.
@@ -335,7 +310,7 @@ impl VmActor {
             waiting_next: Vec::new(),
             timer: None,
             log_epoch: 0,
-            epoch_now: Default::default(),
+            fence: Default::default(),
             retry: RetryState::default(),
             retry_timer: None,
             last_step: Step::Cycle,
@@ -352,8 +327,7 @@ impl VmActor {
     }
 
     fn bump_epoch(&mut self) {
-        self.log_epoch += 1;
-        self.epoch_now.store(self.log_epoch, std::sync::atomic::Ordering::SeqCst);
+        self.log_epoch = self.fence.bump();
     }
 
     fn apply(&mut self, event: Event, ctx: &mut Context<Self>) {
@@ -429,8 +403,10 @@ impl VmActor {
     fn act(&mut self, action: Action, ctx: &mut Context<Self>) {
         match action {
             Action::TakeSnapshot => {
-                let disks = self.disks.clone();
-                self.spawn(ctx, async move { Snapshotted(blocking(move || disk::snapshot_all(&disks)).await) });
+                let (disks, fence, epoch) = (self.disks.clone(), self.fence.clone(), self.log_epoch);
+                self.spawn(ctx, async move {
+                    Snapshotted(blocking(move || fence.change(epoch, || disk::snapshot_all(&disks))).await)
+                });
             }
             Action::StartInitialCopy => self.start_initial_copy(ctx),
             Action::CommitBasePoint => self.commit_base(ctx),
@@ -469,11 +445,11 @@ impl VmActor {
                 // Blocks already copied are no longer preserved: a retry on the
                 // same snapshot would mix times. Take a new one (the logs since
                 // the first one replay idempotently on top).
-                let disks = self.disks.clone();
+                let (disks, fence, epoch) = (self.disks.clone(), self.fence.clone(), self.log_epoch);
                 self.snapshots.clear();
                 self.spawn(ctx, async move {
                     release_snapshots(&disks).await;
-                    Snapshotted(blocking(move || disk::snapshot_all(&disks)).await)
+                    Snapshotted(blocking(move || fence.change(epoch, || disk::snapshot_all(&disks))).await)
                 });
             }
             (_, S::ResyncRequired) => self.schedule_auto_resync(ctx),
@@ -543,13 +519,14 @@ impl VmActor {
         let (disks, shared, epoch) = (self.disks.clone(), self.shared.clone(), self.log_epoch);
         let (vm, generation) = (self.rec.spec.name.clone(), self.rec.generation);
         let caches = self.hash_caches.clone();
-        let fence = Fence { now: self.epoch_now.clone(), mine: epoch };
+        let fence = self.fence.clone();
         self.spawn(ctx, async move {
-            let d2 = disks.clone();
-            let r = match blocking(move || disk::begin_resync(&d2)).await {
+            let (d2, f2) = (disks.clone(), fence.clone());
+            let r = match blocking(move || f2.change(epoch, || disk::begin_resync(&d2))).await {
                 Ok((snaps, at)) => {
-                    let r = resync_all(&shared, &uctx, &disks, &snaps, &caches, &fence, vm, generation, last, seq, at)
-                        .await;
+                    let fence = (&*fence, epoch);
+                    let r =
+                        resync_all(&shared, &uctx, &disks, &snaps, &caches, fence, vm, generation, last, seq, at).await;
                     release_own_snapshots(&disks, snaps).await;
                     r
                 }
@@ -608,9 +585,13 @@ impl VmActor {
         let caches = self.hash_caches.clone();
         let (generation, block) = (self.rec.generation, self.shared.config.resync_block_size);
         let hash_sets = self.base_hashes.clone();
+        let (fence, epoch) = (self.fence.clone(), self.log_epoch);
         self.spawn(ctx, async move {
             release_snapshots(&disks).await;
-            let r = commit_manifest(&shared, manifest).await;
+            let r = match fence.check(epoch) {
+                Ok(()) => commit_manifest(&shared, manifest).await,
+                Err(e) => Err(e),
+            };
             if r.is_ok() {
                 let changes = hash_sets
                     .into_iter()
@@ -635,9 +616,10 @@ impl VmActor {
         let (vm, generation, parent) = (self.rec.spec.name.clone(), self.rec.generation, self.rec.last_point_seq);
         let epoch = self.log_epoch;
         let caches = self.hash_caches.clone();
+        let fence = self.fence.clone();
         self.spawn(ctx, async move {
-            let disks2 = disks.clone();
-            let sealed = match blocking(move || rotate_and_seal(&disks2)).await {
+            let (disks2, f2) = (disks.clone(), fence.clone());
+            let sealed = match blocking(move || f2.change(epoch, || rotate_and_seal(&disks2))).await {
                 Ok(s) => s,
                 Err(e) => return CycleEnded { job, epoch, waiters, included: vec![], result: Err(e) },
             };
@@ -649,7 +631,9 @@ impl VmActor {
                     p
                 })
                 .collect();
-            let result = upload_cycle(&shared, &uctx, &disks, &included, vm, generation, seq, parent, &caches).await;
+            let fence = (&*fence, epoch);
+            let result =
+                upload_cycle(&shared, &uctx, &disks, &included, fence, vm, generation, seq, parent, &caches).await;
             CycleEnded { job, epoch, waiters, included, result }
         });
     }
@@ -662,17 +646,19 @@ impl VmActor {
         self.bump_epoch();
         self.pending.iter_mut().for_each(|p| p.clear());
         self.snapshots.clear();
+        let (fence, epoch) = (self.fence.clone(), self.log_epoch);
         self.spawn(ctx, async move {
+            // Only if no newer task (an operator resync) changed the chain first.
             let r = blocking(move || {
-                for d in &disks {
-                    // A copy or resync still running is superseded: stop preserving for it.
-                    release_snapshot(d)?;
-                    drop(d.stop_logging());
-                    for (_, p) in changelog::list_logs(&d.path)? {
-                        std::fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
+                fence.change(epoch, || {
+                    for d in &disks {
+                        // A copy still running is superseded: stop preserving for it.
+                        release_snapshot(d)?;
+                        drop(d.stop_logging());
+                        changelog::remove_logs(&d.path)?;
                     }
-                }
-                Ok(())
+                    Ok(())
+                })
             })
             .await;
             LogsDiscarded(r)
@@ -721,28 +707,30 @@ fn rotate_and_seal(disks: &[Arc<Disk>]) -> Result<Vec<Vec<PendingLog>>> {
     if disks.iter().all(|d| d.active_records() == 0) {
         return Ok(vec![Vec::new(); disks.len()]);
     }
+    // Nothing rotated yet on failure: remove what was prepared, so a retry starts clean.
+    let discard_prepared = |next: Vec<changelog::LogWriter>| {
+        for l in next {
+            let p = l.path().to_path_buf();
+            drop(l);
+            let _ = std::fs::remove_file(p);
+        }
+    };
     let mut next = Vec::new();
     for d in disks {
         match d.prepare_next_log() {
             Ok(l) => next.push(l),
             Err(e) => {
-                // Nothing rotated yet: remove what was prepared, so a retry starts clean.
-                for l in next {
-                    let p = l.path().to_path_buf();
-                    drop(l);
-                    let _ = std::fs::remove_file(p);
-                }
+                discard_prepared(next);
                 return Err(e);
             }
         }
     }
-    let (old, at) = disk::rotate_all(disks, next);
+    let (old, at) = disk::rotate_all(disks, next).map_err(|(e, next)| {
+        discard_prepared(next);
+        e
+    })?;
     let mut out = Vec::new();
     for (d, log) in disks.iter().zip(old) {
-        let Some(log) = log else {
-            out.push(Vec::new());
-            continue;
-        };
         // A log that cannot be sealed breaks its disk's chain: resync, never
         // a cycle that would skip it (its siblings were rotated already).
         let sealed = log.seal().map_err(|e| Error::Corrupt {
@@ -763,6 +751,7 @@ async fn upload_cycle(
     uctx: &UploadCtx,
     disks: &[Arc<Disk>],
     included: &[Vec<PendingLog>],
+    fence: (&ChainFence, u64),
     vm: String,
     generation: u64,
     seq: u64,
@@ -791,6 +780,7 @@ async fn upload_cycle(
         time_ms,
         disks: manifest_disks,
     };
+    fence.0.check(fence.1)?;
     let point = commit_manifest(shared, manifest).await?;
     let changes =
         all_updates.into_iter().map(|updates| HashChange::Apply { generation, parent, seq, updates }).collect();
@@ -1055,6 +1045,7 @@ impl Handler<LogsDiscarded> for VmActor {
     fn handle(&mut self, msg: LogsDiscarded, ctx: &mut Context<Self>) {
         match msg.0 {
             Ok(()) => self.schedule_auto_resync(ctx),
+            Err(e) if e.class() == ErrorClass::Cancelled => {} // a newer task changed the chain first
             Err(e) => self.apply(
                 Event::Failed { class: ErrorClass::NonRecoverable, reason: format!("discarding logs failed: {e}") },
                 ctx,
@@ -1164,7 +1155,7 @@ async fn resync_all(
     disks: &[Arc<Disk>],
     snaps: &[Arc<CowSnapshot>],
     caches: &[HashCache],
-    fence: &Fence,
+    fence: (&ChainFence, u64),
     vm: String,
     generation: u64,
     last: u64,
@@ -1240,7 +1231,7 @@ async fn resync_all(
         time_ms: at,
         disks: manifest_disks,
     };
-    fence.check()?;
+    fence.0.check(fence.1)?;
     let point = commit_manifest(shared, manifest).await?;
     // The replica now equals the snapshot block for block.
     let changes = source_hashes
@@ -1320,7 +1311,8 @@ impl Handler<Stop> for VmActor {
     type Result = ResponseActFuture<Self, Result<()>>;
     fn handle(&mut self, msg: Stop, _ctx: &mut Context<Self>) -> Self::Result {
         self.cancel.cancel();
-        let disks = self.disks.clone();
+        self.bump_epoch();
+        let (disks, fence, epoch) = (self.disks.clone(), self.fence.clone(), self.log_epoch);
         for w in self.waiting_next.drain(..) {
             let _ = w.send(Err(Error::Cancelled("the VM is stopping".into())));
         }
@@ -1329,6 +1321,7 @@ impl Handler<Stop> for VmActor {
             VmState::EnablingProtection | VmState::InitialReplication | VmState::FinalizingProtection
         );
         let fut = blocking(move || {
+            let _turn = fence.change(epoch, || Ok(()));
             for d in &disks {
                 let _ = release_snapshot(d);
                 // Connections that outlive the VM get errors, never unlogged writes.
@@ -1336,7 +1329,7 @@ impl Handler<Stop> for VmActor {
                 if msg.unprotect || in_initial {
                     drop(log);
                     if msg.unprotect {
-                        remove_logs(&d.path)?;
+                        remove_local_files(&d.path)?;
                     }
                 } else if let Some(log) = log {
                     log.seal()?;
