@@ -296,6 +296,11 @@ impl Disk {
         inner.log.take()
     }
 
+    /// The snapshot copy-before-write preserves for, if any.
+    pub fn snapshot(&self) -> Option<Arc<CowSnapshot>> {
+        self.lock().snapshot.clone()
+    }
+
     /// Stops copy-before-write; the caller releases the snapshot's space.
     pub fn end_snapshot(&self) -> Option<Arc<CowSnapshot>> {
         self.lock().snapshot.take()

@@ -113,32 +113,16 @@ impl Engine {
 
     async fn resume_all(&self) -> Result<()> {
         let state = self.shared.state.clone();
-        for mut rec in blocking(move || state.list_vms()).await? {
+        for rec in blocking(move || state.list_vms()).await? {
             let name = rec.spec.name.clone();
-            if rec.lifecycle.state == VmState::FinalizingProtection && rec.last_point_seq > 0 {
-                // The base committed but its state change was not recorded.
-                rec.lifecycle.on_event(Event::PointCommitted, now_millis());
-                let (state, r) = (self.shared.state.clone(), rec.clone());
-                blocking(move || state.put_vm(&r)).await?;
-            }
-            let restart = matches!(
-                rec.lifecycle.state,
-                VmState::Unprotected
-                    | VmState::EnablingProtection
-                    | VmState::InitialReplication
-                    | VmState::FinalizingProtection
-            );
-            if restart {
-                // The snapshot did not survive: protection starts over.
-                rec.lifecycle = Lifecycle { transitions: rec.lifecycle.transitions.clone(), ..Lifecycle::default() };
-                rec.last_point_seq = 0;
-                rec.generation = rec.generation.max(now_millis());
-                let (state, r) = (self.shared.state.clone(), rec.clone());
-                blocking(move || state.put_vm(&r)).await?;
-            }
-            let r = rec.clone();
             let dd = self.shared.config.data_dir.clone();
-            let opened = match blocking(move || vm::open_disks(&r, restart, &dd)).await {
+            let opened = blocking(move || {
+                let mut r = rec.clone();
+                let opened = vm::open_vm(&mut r, &dd, now_millis())?;
+                Ok((r, opened))
+            })
+            .await;
+            let (rec, opened) = match opened {
                 Ok(o) => o,
                 Err(e) => {
                     // The VM stays known (and Critical) so an operator sees why.
@@ -154,6 +138,9 @@ impl Engine {
                     continue;
                 }
             };
+            // The decision may have started protection over, or recorded a committed base.
+            let (state, r) = (self.shared.state.clone(), rec.clone());
+            blocking(move || state.put_vm(&r)).await?;
             mailbox(self.scheduler.send(StartVm { rec, opened }).await)??;
         }
         Ok(())
@@ -196,9 +183,8 @@ impl Engine {
             last_point_seq: 0,
             protected_since_ms: 0,
         };
-        let r = rec.clone();
-        let dd = self.shared.config.data_dir.clone();
-        let opened = match blocking(move || vm::open_disks(&r, true, &dd)).await {
+        let (mut r, dd) = (rec.clone(), self.shared.config.data_dir.clone());
+        let opened = match blocking(move || vm::open_vm(&mut r, &dd, now_millis())).await {
             Ok(o) => o,
             Err(e) => {
                 for d in &spec.disks {

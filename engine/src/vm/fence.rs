@@ -4,9 +4,9 @@
 //! they read from it: a cycle rotates the active logs, a discard drops them
 //! (the VM needs a resync), a resync starts a new chain and a snapshot, the
 //! initial copy takes a snapshot, a stop closes the disks. Each task is
-//! started by the actor with the epoch current then; the actor bumps the
-//! epoch whenever a newer task supersedes the running ones (a resync, a
-//! discard, a stop).
+//! started with the epoch current then; the VM core moves the epoch on
+//! whenever a newer task supersedes the running ones (a resync, a discard,
+//! a stop), and the actor mirrors it here before starting any newer task.
 //!
 //! Consistency: every change to the chain runs under the fence's lock and
 //! only if the task's epoch is still current ([`ChainFence::change`]), so a
@@ -31,9 +31,9 @@ pub(crate) struct ChainFence {
 }
 
 impl ChainFence {
-    /// A newer task supersedes every running one; returns its epoch.
-    pub(crate) fn bump(&self) -> u64 {
-        self.epoch.fetch_add(1, Ordering::SeqCst) + 1
+    /// The VM core moved to `epoch` (it only grows): tasks of older epochs are superseded.
+    pub(crate) fn advance_to(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::SeqCst);
     }
 
     pub(crate) fn current(&self) -> u64 {
@@ -67,8 +67,9 @@ mod tests {
     #[test]
     fn a_superseded_task_neither_changes_the_chain_nor_commits() {
         let f = ChainFence::default();
-        let discard = f.bump();
-        let resync = f.bump(); // an operator resync accepted right after
+        let (discard, resync) = (1, 2);
+        f.advance_to(discard);
+        f.advance_to(resync); // an operator resync accepted right after
         assert_eq!(f.change(resync, || Ok("new chain")).unwrap(), "new chain");
         let late = f.change(discard, || -> Result<()> { panic!("a late discard must not run") }).unwrap_err();
         assert_eq!(late.class(), ErrorClass::Cancelled);
@@ -79,7 +80,7 @@ mod tests {
     #[test]
     fn changes_are_serialized() {
         let f = std::sync::Arc::new(ChainFence::default());
-        let e = f.bump();
+        let e = 0;
         let inside = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let handles: Vec<_> = (0..4)
             .map(|_| {

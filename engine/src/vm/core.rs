@@ -1,0 +1,613 @@
+//! The VM core: every decision about one protected VM, with no I/O.
+//!
+//! Overview: [`VmCore`] holds the VM's lifecycle, the sealed logs waiting
+//! for a recovery point, the point-number allocator, the epoch of the newest
+//! tasks, the retry backoff and the callers waiting for a point. The actor
+//! feeds it an [`Input`] (an operator's ask, a timer, a task's result) with
+//! the time, and carries out the [`Command`]s it returns; commands carry
+//! everything the task needs (its point number, parent, epoch, logs).
+//!
+//! Point numbers: a task that can commit a point gets the next number when
+//! it starts. A retry of a failed task reuses it (a retried upload writes
+//! the same keys); a task superseded while running may still put objects
+//! under its number, so the next task takes a new one. Numbers never go
+//! back; a point committed by a superseded task is still a valid point and
+//! its number is never reused.
+//!
+//! Epochs: a resync, a discard of the logs or a stop supersedes every
+//! running task by bumping the epoch. A task's result carries the epoch it
+//! started with; a stale result changes nothing but the number allocator.
+//! The actor mirrors the epoch into the VM's [`super::ChainFence`], so a
+//! stale task also cannot change the log chain or commit.
+//!
+//! Waiters: a `replicate_now` caller waits for a cycle that starts after
+//! its call (so the point holds every write it made before); the cycle takes
+//! the waiters with it and answers them when it ends. Callers are refused
+//! at once when the VM cannot cut a point (Paused, Critical,
+//! ResyncRequired), and when it stops being able to.
+
+use std::path::PathBuf;
+
+use crate::error::ErrorClass;
+use crate::lifecycle::{Action, Event, Lifecycle, VmState};
+use crate::manifest::ObjectRef;
+use crate::model::{RecoveryPoint, UnixMillis};
+use crate::retry::{RetryPolicy, RetryState};
+
+/// Names a `replicate_now` caller; the actor keeps its reply channel.
+pub type WaiterId = u64;
+
+/// A sealed log waiting to be part of a recovery point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingLog {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// When it was sealed: the moment the point that includes it describes.
+    pub sealed_ms: u64,
+}
+
+/// What the initial copy put on the target, per disk: its objects and the
+/// hash of every block (kept for resync once the base commits).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BaseCopy {
+    pub objects: Vec<Vec<ObjectRef>>,
+    pub hashes: Vec<Vec<u64>>,
+}
+
+/// Why a task failed, classified where the I/O happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub class: ErrorClass,
+    pub reason: String,
+}
+
+/// The steps that can fail and be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Snapshot,
+    InitialCopy,
+    CommitBase,
+    Cycle,
+    Resync,
+}
+
+/// How the VM starts (see [`super::restart`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// A new protection (or one that starts over): snapshot, copy, base.
+    Protect,
+    /// Go on from the persisted state with these sealed logs per disk.
+    Resume { pending: Vec<Vec<PendingLog>> },
+    /// The logs found cannot be trusted.
+    ResyncNeeded { reason: String },
+    /// Stopped while waiting for a resync: drop what logs there are again.
+    DiscardLogs,
+    /// Stopped mid-resync: its point was never committed; run it again.
+    ResyncAgain,
+}
+
+/// Something that happened to the VM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Start(Start),
+    /// The replication timer fired.
+    Tick,
+    ReplicateNow(WaiterId),
+    Pause,
+    Resume,
+    /// An operator asked for a resync, or the auto-resync window came.
+    Resync,
+    AutoResyncDue,
+    /// A disk's log can no longer describe it (failed write, 50% rule).
+    DiskNeedsResync {
+        reason: String,
+    },
+    RetryDue,
+    /// The VM is stopping: nothing running may commit any more.
+    Stop,
+    SnapshotTaken {
+        epoch: u64,
+        result: Result<UnixMillis, Failure>,
+    },
+    BaseCopied {
+        epoch: u64,
+        result: Result<BaseCopy, Failure>,
+    },
+    BaseCommitted {
+        epoch: u64,
+        result: Result<RecoveryPoint, Failure>,
+    },
+    /// A cycle ended; `sealed` are the logs it rotated out, per disk
+    /// (they join the backlog whatever happened).
+    CycleEnded {
+        epoch: u64,
+        sealed: Vec<Vec<PendingLog>>,
+        result: Result<Option<RecoveryPoint>, Failure>,
+    },
+    ResyncEnded {
+        epoch: u64,
+        result: Result<RecoveryPoint, Failure>,
+    },
+    LogsDiscarded {
+        epoch: u64,
+        result: Result<(), Failure>,
+    },
+}
+
+/// The answer to a `replicate_now` caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The point that holds the caller's writes (`None`: nothing was written).
+    Point(Option<RecoveryPoint>),
+    /// The VM cannot cut a point now (its state says why).
+    Refused(String),
+    Failed(Failure),
+}
+
+/// What the actor must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Release any snapshot left, then snapshot every disk at one instant.
+    TakeSnapshot {
+        epoch: u64,
+    },
+    /// Copy every disk from the snapshot to the target.
+    CopyBase {
+        epoch: u64,
+    },
+    /// Release the snapshot, then commit the base point (seq, snapshot time, objects).
+    CommitBase {
+        epoch: u64,
+        seq: u64,
+        time_ms: UnixMillis,
+        base: BaseCopy,
+    },
+    /// Rotate every disk's log at one instant, then upload `pending` plus
+    /// what was rotated out as point `seq` on top of `parent`, and commit.
+    RunCycle {
+        epoch: u64,
+        seq: u64,
+        parent: u64,
+        pending: Vec<Vec<PendingLog>>,
+    },
+    /// Start a new log chain and snapshot, compare every disk with the
+    /// replica as of `parent` and commit the differences as point `seq`.
+    RunResync {
+        epoch: u64,
+        seq: u64,
+        parent: u64,
+    },
+    /// Stop logging and drop every log and snapshot (a resync will compare whole disks).
+    DiscardLogs {
+        epoch: u64,
+    },
+    /// These sealed logs are in a committed point: delete them, per disk.
+    DeleteLogs {
+        logs: Vec<Vec<PendingLog>>,
+    },
+    /// The snapshot is no longer needed.
+    ReleaseSnapshots,
+    ScheduleRetry {
+        at_ms: UnixMillis,
+    },
+    CancelRetry,
+    /// Start a resync when the auto-resync policy allows (the actor knows the window).
+    ScheduleAutoResync,
+    CancelAutoResync,
+    Answer {
+        waiter: WaiterId,
+        answer: Answer,
+    },
+}
+
+/// The task whose result is awaited (at most one runs unsuperseded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Running {
+    step: Step,
+    seq: u64,
+    /// The `replicate_now` callers a cycle answers.
+    waiters: Vec<WaiterId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmCore {
+    name: String,
+    disks: usize,
+    lifecycle: Lifecycle,
+    /// The newest committed point (0: none yet).
+    last_point: u64,
+    /// The number the next task takes; always above every number handed out
+    /// to a task that may still put objects.
+    next_seq: u64,
+    epoch: u64,
+    running: Option<Running>,
+    /// The epoch of the discard whose result is awaited, if any.
+    discarding: Option<u64>,
+    /// Per disk: sealed logs not yet in a committed point.
+    pending: Vec<Vec<PendingLog>>,
+    /// Snapshot time of the base copy in progress.
+    snapshot_ms: UnixMillis,
+    /// The initial copy's result, kept until the base commits (retries reuse it).
+    base: Option<BaseCopy>,
+    policy: RetryPolicy,
+    retry: RetryState,
+    /// The step a retry runs again.
+    last_step: Step,
+    /// A retry is scheduled: timer ticks do not start cycles meanwhile.
+    retry_scheduled: bool,
+    /// Callers waiting for the next cycle to start.
+    waiting: Vec<WaiterId>,
+}
+
+impl VmCore {
+    /// A VM as persisted: its lifecycle and newest committed point.
+    pub fn new(name: &str, disks: usize, lifecycle: Lifecycle, last_point: u64, policy: RetryPolicy) -> Self {
+        VmCore {
+            name: name.to_string(),
+            disks,
+            lifecycle,
+            last_point,
+            next_seq: last_point + 1,
+            epoch: 0,
+            running: None,
+            discarding: None,
+            pending: vec![Vec::new(); disks],
+            snapshot_ms: 0,
+            base: None,
+            policy,
+            retry: RetryState::default(),
+            last_step: Step::Cycle,
+            retry_scheduled: false,
+            waiting: Vec::new(),
+        }
+    }
+
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    pub fn state(&self) -> VmState {
+        self.lifecycle.state
+    }
+
+    pub fn last_point(&self) -> u64 {
+        self.last_point
+    }
+
+    /// The epoch tasks started now carry (mirrored into the chain fence).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Snapshot time of the base copy (the first point's time).
+    pub fn snapshot_ms(&self) -> UnixMillis {
+        self.snapshot_ms
+    }
+
+    pub fn retries(&self) -> u32 {
+        self.retry.retries()
+    }
+
+    pub fn on(&mut self, input: Input, now: UnixMillis) -> Vec<Command> {
+        let mut out = Vec::new();
+        match input {
+            Input::Start(start) => self.start(start, now, &mut out),
+            Input::Tick => {
+                // While a retry is pending the backoff decides, not the timer.
+                if !self.retry_scheduled {
+                    self.event(Event::CycleDue, now, &mut out);
+                }
+            }
+            Input::ReplicateNow(waiter) => match self.lifecycle.state {
+                VmState::Critical | VmState::ResyncRequired | VmState::Paused => {
+                    out.push(Command::Answer { waiter, answer: Answer::Refused(self.why_not()) })
+                }
+                _ => {
+                    self.waiting.push(waiter);
+                    self.event(Event::CycleDue, now, &mut out);
+                }
+            },
+            Input::Pause => self.event(Event::Pause, now, &mut out),
+            Input::Resume => self.event(Event::Resume, now, &mut out),
+            Input::Resync => self.event(Event::StartResync, now, &mut out),
+            Input::AutoResyncDue => {
+                if self.lifecycle.state == VmState::ResyncRequired {
+                    self.event(Event::StartResync, now, &mut out);
+                }
+            }
+            Input::DiskNeedsResync { reason } => self.event(Event::ResyncNeeded { reason }, now, &mut out),
+            Input::RetryDue => {
+                self.retry_scheduled = false;
+                self.retry_step(now, &mut out);
+            }
+            Input::Stop => {
+                self.supersede(&mut out);
+                for waiter in std::mem::take(&mut self.waiting) {
+                    out.push(Command::Answer { waiter, answer: Answer::Refused("the VM is stopping".into()) });
+                }
+            }
+            Input::SnapshotTaken { epoch, result } => {
+                if !self.awaits(epoch, Step::Snapshot) {
+                    return out; // a newer task released it
+                }
+                self.running = None;
+                match result {
+                    Ok(at) => {
+                        self.snapshot_ms = at;
+                        match self.lifecycle.state {
+                            VmState::EnablingProtection => self.event(Event::SnapshotTaken, now, &mut out),
+                            // A retried initial copy, on a fresh snapshot.
+                            VmState::InitialReplication => self.copy_base(&mut out),
+                            _ => out.push(Command::ReleaseSnapshots),
+                        }
+                    }
+                    Err(f) => self.failed(Step::Snapshot, f, now, &mut out),
+                }
+            }
+            Input::BaseCopied { epoch, result } => {
+                if !self.awaits(epoch, Step::InitialCopy) || self.lifecycle.state != VmState::InitialReplication {
+                    return out; // superseded (logs discarded for a resync, or stopped)
+                }
+                self.running = None;
+                match result {
+                    Ok(base) => {
+                        self.base = Some(base);
+                        self.retry.on_success();
+                        self.event(Event::InitialCopyDone, now, &mut out);
+                    }
+                    Err(f) => self.failed(Step::InitialCopy, f, now, &mut out),
+                }
+            }
+            Input::BaseCommitted { epoch, result } => {
+                if let Ok(p) = &result {
+                    self.note_point(p.seq);
+                }
+                if !self.awaits(epoch, Step::CommitBase) {
+                    return out;
+                }
+                self.running = None;
+                match result {
+                    Ok(p) => {
+                        self.last_point = p.seq;
+                        self.base = None;
+                        self.retry.on_success();
+                        self.event(Event::PointCommitted, now, &mut out);
+                        // Writes made during the copy are in the logs: ship them now.
+                        self.event(Event::CycleDue, now, &mut out);
+                    }
+                    Err(f) => self.failed(Step::CommitBase, f, now, &mut out),
+                }
+            }
+            Input::CycleEnded { epoch, sealed, result } => self.cycle_ended(epoch, sealed, result, now, &mut out),
+            Input::ResyncEnded { epoch, result } => {
+                if let Ok(p) = &result {
+                    self.note_point(p.seq);
+                }
+                if !self.awaits(epoch, Step::Resync) {
+                    return out; // a newer resync (or discard) superseded this one
+                }
+                self.running = None;
+                match result {
+                    Ok(p) => {
+                        self.last_point = p.seq;
+                        self.retry.on_success();
+                        self.event(Event::ResyncDone, now, &mut out);
+                        // Writes made during the resync are in the new logs: ship them now.
+                        self.event(Event::CycleDue, now, &mut out);
+                    }
+                    Err(f) => self.failed(Step::Resync, f, now, &mut out),
+                }
+            }
+            Input::LogsDiscarded { epoch, result } => {
+                if epoch != self.epoch || self.discarding != Some(epoch) {
+                    return out; // a newer task changed the chain first
+                }
+                self.discarding = None;
+                match result {
+                    Ok(()) if self.lifecycle.state == VmState::ResyncRequired => out.push(Command::ScheduleAutoResync),
+                    Ok(()) => {}
+                    Err(f) => {
+                        let reason = format!("discarding logs failed: {}", f.reason);
+                        self.event(Event::Failed { class: ErrorClass::NonRecoverable, reason }, now, &mut out)
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn start(&mut self, start: Start, now: UnixMillis, out: &mut Vec<Command>) {
+        match start {
+            Start::Protect => self.event(Event::Protect, now, out),
+            Start::Resume { pending } => {
+                debug_assert_eq!(pending.len(), self.disks);
+                self.pending = pending;
+            }
+            Start::ResyncNeeded { reason } => self.event(Event::ResyncNeeded { reason }, now, out),
+            Start::DiscardLogs => self.discard(out),
+            Start::ResyncAgain => self.resync(out),
+        }
+    }
+
+    fn cycle_ended(
+        &mut self,
+        epoch: u64,
+        sealed: Vec<Vec<PendingLog>>,
+        result: Result<Option<RecoveryPoint>, Failure>,
+        now: UnixMillis,
+        out: &mut Vec<Command>,
+    ) {
+        if let Ok(Some(p)) = &result {
+            self.note_point(p.seq);
+        }
+        if !self.awaits(epoch, Step::Cycle) {
+            return; // its logs were discarded; its callers were answered then
+        }
+        let waiters = self.running.take().map(|r| r.waiters).unwrap_or_default();
+        // Newly sealed logs join the backlog whatever happened.
+        for (pending, new) in self.pending.iter_mut().zip(sealed) {
+            for l in new {
+                if !pending.iter().any(|p| p.path == l.path) {
+                    pending.push(l);
+                }
+            }
+        }
+        let answer = match &result {
+            Ok(p) => Answer::Point(p.clone()),
+            Err(f) => Answer::Failed(f.clone()),
+        };
+        out.extend(waiters.into_iter().map(|waiter| Command::Answer { waiter, answer: answer.clone() }));
+        match result {
+            Ok(point) => {
+                self.retry.on_success();
+                if let Some(p) = point {
+                    self.last_point = p.seq;
+                    // The point holds every pending log: they are no longer needed.
+                    let logs = std::mem::replace(&mut self.pending, vec![Vec::new(); self.disks]);
+                    out.push(Command::DeleteLogs { logs });
+                }
+                self.event(Event::PointCommitted, now, out);
+            }
+            Err(f) => self.failed(Step::Cycle, f, now, out),
+        }
+        if !self.waiting.is_empty() {
+            self.event(Event::CycleDue, now, out);
+        }
+    }
+
+    /// Whether a result of `step` started in `epoch` is the one awaited: a
+    /// result of a superseded task, or of a task that is not running, is stale.
+    fn awaits(&self, epoch: u64, step: Step) -> bool {
+        epoch == self.epoch && self.running.as_ref().is_some_and(|r| r.step == step)
+    }
+
+    /// A point was committed (by a current task or a superseded one): its
+    /// number is never handed out again.
+    fn note_point(&mut self, seq: u64) {
+        self.last_point = self.last_point.max(seq);
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    /// Every running task is stale from now on.
+    fn supersede(&mut self, out: &mut Vec<Command>) {
+        self.epoch += 1;
+        if let Some(r) = self.running.take() {
+            // It may still put objects under its number.
+            self.next_seq = self.next_seq.max(r.seq + 1);
+            let answer = Answer::Refused(format!("VM {} needs a resync: its cycle was superseded", self.name));
+            out.extend(r.waiters.into_iter().map(|waiter| Command::Answer { waiter, answer: answer.clone() }));
+        }
+    }
+
+    fn run(&mut self, step: Step, waiters: Vec<WaiterId>) -> u64 {
+        let seq = self.next_seq;
+        self.running = Some(Running { step, seq, waiters });
+        seq
+    }
+
+    fn copy_base(&mut self, out: &mut Vec<Command>) {
+        self.run(Step::InitialCopy, Vec::new());
+        out.push(Command::CopyBase { epoch: self.epoch });
+    }
+
+    fn commit_base(&mut self, now: UnixMillis, out: &mut Vec<Command>) {
+        let Some(base) = self.base.clone() else {
+            // Never commit a base without its objects: it would restore as zeros.
+            let reason = "the initial copy's result was lost: unprotect and protect again".to_string();
+            return self.event(Event::Failed { class: ErrorClass::NonRecoverable, reason }, now, out);
+        };
+        let seq = self.run(Step::CommitBase, Vec::new());
+        out.push(Command::CommitBase { epoch: self.epoch, seq, time_ms: self.snapshot_ms, base });
+    }
+
+    fn discard(&mut self, out: &mut Vec<Command>) {
+        self.supersede(out);
+        self.pending.iter_mut().for_each(Vec::clear);
+        self.base = None;
+        self.discarding = Some(self.epoch);
+        out.push(Command::DiscardLogs { epoch: self.epoch });
+    }
+
+    fn resync(&mut self, out: &mut Vec<Command>) {
+        self.supersede(out);
+        self.pending.iter_mut().for_each(Vec::clear);
+        out.push(Command::CancelAutoResync);
+        let seq = self.run(Step::Resync, Vec::new());
+        out.push(Command::RunResync { epoch: self.epoch, seq, parent: self.last_point });
+    }
+
+    fn why_not(&self) -> String {
+        let reason = self.lifecycle.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+        format!("VM {} is {}{reason}", self.name, self.lifecycle.state)
+    }
+
+    fn failed(&mut self, step: Step, f: Failure, now: UnixMillis, out: &mut Vec<Command>) {
+        self.last_step = step;
+        self.event(Event::Failed { class: f.class, reason: f.reason }, now, out);
+    }
+
+    /// Feeds the lifecycle and turns its actions into commands with their data.
+    fn event(&mut self, event: Event, now: UnixMillis, out: &mut Vec<Command>) {
+        for action in self.lifecycle.on_event(event, now) {
+            match action {
+                Action::TakeSnapshot => {
+                    self.run(Step::Snapshot, Vec::new());
+                    out.push(Command::TakeSnapshot { epoch: self.epoch });
+                }
+                Action::StartInitialCopy => self.copy_base(out),
+                Action::CommitBasePoint => self.commit_base(now, out),
+                Action::StartCycle => {
+                    let waiters = std::mem::take(&mut self.waiting);
+                    let seq = self.run(Step::Cycle, waiters);
+                    let pending = self.pending.clone();
+                    out.push(Command::RunCycle { epoch: self.epoch, seq, parent: self.last_point, pending });
+                }
+                Action::ScheduleRetry => {
+                    let at_ms = self.retry.on_failure(&self.policy, now);
+                    self.retry_scheduled = true;
+                    out.push(Command::ScheduleRetry { at_ms });
+                }
+                Action::RetryNow => {
+                    self.retry.on_success();
+                    self.retry_scheduled = false;
+                    out.push(Command::CancelRetry);
+                    self.retry_step(now, out);
+                }
+                Action::DiscardLogs => self.discard(out),
+                Action::StartResync => self.resync(out),
+            }
+        }
+        if matches!(self.lifecycle.state, VmState::Critical | VmState::ResyncRequired) {
+            let answer = Answer::Refused(self.why_not());
+            for waiter in std::mem::take(&mut self.waiting) {
+                out.push(Command::Answer { waiter, answer: answer.clone() });
+            }
+        }
+    }
+
+    /// Runs the failed step again (its backlog was kept).
+    fn retry_step(&mut self, now: UnixMillis, out: &mut Vec<Command>) {
+        use VmState as S;
+        match (self.last_step, self.lifecycle.state) {
+            (Step::Snapshot, S::EnablingProtection) => {
+                self.run(Step::Snapshot, Vec::new());
+                out.push(Command::TakeSnapshot { epoch: self.epoch });
+            }
+            // Blocks already copied are no longer preserved: a retry on the
+            // same snapshot would mix times. Take a new one (the logs since
+            // the first one replay idempotently on top).
+            (Step::InitialCopy, S::InitialReplication) => {
+                self.run(Step::Snapshot, Vec::new());
+                out.push(Command::TakeSnapshot { epoch: self.epoch });
+            }
+            (_, S::ResyncRequired) => out.push(Command::ScheduleAutoResync),
+            (Step::CommitBase, S::FinalizingProtection) => self.commit_base(now, out),
+            (Step::Resync, S::Resynchronizing) => self.resync(out),
+            (_, S::Protected) => self.event(Event::CycleDue, now, out),
+            _ => {} // the retry no longer applies
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+//! Opening a VM's disks: scan what is beside them, decide how the VM starts
+//! ([`super::restart::decide`]), then carry the decision out.
+//!
+//! Crash safety: the scan only reads. Logs are removed only when the
+//! decision does not keep them (protection starts over, or they cannot be
+//! trusted and a resync compares whole disks), and a new active log is
+//! created durably (header, fsync, directory fsync) before any write is
+//! accepted, chained to the last kept log or starting a new chain.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::changelog;
+use crate::disk::{self, Disk, DiskSignal};
+use crate::error::{Error, Result};
+use crate::hashes::{self, BlockHashes};
+use crate::lifecycle::{Event, Lifecycle};
+use crate::model::UnixMillis;
+use crate::snapshot;
+use crate::state::VmRecord;
+
+use super::core::{PendingLog, Start};
+use super::restart::{self, LogsFound, Restart};
+
+/// Disks opened for a VM, and how it starts.
+pub struct OpenedDisks {
+    pub disks: Vec<Arc<Disk>>,
+    pub signals: tokio::sync::mpsc::UnboundedReceiver<DiskSignal>,
+    /// The replica's block hashes kept for resync, per disk (None: not known).
+    pub hashes: Vec<Option<BlockHashes>>,
+    pub start: Start,
+}
+
+/// What the scan of one disk found.
+struct Scanned {
+    found: LogsFound,
+    /// The seq the next log of this disk takes (numbers never go back).
+    next_seq: u64,
+    /// The id of the newest trusted log (the next log chains to it).
+    last_log_id: u64,
+}
+
+/// Opens a VM's disks (blocking) and decides how it starts. `rec` is brought
+/// up to the decision (a protection that starts over gets a new generation
+/// and no point); the caller persists it.
+pub fn open_vm(rec: &mut VmRecord, data_dir: &Path, now: UnixMillis) -> Result<OpenedDisks> {
+    let scanned = rec.spec.disks.iter().map(|d| scan(&rec.spec.name, &d.name, &d.path)).collect::<Result<Vec<_>>>()?;
+    let found: Vec<(String, LogsFound)> =
+        rec.spec.disks.iter().zip(&scanned).map(|(d, s)| (d.name.clone(), s.found.clone())).collect();
+    let decision = restart::decide(rec.lifecycle.state, rec.last_point_seq, &found);
+    apply_to_record(rec, &decision, now);
+    open(rec, scanned, decision, data_dir)
+}
+
+fn apply_to_record(rec: &mut VmRecord, decision: &Restart, now: UnixMillis) {
+    if decision.start_over {
+        rec.lifecycle = Lifecycle { transitions: rec.lifecycle.transitions.clone(), ..Lifecycle::default() };
+        rec.last_point_seq = 0;
+        rec.generation = rec.generation.max(now);
+    }
+    if decision.base_committed {
+        rec.lifecycle.on_event(Event::PointCommitted, now);
+    }
+}
+
+fn scan(vm: &str, disk: &str, path: &Path) -> Result<Scanned> {
+    disk::open_image(path)?; // a clear error before any log is touched
+    let logs = changelog::list_logs(path)?;
+    for (_, p) in &logs {
+        if let Ok(scan) = changelog::scan(p) {
+            if scan.header.vm != vm || scan.header.disk != disk {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds change logs of VM {:?} disk {:?}: the disk belongs to another protection",
+                    path.display(),
+                    scan.header.vm,
+                    scan.header.disk
+                )));
+            }
+        }
+    }
+    let next_seq = logs.last().map_or(1, |(s, _)| s + 1);
+    if logs.is_empty() {
+        return Ok(Scanned { found: LogsFound::Missing, next_seq, last_log_id: 0 });
+    }
+    Ok(match check_logs(disk, &logs) {
+        Ok((kept, last_log_id)) => Scanned { found: LogsFound::Trusted(kept), next_seq, last_log_id },
+        Err(why) => Scanned { found: LogsFound::Untrusted(why), next_seq, last_log_id: 0 },
+    })
+}
+
+/// Checks a disk's logs: all cleanly closed and chained. Returns them as
+/// pending logs with the newest one's id, or why they cannot be trusted.
+fn check_logs(disk: &str, logs: &[(u64, std::path::PathBuf)]) -> std::result::Result<(Vec<PendingLog>, u64), String> {
+    let mut out = Vec::new();
+    let mut prev: Option<changelog::LogHeader> = None;
+    for (_, path) in logs {
+        let scan = changelog::scan(path).map_err(|e| format!("change log {} is unreadable: {e}", path.display()))?;
+        if !scan.clean {
+            return Err(format!("change log {} of disk {disk} was not closed cleanly", path.display()));
+        }
+        if let Some(prev) = &prev {
+            changelog::check_chain(prev, &scan.header)
+                .map_err(|e| format!("broken change log chain on disk {disk}: {e}"))?;
+        }
+        let sealed_ms = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(scan.header.created_unix_ms, |d| d.as_millis() as u64);
+        out.push(PendingLog { path: path.clone(), bytes: scan.file_len, sealed_ms });
+        prev = Some(scan.header);
+    }
+    Ok((out, prev.map_or(0, |h| h.log_id)))
+}
+
+/// Deletes what protection kept beside a disk: its logs and snapshot side files.
+pub(crate) fn remove_local_files(disk_path: &Path) -> Result<()> {
+    changelog::remove_logs(disk_path)?;
+    snapshot::side_files(disk_path).iter().try_for_each(|side| changelog::remove_file_if_present(side))
+}
+
+fn open(rec: &VmRecord, scanned: Vec<Scanned>, decision: Restart, data_dir: &Path) -> Result<OpenedDisks> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let vm = &rec.spec.name;
+    let keep = decision.keeps_logs();
+    let mut disks = Vec::new();
+    let mut hash_sets = Vec::new();
+    for (spec, s) in rec.spec.disks.iter().zip(scanned) {
+        let (sealed, prev_id) = match (&s.found, keep) {
+            (LogsFound::Trusted(kept), true) => (kept.iter().map(|p| p.bytes).sum(), s.last_log_id),
+            _ => {
+                remove_local_files(&spec.path)?;
+                (0, 0)
+            }
+        };
+        let log = disk::new_log(&spec.path, vm, &spec.name, s.next_seq, prev_id)?;
+        disks.push(Arc::new(Disk::new(vm, &spec.name, &spec.path, log, sealed, tx.clone())?));
+        let hpath = hashes::path(data_dir, vm, &spec.name);
+        hash_sets.push(if decision.start_over {
+            let _ = std::fs::remove_file(&hpath);
+            None
+        } else {
+            BlockHashes::load(&hpath).filter(|h| h.generation == rec.generation)
+        });
+    }
+    Ok(OpenedDisks { disks, signals: rx, hashes: hash_sets, start: decision.start })
+}

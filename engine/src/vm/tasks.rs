@@ -1,0 +1,544 @@
+//! The I/O behind the VM core's commands: each task runs on the engine's
+//! runtime (blocking work on the blocking pool), records its job, and ends
+//! with the [`Input`] the core awaits.
+//!
+//! Commit protocol (one path for base, delta and resync points,
+//! [`commit_point`]): every object is put first (retried puts write the same
+//! keys), then the epoch is checked against the chain fence, then the
+//! manifest is put, then the point is added to the state store; only then
+//! does the core delete the logs it holds. A crash between any two steps
+//! leaves either objects no manifest names (overwritten by the retry under
+//! the same keys) or a manifest the index does not list yet (the retry puts
+//! it again); never a listed point with a missing object, never a log
+//! deleted before its point is listed. The replica's block hashes are
+//! brought up to the point after it is committed (see [`crate::hashes`]).
+
+use std::sync::Arc;
+
+use crate::changelog;
+use crate::disk::{self, Disk};
+use crate::error::{Error, ErrorClass, Result};
+use crate::hashes::{self, BlockHashes, HashUpdates};
+use crate::jobs::JobProgress;
+use crate::manifest::{manifest_key, DiskManifest, Manifest, MANIFEST_FORMAT};
+use crate::model::{now_millis, JobKind, JobStatus, PointKind, RecoveryPoint, UnixMillis};
+use crate::resync::{self, ResyncStats};
+use crate::shared::Shared;
+use crate::snapshot::CowSnapshot;
+use crate::task::blocking;
+use crate::upload::{self, UploadCtx};
+
+use super::core::{BaseCopy, Failure, Input, PendingLog};
+use super::ChainFence;
+
+/// A disk's kept replica hashes, shared with the tasks that commit points.
+pub(crate) type HashCache = Arc<std::sync::Mutex<Option<BlockHashes>>>;
+
+/// What every task of one VM works with.
+#[derive(Clone)]
+pub(crate) struct VmIo {
+    pub shared: Arc<Shared>,
+    pub vm: String,
+    pub generation: u64,
+    pub workers: usize,
+    pub disks: Vec<Arc<Disk>>,
+    pub caches: Vec<HashCache>,
+    pub fence: Arc<ChainFence>,
+}
+
+fn failure(what: &str, e: &Error) -> Failure {
+    if e.class() != ErrorClass::Cancelled {
+        tracing::warn!(what, error = %e, class = ?e.class(), "task failed");
+    }
+    Failure { class: e.class(), reason: format!("{what} failed: {e}") }
+}
+
+impl VmIo {
+    fn upload_ctx(&self, job: &JobProgress) -> UploadCtx {
+        let c = &self.shared.config;
+        UploadCtx {
+            target: self.shared.target.clone(),
+            throttle: self.shared.throttle.clone(),
+            vm: self.vm.clone(),
+            generation: self.generation,
+            chunk_size: c.chunk_size,
+            zstd_level: c.zstd_level,
+            workers: self.workers,
+            progress: job.done.clone(),
+            total: job.total.clone(),
+            hash_block: c.resync_block_size,
+        }
+    }
+
+    /// Runs `work` as a job of `kind`, given the job's progress counters;
+    /// the job is started and finished off the actor thread.
+    async fn job<T, Fut>(
+        &self,
+        kind: JobKind,
+        total: u64,
+        detail: String,
+        work: impl FnOnce(JobProgress) -> Fut,
+        done: impl FnOnce(&T) -> String,
+    ) -> Result<T>
+    where
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let (jobs, vm) = (self.shared.clone(), self.vm.clone());
+        let job = blocking(move || jobs.jobs.start(&vm, kind, total, detail)).await?;
+        let r = work(job.clone()).await;
+        let outcome = match &r {
+            Ok(v) => Ok(Some(done(v))),
+            Err(e) if e.class() == ErrorClass::Cancelled => Err((JobStatus::Cancelled, e.to_string())),
+            Err(e) => Err((JobStatus::Failed, e.to_string())),
+        };
+        let (shared, id) = (self.shared.clone(), job.id);
+        let _ = blocking(move || {
+            shared.jobs.finish(id, outcome);
+            Ok(())
+        })
+        .await;
+        r
+    }
+
+    /// Releases any snapshot left, then snapshots every disk at one instant.
+    pub async fn take_snapshot(self, epoch: u64) -> Input {
+        release_snapshots(&self.disks).await;
+        let (disks, fence) = (self.disks.clone(), self.fence.clone());
+        let r = blocking(move || fence.change(epoch, || disk::snapshot_all(&disks))).await;
+        Input::SnapshotTaken { epoch, result: r.map(|(_, at)| at).map_err(|e| failure("snapshot", &e)) }
+    }
+
+    /// Copies every disk from its snapshot, one disk after the other (as
+    /// Hyper-V does), parts in parallel within a disk.
+    pub async fn copy_base(self, epoch: u64) -> Input {
+        let total = self.disks.iter().map(|d| d.size()).sum();
+        let io = self.clone();
+        let r = self
+            .job(
+                JobKind::InitialReplication,
+                total,
+                "recovery point 1".into(),
+                |job| async move {
+                    let uctx = io.upload_ctx(&job);
+                    let mut base = BaseCopy::default();
+                    for d in &io.disks {
+                        let snap = d
+                            .snapshot()
+                            .ok_or_else(|| Error::Cancelled(format!("the snapshot of disk {} was released", d.name)))?;
+                        let (objects, hashes) = upload::upload_base(&uctx, d.clone(), snap, 1).await?;
+                        base.objects.push(objects);
+                        base.hashes.push(hashes);
+                    }
+                    Ok(base)
+                },
+                |_| "copied".into(),
+            )
+            .await;
+        Input::BaseCopied { epoch, result: r.map_err(|e| failure("initial replication", &e)) }
+    }
+
+    /// Releases the snapshot, then commits the base point.
+    pub async fn commit_base(self, epoch: u64, seq: u64, time_ms: UnixMillis, base: BaseCopy) -> Input {
+        release_snapshots(&self.disks).await;
+        let disks = self
+            .disks
+            .iter()
+            .zip(base.objects)
+            .map(|(d, objects)| DiskManifest { name: d.name.clone(), size: d.size(), objects })
+            .collect();
+        let draft = PointDraft { seq, parent: None, kind: PointKind::Base, time_ms, disks };
+        let r = self.commit_point(epoch, draft).await;
+        if r.is_ok() {
+            let block = self.shared.config.resync_block_size;
+            let changes = base
+                .hashes
+                .into_iter()
+                .map(|hashes| HashChange::Replace(BlockHashes { generation: self.generation, seq, block, hashes }))
+                .collect();
+            self.keep_all_hashes(changes).await;
+        }
+        Input::BaseCommitted { epoch, result: r.map_err(|e| failure("committing the base point", &e)) }
+    }
+
+    /// Rotates every disk's log at one instant, then uploads the backlog and
+    /// what was rotated out as point `seq` on top of `parent`, and commits.
+    pub async fn run_cycle(self, epoch: u64, seq: u64, parent: u64, pending: Vec<Vec<PendingLog>>) -> Input {
+        let (disks, fence) = (self.disks.clone(), self.fence.clone());
+        let sealed = match blocking(move || fence.change(epoch, || rotate_and_seal(&disks))).await {
+            Ok(s) => s,
+            Err(e) => {
+                let result = Err(failure("replication", &e));
+                return Input::CycleEnded { epoch, sealed: vec![Vec::new(); self.disks.len()], result };
+            }
+        };
+        let included: Vec<Vec<PendingLog>> = pending
+            .into_iter()
+            .zip(&sealed)
+            .map(|(mut p, s)| {
+                p.extend(s.iter().cloned());
+                p
+            })
+            .collect();
+        let io = self.clone();
+        let result = self
+            .job(
+                JobKind::DeltaReplication,
+                0,
+                format!("recovery point {seq}"),
+                |job| async move { io.upload_logs(&io.upload_ctx(&job), epoch, seq, parent, &included).await },
+                |p| match p {
+                    Some(p) => format!("recovery point {} ({} bytes stored)", p.seq, p.bytes_stored),
+                    None => "nothing to replicate".into(),
+                },
+            )
+            .await;
+        Input::CycleEnded { epoch, sealed, result: result.map_err(|e| failure("replication", &e)) }
+    }
+
+    /// Uploads the included logs of every disk as point `seq` and commits it.
+    async fn upload_logs(
+        &self,
+        uctx: &UploadCtx,
+        epoch: u64,
+        seq: u64,
+        parent: u64,
+        included: &[Vec<PendingLog>],
+    ) -> Result<Option<RecoveryPoint>> {
+        if included.iter().all(|l| l.is_empty()) {
+            return Ok(None);
+        }
+        let time_ms = included.iter().flatten().map(|l| l.sealed_ms).max().unwrap_or_else(now_millis);
+        let mut disks = Vec::new();
+        let mut all_updates = Vec::new();
+        for (d, logs) in self.disks.iter().zip(included) {
+            let paths = logs.iter().map(|l| l.path.clone()).collect();
+            let (objects, updates) = upload::upload_logs(uctx, &d.name, paths, seq).await?;
+            disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
+            all_updates.push(updates);
+        }
+        let draft = PointDraft { seq, parent: Some(parent), kind: PointKind::Delta, time_ms, disks };
+        let point = self.commit_point(epoch, draft).await?;
+        let generation = self.generation;
+        let changes =
+            all_updates.into_iter().map(|updates| HashChange::Apply { generation, parent, seq, updates }).collect();
+        self.keep_all_hashes(changes).await;
+        Ok(Some(point))
+    }
+
+    /// Compares every disk with the replica block by block and sends only
+    /// what differs (see [`crate::resync`]), as point `seq`.
+    pub async fn run_resync(self, epoch: u64, seq: u64, parent: u64) -> Input {
+        let total = self.disks.iter().map(|d| d.size()).sum();
+        let io = self.clone();
+        let result = self
+            .job(
+                JobKind::Resync,
+                total,
+                format!("recovery point {seq}"),
+                |job| async move {
+                    let (disks, fence) = (io.disks.clone(), io.fence.clone());
+                    let (snaps, at) = blocking(move || fence.change(epoch, || disk::begin_resync(&disks))).await?;
+                    let r = io.resync_all(&io.upload_ctx(&job), epoch, &snaps, parent, seq, at).await;
+                    release_own_snapshots(&io.disks, snaps).await;
+                    r
+                },
+                |(p, s): &(RecoveryPoint, ResyncStats)| {
+                    format!(
+                        "recovery point {}: compared {} blocks, sent {} blocks, {} bytes sent",
+                        p.seq, s.blocks_compared, s.blocks_sent, s.bytes_sent
+                    )
+                },
+            )
+            .await;
+        if let Ok((p, s)) = &result {
+            tracing::info!(vm = %self.vm, seq = p.seq, compared = s.blocks_compared, sent = s.blocks_sent,
+                bytes = s.bytes_sent, "resync committed");
+        }
+        Input::ResyncEnded { epoch, result: result.map(|(p, _)| p).map_err(|e| failure("resync", &e)) }
+    }
+
+    async fn resync_all(
+        &self,
+        uctx: &UploadCtx,
+        epoch: u64,
+        snaps: &[Arc<CowSnapshot>],
+        last: u64,
+        seq: u64,
+        at: UnixMillis,
+    ) -> Result<(RecoveryPoint, ResyncStats)> {
+        let shared = &self.shared;
+        let (vm, generation) = (&self.vm, self.generation);
+        let block = shared.config.resync_block_size;
+        let scratch = shared.config.data_dir.join("scratch").join(vm);
+        let mut stats = ResyncStats::default();
+        // A replica whose chain is broken (a missing object) cannot be compared
+        // with: the resync then sends every block as a new base.
+        let mut full = last == 0;
+        let mut hashes = Vec::new();
+        for (d, cache) in self.disks.iter().zip(&self.caches) {
+            let kept = cache.lock().expect("hash cache lock").clone().filter(|h| {
+                h.generation == generation
+                    && h.seq == last
+                    && h.block == block
+                    && h.hashes.len() as u64 == d.size().div_ceil(block)
+            });
+            let h = if full {
+                Vec::new()
+            } else if let Some(kept) = kept {
+                kept.hashes // kept as blocks were written: no need to read the replica
+            } else {
+                let p = shared.config.restore_parallelism;
+                match resync::target_hashes(&shared.target, vm, generation, last, &d.name, d.size(), block, &scratch, p)
+                    .await
+                {
+                    Ok(h) => h,
+                    Err(e) if e.class() == ErrorClass::NeedsResync => {
+                        tracing::warn!(vm = %vm, error = %e, "replica chain broken: resync sends a full copy");
+                        full = true;
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&scratch);
+                        return Err(e);
+                    }
+                }
+            };
+            hashes.push(h);
+        }
+        if full {
+            hashes.iter_mut().for_each(|h| h.clear());
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+        let mut disks = Vec::new();
+        let mut source_hashes = Vec::new();
+        for ((d, snap), h) in self.disks.iter().zip(snaps).zip(hashes) {
+            let (objects, s, source) =
+                resync::resync_disk(uctx, d.clone(), snap.clone(), Arc::new(h), block, seq).await?;
+            stats.add(&s);
+            disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
+            source_hashes.push(source);
+        }
+        let (parent, kind) = if full { (None, PointKind::Base) } else { (Some(last), PointKind::Delta) };
+        let point = self.commit_point(epoch, PointDraft { seq, parent, kind, time_ms: at, disks }).await?;
+        // The replica now equals the snapshot block for block.
+        let changes = source_hashes
+            .into_iter()
+            .map(|hashes| HashChange::Replace(BlockHashes { generation, seq, block, hashes }))
+            .collect();
+        self.keep_all_hashes(changes).await;
+        Ok((point, stats))
+    }
+
+    /// Stops logging and drops every log and snapshot, unless a newer task
+    /// changed the chain first.
+    pub async fn discard_logs(self, epoch: u64) -> Input {
+        let (disks, fence) = (self.disks.clone(), self.fence.clone());
+        let r = blocking(move || {
+            fence.change(epoch, || {
+                for d in &disks {
+                    // A copy still running is superseded: stop preserving for it.
+                    release_snapshot(d)?;
+                    drop(d.stop_logging());
+                    changelog::remove_logs(&d.path)?;
+                }
+                Ok(())
+            })
+        })
+        .await;
+        Input::LogsDiscarded { epoch, result: r.map_err(|e| failure("discarding logs", &e)) }
+    }
+
+    /// Deletes logs that are in a committed point (their bytes no longer count).
+    pub async fn delete_logs(self, logs: Vec<Vec<PendingLog>>) {
+        let disks = self.disks.clone();
+        let _ = blocking(move || {
+            for (d, logs) in disks.iter().zip(logs) {
+                d.sealed_released(logs.iter().map(|l| l.bytes).sum());
+                for l in logs {
+                    if let Err(e) = changelog::remove_file_if_present(&l.path) {
+                        tracing::warn!(error = %e, "could not delete a committed change log");
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    pub async fn release_snapshots(self) {
+        release_snapshots(&self.disks).await
+    }
+
+    /// The one commit path (see the module header).
+    async fn commit_point(&self, epoch: u64, draft: PointDraft) -> Result<RecoveryPoint> {
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            vm: self.vm.clone(),
+            generation: self.generation,
+            seq: draft.seq,
+            parent: draft.parent,
+            kind: draft.kind,
+            time_ms: draft.time_ms,
+            disks: draft.disks,
+        };
+        // Everything this task read came before this check (module header of the fence).
+        self.fence.check(epoch)?;
+        let key = manifest_key(&manifest.vm, manifest.generation, manifest.seq);
+        upload::put_retrying(&self.shared.target, &key, manifest.encode()?.into()).await?;
+        let point = RecoveryPoint {
+            vm: manifest.vm.clone(),
+            seq: manifest.seq,
+            time_ms: manifest.time_ms,
+            manifest_key: key,
+            bytes_logical: manifest.bytes_logical(),
+            bytes_stored: manifest.bytes_stored(),
+            kind: manifest.kind,
+        };
+        let (state, p) = (self.shared.state.clone(), point.clone());
+        blocking(move || state.commit_point(&p)).await?;
+        Ok(point)
+    }
+
+    /// After a point is committed, brings every disk's kept hashes up to it
+    /// (one change per disk, in disk order), off the async workers.
+    async fn keep_all_hashes(&self, changes: Vec<HashChange>) {
+        let io = self.clone();
+        let _ = blocking(move || {
+            for ((d, cache), change) in io.disks.iter().zip(&io.caches).zip(changes) {
+                keep_hashes(&io.shared, &d.vm, &d.name, cache, change);
+            }
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// A point about to be committed: everything its manifest says but the VM.
+struct PointDraft {
+    seq: u64,
+    parent: Option<u64>,
+    kind: PointKind,
+    time_ms: UnixMillis,
+    disks: Vec<DiskManifest>,
+}
+
+/// How a committed point changes a disk's kept replica hashes.
+enum HashChange {
+    /// The point sent every block (base copy, resync).
+    Replace(BlockHashes),
+    /// A delta on top of `parent`.
+    Apply { generation: u64, parent: u64, seq: u64, updates: HashUpdates },
+}
+
+/// Brings a disk's kept hashes up to a committed point (blocking).
+fn keep_hashes(shared: &Shared, vm: &str, disk: &str, cache: &HashCache, change: HashChange) {
+    let mut c = cache.lock().expect("hash cache lock");
+    match change {
+        HashChange::Replace(h) => *c = Some(h),
+        HashChange::Apply { generation, parent, seq, updates } => match c.as_mut() {
+            Some(h) if h.generation == generation && h.seq == parent => {
+                h.apply(&updates);
+                h.seq = seq;
+            }
+            // Not known as of the parent: stay unknown (the file's seq no longer matches).
+            _ => *c = None,
+        },
+    }
+    if let Some(h) = c.as_ref() {
+        if let Err(e) = h.save(&hashes::path(&shared.config.data_dir, vm, disk)) {
+            tracing::warn!(vm, disk, error = %e, "could not keep replica hashes; the next resync reads the replica");
+        }
+    }
+}
+
+/// Rotates every disk's active log at one instant (if any was written) and
+/// seals the old ones. Returns the sealed logs per disk.
+fn rotate_and_seal(disks: &[Arc<Disk>]) -> Result<Vec<Vec<PendingLog>>> {
+    // A protected disk that is not logging cannot describe its changes.
+    if let Some(d) = disks.iter().find(|d| d.active_header().is_none()) {
+        return Err(Error::corrupt(format!("change log of disk {}", d.name), "the disk is not logging"));
+    }
+    if disks.iter().all(|d| d.active_records() == 0) {
+        return Ok(vec![Vec::new(); disks.len()]);
+    }
+    // Nothing rotated yet on failure: remove what was prepared, so a retry starts clean.
+    let discard_prepared = |next: Vec<changelog::LogWriter>| {
+        for l in next {
+            let p = l.path().to_path_buf();
+            drop(l);
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    let mut next = Vec::new();
+    for d in disks {
+        match d.prepare_next_log() {
+            Ok(l) => next.push(l),
+            Err(e) => {
+                discard_prepared(next);
+                return Err(e);
+            }
+        }
+    }
+    let (old, at) = disk::rotate_all(disks, next).map_err(|(e, next)| {
+        discard_prepared(next);
+        e
+    })?;
+    let mut out = Vec::new();
+    for (d, log) in disks.iter().zip(old) {
+        // A log that cannot be sealed breaks its disk's chain: resync, never
+        // a cycle that would skip it (its siblings were rotated already).
+        let sealed = log.seal().map_err(|e| Error::Corrupt {
+            what: format!("change log of disk {}", d.name),
+            reason: format!("sealing failed: {e}"),
+            class: ErrorClass::NeedsResync,
+        })?;
+        d.sealed_added(sealed.end_offset);
+        out.push(vec![PendingLog { path: sealed.path, bytes: sealed.end_offset, sealed_ms: at }]);
+    }
+    Ok(out)
+}
+
+/// Stops copy-before-write on a disk and deletes its side file.
+pub(crate) fn release_snapshot(d: &Disk) -> Result<()> {
+    match d.end_snapshot() {
+        Some(s) => release_snapshot_arc(s),
+        None => Ok(()),
+    }
+}
+
+/// Deletes a snapshot's side file, even while a finishing copy task still
+/// holds the snapshot (its reads then fail; its result is stale anyway).
+fn release_snapshot_arc(s: Arc<CowSnapshot>) -> Result<()> {
+    match Arc::try_unwrap(s) {
+        Ok(s) => s.release(),
+        Err(s) => changelog::remove_file_if_present(s.path()),
+    }
+}
+
+/// Ends and releases the given snapshots on their disks only if they are
+/// still the disks' current ones (a newer resync may have replaced them).
+async fn release_own_snapshots(disks: &[Arc<Disk>], own: Vec<Arc<CowSnapshot>>) {
+    let disks = disks.to_vec();
+    let r = blocking(move || {
+        for (d, s) in disks.iter().zip(own) {
+            d.end_snapshot_if(&s);
+            release_snapshot_arc(s)?;
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not release a snapshot");
+    }
+}
+
+/// Stops copy-before-write on every disk and deletes the side files (their
+/// space is reclaimed). A side file that cannot be deleted is only logged:
+/// it is ours, holds nothing needed, and the next protection removes it.
+async fn release_snapshots(disks: &[Arc<Disk>]) {
+    let disks = disks.to_vec();
+    let r = blocking(move || disks.iter().try_for_each(|d| release_snapshot(d))).await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not release a snapshot");
+    }
+}
