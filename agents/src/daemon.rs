@@ -155,7 +155,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // NBD export.
     let nbd = NbdServer::new(engine.export_catalog(), shutdown.clone());
-    let socket = args.nbd_socket.clone().unwrap_or_else(|| data_dir.join("nbd.sock"));
+    let socket = args.nbd_socket.clone().unwrap_or_else(|| ferry_engine::paths::DataDir::new(&data_dir).nbd_socket());
     if socket.exists() {
         // A socket left by a previous run; refuse if someone still serves it.
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {

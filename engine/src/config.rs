@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::resync::DEFAULT_RESYNC_BLOCK;
+use crate::schedule::throttle::BandwidthPolicy;
 use crate::target::unreliable::Faults;
-use crate::throttle::BandwidthPolicy;
 
 /// When a VM in `ResyncRequired` starts its resync by itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,8 +84,13 @@ impl EngineConfig {
         self
     }
 
+    /// The paths under the data folder.
+    pub fn paths(&self) -> crate::paths::DataDir {
+        crate::paths::DataDir::new(&self.data_dir)
+    }
+
     pub fn target(&self) -> TargetConfig {
-        self.target.clone().unwrap_or_else(|| TargetConfig::Local { path: self.data_dir.join("target") })
+        self.target.clone().unwrap_or_else(|| TargetConfig::Local { path: self.paths().default_target() })
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -102,7 +107,7 @@ impl EngineConfig {
                 format!("{} is not a power of two in 4 KiB..=4 MiB", self.resync_block_size),
             ));
         }
-        if !self.chunk_size.is_multiple_of(crate::snapshot::SNAPSHOT_BLOCK) {
+        if !self.chunk_size.is_multiple_of(crate::capture::snapshot::SNAPSHOT_BLOCK) {
             return Err(Error::invalid(
                 "chunk_size",
                 format!("{} is not a multiple of the 64 KiB snapshot block", self.chunk_size),
@@ -117,7 +122,7 @@ impl EngineConfig {
         if let Some(f) = &self.faults {
             f.validate()?;
         }
-        if !(64 << 10..=crate::bundle::MAX_DATA_BYTES).contains(&self.chunk_size) {
+        if !(64 << 10..=crate::replica::bundle::MAX_DATA_BYTES).contains(&self.chunk_size) {
             return Err(Error::invalid("chunk_size", format!("{} is outside 64 KiB..=64 MiB", self.chunk_size)));
         }
         if !(1..=19).contains(&self.zstd_level) {

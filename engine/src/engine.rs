@@ -11,21 +11,21 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::capture::disk::Disk;
 use crate::config::{EngineConfig, TargetConfig};
-use crate::disk::Disk;
 use crate::error::{Error, ErrorClass, Result};
-use crate::jobs::Jobs;
-use crate::lifecycle::{Event, Lifecycle, VmState};
+use crate::host::{DiskRegistry, Host};
 use crate::model::{now_millis, DiskSpec, Job, JobId, JobKind, JobStatus, RecoveryPoint, VmSpec};
 use crate::restore::{self, RestoredDisk};
-use crate::retry::RetryPolicy;
-use crate::scheduler::{All, Lookup, Scheduler, StartVm, StopVm};
-use crate::shared::{DiskRegistry, Shared};
+use crate::runtime::blocking;
+use crate::schedule::retry::RetryPolicy;
+use crate::schedule::throttle::{BandwidthPolicy, Throttle};
+use crate::state::jobs::Jobs;
 use crate::state::{StateStore, VmRecord};
+use crate::supervisor::{All, Lookup, StartVm, StopVm, Supervisor};
 use crate::target::unreliable::{Faults, UnreliableTarget};
 use crate::target::{LocalTarget, Target};
-use crate::task::blocking;
-use crate::throttle::{BandwidthPolicy, Throttle};
+use crate::vm::lifecycle::{Event, Lifecycle, VmState};
 use crate::vm::{self, GetInfo, Operator, ReplicateNow, VmActor, VmInfo};
 
 /// Which recovery point to restore.
@@ -36,8 +36,8 @@ pub enum PointSelector {
 }
 
 pub struct Engine {
-    shared: Arc<Shared>,
-    scheduler: Addr<Scheduler>,
+    host: Arc<Host>,
+    supervisor: Addr<Supervisor>,
     system: std::sync::Mutex<Option<(actix_rt::System, std::thread::JoinHandle<()>)>>,
 }
 
@@ -56,7 +56,7 @@ impl Engine {
             .map_err(|e| Error::io(format!("create data folder {}", data_dir.display()), e))?;
         // An engine of this process that was just dropped may still be
         // letting go of the store: give it a moment before refusing.
-        let path = data_dir.join("state.redb");
+        let path = crate::paths::DataDir::new(&data_dir).state_store();
         let mut waited = 0;
         let state = loop {
             let p = path.clone();
@@ -83,7 +83,7 @@ impl Engine {
             let s = state.clone();
             blocking(move || Jobs::open(s)).await?
         };
-        let shared = Arc::new(Shared {
+        let host = Arc::new(Host {
             throttle: Arc::new(Throttle::new(config.bandwidth.clone())?),
             retry: RetryPolicy { time_scale: config.retry_time_scale },
             unreliable,
@@ -95,27 +95,27 @@ impl Engine {
             runtime: tokio::runtime::Handle::current(),
         });
         let (tx, rx) = std::sync::mpsc::channel();
-        let sched_shared = shared.clone();
+        let sup_host = host.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-actors".into())
             .spawn(move || {
                 let sys = actix_rt::System::new();
-                let addr = sys.block_on(async move { Scheduler::new(sched_shared).start() });
+                let addr = sys.block_on(async move { Supervisor::new(sup_host).start() });
                 let _ = tx.send((addr, actix_rt::System::current()));
                 let _ = sys.run();
             })
             .map_err(|e| Error::io("start actor thread", e))?;
-        let (scheduler, system) = rx.recv().map_err(|_| Error::Internal("actor system did not start".into()))?;
-        let engine = Engine { shared, scheduler, system: std::sync::Mutex::new(Some((system, thread))) };
+        let (supervisor, system) = rx.recv().map_err(|_| Error::Internal("actor system did not start".into()))?;
+        let engine = Engine { host, supervisor, system: std::sync::Mutex::new(Some((system, thread))) };
         engine.resume_all().await?;
         Ok(engine)
     }
 
     async fn resume_all(&self) -> Result<()> {
-        let state = self.shared.state.clone();
+        let state = self.host.state.clone();
         for rec in blocking(move || state.list_vms()).await? {
             let name = rec.spec.name.clone();
-            let dd = self.shared.config.data_dir.clone();
+            let dd = self.host.config.data_dir.clone();
             let opened = blocking(move || {
                 let mut r = rec.clone();
                 let opened = vm::open_vm(&mut r, &dd, now_millis())?;
@@ -127,7 +127,7 @@ impl Engine {
                 Err(e) => {
                     // The VM stays known (and Critical) so an operator sees why.
                     tracing::error!(vm = %name, error = %e, "cannot resume VM");
-                    let (state, reason) = (self.shared.state.clone(), e.to_string());
+                    let (state, reason) = (self.host.state.clone(), e.to_string());
                     blocking(move || {
                         state.update_vm(&name, |r| {
                             r.lifecycle
@@ -139,9 +139,9 @@ impl Engine {
                 }
             };
             // The decision may have started protection over, or recorded a committed base.
-            let (state, r) = (self.shared.state.clone(), rec.clone());
+            let (state, r) = (self.host.state.clone(), rec.clone());
             blocking(move || state.put_vm(&r)).await?;
-            mailbox(self.scheduler.send(StartVm { rec, opened }).await)??;
+            mailbox(self.supervisor.send(StartVm { rec, opened }).await)??;
         }
         Ok(())
     }
@@ -155,10 +155,10 @@ impl Engine {
                 std::io::ErrorKind::NotFound => Error::not_found("disk file", d.path.display().to_string()),
                 _ => Error::io(format!("resolve disk path {}", d.path.display()), e),
             })?;
-            crate::disk::open_image(&d.path)?;
+            crate::capture::disk::open_image(&d.path)?;
         }
         spec.validate()?; // again: two spellings of one file are now the same path
-        let (state, s) = (self.shared.state.clone(), spec.clone());
+        let (state, s) = (self.host.state.clone(), spec.clone());
         blocking(move || {
             if state.get_vm(&s.name)?.is_some() {
                 return Err(Error::AlreadyExists { what: "VM", name: s.name.clone() });
@@ -183,7 +183,7 @@ impl Engine {
             last_point_seq: 0,
             protected_since_ms: 0,
         };
-        let (mut r, dd) = (rec.clone(), self.shared.config.data_dir.clone());
+        let (mut r, dd) = (rec.clone(), self.host.config.data_dir.clone());
         let opened = match blocking(move || vm::open_vm(&mut r, &dd, now_millis())).await {
             Ok(o) => o,
             Err(e) => {
@@ -193,28 +193,28 @@ impl Engine {
                 return Err(e);
             }
         };
-        let (state, r) = (self.shared.state.clone(), rec.clone());
+        let (state, r) = (self.host.state.clone(), rec.clone());
         if let Err(e) = blocking(move || state.insert_vm(&r)).await {
             for d in &spec.disks {
                 remove_fresh_logs(&d.path, &spec.name);
             }
             return Err(e);
         }
-        mailbox(self.scheduler.send(StartVm { rec, opened }).await)??;
+        mailbox(self.supervisor.send(StartVm { rec, opened }).await)??;
         self.vm(&spec.name).await
     }
 
     async fn actor(&self, name: &str) -> Result<Addr<VmActor>> {
-        mailbox(self.scheduler.send(Lookup(name.to_string())).await)?.ok_or_else(|| Error::not_found("VM", name))
+        mailbox(self.supervisor.send(Lookup(name.to_string())).await)?.ok_or_else(|| Error::not_found("VM", name))
     }
 
     /// Stops protecting a VM: its change logs are deleted; the replica on the
     /// target is kept (it can still be restored with the target's tools).
     pub async fn unprotect(&self, name: &str) -> Result<()> {
         crate::model::validate_name("vm name", name)?;
-        mailbox(self.scheduler.send(StopVm { name: name.to_string(), unprotect: true }).await)??;
-        let (state, n) = (self.shared.state.clone(), name.to_string());
-        let kept_hashes = self.shared.config.data_dir.join("hashes").join(name);
+        mailbox(self.supervisor.send(StopVm { name: name.to_string(), unprotect: true }).await)??;
+        let (state, n) = (self.host.state.clone(), name.to_string());
+        let kept_hashes = self.host.config.paths().vm_hashes(name);
         blocking(move || {
             state.delete_vm(&n)?;
             match std::fs::remove_dir_all(&kept_hashes) {
@@ -229,11 +229,11 @@ impl Engine {
 
     pub async fn vm(&self, name: &str) -> Result<VmInfo> {
         crate::model::validate_name("vm name", name)?;
-        match mailbox(self.scheduler.send(Lookup(name.to_string())).await)? {
+        match mailbox(self.supervisor.send(Lookup(name.to_string())).await)? {
             Some(a) => mailbox(a.send(GetInfo).await),
             None => {
                 // Known but not running (its disks could not be opened).
-                let (state, n) = (self.shared.state.clone(), name.to_string());
+                let (state, n) = (self.host.state.clone(), name.to_string());
                 let rec = blocking(move || state.get_vm(&n)).await?.ok_or_else(|| Error::not_found("VM", name))?;
                 Ok(offline_info(rec))
             }
@@ -241,9 +241,9 @@ impl Engine {
     }
 
     pub async fn list(&self) -> Result<Vec<VmInfo>> {
-        let state = self.shared.state.clone();
+        let state = self.host.state.clone();
         let recs = blocking(move || state.list_vms()).await?;
-        let running = mailbox(self.scheduler.send(All).await)?;
+        let running = mailbox(self.supervisor.send(All).await)?;
         let mut out = Vec::new();
         for rec in recs {
             match running.iter().find(|(n, _)| *n == rec.spec.name) {
@@ -268,7 +268,7 @@ impl Engine {
     pub fn disk(&self, vm: &str, disk: &str) -> Result<Arc<Disk>> {
         crate::model::validate_name("vm name", vm)?;
         crate::model::validate_name("disk name", disk)?;
-        self.shared.disks.get(&format!("{vm}/{disk}")).ok_or_else(|| Error::not_found("disk", format!("{vm}/{disk}")))
+        self.host.disks.get(&format!("{vm}/{disk}")).ok_or_else(|| Error::not_found("disk", format!("{vm}/{disk}")))
     }
 
     /// Writes `data` at `offset` of a protected disk; logged before it returns.
@@ -285,12 +285,12 @@ impl Engine {
 
     /// Export names (`<vm>/<disk>`) of every protected disk.
     pub fn exports(&self) -> Vec<String> {
-        self.shared.disks.names()
+        self.host.disks.names()
     }
 
     /// The protected disks as NBD exports (`<vm>/<disk>`), for [`crate::nbd::NbdServer`].
     pub fn export_catalog(&self) -> Arc<dyn crate::nbd::ExportCatalog> {
-        self.shared.disks.clone()
+        self.host.disks.clone()
     }
 
     /// Cuts a recovery point now that includes every write acknowledged
@@ -324,7 +324,7 @@ impl Engine {
 
     pub async fn recovery_points(&self, vm: &str) -> Result<Vec<RecoveryPoint>> {
         crate::model::validate_name("vm name", vm)?;
-        let (state, n) = (self.shared.state.clone(), vm.to_string());
+        let (state, n) = (self.host.state.clone(), vm.to_string());
         blocking(move || {
             if state.get_vm(&n)?.is_none() {
                 return Err(Error::not_found("VM", n));
@@ -340,22 +340,22 @@ impl Engine {
         let (rec, point) = self.resolve_point(vm, point).await?;
         let out_dir = absolute(out_dir)?;
         let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
-        let job = self.shared.jobs.start(
+        let job = self.host.jobs.start(
             vm,
             JobKind::TestFailover,
             point.bytes_logical,
             format!("recovery point {} -> {}", point.seq, out_dir.display()),
         )?;
-        let shared = self.shared.clone();
+        let host = self.host.clone();
         let id = job.id;
-        self.shared.runtime.spawn(async move {
+        self.host.runtime.spawn(async move {
             let r = restore::restore_point(
-                &shared.target,
+                &host.target,
                 &rec.spec.name,
                 rec.generation,
                 point.seq,
                 &out_dir,
-                restore::RestoreOpts { parallelism: shared.config.restore_parallelism, only: None, durable: true },
+                restore::RestoreOpts { parallelism: host.config.restore_parallelism, only: None, durable: true },
                 job.done.clone(),
                 job.total.clone(),
             )
@@ -369,7 +369,7 @@ impl Engine {
                 ))),
                 Err(e) => Err((JobStatus::Failed, e.to_string())),
             };
-            shared.jobs.finish(id, outcome);
+            host.jobs.finish(id, outcome);
         });
         Ok(id)
     }
@@ -380,12 +380,12 @@ impl Engine {
         let out_dir = absolute(out_dir)?;
         let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
         restore::restore_point(
-            &self.shared.target,
+            &self.host.target,
             vm,
             rec.generation,
             point.seq,
             &out_dir,
-            restore::RestoreOpts { parallelism: self.shared.config.restore_parallelism, only: None, durable: true },
+            restore::RestoreOpts { parallelism: self.host.config.restore_parallelism, only: None, durable: true },
             Default::default(),
             Default::default(),
         )
@@ -394,14 +394,14 @@ impl Engine {
 
     /// Every disk path of every protected VM.
     async fn protected_paths(&self) -> Result<Vec<PathBuf>> {
-        let state = self.shared.state.clone();
+        let state = self.host.state.clone();
         let vms = blocking(move || state.list_vms()).await?;
         Ok(vms.into_iter().flat_map(|v| v.spec.disks.into_iter().map(|d| d.path)).collect())
     }
 
     async fn resolve_point(&self, vm: &str, sel: PointSelector) -> Result<(VmRecord, RecoveryPoint)> {
         crate::model::validate_name("vm name", vm)?;
-        let (state, n) = (self.shared.state.clone(), vm.to_string());
+        let (state, n) = (self.host.state.clone(), vm.to_string());
         let (rec, points) = blocking(move || {
             let rec = state.get_vm(&n)?.ok_or_else(|| Error::not_found("VM", n.clone()))?;
             Ok((rec, state.list_points(&n)?))
@@ -421,11 +421,11 @@ impl Engine {
     }
 
     pub fn job(&self, id: JobId) -> Result<Job> {
-        self.shared.jobs.get(id)?.ok_or_else(|| Error::not_found("job", id.to_string()))
+        self.host.jobs.get(id)?.ok_or_else(|| Error::not_found("job", id.to_string()))
     }
 
     pub fn jobs(&self) -> Result<Vec<Job>> {
-        self.shared.jobs.list()
+        self.host.jobs.list()
     }
 
     /// Waits for a job to end and returns it.
@@ -441,29 +441,29 @@ impl Engine {
 
     /// The host-wide upload limit in force now, bit/s (`None` = unlimited).
     pub fn bandwidth_limit(&self) -> Option<u64> {
-        self.shared.throttle.limit()
+        self.host.throttle.limit()
     }
 
     /// Sets one limit for all hours.
     pub fn set_bandwidth_limit(&self, bps: Option<u64>) -> Result<()> {
-        let mut p = self.shared.throttle.policy();
+        let mut p = self.host.throttle.policy();
         p.work_limit_bps = bps;
         p.off_limit_bps = bps;
-        self.shared.throttle.set_policy(p)
+        self.host.throttle.set_policy(p)
     }
 
     pub fn bandwidth_policy(&self) -> BandwidthPolicy {
-        self.shared.throttle.policy()
+        self.host.throttle.policy()
     }
 
     /// Changes the limits at once, without a restart; a refused policy changes nothing.
     pub fn set_bandwidth_policy(&self, policy: BandwidthPolicy) -> Result<()> {
-        self.shared.throttle.set_policy(policy)
+        self.host.throttle.set_policy(policy)
     }
 
     /// Changes the injected faults (only when the engine was opened with `faults`).
     pub fn set_faults(&self, faults: Faults) -> Result<()> {
-        match &self.shared.unreliable {
+        match &self.host.unreliable {
             Some(u) => u.set_faults(faults),
             None => Err(Error::FailedPrecondition("fault injection is not configured".into())),
         }
@@ -471,7 +471,7 @@ impl Engine {
 
     /// Operations the fault injector failed so far (`None` without fault injection).
     pub fn injected_faults(&self) -> Option<u64> {
-        self.shared.unreliable.as_ref().map(|u| u.injected())
+        self.host.unreliable.as_ref().map(|u| u.injected())
     }
 
     /// Starts a resync now (operator), whatever the off-hours window.
@@ -480,16 +480,16 @@ impl Engine {
     }
 
     pub fn target_description(&self) -> String {
-        self.shared.target.describe()
+        self.host.target.describe()
     }
 
     /// Stops every VM actor (sealing active logs so a restart trusts them)
     /// and the actor system.
     pub async fn shutdown(&self) -> Result<()> {
-        let vms = mailbox(self.scheduler.send(All).await)?;
+        let vms = mailbox(self.supervisor.send(All).await)?;
         let mut first_err = None;
         for (name, _) in vms {
-            if let Err(e) = mailbox(self.scheduler.send(StopVm { name: name.clone(), unprotect: false }).await)? {
+            if let Err(e) = mailbox(self.supervisor.send(StopVm { name: name.clone(), unprotect: false }).await)? {
                 tracing::warn!(vm = %name, error = %e, "stopping VM failed");
                 first_err.get_or_insert(e);
             }

@@ -2,7 +2,7 @@
 //!
 //! Every error that crosses a boundary of the engine carries an [`ErrorClass`]
 //! decided where the I/O happened: the code that saw the failure knows best
-//! whether a retry can help. The scheduler turns classes into actions
+//! whether a retry can help. The VM core turns classes into actions
 //! (retry with backoff, `ResyncRequired`, `Critical`), the gRPC layer turns
 //! them into status codes.
 

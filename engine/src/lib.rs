@@ -9,19 +9,22 @@
 //! | module | what lives there |
 //! | --- | --- |
 //! | [`model`] | names, VM and disk specs, recovery points, jobs |
-//! | [`lifecycle`] | the VM state machine (pure; table-tested) |
-//! | [`disk`] | the per-disk write path: disk + change log, group-committed flush |
-//! | [`changelog`] | the HRL change-log format: writer, reader, torn-tail recovery, coalescing |
-//! | [`snapshot`] | copy-before-write point-in-time snapshot for the initial copy |
-//! | [`upload`] | cutting snapshots and logs into compressed bundles, the worker pool |
-//! | [`bundle`], [`manifest`] | the object formats on the target, the commit record |
-//! | [`target`] | the target-store trait, the local-folder backend, the contract suite |
+//! | [`vm`] | one protected VM: the lifecycle, the pure VM core, the restart decision, its tasks and actor |
+//! | `supervisor` | the supervisor actor: starts, finds and stops the VM actors |
+//! | [`capture`] | the per-disk write path (disk + change log, group-committed flush) and the copy-before-write snapshot |
+//! | [`changelog`] | the HRL change-log format: writer, reader, torn-tail recovery, coalescing, the log chain beside a disk |
+//! | [`replicate`] | cutting snapshots and logs into compressed bundles, the upload worker pool |
+//! | [`replica`] | what lives on the target: bundles, manifests and object keys, the replica's block hashes |
+//! | [`target`] | the target-store trait, the local-folder backend, the unreliable wrapper, the contract suite |
+//! | [`resync`] | resynchronization by fixed-block checksums |
 //! | [`restore`] | rebuilding disks from the target (test failover, failover) |
-//! | [`throttle`] | the host-wide upload bandwidth limit (governor) |
+//! | [`schedule`] | policy time: work hours, the host-wide bandwidth limit, the retry backoff |
 //! | [`state`] | persistent state in redb: VMs, recovery-point index, jobs |
-//! | [`vm`], [`scheduler`] | the actors: one per VM, one scheduler |
 //! | [`nbd`] | the NBD server that exports protected disks |
-//! | [`config`], [`error`], [`jobs`] | configuration, error classes, job tracking |
+//! | `host` | what every VM on the host shares (config, state, target, throttle, jobs, disk registry) |
+//! | [`paths`] | every path under the data folder |
+//! | [`config`], [`error`], [`failpoint`] | configuration, error classes, fault injection at I/O calls |
+//! | `runtime` | running blocking work off the async workers |
 //!
 //! # Example
 //!
@@ -54,34 +57,34 @@
 //! engine.shutdown().await
 //! # }
 //! ```
-pub mod bundle;
+pub mod capture;
 pub mod changelog;
 pub mod config;
-pub mod disk;
 mod engine;
 pub mod error;
 pub mod failpoint;
-pub mod hashes;
-pub mod jobs;
-pub mod lifecycle;
-pub mod manifest;
+mod host;
 pub mod model;
 pub mod nbd;
+pub mod paths;
+pub mod replica;
+pub mod replicate;
 pub mod restore;
 pub mod resync;
-pub mod retry;
+mod runtime;
 pub mod schedule;
-pub mod scheduler;
-mod shared;
-pub mod snapshot;
 pub mod state;
+mod supervisor;
 pub mod target;
-mod task;
-pub mod throttle;
-pub mod upload;
 pub mod vm;
+
+// Short paths for what users of the engine name most.
+pub use capture::disk;
 pub use config::EngineConfig;
 pub use engine::{Engine, PointSelector};
 pub use error::{Error, ErrorClass, Result};
 pub use model::{DiskSpec, VmSpec};
+pub use replica::hashes;
+pub use schedule::throttle;
+pub use vm::lifecycle;
 pub use vm::{DiskInfo, VmInfo};

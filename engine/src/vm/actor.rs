@@ -23,14 +23,14 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::capture::disk::{Disk, DiskSignal};
 use crate::config::AutoResync;
-use crate::disk::{Disk, DiskSignal};
 use crate::error::{Error, ErrorClass, Result};
-use crate::lifecycle::{Event, Lifecycle, Transition, VmState};
+use crate::host::Host;
 use crate::model::{now_millis, RecoveryPoint, VmSpec};
-use crate::shared::Shared;
+use crate::runtime::blocking;
 use crate::state::VmRecord;
-use crate::task::blocking;
+use crate::vm::lifecycle::{Event, Lifecycle, Transition, VmState};
 
 use super::core::{Answer, Command, Input, Start, VmCore, WaiterId};
 use super::open::OpenedDisks;
@@ -64,7 +64,7 @@ pub struct DiskInfo {
 type Reply = oneshot::Sender<Result<Option<RecoveryPoint>>>;
 
 pub struct VmActor {
-    shared: Arc<Shared>,
+    host: Arc<Host>,
     rec: VmRecord,
     core: VmCore,
     /// What the tasks work with (disks, kept hashes, fence).
@@ -84,10 +84,10 @@ pub struct VmActor {
 }
 
 impl VmActor {
-    pub fn new(shared: Arc<Shared>, rec: VmRecord, opened: OpenedDisks) -> Self {
+    pub fn new(host: Arc<Host>, rec: VmRecord, opened: OpenedDisks) -> Self {
         let (persist, mut rx) = tokio::sync::mpsc::unbounded_channel::<Lifecycle>();
-        let (state, name) = (shared.state.clone(), rec.spec.name.clone());
-        shared.runtime.spawn(async move {
+        let (state, name) = (host.state.clone(), rec.spec.name.clone());
+        host.runtime.spawn(async move {
             while let Some(mut lc) = rx.recv().await {
                 while let Ok(newer) = rx.try_recv() {
                     lc = newer; // only the latest matters
@@ -104,10 +104,10 @@ impl VmActor {
             opened.disks.len(),
             rec.lifecycle.clone(),
             rec.last_point_seq,
-            shared.retry.clone(),
+            host.retry.clone(),
         );
         let io = VmIo {
-            shared: shared.clone(),
+            host: host.clone(),
             vm: rec.spec.name.clone(),
             generation: rec.generation,
             workers: rec.spec.upload_workers,
@@ -116,7 +116,7 @@ impl VmActor {
             fence: Arc::new(ChainFence::default()),
         };
         VmActor {
-            shared,
+            host,
             rec,
             core,
             io,
@@ -158,7 +158,7 @@ impl VmActor {
     /// Runs a task on the engine runtime; its result comes back to the core.
     fn spawn(&self, ctx: &mut Context<Self>, task: impl std::future::Future<Output = Input> + Send + 'static) {
         let (addr, cancel) = (ctx.address(), self.cancel.clone());
-        self.shared.runtime.spawn(async move {
+        self.host.runtime.spawn(async move {
             tokio::select! {
                 input = task => addr.do_send(TaskDone(input)),
                 _ = cancel.cancelled() => {}
@@ -168,7 +168,7 @@ impl VmActor {
 
     /// Runs a task whose end the core does not wait for.
     fn spawn_detached(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.shared.runtime.spawn(task);
+        self.host.runtime.spawn(task);
     }
 
     fn carry_out(&mut self, command: Command, ctx: &mut Context<Self>) {
@@ -236,11 +236,11 @@ impl VmActor {
         if self.core.state() != VmState::ResyncRequired || self.resync_timer.is_some() {
             return;
         }
-        let wait_minutes = match self.shared.config.auto_resync {
+        let wait_minutes = match self.host.config.auto_resync {
             AutoResync::Manual => return,
             AutoResync::Immediately => 0,
             AutoResync::OffHours => {
-                self.shared.throttle.policy().schedule.minutes_until_off_hours(crate::schedule::local_now())
+                self.host.throttle.policy().schedule.minutes_until_off_hours(crate::schedule::local_now())
             }
         };
         let delay = std::time::Duration::from_secs(wait_minutes as u64 * 60);
@@ -248,8 +248,8 @@ impl VmActor {
         self.resync_timer = Some(ctx.run_later(delay, |act, ctx| {
             act.resync_timer = None;
             // The window may have moved (schedule changed): check again.
-            if act.shared.config.auto_resync == AutoResync::OffHours
-                && act.shared.throttle.policy().schedule.minutes_until_off_hours(crate::schedule::local_now()) > 0
+            if act.host.config.auto_resync == AutoResync::OffHours
+                && act.host.throttle.policy().schedule.minutes_until_off_hours(crate::schedule::local_now()) > 0
             {
                 return act.schedule_auto_resync(ctx);
             }

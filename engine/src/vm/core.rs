@@ -29,10 +29,10 @@
 use std::path::PathBuf;
 
 use crate::error::ErrorClass;
-use crate::lifecycle::{Action, Event, Lifecycle, VmState};
-use crate::manifest::ObjectRef;
 use crate::model::{RecoveryPoint, UnixMillis};
-use crate::retry::{RetryPolicy, RetryState};
+use crate::replica::manifest::ObjectRef;
+use crate::schedule::retry::{RetryPolicy, RetryState};
+use crate::vm::lifecycle::{Action, Event, Lifecycle, VmState};
 
 /// Names a `replicate_now` caller; the actor keeps its reply channel.
 pub type WaiterId = u64;

@@ -4,6 +4,7 @@
 //!
 //! | module | what lives there |
 //! | --- | --- |
+//! | [`lifecycle`] | the VM state machine and its recorded transitions (pure; table-tested) |
 //! | [`core`] | every decision about a VM: lifecycle, point numbers, epochs, backlog, retries, waiters (pure; table and property tests) |
 //! | [`restart`] | how a VM starts from its persisted record and the logs found (pure) |
 //! | `open` | scanning and opening a VM's disks per that decision |
@@ -14,6 +15,7 @@
 mod actor;
 pub mod core;
 mod fence;
+pub mod lifecycle;
 mod open;
 pub mod restart;
 mod tasks;

@@ -10,14 +10,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::capture::disk::{self, Disk, DiskSignal};
+use crate::capture::snapshot;
 use crate::changelog;
-use crate::disk::{self, Disk, DiskSignal};
 use crate::error::{Error, Result};
-use crate::hashes::{self, BlockHashes};
-use crate::lifecycle::{Event, Lifecycle};
 use crate::model::UnixMillis;
-use crate::snapshot;
+use crate::replica::hashes::{self, BlockHashes};
 use crate::state::VmRecord;
+use crate::vm::lifecycle::{Event, Lifecycle};
 
 use super::core::{PendingLog, Start};
 use super::restart::{self, LogsFound, Restart};
@@ -82,35 +82,16 @@ fn scan(vm: &str, disk: &str, path: &Path) -> Result<Scanned> {
     if logs.is_empty() {
         return Ok(Scanned { found: LogsFound::Missing, next_seq, last_log_id: 0 });
     }
-    Ok(match check_logs(disk, &logs) {
-        Ok((kept, last_log_id)) => Scanned { found: LogsFound::Trusted(kept), next_seq, last_log_id },
+    Ok(match changelog::check_logs(disk, &logs) {
+        Ok(kept) => Scanned {
+            last_log_id: kept.last().map_or(0, |l| l.header.log_id),
+            found: LogsFound::Trusted(
+                kept.into_iter().map(|l| PendingLog { path: l.path, bytes: l.bytes, sealed_ms: l.sealed_ms }).collect(),
+            ),
+            next_seq,
+        },
         Err(why) => Scanned { found: LogsFound::Untrusted(why), next_seq, last_log_id: 0 },
     })
-}
-
-/// Checks a disk's logs: all cleanly closed and chained. Returns them as
-/// pending logs with the newest one's id, or why they cannot be trusted.
-fn check_logs(disk: &str, logs: &[(u64, std::path::PathBuf)]) -> std::result::Result<(Vec<PendingLog>, u64), String> {
-    let mut out = Vec::new();
-    let mut prev: Option<changelog::LogHeader> = None;
-    for (_, path) in logs {
-        let scan = changelog::scan(path).map_err(|e| format!("change log {} is unreadable: {e}", path.display()))?;
-        if !scan.clean {
-            return Err(format!("change log {} of disk {disk} was not closed cleanly", path.display()));
-        }
-        if let Some(prev) = &prev {
-            changelog::check_chain(prev, &scan.header)
-                .map_err(|e| format!("broken change log chain on disk {disk}: {e}"))?;
-        }
-        let sealed_ms = std::fs::metadata(path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(scan.header.created_unix_ms, |d| d.as_millis() as u64);
-        out.push(PendingLog { path: path.clone(), bytes: scan.file_len, sealed_ms });
-        prev = Some(scan.header);
-    }
-    Ok((out, prev.map_or(0, |h| h.log_id)))
 }
 
 /// Deletes what protection kept beside a disk: its logs and snapshot side files.

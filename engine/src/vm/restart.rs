@@ -19,7 +19,7 @@
 //!   chained: they wait for the next cycle. Else the VM needs a resync,
 //!   with the first disk's reason.
 
-use crate::lifecycle::VmState;
+use crate::vm::lifecycle::VmState;
 
 use super::core::{PendingLog, Start};
 

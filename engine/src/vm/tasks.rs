@@ -11,22 +11,22 @@
 //! the same keys) or a manifest the index does not list yet (the retry puts
 //! it again); never a listed point with a missing object, never a log
 //! deleted before its point is listed. The replica's block hashes are
-//! brought up to the point after it is committed (see [`crate::hashes`]).
+//! brought up to the point after it is committed (see [`crate::replica::hashes`]).
 
 use std::sync::Arc;
 
+use crate::capture::disk::{self, Disk};
+use crate::capture::snapshot::CowSnapshot;
 use crate::changelog;
-use crate::disk::{self, Disk};
 use crate::error::{Error, ErrorClass, Result};
-use crate::hashes::{self, BlockHashes, HashUpdates};
-use crate::jobs::JobProgress;
-use crate::manifest::{manifest_key, DiskManifest, Manifest, MANIFEST_FORMAT};
+use crate::host::Host;
 use crate::model::{now_millis, JobKind, JobStatus, PointKind, RecoveryPoint, UnixMillis};
+use crate::replica::hashes::{self, BlockHashes, HashUpdates};
+use crate::replica::manifest::{manifest_key, DiskManifest, Manifest, MANIFEST_FORMAT};
+use crate::replicate::{self, UploadCtx};
 use crate::resync::{self, ResyncStats};
-use crate::shared::Shared;
-use crate::snapshot::CowSnapshot;
-use crate::task::blocking;
-use crate::upload::{self, UploadCtx};
+use crate::runtime::blocking;
+use crate::state::jobs::JobProgress;
 
 use super::core::{BaseCopy, Failure, Input, PendingLog};
 use super::ChainFence;
@@ -37,7 +37,7 @@ pub(crate) type HashCache = Arc<std::sync::Mutex<Option<BlockHashes>>>;
 /// What every task of one VM works with.
 #[derive(Clone)]
 pub(crate) struct VmIo {
-    pub shared: Arc<Shared>,
+    pub host: Arc<Host>,
     pub vm: String,
     pub generation: u64,
     pub workers: usize,
@@ -55,10 +55,10 @@ fn failure(what: &str, e: &Error) -> Failure {
 
 impl VmIo {
     fn upload_ctx(&self, job: &JobProgress) -> UploadCtx {
-        let c = &self.shared.config;
+        let c = &self.host.config;
         UploadCtx {
-            target: self.shared.target.clone(),
-            throttle: self.shared.throttle.clone(),
+            target: self.host.target.clone(),
+            throttle: self.host.throttle.clone(),
             vm: self.vm.clone(),
             generation: self.generation,
             chunk_size: c.chunk_size,
@@ -83,7 +83,7 @@ impl VmIo {
     where
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let (jobs, vm) = (self.shared.clone(), self.vm.clone());
+        let (jobs, vm) = (self.host.clone(), self.vm.clone());
         let job = blocking(move || jobs.jobs.start(&vm, kind, total, detail)).await?;
         let r = work(job.clone()).await;
         let outcome = match &r {
@@ -91,9 +91,9 @@ impl VmIo {
             Err(e) if e.class() == ErrorClass::Cancelled => Err((JobStatus::Cancelled, e.to_string())),
             Err(e) => Err((JobStatus::Failed, e.to_string())),
         };
-        let (shared, id) = (self.shared.clone(), job.id);
+        let (host, id) = (self.host.clone(), job.id);
         let _ = blocking(move || {
-            shared.jobs.finish(id, outcome);
+            host.jobs.finish(id, outcome);
             Ok(())
         })
         .await;
@@ -125,7 +125,7 @@ impl VmIo {
                         let snap = d
                             .snapshot()
                             .ok_or_else(|| Error::Cancelled(format!("the snapshot of disk {} was released", d.name)))?;
-                        let (objects, hashes) = upload::upload_base(&uctx, d.clone(), snap, 1).await?;
+                        let (objects, hashes) = replicate::upload_base(&uctx, d.clone(), snap, 1).await?;
                         base.objects.push(objects);
                         base.hashes.push(hashes);
                     }
@@ -149,7 +149,7 @@ impl VmIo {
         let draft = PointDraft { seq, parent: None, kind: PointKind::Base, time_ms, disks };
         let r = self.commit_point(epoch, draft).await;
         if r.is_ok() {
-            let block = self.shared.config.resync_block_size;
+            let block = self.host.config.resync_block_size;
             let changes = base
                 .hashes
                 .into_iter()
@@ -212,7 +212,7 @@ impl VmIo {
         let mut all_updates = Vec::new();
         for (d, logs) in self.disks.iter().zip(included) {
             let paths = logs.iter().map(|l| l.path.clone()).collect();
-            let (objects, updates) = upload::upload_logs(uctx, &d.name, paths, seq).await?;
+            let (objects, updates) = replicate::upload_logs(uctx, &d.name, paths, seq).await?;
             disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
             all_updates.push(updates);
         }
@@ -266,10 +266,10 @@ impl VmIo {
         seq: u64,
         at: UnixMillis,
     ) -> Result<(RecoveryPoint, ResyncStats)> {
-        let shared = &self.shared;
+        let host = &self.host;
         let (vm, generation) = (&self.vm, self.generation);
-        let block = shared.config.resync_block_size;
-        let scratch = shared.config.data_dir.join("scratch").join(vm);
+        let block = host.config.resync_block_size;
+        let scratch = host.config.paths().resync_scratch(vm);
         let mut stats = ResyncStats::default();
         // A replica whose chain is broken (a missing object) cannot be compared
         // with: the resync then sends every block as a new base.
@@ -287,8 +287,8 @@ impl VmIo {
             } else if let Some(kept) = kept {
                 kept.hashes // kept as blocks were written: no need to read the replica
             } else {
-                let p = shared.config.restore_parallelism;
-                match resync::target_hashes(&shared.target, vm, generation, last, &d.name, d.size(), block, &scratch, p)
+                let p = host.config.restore_parallelism;
+                match resync::target_hashes(&host.target, vm, generation, last, &d.name, d.size(), block, &scratch, p)
                     .await
                 {
                     Ok(h) => h,
@@ -384,7 +384,7 @@ impl VmIo {
         // Everything this task read came before this check (module header of the fence).
         self.fence.check(epoch)?;
         let key = manifest_key(&manifest.vm, manifest.generation, manifest.seq);
-        upload::put_retrying(&self.shared.target, &key, manifest.encode()?.into()).await?;
+        replicate::put_retrying(&self.host.target, &key, manifest.encode()?.into()).await?;
         let point = RecoveryPoint {
             vm: manifest.vm.clone(),
             seq: manifest.seq,
@@ -394,7 +394,7 @@ impl VmIo {
             bytes_stored: manifest.bytes_stored(),
             kind: manifest.kind,
         };
-        let (state, p) = (self.shared.state.clone(), point.clone());
+        let (state, p) = (self.host.state.clone(), point.clone());
         blocking(move || state.commit_point(&p)).await?;
         Ok(point)
     }
@@ -405,7 +405,7 @@ impl VmIo {
         let io = self.clone();
         let _ = blocking(move || {
             for ((d, cache), change) in io.disks.iter().zip(&io.caches).zip(changes) {
-                keep_hashes(&io.shared, &d.vm, &d.name, cache, change);
+                keep_hashes(&io.host, &d.vm, &d.name, cache, change);
             }
             Ok(())
         })
@@ -431,7 +431,7 @@ enum HashChange {
 }
 
 /// Brings a disk's kept hashes up to a committed point (blocking).
-fn keep_hashes(shared: &Shared, vm: &str, disk: &str, cache: &HashCache, change: HashChange) {
+fn keep_hashes(host: &Host, vm: &str, disk: &str, cache: &HashCache, change: HashChange) {
     let mut c = cache.lock().expect("hash cache lock");
     match change {
         HashChange::Replace(h) => *c = Some(h),
@@ -445,7 +445,7 @@ fn keep_hashes(shared: &Shared, vm: &str, disk: &str, cache: &HashCache, change:
         },
     }
     if let Some(h) = c.as_ref() {
-        if let Err(e) = h.save(&hashes::path(&shared.config.data_dir, vm, disk)) {
+        if let Err(e) = h.save(&hashes::path(&host.config.data_dir, vm, disk)) {
             tracing::warn!(vm, disk, error = %e, "could not keep replica hashes; the next resync reads the replica");
         }
     }

@@ -3,8 +3,8 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::lifecycle::VmState as S;
 use crate::model::PointKind;
+use crate::vm::lifecycle::VmState as S;
 
 const T: UnixMillis = 1_000_000;
 

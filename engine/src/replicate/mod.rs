@@ -24,15 +24,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::bundle::{self, BundleExtent, ExtentData};
+use crate::capture::disk::Disk;
+use crate::capture::snapshot::CowSnapshot;
 use crate::changelog::{self, Coalescer, Extent, ExtentSource};
-use crate::disk::Disk;
 use crate::error::{Error, Result};
-use crate::manifest::{object_key, ObjectRef};
-use crate::snapshot::CowSnapshot;
+use crate::replica::bundle::{self, BundleExtent, ExtentData};
+use crate::replica::manifest::{object_key, ObjectRef};
+use crate::runtime::blocking;
+use crate::schedule::throttle::Throttle;
 use crate::target::Target;
-use crate::task::blocking;
-use crate::throttle::Throttle;
 
 /// What every upload needs to know; shared by a VM's jobs.
 #[derive(Clone)]
@@ -48,7 +48,7 @@ pub struct UploadCtx {
     /// Bytes done and bytes planned, for the job's progress.
     pub progress: Arc<AtomicU64>,
     pub total: Arc<AtomicU64>,
-    /// Block size of the replica hashes kept for resync ([`crate::hashes`]).
+    /// Block size of the replica hashes kept for resync ([`crate::replica::hashes`]).
     pub hash_block: u64,
 }
 
@@ -59,7 +59,7 @@ async fn put_part(ctx: &UploadCtx, key: String, enc: bundle::EncodedBundle) -> R
 }
 
 /// Quick tries of one put before the step fails (and the step-level backoff
-/// of [`crate::retry`] takes over): transient errors of one request should
+/// of [`crate::schedule::retry`] takes over): transient errors of one request should
 /// not restart a whole cycle.
 pub const PUT_TRIES: u32 = 4;
 
@@ -109,7 +109,7 @@ pub async fn upload_base(
                 let (enc, hashes) = blocking(move || {
                     let mut buf = vec![0u8; len as usize];
                     snap.read_for_copy(disk.file(), offset, &mut buf)?;
-                    let hashes: Vec<u64> = buf.chunks(block).map(crate::hashes::hash_block).collect();
+                    let hashes: Vec<u64> = buf.chunks(block).map(crate::replica::hashes::hash_block).collect();
                     let extents = non_zero_extents(offset, &buf);
                     if extents.is_empty() {
                         return Ok((None, hashes));
@@ -250,13 +250,13 @@ fn split_extent(e: Extent, at: u64) -> (Extent, Extent) {
 }
 
 /// Uploads a disk's sealed logs as the parts of point `seq`. Also returns
-/// how the replica's block hashes change ([`crate::hashes`]).
+/// how the replica's block hashes change ([`crate::replica::hashes`]).
 pub async fn upload_logs(
     ctx: &UploadCtx,
     disk: &str,
     logs: Vec<PathBuf>,
     seq: u64,
-) -> Result<(Vec<ObjectRef>, crate::hashes::HashUpdates)> {
+) -> Result<(Vec<ObjectRef>, crate::replica::hashes::HashUpdates)> {
     let chunk = ctx.chunk_size;
     let logs2 = logs.clone();
     let (parts, planned) = blocking(move || plan_parts(&logs2, chunk)).await?;
@@ -280,14 +280,20 @@ pub async fn upload_logs(
                         .map(|e| {
                             let data = match e.source {
                                 ExtentSource::Zero => {
-                                    crate::hashes::updates_for(e.offset, None, e.len, block, &mut updates);
+                                    crate::replica::hashes::updates_for(e.offset, None, e.len, block, &mut updates);
                                     ExtentData::Zero(e.len)
                                 }
                                 ExtentSource::Log { log_index, pos } => {
                                     let mut buf = vec![0u8; e.len as usize];
                                     std::os::unix::fs::FileExt::read_exact_at(&files[log_index], &mut buf, pos)
                                         .map_err(|err| untrusted_log(Error::io("read change log payload", err)))?;
-                                    crate::hashes::updates_for(e.offset, Some(&buf), e.len, block, &mut updates);
+                                    crate::replica::hashes::updates_for(
+                                        e.offset,
+                                        Some(&buf),
+                                        e.len,
+                                        block,
+                                        &mut updates,
+                                    );
                                     ExtentData::Data(buf)
                                 }
                             };

@@ -1,6 +1,10 @@
-//! Work hours: when the work-hours bandwidth limit applies, and when the
-//! off-hours window for automatic resyncs opens. Pure: callers pass the
-//! local time ([`local_now`] reads it).
+//! Policy time: work hours (here: when the work-hours bandwidth limit
+//! applies, and when the off-hours window for automatic resyncs opens), the
+//! host-wide upload limit ([`throttle`]) and the retry backoff ([`retry`]).
+//! Pure: callers pass the local time ([`local_now`] reads it).
+
+pub mod retry;
+pub mod throttle;
 
 use serde::{Deserialize, Serialize};
 

@@ -9,6 +9,8 @@
 //! Every method is blocking (redb fsyncs on commit): async callers run them
 //! on the blocking pool.
 
+pub mod jobs;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,8 +18,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::Lifecycle;
 use crate::model::{Job, JobId, RecoveryPoint, UnixMillis, VmSpec};
+use crate::vm::lifecycle::Lifecycle;
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const POINTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("points");

@@ -1,22 +1,22 @@
-//! What the scheduler, the VM actors and the engine handle share.
+//! The host: what the supervisor, the VM actors and the engine handle share.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use crate::capture::disk::Disk;
 use crate::config::EngineConfig;
-use crate::disk::Disk;
-use crate::jobs::Jobs;
+use crate::schedule::throttle::Throttle;
+use crate::state::jobs::Jobs;
 use crate::state::StateStore;
 use crate::target::Target;
-use crate::throttle::Throttle;
 
-pub struct Shared {
+pub struct Host {
     pub config: EngineConfig,
     pub state: StateStore,
     pub target: Target,
     /// Host-wide upload limit; every VM's uploads are charged to it.
     pub throttle: Arc<Throttle>,
-    pub retry: crate::retry::RetryPolicy,
+    pub retry: crate::schedule::retry::RetryPolicy,
     /// The fault-injecting wrapper, when configured (tests, drills).
     pub unreliable: Option<Arc<crate::target::unreliable::UnreliableTarget>>,
     pub jobs: Jobs,

@@ -27,19 +27,19 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use crate::bundle::{self, BundleExtent, ExtentData};
-use crate::disk::Disk;
+use crate::capture::disk::Disk;
+use crate::capture::snapshot::CowSnapshot;
 use crate::error::{Error, Result};
-use crate::manifest::{object_key, ObjectRef};
-use crate::snapshot::CowSnapshot;
+use crate::replica::bundle::{self, BundleExtent, ExtentData};
+use crate::replica::manifest::{object_key, ObjectRef};
+use crate::replicate::UploadCtx;
 use crate::target::Target;
-use crate::upload::UploadCtx;
 
 /// Default resync block: 4 KiB, the granularity guests write in, so scattered
 /// small writes cost what they changed (a hash list is 0.2% of the disk).
 pub const DEFAULT_RESYNC_BLOCK: u64 = 4 << 10;
 
-pub use crate::hashes::hash_block;
+pub use crate::replica::hashes::hash_block;
 
 /// Runs of block indices whose hashes differ. A block the target lacks
 /// (the target list is shorter) differs.
@@ -149,7 +149,7 @@ pub async fn resync_disk(
                 ctx.progress.fetch_add(len, Ordering::Relaxed);
                 let Some((enc, blocks)) = enc else { return Ok((None, source)) };
                 let stored_len = enc.bytes.len() as u64;
-                crate::upload::put_with_retries(&ctx, &key, Bytes::from(enc.bytes)).await?;
+                crate::replicate::put_with_retries(&ctx, &key, Bytes::from(enc.bytes)).await?;
                 stats.sent.fetch_add(blocks, Ordering::Relaxed);
                 stats.bytes.fetch_add(stored_len, Ordering::Relaxed);
                 stats.logical.fetch_add(enc.logical_len, Ordering::Relaxed);

@@ -43,7 +43,7 @@ pub struct HashRun {
 pub type HashUpdates = Vec<HashRun>;
 
 pub fn path(data_dir: &Path, vm: &str, disk: &str) -> PathBuf {
-    data_dir.join("hashes").join(vm).join(format!("{disk}.hashes"))
+    crate::paths::DataDir::new(data_dir).disk_hashes(vm, disk)
 }
 
 pub fn hash_block(data: &[u8]) -> u64 {

@@ -81,7 +81,7 @@ impl LocalTarget {
 }
 
 fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> BoxFuture<'static, Result<T>> {
-    Box::pin(crate::task::blocking(f))
+    Box::pin(crate::runtime::blocking(f))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

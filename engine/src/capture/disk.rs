@@ -39,10 +39,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::capture::snapshot::CowSnapshot;
 use crate::changelog::{self, LogHeader, LogWriter};
 use crate::error::{Error, Result};
 use crate::model::now_millis;
-use crate::snapshot::CowSnapshot;
 
 /// Largest single write or read accepted through any entry point.
 pub const MAX_IO: u64 = 32 << 20;

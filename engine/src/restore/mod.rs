@@ -20,10 +20,10 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 
-use crate::bundle::{self, ExtentData};
 use crate::error::{Error, Result};
-use crate::manifest::{manifest_key, Manifest, ObjectRef};
 use crate::model::PointKind;
+use crate::replica::bundle::{self, ExtentData};
+use crate::replica::manifest::{manifest_key, Manifest, ObjectRef};
 use crate::target::Target;
 
 /// Loads the manifests from the nearest base up to `seq`, oldest first.
@@ -164,7 +164,7 @@ fn apply_object(f: &File, size: u64, o: &ObjectRef, bytes: &[u8]) -> Result<()> 
         }
         match e.data {
             ExtentData::Data(d) => f.write_all_at(&d, e.offset),
-            ExtentData::Zero(n) => crate::disk::zero_range(f, e.offset, n),
+            ExtentData::Zero(n) => crate::capture::disk::zero_range(f, e.offset, n),
         }
         .map_err(|err| Error::io("write restored image", err))?;
     }

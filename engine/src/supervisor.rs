@@ -1,6 +1,6 @@
-//! The scheduler actor: one per engine. It starts and stops the VM actors
+//! The supervisor actor: one per engine. It starts and stops the VM actors
 //! and is the one place that knows them all. The host-wide upload limiter
-//! lives in [`Shared`] and is charged by every VM's uploads.
+//! lives in [`Host`] and is charged by every VM's uploads.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,22 +8,22 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::shared::Shared;
+use crate::host::Host;
 use crate::state::VmRecord;
 use crate::vm::{OpenedDisks, Stop, VmActor};
 
-pub struct Scheduler {
-    shared: Arc<Shared>,
+pub struct Supervisor {
+    host: Arc<Host>,
     vms: BTreeMap<String, Addr<VmActor>>,
 }
 
-impl Scheduler {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Scheduler { shared, vms: BTreeMap::new() }
+impl Supervisor {
+    pub fn new(host: Arc<Host>) -> Self {
+        Supervisor { host, vms: BTreeMap::new() }
     }
 }
 
-impl Actor for Scheduler {
+impl Actor for Supervisor {
     type Context = Context<Self>;
 }
 
@@ -35,7 +35,7 @@ pub struct StartVm {
     pub opened: OpenedDisks,
 }
 
-impl Handler<StartVm> for Scheduler {
+impl Handler<StartVm> for Supervisor {
     type Result = Result<()>;
     fn handle(&mut self, msg: StartVm, _ctx: &mut Context<Self>) -> Result<()> {
         let name = msg.rec.spec.name.clone();
@@ -43,9 +43,9 @@ impl Handler<StartVm> for Scheduler {
             return Err(Error::AlreadyExists { what: "VM", name });
         }
         for d in &msg.opened.disks {
-            self.shared.disks.insert(d.clone());
+            self.host.disks.insert(d.clone());
         }
-        let addr = VmActor::new(self.shared.clone(), msg.rec, msg.opened).start();
+        let addr = VmActor::new(self.host.clone(), msg.rec, msg.opened).start();
         self.vms.insert(name, addr);
         Ok(())
     }
@@ -56,7 +56,7 @@ impl Handler<StartVm> for Scheduler {
 #[rtype(result = "Option<Addr<VmActor>>")]
 pub struct Lookup(pub String);
 
-impl Handler<Lookup> for Scheduler {
+impl Handler<Lookup> for Supervisor {
     type Result = Option<Addr<VmActor>>;
     fn handle(&mut self, msg: Lookup, _ctx: &mut Context<Self>) -> Self::Result {
         self.vms.get(&msg.0).cloned()
@@ -68,7 +68,7 @@ impl Handler<Lookup> for Scheduler {
 #[rtype(result = "Vec<(String, Addr<VmActor>)>")]
 pub struct All;
 
-impl Handler<All> for Scheduler {
+impl Handler<All> for Supervisor {
     type Result = MessageResult<All>;
     fn handle(&mut self, _: All, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(self.vms.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
@@ -83,14 +83,14 @@ pub struct StopVm {
     pub unprotect: bool,
 }
 
-impl Handler<StopVm> for Scheduler {
+impl Handler<StopVm> for Supervisor {
     type Result = ResponseFuture<Result<()>>;
     fn handle(&mut self, msg: StopVm, _ctx: &mut Context<Self>) -> Self::Result {
         let Some(addr) = self.vms.remove(&msg.name) else {
             return Box::pin(async move { Err(Error::not_found("VM", msg.name)) });
         };
         // New NBD connections and embedded writes stop finding the disks now.
-        self.shared.disks.remove_vm(&msg.name);
+        self.host.disks.remove_vm(&msg.name);
         Box::pin(async move {
             addr.send(Stop { unprotect: msg.unprotect })
                 .await

@@ -1,0 +1,7 @@
+//! Capture: every write to a protected disk reaches the disk image and its
+//! change log before it is acknowledged ([`disk`]), and the copy-before-write
+//! snapshot that gives the initial copy and a resync their point in time
+//! ([`snapshot`]).
+
+pub mod disk;
+pub mod snapshot;

@@ -1,0 +1,214 @@
+//! The log chain beside a disk: naming, listing, the trust check a
+//! restart makes, and removal. The one owner of "which files are this
+//! disk's logs" and "delete every log beside a disk".
+//!
+//! Trust: a disk's logs describe every write since its last recovery point
+//! only if each is cleanly closed and each names the previous one's id
+//! ([`check_chain`]). Anything else (an unclean log, an unreadable one, a
+//! gap) means the chain cannot be trusted and the VM needs a resync.
+
+use std::path::{Path, PathBuf};
+
+use super::{scan, LogHeader};
+use crate::{Error, Result};
+
+/// The path of log `seq` of the disk at `disk_path`: same folder,
+/// `<disk file name>.<seq:08>.hrl`.
+pub fn log_path(disk_path: &Path, seq: u64) -> PathBuf {
+    let mut name = disk_path.as_os_str().to_owned();
+    name.push(format!(".{seq:08}.hrl"));
+    PathBuf::from(name)
+}
+
+/// The logs of the disk at `disk_path`, sorted by seq. Only names that
+/// [`log_path`] would produce count; other files are ignored.
+pub fn list_logs(disk_path: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let disk_name = disk_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::invalid("disk_path", format!("{} has no UTF-8 file name", disk_path.display())))?;
+    let dir = match disk_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let prefix = format!("{disk_name}.");
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing HRL logs in {}", dir.display()), e))?;
+    let mut logs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("listing HRL logs in {}", dir.display()), e))?;
+        let name = entry.file_name();
+        let Some(seq) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|n| n.strip_suffix(".hrl")) else {
+            continue;
+        };
+        if !seq.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // Only the canonical spelling, so each seq maps to one file.
+        match seq.parse::<u64>() {
+            Ok(n) if format!("{n:08}") == seq => logs.push((n, dir.join(&name))),
+            _ => continue,
+        }
+    }
+    logs.sort();
+    Ok(logs)
+}
+
+/// Deletes every log beside the disk at `disk_path` (the one owner of that
+/// policy). A log already gone counts as deleted, so two tasks racing to
+/// drop the same chain never fail each other.
+pub fn remove_logs(disk_path: &Path) -> Result<()> {
+    for (_, p) in list_logs(disk_path)? {
+        remove_file_if_present(&p)?;
+    }
+    Ok(())
+}
+
+/// Deletes a file; one that is already gone is not an error.
+pub fn remove_file_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(format!("remove {}", path.display()), e)),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that `next` directly follows `prev` in a disk's chain. A broken
+/// chain is `Error::Corrupt` (class `NeedsResync`) naming the mismatch.
+pub fn check_chain(prev: &LogHeader, next: &LogHeader) -> Result<()> {
+    let what = || format!("HRL chain of {}/{} at seq {}", prev.vm, prev.disk, next.seq);
+    if prev.vm != next.vm || prev.disk != next.disk {
+        return Err(Error::corrupt(
+            what(),
+            format!("log {} belongs to {}/{}, expected {}/{}", next.seq, next.vm, next.disk, prev.vm, prev.disk),
+        ));
+    }
+    if prev.seq.checked_add(1) != Some(next.seq) {
+        return Err(Error::corrupt(what(), format!("seq {} does not follow seq {}", next.seq, prev.seq)));
+    }
+    if next.prev_log_id != prev.log_id {
+        return Err(Error::corrupt(
+            what(),
+            format!(
+                "prev_log_id {:#018x} is not the log_id {:#018x} of log {}",
+                next.prev_log_id, prev.log_id, prev.seq
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A sealed log that passed the trust check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedLog {
+    pub path: PathBuf,
+    /// Its length on disk (header, records and close block).
+    pub bytes: u64,
+    /// When it was sealed (its modification time).
+    pub sealed_ms: u64,
+    pub header: LogHeader,
+}
+
+/// Checks a disk's logs (as [`list_logs`] gives them): every one cleanly
+/// closed and chained to the one before. Returns them, or why they cannot
+/// be trusted.
+pub fn check_logs(disk: &str, logs: &[(u64, PathBuf)]) -> std::result::Result<Vec<TrustedLog>, String> {
+    let mut out: Vec<TrustedLog> = Vec::new();
+    for (_, path) in logs {
+        let scan = scan(path).map_err(|e| format!("change log {} is unreadable: {e}", path.display()))?;
+        if !scan.clean {
+            return Err(format!("change log {} of disk {disk} was not closed cleanly", path.display()));
+        }
+        if let Some(prev) = out.last() {
+            check_chain(&prev.header, &scan.header)
+                .map_err(|e| format!("broken change log chain on disk {disk}: {e}"))?;
+        }
+        let sealed_ms = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(scan.header.created_unix_ms, |d| d.as_millis() as u64);
+        out.push(TrustedLog { path: path.clone(), bytes: scan.file_len, sealed_ms, header: scan.header });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::ErrorClass;
+
+    #[test]
+    fn log_paths_sit_beside_the_disk() {
+        assert_eq!(log_path(Path::new("/vms/a.img"), 3), PathBuf::from("/vms/a.img.00000003.hrl"));
+        assert_eq!(log_path(Path::new("a.img"), 123_456_789), PathBuf::from("a.img.123456789.hrl"));
+    }
+
+    #[test]
+    fn list_logs_finds_only_this_disks_logs_in_seq_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("a.img");
+        for seq in [10, 2, 9, 100_000_000] {
+            std::fs::write(log_path(&disk, seq), b"").unwrap();
+        }
+        for other in [
+            "a.img",
+            "a.img.2.hrl",
+            "a.img.0000000x.hrl",
+            "a.img.00000003.hrl.tmp",
+            "b.img.00000001.hrl",
+            "aa.img.00000001.hrl",
+            "a.img.x.00000001.hrl",
+        ] {
+            std::fs::write(dir.path().join(other), b"").unwrap();
+        }
+        let got = list_logs(&disk).unwrap();
+        let want: Vec<_> = [2, 9, 10, 100_000_000].into_iter().map(|s| (s, log_path(&disk, s))).collect();
+        assert_eq!(got, want);
+        assert_eq!(list_logs(&dir.path().join("none.img")).unwrap(), vec![]);
+        assert_eq!(list_logs(&dir.path().join("gone/a.img")).unwrap_err().kind(), ErrorKind::Io);
+    }
+
+    #[test]
+    fn chain_check_names_the_break() {
+        let first = LogHeader::new("vm", "d0", 1, 0, 0);
+        let second = first.successor(10);
+        check_chain(&first, &second).unwrap();
+        check_chain(&second, &second.successor(20)).unwrap();
+
+        let cases: Vec<(LogHeader, &str)> = vec![
+            (LogHeader { vm: "other".into(), ..second.clone() }, "belongs to other/d0"),
+            (LogHeader { disk: "d1".into(), ..second.clone() }, "belongs to vm/d1"),
+            (LogHeader { seq: 3, ..second.clone() }, "seq 3 does not follow seq 1"),
+            (LogHeader { seq: 1, ..second.clone() }, "seq 1 does not follow seq 1"),
+            (LogHeader { prev_log_id: first.log_id ^ 1, ..second.clone() }, "prev_log_id"),
+            (LogHeader::new("vm", "d0", 2, 0, 0), "prev_log_id 0x0000000000000000"),
+        ];
+        for (next, expect) in cases {
+            let err = check_chain(&first, &next).unwrap_err();
+            assert_eq!(err.class(), ErrorClass::NeedsResync);
+            assert!(err.to_string().contains(expect), "{err}");
+        }
+        assert_ne!(first.log_id, second.log_id);
+        assert_ne!(first.log_id, 0);
+    }
+
+    #[test]
+    fn a_chain_of_logs_on_disk_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("a.img");
+        let mut header = LogHeader::new("vm", "a", 1, 0, 0);
+        for _ in 0..3 {
+            let mut w = LogWriter::create(&log_path(&disk, header.seq), &header).unwrap();
+            w.append_write(0, b"x").unwrap();
+            w.seal().unwrap();
+            header = header.successor(0);
+        }
+        let headers: Vec<_> = list_logs(&disk).unwrap().iter().map(|(_, p)| scan(p).unwrap().header).collect();
+        assert_eq!(headers.len(), 3);
+        for pair in headers.windows(2) {
+            check_chain(&pair[0], &pair[1]).unwrap();
+        }
+        assert!(check_chain(&headers[0], &headers[2]).is_err());
+    }
+}
