@@ -87,19 +87,37 @@ pub async fn put_retrying(target: &Target, key: &str, data: Bytes) -> Result<()>
     target.put(key, data).await
 }
 
-/// Copies a disk as of its snapshot: one bundle per non-zero chunk. Also
-/// returns the hash of every block sent (the replica's block hashes).
-pub async fn upload_base(
+/// Which ranges of a snapshot chunk to send: given the chunk's offset, its
+/// bytes and the hash of each of its blocks, the extents to put (none: the
+/// chunk needs no object). Pure; the base copy sends what is not zero, a
+/// resync what differs from the replica.
+pub type ChunkPlan = Arc<dyn Fn(u64, &[u8], &[u64]) -> Vec<BundleExtent> + Send + Sync>;
+
+/// A snapshot copied to the target as point `seq`: the objects put (in disk
+/// order) and the hash of every block of the snapshot (the replica's block
+/// hashes once the point commits).
+pub struct SnapshotCopy {
+    pub objects: Vec<ObjectRef>,
+    pub hashes: Vec<u64>,
+}
+
+/// The one pipeline for snapshot copies (base copy and resync): read a
+/// chunk through the snapshot, hash its blocks, plan what to send (pure),
+/// compress, put with retries under the key of (point, disk, chunk), with
+/// `ctx.workers` chunks in flight. Chunk `i` is always part `i`, so a retry
+/// writes the same keys.
+pub async fn copy_snapshot(
     ctx: &UploadCtx,
     disk: Arc<Disk>,
     snap: Arc<CowSnapshot>,
     seq: u64,
-) -> Result<(Vec<ObjectRef>, Vec<u64>)> {
+    plan: ChunkPlan,
+) -> Result<SnapshotCopy> {
     let size = disk.size();
     let chunks = size.div_ceil(ctx.chunk_size);
     let results: Vec<(Option<ObjectRef>, Vec<u64>)> = futures::stream::iter(0..chunks)
         .map(|i| {
-            let (disk, snap, ctx) = (disk.clone(), snap.clone(), ctx.clone());
+            let (disk, snap, ctx, plan) = (disk.clone(), snap.clone(), ctx.clone(), plan.clone());
             async move {
                 let offset = i * ctx.chunk_size;
                 let len = ctx.chunk_size.min(size - offset);
@@ -110,7 +128,7 @@ pub async fn upload_base(
                     let mut buf = vec![0u8; len as usize];
                     snap.read_for_copy(disk.file(), offset, &mut buf)?;
                     let hashes: Vec<u64> = buf.chunks(block).map(crate::replica::hashes::hash_block).collect();
-                    let extents = non_zero_extents(offset, &buf);
+                    let extents = plan(offset, &buf, &hashes);
                     if extents.is_empty() {
                         return Ok((None, hashes));
                     }
@@ -128,13 +146,18 @@ pub async fn upload_base(
         .buffered(ctx.workers)
         .try_collect()
         .await?;
-    let mut objects = Vec::new();
-    let mut hashes = Vec::new();
+    let mut copy = SnapshotCopy { objects: Vec::new(), hashes: Vec::new() };
     for (o, h) in results {
-        objects.extend(o);
-        hashes.extend(h);
+        copy.objects.extend(o);
+        copy.hashes.extend(h);
     }
-    Ok((objects, hashes))
+    Ok(copy)
+}
+
+/// Copies a disk as of its snapshot, leaving out zero blocks (a restored
+/// image stays sparse).
+pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot>, seq: u64) -> Result<SnapshotCopy> {
+    copy_snapshot(ctx, disk, snap, seq, Arc::new(|offset, buf, _| non_zero_extents(offset, buf))).await
 }
 
 /// Granularity at which a base chunk leaves out zeros: a restored image

@@ -21,17 +21,13 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 
 use crate::capture::disk::Disk;
 use crate::capture::snapshot::CowSnapshot;
 use crate::error::{Error, Result};
-use crate::replica::bundle::{self, BundleExtent, ExtentData};
-use crate::replica::manifest::{object_key, ObjectRef};
+use crate::replica::bundle::{BundleExtent, ExtentData};
+use crate::replica::manifest::ObjectRef;
 use crate::replicate::UploadCtx;
 use crate::target::Target;
 
@@ -97,90 +93,38 @@ pub fn hash_file(path: &Path, size: u64, block: u64) -> Result<Vec<u64>> {
 
 /// Compares one disk's snapshot with the target's block hashes and uploads
 /// the differing blocks as parts of point `seq` (one part per chunk of
-/// `ctx.chunk_size`, none for a chunk that matches).
+/// `ctx.chunk_size`, none for a chunk that matches), through the snapshot
+/// pipeline ([`crate::replicate::copy_snapshot`]). Also returns every block's
+/// source hash (the replica's, once the point commits).
 pub async fn resync_disk(
     ctx: &UploadCtx,
     disk: Arc<Disk>,
     snap: Arc<CowSnapshot>,
     target_hashes: Arc<Vec<u64>>,
-    block: u64,
     seq: u64,
 ) -> Result<(Vec<ObjectRef>, ResyncStats, Vec<u64>)> {
-    let size = disk.size();
-    let chunk = (ctx.chunk_size / block).max(1) * block;
-    let chunks = size.div_ceil(chunk);
-    let stats = Arc::new(ResyncCounters::default());
-    let objects: Vec<(Option<ObjectRef>, Vec<u64>)> = futures::stream::iter(0..chunks)
-        .map(|i| {
-            let (disk, snap, hashes, ctx, stats) =
-                (disk.clone(), snap.clone(), target_hashes.clone(), ctx.clone(), stats.clone());
-            async move {
-                let offset = i * chunk;
-                let len = chunk.min(size - offset);
-                let level = ctx.zstd_level;
-                let key = object_key(&ctx.vm, ctx.generation, &disk.name, seq, i);
-                let counters = stats.clone();
-                type Chunk = (Option<(bundle::EncodedBundle, u64)>, Vec<u64>);
-                let (enc, source) = tokio::task::spawn_blocking(move || -> Result<Chunk> {
-                    let mut buf = vec![0u8; len as usize];
-                    snap.read_for_copy(disk.file(), offset, &mut buf)?;
-                    let first = offset / block;
-                    let source: Vec<u64> = buf.chunks(block as usize).map(hash_block).collect();
-                    let end = (first as usize + source.len()).min(hashes.len());
-                    let target = hashes.get(first as usize..end).unwrap_or(&[]);
-                    let runs = differing_runs(&source, target);
-                    let sent: u64 = runs.iter().map(|r| r.end - r.start).sum();
-                    counters.compared.fetch_add(source.len() as u64, Ordering::Relaxed);
-                    if runs.is_empty() {
-                        return Ok((None, source));
-                    }
-                    let extents: Vec<BundleExtent> = runs
-                        .iter()
-                        .map(|r| {
-                            let a = (r.start * block) as usize;
-                            let b = ((r.end * block) as usize).min(buf.len());
-                            BundleExtent { offset: offset + a as u64, data: ExtentData::Data(buf[a..b].to_vec()) }
-                        })
-                        .collect();
-                    Ok((Some((bundle::encode(&extents, level)?, sent)), source))
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("resync task failed: {e}")))??;
-                ctx.progress.fetch_add(len, Ordering::Relaxed);
-                let Some((enc, blocks)) = enc else { return Ok((None, source)) };
-                let stored_len = enc.bytes.len() as u64;
-                crate::replicate::put_with_retries(&ctx, &key, Bytes::from(enc.bytes)).await?;
-                stats.sent.fetch_add(blocks, Ordering::Relaxed);
-                stats.bytes.fetch_add(stored_len, Ordering::Relaxed);
-                stats.logical.fetch_add(enc.logical_len, Ordering::Relaxed);
-                let object = ObjectRef { key, checksum: enc.checksum, stored_len, logical_len: enc.logical_len };
-                Ok::<_, Error>((Some(object), source))
-            }
-        })
-        .buffered(ctx.workers)
-        .try_collect()
-        .await?;
+    let block = ctx.hash_block;
+    let plan: crate::replicate::ChunkPlan = Arc::new(move |offset, buf, source| {
+        let first = (offset / block) as usize;
+        let end = (first + source.len()).min(target_hashes.len());
+        let target = target_hashes.get(first..end).unwrap_or(&[]);
+        differing_runs(source, target)
+            .iter()
+            .map(|r| {
+                let a = (r.start * block) as usize;
+                let b = ((r.end * block) as usize).min(buf.len());
+                BundleExtent { offset: offset + a as u64, data: ExtentData::Data(buf[a..b].to_vec()) }
+            })
+            .collect()
+    });
+    let copy = crate::replicate::copy_snapshot(ctx, disk, snap, seq, plan).await?;
     let s = ResyncStats {
-        blocks_compared: stats.compared.load(Ordering::Relaxed),
-        blocks_sent: stats.sent.load(Ordering::Relaxed),
-        bytes_sent: stats.bytes.load(Ordering::Relaxed),
-        bytes_logical: stats.logical.load(Ordering::Relaxed),
+        blocks_compared: copy.hashes.len() as u64,
+        blocks_sent: copy.objects.iter().map(|o| o.logical_len.div_ceil(block)).sum(),
+        bytes_sent: copy.objects.iter().map(|o| o.stored_len).sum(),
+        bytes_logical: copy.objects.iter().map(|o| o.logical_len).sum(),
     };
-    let mut objs = Vec::new();
-    let mut hashes = Vec::new();
-    for (o, h) in objects {
-        objs.extend(o);
-        hashes.extend(h);
-    }
-    Ok((objs, s, hashes))
-}
-
-#[derive(Default)]
-struct ResyncCounters {
-    compared: AtomicU64,
-    sent: AtomicU64,
-    bytes: AtomicU64,
-    logical: AtomicU64,
+    Ok((copy.objects, s, copy.hashes))
 }
 
 #[allow(clippy::too_many_arguments)]

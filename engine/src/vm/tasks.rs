@@ -125,9 +125,9 @@ impl VmIo {
                         let snap = d
                             .snapshot()
                             .ok_or_else(|| Error::Cancelled(format!("the snapshot of disk {} was released", d.name)))?;
-                        let (objects, hashes) = replicate::upload_base(&uctx, d.clone(), snap, 1).await?;
-                        base.objects.push(objects);
-                        base.hashes.push(hashes);
+                        let copy = replicate::upload_base(&uctx, d.clone(), snap, 1).await?;
+                        base.objects.push(copy.objects);
+                        base.hashes.push(copy.hashes);
                     }
                     Ok(base)
                 },
@@ -312,8 +312,7 @@ impl VmIo {
         let mut disks = Vec::new();
         let mut source_hashes = Vec::new();
         for ((d, snap), h) in self.disks.iter().zip(snaps).zip(hashes) {
-            let (objects, s, source) =
-                resync::resync_disk(uctx, d.clone(), snap.clone(), Arc::new(h), block, seq).await?;
+            let (objects, s, source) = resync::resync_disk(uctx, d.clone(), snap.clone(), Arc::new(h), seq).await?;
             stats.add(&s);
             disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
             source_hashes.push(source);
