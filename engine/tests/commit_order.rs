@@ -81,8 +81,7 @@ async fn a_point_with_one_failed_object_is_not_committed_and_its_retry_writes_th
     // The retries (on the backoff schedule) commit once the object can be put.
     let watcher = watch_log_deletion(engine.clone(), sealed.clone(), 2);
     std::fs::remove_dir(root.join(&blocked)).unwrap();
-    eventually("point 2 to commit", Duration::from_secs(30), || async { listed(&engine, 2).await.then_some(()) })
-        .await;
+    eventually("point 2 to commit", Duration::from_secs(30), || async { listed(&engine, 2).await.then_some(()) }).await;
     let in_index_when_deleted = tokio::time::timeout(Duration::from_secs(30), watcher).await.unwrap().unwrap();
     assert!(in_index_when_deleted, "the log was deleted before its point was in the index");
 
@@ -130,8 +129,7 @@ async fn every_object_is_durable_before_the_manifest_and_a_failed_manifest_commi
 
     let watcher = watch_log_deletion(engine.clone(), sealed.clone(), 2);
     std::fs::remove_dir(root.join(&manifest)).unwrap();
-    eventually("point 2 to commit", Duration::from_secs(30), || async { listed(&engine, 2).await.then_some(()) })
-        .await;
+    eventually("point 2 to commit", Duration::from_secs(30), || async { listed(&engine, 2).await.then_some(()) }).await;
     let in_index_when_deleted = tokio::time::timeout(Duration::from_secs(30), watcher).await.unwrap().unwrap();
     assert!(in_index_when_deleted, "the log was deleted before its point was in the index");
     let m = stored_manifest(&root, "vm", generation, 2).expect("manifest of point 2");

@@ -115,18 +115,16 @@ async fn a_stop_during_initial_replication_starts_protection_over_and_ends_byte_
         let mut cfg = config(tmp.path());
         cfg.bandwidth = BandwidthPolicy::flat(Some(MIN_LIMIT_BPS));
         let engine = Engine::open(cfg).await.unwrap();
-        let spec = ferry_engine::VmSpec::new(
-            "vm",
-            vec![ferry_engine::DiskSpec { name: "a".into(), path: a.clone() }],
-        )
-        .with_frequency(Duration::from_secs(3600));
+        let spec = ferry_engine::VmSpec::new("vm", vec![ferry_engine::DiskSpec { name: "a".into(), path: a.clone() }])
+            .with_frequency(Duration::from_secs(3600));
         first_generation = engine.protect(spec).await.unwrap().generation;
-        let copy = eventually("the copy to be under way", Duration::from_secs(30), || async {
-            engine.jobs().unwrap().into_iter().find(|j| {
-                j.kind == JobKind::InitialReplication && j.status == JobStatus::Running && j.bytes_done > 0
+        let copy =
+            eventually("the copy to be under way", Duration::from_secs(30), || async {
+                engine.jobs().unwrap().into_iter().find(|j| {
+                    j.kind == JobKind::InitialReplication && j.status == JobStatus::Running && j.bytes_done > 0
+                })
             })
-        })
-        .await;
+            .await;
         assert!(copy.bytes_done < copy.bytes_total, "{copy:?}");
         // A write in the middle of the copy (copy-before-write keeps the snapshot).
         engine.write("vm", "a", 100 * KIB, random_bytes(8192, 3)).await.unwrap();
@@ -188,9 +186,18 @@ async fn unprotecting_a_protected_vm_removes_its_logs_keeps_its_replica_and_allo
     let target: ferry_engine::target::Target = std::sync::Arc::new(LocalTarget::open(target_root(tmp.path())).unwrap());
     let out = tmp.path().join("kept");
     let opts = ferry_engine::restore::RestoreOpts { parallelism: 4, only: None, durable: true };
-    ferry_engine::restore::restore_point(&target, "vm", old_generation, 2, &out, opts, Default::default(), Default::default())
-        .await
-        .unwrap();
+    ferry_engine::restore::restore_point(
+        &target,
+        "vm",
+        old_generation,
+        2,
+        &out,
+        opts,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     assert!(std::fs::read(out.join("a.img")).unwrap() == at2, "the kept replica differs from point 2");
 
     // Protected again: a new replica beside the old one, which stays intact.
@@ -201,9 +208,18 @@ async fn unprotecting_a_protected_vm_removes_its_logs_keeps_its_replica_and_allo
     assert_eq!(replicate(&engine, "vm").await, 2);
     assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("new")).await;
     let old = tmp.path().join("old-again");
-    ferry_engine::restore::restore_point(&target, "vm", old_generation, 2, &old, opts, Default::default(), Default::default())
-        .await
-        .unwrap();
+    ferry_engine::restore::restore_point(
+        &target,
+        "vm",
+        old_generation,
+        2,
+        &old,
+        opts,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     assert!(std::fs::read(old.join("a.img")).unwrap() == at2);
     engine.shutdown().await.unwrap();
 }

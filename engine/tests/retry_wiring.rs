@@ -31,7 +31,9 @@ fn attempts(engine: &Engine, seq: u64) -> Vec<Job> {
         .jobs()
         .unwrap()
         .into_iter()
-        .filter(|j| j.kind == JobKind::DeltaReplication && (j.detail == tag || j.detail.starts_with(&format!("{tag} ("))))
+        .filter(|j| {
+            j.kind == JobKind::DeltaReplication && (j.detail == tag || j.detail.starts_with(&format!("{tag} (")))
+        })
         .collect()
 }
 
@@ -123,11 +125,7 @@ fn assert_spacing(jobs: &[Job], scale: f64, slack_ms: u64) {
         let started = jobs[k].started_ms;
         let prev_end = jobs[k - 1].ended_ms.unwrap();
         assert!(started >= due, "retry {k} started {} ms before it was due", due - started);
-        assert!(
-            started <= due.max(prev_end) + slack_ms,
-            "retry {k} started {} ms late",
-            started - due.max(prev_end)
-        );
+        assert!(started <= due.max(prev_end) + slack_ms, "retry {k} started {} ms late", started - due.max(prev_end));
     }
 }
 
