@@ -1,0 +1,169 @@
+//! Helpers shared by the engine-level tests that drive one engine through
+//! its public API: disk images, a protected VM, waiting on a state with a
+//! deadline, and byte-for-byte restore checks. Each test file uses a part
+//! of it, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_engine::config::AutoResync;
+use ferry_engine::lifecycle::VmState;
+use ferry_engine::manifest::{manifest_key, Manifest};
+use ferry_engine::model::JobStatus;
+use ferry_engine::target::unreliable::Faults;
+use ferry_engine::{DiskSpec, Engine, EngineConfig, PointSelector, VmInfo, VmSpec};
+use rand::{Rng, SeedableRng};
+
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+
+/// A disk image of `size` random bytes (seeded, so a failure reproduces).
+pub fn random_disk(dir: &Path, name: &str, size: u64, seed: u64) -> PathBuf {
+    let mut data = vec![0u8; size as usize];
+    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut data[..]);
+    let p = dir.join(format!("{name}.img"));
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// A sparse, all-zero disk image.
+pub fn sparse_disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(format!("{name}.img"));
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+/// `len` random bytes from `seed`.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut v[..]);
+    v
+}
+
+/// Configuration for tests: retries fast (1 min -> 30 ms), resyncs only
+/// when the test asks (so `ResyncRequired` can be looked at), 64 KiB
+/// objects (so a test controls how many parts a point has) and a fault
+/// injector that starts with no faults.
+pub fn config(dir: &Path) -> EngineConfig {
+    let mut c = EngineConfig::new(dir.join("data"));
+    c.retry_time_scale = 0.0005;
+    c.auto_resync = AutoResync::Manual;
+    c.chunk_size = 64 * KIB;
+    c.faults = Some(Faults::default());
+    c
+}
+
+/// The local target folder of [`config`].
+pub fn target_root(dir: &Path) -> PathBuf {
+    dir.join("data").join("target")
+}
+
+/// Protects `vm` with one disk per path (named after the file stem) and a
+/// replication frequency of an hour, so only the test cuts points.
+pub async fn protect(engine: &Engine, vm: &str, paths: &[&Path]) -> VmInfo {
+    let disks = paths.iter().map(|p| DiskSpec { name: disk_name(p), path: p.to_path_buf() }).collect();
+    engine.protect(VmSpec::new(vm, disks).with_frequency(Duration::from_secs(3600))).await.unwrap();
+    let info = engine.wait_protected(vm, Duration::from_secs(60)).await.unwrap();
+    wait_idle(engine).await;
+    info
+}
+
+pub fn disk_name(p: &Path) -> String {
+    p.file_stem().unwrap().to_string_lossy().into_owned()
+}
+
+/// Polls `probe` until it returns `Some`, failing the test after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn wait_state(engine: &Engine, vm: &str, want: VmState) -> VmInfo {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = engine.vm(vm).await.unwrap();
+        if info.state == want {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "VM {vm} never reached {want}: {info:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until no job runs (e.g. the empty cycle that follows the base commit).
+pub async fn wait_idle(engine: &Engine) {
+    eventually("every job to end", Duration::from_secs(60), || async {
+        engine.jobs().unwrap().iter().all(|j| j.status != JobStatus::Running).then_some(())
+    })
+    .await
+}
+
+/// Cuts a recovery point and returns its seq; the VM must accept it.
+pub async fn replicate(engine: &Engine, vm: &str) -> u64 {
+    engine.replicate_now(vm).await.unwrap().expect("something was written").seq
+}
+
+/// Restores point `seq` into `out` and checks each named disk byte for byte.
+pub async fn assert_point_equals(engine: &Engine, vm: &str, seq: u64, want: &[(&str, &[u8])], out: &Path) {
+    let restored = engine.restore(vm, PointSelector::Seq(seq), out).await.unwrap();
+    assert_eq!(restored.len(), want.len(), "point {seq} has {} disks", restored.len());
+    for (name, bytes) in want {
+        let got = std::fs::read(out.join(format!("{name}.img"))).unwrap();
+        assert!(got == *bytes, "point {seq}: disk {name} differs from what it held at that point");
+    }
+}
+
+/// Restores the latest point and checks every disk against its source file now.
+pub async fn assert_latest_equals_sources(engine: &Engine, vm: &str, sources: &[&Path], out: &Path) {
+    let seq = engine.recovery_points(vm).await.unwrap().last().expect("a point").seq;
+    let want: Vec<(String, Vec<u8>)> = sources.iter().map(|p| (disk_name(p), std::fs::read(p).unwrap())).collect();
+    let want: Vec<(&str, &[u8])> = want.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    assert_point_equals(engine, vm, seq, &want, out).await;
+}
+
+/// The manifest of point `seq` as stored on the local target, if any.
+pub fn stored_manifest(root: &Path, vm: &str, generation: u64, seq: u64) -> Option<Manifest> {
+    let key = manifest_key(vm, generation, seq);
+    let bytes = std::fs::read(root.join(&key)).ok()?;
+    Some(Manifest::decode(&key, &bytes).unwrap())
+}
+
+/// Object keys (files, not folders) stored under a key prefix folder.
+pub fn stored_keys(root: &Path, prefix: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.join(prefix)];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue; // a put in progress
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.insert(e.path().strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The paths of the change logs beside a disk, in seq order.
+pub fn logs(disk: &Path) -> Vec<PathBuf> {
+    ferry_engine::changelog::list_logs(disk).unwrap().into_iter().map(|(_, p)| p).collect()
+}
