@@ -1,7 +1,7 @@
 //! Retry wiring, end to end through the engine: the quick per-put retries
 //! absorb transient target errors; a put that fails every quick try fails
 //! the step, and the actor retries the step on the backoff schedule of
-//! `ferry_engine::retry` (1, 2, 4, 8, 10 minutes after the first failure,
+//! `ferry_engine::schedule::retry` (1, 2, 4, 8, 10 minutes after the first failure,
 //! scaled), as the same recovery point under the same keys; a success
 //! resets the schedule.
 //!
@@ -14,11 +14,11 @@ mod support;
 use std::time::Duration;
 
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::manifest::{manifest_key, object_key};
+use ferry_engine::replica::manifest::{manifest_key, object_key};
 use ferry_engine::model::{Job, JobKind, JobStatus};
-use ferry_engine::retry::RetryPolicy;
+use ferry_engine::schedule::retry::RetryPolicy;
 use ferry_engine::target::unreliable::Faults;
-use ferry_engine::upload::PUT_TRIES;
+use ferry_engine::replicate::PUT_TRIES;
 use ferry_engine::Engine;
 use support::*;
 
