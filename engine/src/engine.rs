@@ -346,7 +346,7 @@ impl Engine {
             point.bytes_logical,
             format!("recovery point {} -> {}", point.seq, out_dir.display()),
         )?;
-        let host = self.host.clone();
+        let (host, supervisor) = (self.host.clone(), self.supervisor.clone());
         let id = job.id;
         self.host.runtime.spawn(async move {
             let r = restore::restore_point(
@@ -360,6 +360,7 @@ impl Engine {
                 job.total.clone(),
             )
             .await;
+            report_damage(&supervisor, &rec.spec.name, &r).await;
             job.done.store(job.total.load(Ordering::Relaxed).max(job.done.load(Ordering::Relaxed)), Ordering::Relaxed);
             let outcome = match r {
                 Ok(disks) => Ok(Some(format!(
@@ -379,7 +380,7 @@ impl Engine {
         let (rec, point) = self.resolve_point(vm, point).await?;
         let out_dir = absolute(out_dir)?;
         let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
-        restore::restore_point(
+        let r = restore::restore_point(
             &self.host.target,
             vm,
             rec.generation,
@@ -389,7 +390,9 @@ impl Engine {
             Default::default(),
             Default::default(),
         )
-        .await
+        .await;
+        report_damage(&self.supervisor, vm, &r).await;
+        r
     }
 
     /// Every disk path of every protected VM.
@@ -535,6 +538,19 @@ fn offline_info(rec: VmRecord) -> VmInfo {
             })
             .collect(),
         spec: rec.spec,
+    }
+}
+
+/// A restore that found the replica damaged (an object missing or corrupt)
+/// tells the VM: it needs a resync (DESIGN: a missing remote object or a
+/// checksum mismatch means `ResyncRequired`).
+async fn report_damage<T>(supervisor: &Addr<Supervisor>, vm: &str, r: &Result<T>) {
+    let Err(e) = r else { return };
+    if e.class() != ErrorClass::NeedsResync {
+        return;
+    }
+    if let Ok(Some(actor)) = supervisor.send(Lookup(vm.to_string())).await {
+        actor.do_send(crate::vm::ReplicaDamaged(format!("a restore found the replica damaged: {e}")));
     }
 }
 

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use ferry_engine::changelog;
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::replica::manifest::{manifest_key, object_key, vm_prefix};
 use ferry_engine::model::PointKind;
+use ferry_engine::replica::manifest::{manifest_key, object_key, vm_prefix};
 use ferry_engine::Engine;
 use support::*;
 
@@ -137,7 +137,12 @@ async fn every_object_is_durable_before_the_manifest_and_a_failed_manifest_commi
     assert_eq!(keys, want, "the retry committed the objects under the keys the failed try used");
     for o in &m.disks[0].objects {
         let stored = std::fs::read(root.join(&o.key)).unwrap();
-        assert_eq!(ferry_engine::replica::bundle::checksum(&stored), o.checksum, "{} is what the manifest lists", o.key);
+        assert_eq!(
+            ferry_engine::replica::bundle::checksum(&stored),
+            o.checksum,
+            "{} is what the manifest lists",
+            o.key
+        );
     }
     assert_point_equals(&engine, "vm", 2, &[("a", &source)], &tmp.path().join("out")).await;
     engine.shutdown().await.unwrap();

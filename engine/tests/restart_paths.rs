@@ -12,13 +12,13 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_engine::capture::snapshot;
 use ferry_engine::error::ErrorKind;
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::replica::manifest::vm_prefix;
 use ferry_engine::model::{JobKind, JobStatus, PointKind};
+use ferry_engine::replica::manifest::vm_prefix;
 use ferry_engine::target::LocalTarget;
 use ferry_engine::throttle::{BandwidthPolicy, MIN_LIMIT_BPS};
-use ferry_engine::capture::snapshot;
 use ferry_engine::{changelog, Engine};
 use support::*;
 

@@ -87,6 +87,9 @@ async fn missing_object_then_resync(forget_hashes: bool) {
     assert_eq!(e.class(), ErrorClass::NeedsResync, "{e}");
     assert!(e.to_string().contains(&object) && e.to_string().contains("missing"), "{e}");
     assert!(!out.join("a.img").exists());
+    // The VM learns its replica is damaged: it needs a resync.
+    let info = wait_state(&engine, "vm", VmState::ResyncRequired).await;
+    assert!(info.reason.as_deref().unwrap_or("").contains(&object), "{info:?}");
     assert_point_equals(&engine, "vm", 1, &[("a", &at1)], &tmp.path().join("out1")).await;
 
     if forget_hashes {
@@ -119,9 +122,6 @@ async fn missing_object_then_resync(forget_hashes: bool) {
 
 /// The usual case: the engine kept the replica's block hashes as points committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: engine/src/vm.rs:1183-1193 (resync_all) trusts the kept replica hashes and never reads the \
-            target, so it does not see the missing object; it commits a delta on the broken point, and that point \
-            and every later one fail to restore (missing from the target)"]
 async fn a_missing_object_fails_the_restore_and_the_next_resync_rebuilds_the_replica() {
     missing_object_then_resync(false).await;
 }

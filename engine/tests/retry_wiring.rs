@@ -14,11 +14,11 @@ mod support;
 use std::time::Duration;
 
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::replica::manifest::{manifest_key, object_key};
 use ferry_engine::model::{Job, JobKind, JobStatus};
+use ferry_engine::replica::manifest::{manifest_key, object_key};
+use ferry_engine::replicate::PUT_TRIES;
 use ferry_engine::schedule::retry::RetryPolicy;
 use ferry_engine::target::unreliable::Faults;
-use ferry_engine::replicate::PUT_TRIES;
 use ferry_engine::Engine;
 use support::*;
 

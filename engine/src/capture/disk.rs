@@ -50,8 +50,9 @@ pub const MAX_IO: u64 = 32 << 20;
 /// What a disk tells its VM from the write path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskSignal {
-    /// Logs can no longer describe the changes (failed write, 50% rule).
-    ResyncNeeded { disk: String, reason: String },
+    /// Logs can no longer describe the changes (failed write, 50% rule);
+    /// `log_id` names the active log then (None: not logging).
+    ResyncNeeded { disk: String, reason: String, log_id: Option<u64> },
 }
 
 pub struct Disk {
@@ -217,8 +218,8 @@ impl Disk {
 
     /// The log can no longer describe the disk: stop logging, ask for a resync.
     fn untrust(&self, inner: &mut Inner, reason: String) {
-        inner.log = None;
         self.signal_resync(inner, reason);
+        inner.log = None;
     }
 
     /// Tells the VM a resync is needed, once per episode.
@@ -226,7 +227,17 @@ impl Disk {
         if !inner.signalled {
             inner.signalled = true;
             tracing::warn!(vm = %self.vm, disk = %self.name, %reason, "resync needed");
-            let _ = self.signals.send(DiskSignal::ResyncNeeded { disk: self.name.clone(), reason });
+            let log_id = inner.log.as_ref().map(|l| l.header().log_id);
+            let _ = self.signals.send(DiskSignal::ResyncNeeded { disk: self.name.clone(), reason, log_id });
+        }
+    }
+
+    /// Whether a signal about log `log_id` still concerns this disk: not if
+    /// a newer chain started since (a resync that reads the disk afresh).
+    pub fn signal_is_current(&self, log_id: Option<u64>) -> bool {
+        match (log_id, self.lock().log.as_ref()) {
+            (Some(id), Some(cur)) => cur.header().log_id == id,
+            _ => true,
         }
     }
 
@@ -453,13 +464,21 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
     }
     let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
     let at = now_millis();
+    let mut replaced = Vec::new();
     for ((d, g), (log, snap)) in disks.iter().zip(guards.iter_mut()).zip(logs.into_iter().zip(snaps.iter())) {
         g.log = Some(log);
-        g.snapshot = Some(snap.clone());
+        replaced.extend(g.snapshot.replace(snap.clone()));
         g.signalled = false;
         // The resync reads what the disk holds now: syncs can be trusted again.
         g.sync_failed = None;
         d.sealed_bytes.store(0, Ordering::Relaxed);
+    }
+    drop(guards);
+    // A snapshot this one replaced (an initial copy or resync it supersedes) is not needed.
+    for old in replaced {
+        if let Err(e) = crate::changelog::remove_file_if_present(old.path()) {
+            tracing::warn!(error = %e, "could not remove a superseded snapshot's side file");
+        }
     }
     Ok((snaps, at))
 }

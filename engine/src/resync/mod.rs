@@ -127,6 +127,25 @@ pub async fn resync_disk(
     Ok((copy.objects, s, copy.hashes))
 }
 
+/// Checks that every object the chain of point `seq` names is on the target
+/// (one listing, plus the chain's manifests). Hashes kept beside the daemon
+/// describe what was put, not what is there now: a resync must not build a
+/// delta on a replica that lost an object (every later point would be
+/// unrestorable). A gap is `NeedsResync`, naming the object.
+pub async fn replica_intact(target: &Target, vm: &str, generation: u64, seq: u64) -> Result<()> {
+    let chain = crate::restore::load_chain(target, vm, generation, seq).await?;
+    let prefix = format!("{}/disks/", crate::replica::manifest::vm_prefix(vm, generation));
+    let present: std::collections::HashSet<String> = target.list(&prefix).await?.into_iter().collect();
+    for m in &chain {
+        for o in m.disks.iter().flat_map(|d| &d.objects) {
+            if !present.contains(&o.key) {
+                return Err(crate::target::missing(&o.key));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 /// The target's block hashes of one disk at point `seq`: the replica is
 /// rebuilt once into `scratch` (sparse), hashed, and removed.

@@ -74,8 +74,12 @@ pub struct VmActor {
     signals: Option<tokio::sync::mpsc::UnboundedReceiver<DiskSignal>>,
     /// Cancels this VM's running tasks (unprotect, shutdown).
     cancel: CancellationToken,
-    /// Lifecycle changes go to one writer task, in order.
-    persist: UnboundedSender<Lifecycle>,
+    /// Lifecycle changes go to one writer task, in order, numbered.
+    persist: UnboundedSender<(u64, Lifecycle)>,
+    /// The number of the latest lifecycle sent to the writer.
+    version: u64,
+    /// The number of the latest lifecycle the writer has stored.
+    persisted: tokio::sync::watch::Receiver<u64>,
     replies: HashMap<WaiterId, Reply>,
     next_waiter: WaiterId,
     retry_timer: Option<SpawnHandle>,
@@ -85,18 +89,21 @@ pub struct VmActor {
 
 impl VmActor {
     pub fn new(host: Arc<Host>, rec: VmRecord, opened: OpenedDisks) -> Self {
-        let (persist, mut rx) = tokio::sync::mpsc::unbounded_channel::<Lifecycle>();
+        let (persist, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Lifecycle)>();
+        let (stored, persisted) = tokio::sync::watch::channel(0u64);
         let (state, name) = (host.state.clone(), rec.spec.name.clone());
         host.runtime.spawn(async move {
-            while let Some(mut lc) = rx.recv().await {
+            while let Some(mut latest) = rx.recv().await {
                 while let Ok(newer) = rx.try_recv() {
-                    lc = newer; // only the latest matters
+                    latest = newer; // only the latest matters
                 }
+                let (version, lc) = latest;
                 let (state, n) = (state.clone(), name.clone());
                 let r = blocking(move || state.update_vm(&n, |r| r.lifecycle = lc)).await;
                 if let Err(e) = r {
                     tracing::warn!(vm = %name, error = %e, "could not persist VM state");
                 }
+                stored.send_replace(version);
             }
         });
         let core = VmCore::new(
@@ -124,6 +131,8 @@ impl VmActor {
             signals: Some(opened.signals),
             cancel: CancellationToken::new(),
             persist,
+            version: 0,
+            persisted,
             replies: HashMap::new(),
             next_waiter: 0,
             retry_timer: None,
@@ -146,7 +155,8 @@ impl VmActor {
                 tracing::info!(vm = %self.name(), from = %before.state, to = %after.state,
                     reason = ?after.transitions.last().map(|t| &t.reason), "state change");
             }
-            let _ = self.persist.send(after.clone());
+            self.version += 1;
+            let _ = self.persist.send((self.version, after.clone()));
         }
         self.rec.lifecycle = after.clone();
         self.rec.last_point_seq = self.core.last_point();
@@ -191,7 +201,11 @@ impl VmActor {
             Command::RunCycle { epoch, seq, parent, pending } => {
                 self.spawn(ctx, io.run_cycle(epoch, seq, parent, pending))
             }
-            Command::RunResync { epoch, seq, parent } => self.spawn(ctx, io.run_resync(epoch, seq, parent)),
+            Command::RunResync { epoch, seq, parent } => {
+                // Resynchronizing must be stored before the resync drops the logs and starts a new chain.
+                let stored = (self.persisted.clone(), self.version);
+                self.spawn(ctx, io.run_resync(epoch, seq, parent, stored))
+            }
             Command::DiscardLogs { epoch } => self.spawn(ctx, io.discard_logs(epoch)),
             Command::DeleteLogs { logs } => self.spawn_detached(io.delete_logs(logs)),
             Command::ReleaseSnapshots => self.spawn_detached(io.release_snapshots()),
@@ -306,7 +320,14 @@ impl Actor for VmActor {
 impl StreamHandler<DiskSignal> for VmActor {
     fn handle(&mut self, signal: DiskSignal, ctx: &mut Context<Self>) {
         match signal {
-            DiskSignal::ResyncNeeded { reason, .. } => self.apply(Input::DiskNeedsResync { reason }, ctx),
+            DiskSignal::ResyncNeeded { disk, reason, log_id } => {
+                // A signal queued before a resync started a new chain is moot.
+                if self.io.disks.iter().any(|d| d.name == disk && !d.signal_is_current(log_id)) {
+                    tracing::debug!(vm = %self.name(), %disk, %reason, "stale resync signal ignored");
+                    return;
+                }
+                self.apply(Input::NeedsResync { reason }, ctx)
+            }
         }
     }
 
@@ -336,6 +357,19 @@ impl Handler<SnapshotAt> for VmActor {
     type Result = ();
     fn handle(&mut self, msg: SnapshotAt, _ctx: &mut Context<Self>) {
         self.rec.protected_since_ms = msg.0;
+    }
+}
+
+/// A restore found the replica damaged (an object missing or corrupt): the
+/// VM needs a resync, which sends a full copy if its chain is broken.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReplicaDamaged(pub String);
+
+impl Handler<ReplicaDamaged> for VmActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReplicaDamaged, ctx: &mut Context<Self>) {
+        self.apply(Input::NeedsResync { reason: msg.0 }, ctx);
     }
 }
 

@@ -61,7 +61,7 @@ pub struct Failure {
     pub reason: String,
 }
 
-/// The steps that can fail and be retried.
+/// The tasks whose result the core awaits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Snapshot,
@@ -98,8 +98,10 @@ pub enum Input {
     /// An operator asked for a resync, or the auto-resync window came.
     Resync,
     AutoResyncDue,
-    /// A disk's log can no longer describe it (failed write, 50% rule).
-    DiskNeedsResync {
+    /// A disk's log can no longer describe it (failed write or sync, 50%
+    /// rule), or the replica is damaged (a restore found an object missing
+    /// or corrupt).
+    NeedsResync {
         reason: String,
     },
     RetryDue,
@@ -231,8 +233,6 @@ pub struct VmCore {
     base: Option<BaseCopy>,
     policy: RetryPolicy,
     retry: RetryState,
-    /// The step a retry runs again.
-    last_step: Step,
     /// A retry is scheduled: timer ticks do not start cycles meanwhile.
     retry_scheduled: bool,
     /// Callers waiting for the next cycle to start.
@@ -241,7 +241,9 @@ pub struct VmCore {
 
 impl VmCore {
     /// A VM as persisted: its lifecycle and newest committed point.
-    pub fn new(name: &str, disks: usize, lifecycle: Lifecycle, last_point: u64, policy: RetryPolicy) -> Self {
+    pub fn new(name: &str, disks: usize, mut lifecycle: Lifecycle, last_point: u64, policy: RetryPolicy) -> Self {
+        // Nothing runs yet: a cycle persisted as in flight was cut short by the stop.
+        lifecycle.cycle_in_flight = false;
         VmCore {
             name: name.to_string(),
             disks,
@@ -256,7 +258,6 @@ impl VmCore {
             base: None,
             policy,
             retry: RetryState::default(),
-            last_step: Step::Cycle,
             retry_scheduled: false,
             waiting: Vec::new(),
         }
@@ -315,7 +316,7 @@ impl VmCore {
                     self.event(Event::StartResync, now, &mut out);
                 }
             }
-            Input::DiskNeedsResync { reason } => self.event(Event::ResyncNeeded { reason }, now, &mut out),
+            Input::NeedsResync { reason } => self.event(Event::ResyncNeeded { reason }, now, &mut out),
             Input::RetryDue => {
                 self.retry_scheduled = false;
                 self.retry_step(now, &mut out);
@@ -341,7 +342,7 @@ impl VmCore {
                             _ => out.push(Command::ReleaseSnapshots),
                         }
                     }
-                    Err(f) => self.failed(Step::Snapshot, f, now, &mut out),
+                    Err(f) => self.failed(f, now, &mut out),
                 }
             }
             Input::BaseCopied { epoch, result } => {
@@ -352,10 +353,10 @@ impl VmCore {
                 match result {
                     Ok(base) => {
                         self.base = Some(base);
-                        self.retry.on_success();
+                        self.succeeded(&mut out);
                         self.event(Event::InitialCopyDone, now, &mut out);
                     }
-                    Err(f) => self.failed(Step::InitialCopy, f, now, &mut out),
+                    Err(f) => self.failed(f, now, &mut out),
                 }
             }
             Input::BaseCommitted { epoch, result } => {
@@ -370,12 +371,12 @@ impl VmCore {
                     Ok(p) => {
                         self.last_point = p.seq;
                         self.base = None;
-                        self.retry.on_success();
+                        self.succeeded(&mut out);
                         self.event(Event::PointCommitted, now, &mut out);
                         // Writes made during the copy are in the logs: ship them now.
                         self.event(Event::CycleDue, now, &mut out);
                     }
-                    Err(f) => self.failed(Step::CommitBase, f, now, &mut out),
+                    Err(f) => self.failed(f, now, &mut out),
                 }
             }
             Input::CycleEnded { epoch, sealed, result } => self.cycle_ended(epoch, sealed, result, now, &mut out),
@@ -390,12 +391,12 @@ impl VmCore {
                 match result {
                     Ok(p) => {
                         self.last_point = p.seq;
-                        self.retry.on_success();
+                        self.succeeded(&mut out);
                         self.event(Event::ResyncDone, now, &mut out);
                         // Writes made during the resync are in the new logs: ship them now.
                         self.event(Event::CycleDue, now, &mut out);
                     }
-                    Err(f) => self.failed(Step::Resync, f, now, &mut out),
+                    Err(f) => self.failed(f, now, &mut out),
                 }
             }
             Input::LogsDiscarded { epoch, result } => {
@@ -459,7 +460,7 @@ impl VmCore {
         out.extend(waiters.into_iter().map(|waiter| Command::Answer { waiter, answer: answer.clone() }));
         match result {
             Ok(point) => {
-                self.retry.on_success();
+                self.succeeded(out);
                 if let Some(p) = point {
                     self.last_point = p.seq;
                     // The point holds every pending log: they are no longer needed.
@@ -468,7 +469,7 @@ impl VmCore {
                 }
                 self.event(Event::PointCommitted, now, out);
             }
-            Err(f) => self.failed(Step::Cycle, f, now, out),
+            Err(f) => self.failed(f, now, out),
         }
         if !self.waiting.is_empty() {
             self.event(Event::CycleDue, now, out);
@@ -541,9 +542,17 @@ impl VmCore {
         format!("VM {} is {}{reason}", self.name, self.lifecycle.state)
     }
 
-    fn failed(&mut self, step: Step, f: Failure, now: UnixMillis, out: &mut Vec<Command>) {
-        self.last_step = step;
+    fn failed(&mut self, f: Failure, now: UnixMillis, out: &mut Vec<Command>) {
         self.event(Event::Failed { class: f.class, reason: f.reason }, now, out);
+    }
+
+    /// A step succeeded: the backoff starts over and a pending retry is moot.
+    fn succeeded(&mut self, out: &mut Vec<Command>) {
+        self.retry.on_success();
+        if self.retry_scheduled {
+            self.retry_scheduled = false;
+            out.push(Command::CancelRetry);
+        }
     }
 
     /// Feeds the lifecycle and turns its actions into commands with their data.
@@ -585,26 +594,27 @@ impl VmCore {
         }
     }
 
-    /// Runs the failed step again (its backlog was kept).
+    /// Runs the failed step again (its backlog was kept). The state alone
+    /// says which step that is, so a retry also fires after a restart or
+    /// after the retry itself failed in another step.
     fn retry_step(&mut self, now: UnixMillis, out: &mut Vec<Command>) {
         use VmState as S;
-        match (self.last_step, self.lifecycle.state) {
-            (Step::Snapshot, S::EnablingProtection) => {
-                self.run(Step::Snapshot, Vec::new());
-                out.push(Command::TakeSnapshot { epoch: self.epoch });
-            }
+        if self.running.is_some() {
+            return; // something started meanwhile (an operator's ask): the retry is moot
+        }
+        match self.lifecycle.state {
             // Blocks already copied are no longer preserved: a retry on the
             // same snapshot would mix times. Take a new one (the logs since
             // the first one replay idempotently on top).
-            (Step::InitialCopy, S::InitialReplication) => {
+            S::EnablingProtection | S::InitialReplication => {
                 self.run(Step::Snapshot, Vec::new());
                 out.push(Command::TakeSnapshot { epoch: self.epoch });
             }
-            (_, S::ResyncRequired) => out.push(Command::ScheduleAutoResync),
-            (Step::CommitBase, S::FinalizingProtection) => self.commit_base(now, out),
-            (Step::Resync, S::Resynchronizing) => self.resync(out),
-            (_, S::Protected) => self.event(Event::CycleDue, now, out),
-            _ => {} // the retry no longer applies
+            S::FinalizingProtection => self.commit_base(now, out),
+            S::Resynchronizing => self.resync(out),
+            S::Protected => self.event(Event::CycleDue, now, out),
+            S::ResyncRequired => out.push(Command::ScheduleAutoResync),
+            S::Unprotected | S::Paused | S::Critical => {} // the retry no longer applies
         }
     }
 }

@@ -164,6 +164,7 @@ impl Lifecycle {
             }
             (S::Protected | S::Paused, E::PointCommitted) => {
                 self.cycle_in_flight = false;
+                self.reason = None; // a failure being retried is over
                 vec![]
             }
             (S::Resynchronizing, E::ResyncDone) => {

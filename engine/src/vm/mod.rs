@@ -20,6 +20,6 @@ mod open;
 pub mod restart;
 mod tasks;
 
-pub use actor::{DiskInfo, GetInfo, Operator, ReplicateNow, Stop, VmActor, VmInfo};
+pub use actor::{DiskInfo, GetInfo, Operator, ReplicaDamaged, ReplicateNow, Stop, VmActor, VmInfo};
 pub(crate) use fence::ChainFence;
 pub use open::{open_vm, OpenedDisks};

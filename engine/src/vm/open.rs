@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::UnixMillis;
 use crate::replica::hashes::{self, BlockHashes};
 use crate::state::VmRecord;
-use crate::vm::lifecycle::{Event, Lifecycle};
+use crate::vm::lifecycle::{Event, Lifecycle, VmState};
 
 use super::core::{PendingLog, Start};
 use super::restart::{self, LogsFound, Restart};
@@ -47,19 +47,29 @@ pub fn open_vm(rec: &mut VmRecord, data_dir: &Path, now: UnixMillis) -> Result<O
     let scanned = rec.spec.disks.iter().map(|d| scan(&rec.spec.name, &d.name, &d.path)).collect::<Result<Vec<_>>>()?;
     let found: Vec<(String, LogsFound)> =
         rec.spec.disks.iter().zip(&scanned).map(|(d, s)| (d.name.clone(), s.found.clone())).collect();
-    let decision = restart::decide(rec.lifecycle.state, rec.last_point_seq, &found);
+    let decision = restart::decide(&rec.lifecycle, rec.last_point_seq, &found);
     apply_to_record(rec, &decision, now);
     open(rec, scanned, decision, data_dir)
 }
 
 fn apply_to_record(rec: &mut VmRecord, decision: &Restart, now: UnixMillis) {
     if decision.start_over {
-        rec.lifecycle = Lifecycle { transitions: rec.lifecycle.transitions.clone(), ..Lifecycle::default() };
+        rec.lifecycle = match rec.lifecycle.state {
+            // Still the operator's: a resume starts protection over.
+            VmState::Critical => Lifecycle { resume_to: Some(VmState::EnablingProtection), ..rec.lifecycle.clone() },
+            _ => Lifecycle { transitions: rec.lifecycle.transitions.clone(), ..Lifecycle::default() },
+        };
         rec.last_point_seq = 0;
         rec.generation = rec.generation.max(now);
     }
     if decision.base_committed {
-        rec.lifecycle.on_event(Event::PointCommitted, now);
+        match rec.lifecycle.state {
+            // Resumed, it goes on from the committed base.
+            VmState::Critical => rec.lifecycle.resume_to = Some(VmState::Protected),
+            _ => {
+                rec.lifecycle.on_event(Event::PointCommitted, now);
+            }
+        }
     }
 }
 

@@ -9,7 +9,8 @@
 //! Rules, in order:
 //! - A protection that had not committed its base (Unprotected,
 //!   EnablingProtection, InitialReplication, FinalizingProtection with no
-//!   point) starts over: the snapshot did not survive the stop.
+//!   point) starts over: the snapshot did not survive the stop. A Critical
+//!   VM is judged by the state it failed in (the one a resume returns to).
 //! - A base committed whose state change was not recorded
 //!   (FinalizingProtection with a point) counts as Protected.
 //! - A VM waiting for a resync drops its logs again (they are not needed).
@@ -19,7 +20,7 @@
 //!   chained: they wait for the next cycle. Else the VM needs a resync,
 //!   with the first disk's reason.
 
-use crate::vm::lifecycle::VmState;
+use crate::vm::lifecycle::{Lifecycle, VmState};
 
 use super::core::{PendingLog, Start};
 
@@ -51,18 +52,24 @@ impl Restart {
     }
 }
 
-pub fn decide(state: VmState, last_point: u64, found: &[(String, LogsFound)]) -> Restart {
+pub fn decide(lifecycle: &Lifecycle, last_point: u64, found: &[(String, LogsFound)]) -> Restart {
     use VmState as S;
-    let start_over = match state {
+    // A Critical VM goes back to the state it failed in: decide for that one.
+    let effective = match lifecycle.state {
+        S::Critical => lifecycle.resume_to.unwrap_or(S::Protected),
+        s => s,
+    };
+    let start_over = match effective {
         S::Unprotected | S::EnablingProtection | S::InitialReplication => true,
         S::FinalizingProtection => last_point == 0,
         _ => false,
     };
+    let state = lifecycle.state;
     let plain = |start| Restart { start_over: false, base_committed: false, start };
     if start_over {
         return Restart { start_over, base_committed: false, start: Start::Protect };
     }
-    let base_committed = state == S::FinalizingProtection;
+    let base_committed = effective == S::FinalizingProtection;
     match state {
         S::ResyncRequired => return plain(Start::DiscardLogs),
         S::Resynchronizing => return plain(Start::ResyncAgain),
@@ -135,9 +142,20 @@ mod tests {
             (S::Resynchronizing, 4, &ok, plain(Start::ResyncAgain)),
         ];
         for (state, last, found, want) in table {
-            assert_eq!(decide(state, last, found), want, "{state} last={last} {found:?}");
+            let lc = Lifecycle { state, ..Default::default() };
+            assert_eq!(decide(&lc, last, found), want, "{state} last={last} {found:?}");
         }
-        assert!(decide(S::Protected, 4, &ok).keeps_logs());
-        assert!(!decide(S::Protected, 4, &unclean).keeps_logs());
+        let at = |state| Lifecycle { state, ..Default::default() };
+        assert!(decide(&at(S::Protected), 4, &ok).keeps_logs());
+        assert!(!decide(&at(S::Protected), 4, &unclean).keeps_logs());
+        // Critical: judged by the state a resume returns to.
+        let critical = |to| Lifecycle { state: S::Critical, resume_to: Some(to), ..Default::default() };
+        assert_eq!(decide(&critical(S::InitialReplication), 0, &ok), protect);
+        assert_eq!(decide(&critical(S::FinalizingProtection), 0, &ok), protect);
+        assert_eq!(
+            decide(&critical(S::FinalizingProtection), 1, &ok),
+            Restart { base_committed: true, ..plain(resume(&ok)) }
+        );
+        assert_eq!(decide(&critical(S::Protected), 4, &ok), plain(resume(&ok)));
     }
 }

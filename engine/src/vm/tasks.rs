@@ -102,9 +102,14 @@ impl VmIo {
 
     /// Releases any snapshot left, then snapshots every disk at one instant.
     pub async fn take_snapshot(self, epoch: u64) -> Input {
-        release_snapshots(&self.disks).await;
         let (disks, fence) = (self.disks.clone(), self.fence.clone());
-        let r = blocking(move || fence.change(epoch, || disk::snapshot_all(&disks))).await;
+        let r = blocking(move || {
+            fence.change(epoch, || {
+                disks.iter().try_for_each(|d| release_snapshot(d))?;
+                disk::snapshot_all(&disks)
+            })
+        })
+        .await;
         Input::SnapshotTaken { epoch, result: r.map(|(_, at)| at).map_err(|e| failure("snapshot", &e)) }
     }
 
@@ -139,7 +144,16 @@ impl VmIo {
 
     /// Releases the snapshot, then commits the base point.
     pub async fn commit_base(self, epoch: u64, seq: u64, time_ms: UnixMillis, base: BaseCopy) -> Input {
-        release_snapshots(&self.disks).await;
+        // Only if not superseded: a newer resync's snapshot must stay.
+        let (disks, fence) = (self.disks.clone(), self.fence.clone());
+        let released =
+            blocking(move || fence.change(epoch, || disks.iter().try_for_each(|d| release_snapshot(d)))).await;
+        if let Err(e) = released.as_ref() {
+            if e.class() == ErrorClass::Cancelled {
+                return Input::BaseCommitted { epoch, result: Err(failure("committing the base point", e)) };
+            }
+            tracing::warn!(vm = %self.vm, error = %e, "could not release the snapshot");
+        }
         let disks = self
             .disks
             .iter()
@@ -227,7 +241,23 @@ impl VmIo {
 
     /// Compares every disk with the replica block by block and sends only
     /// what differs (see [`crate::resync`]), as point `seq`.
-    pub async fn run_resync(self, epoch: u64, seq: u64, parent: u64) -> Input {
+    ///
+    /// A restart must never find the resync's new chain under a state that
+    /// trusts logs (it would ship it on top of `parent`, leaving out what the
+    /// dropped logs held), so the resync waits until the writer stored the
+    /// lifecycle version `stored.1` (Resynchronizing) before it starts.
+    pub async fn run_resync(
+        self,
+        epoch: u64,
+        seq: u64,
+        parent: u64,
+        mut stored: (tokio::sync::watch::Receiver<u64>, u64),
+    ) -> Input {
+        let need = stored.1;
+        if stored.0.wait_for(|v| *v >= need).await.is_err() {
+            let e = Error::Cancelled("the VM stopped before its resync began".into());
+            return Input::ResyncEnded { epoch, result: Err(failure("resync", &e)) };
+        }
         let total = self.disks.iter().map(|d| d.size()).sum();
         let io = self.clone();
         let result = self
@@ -274,6 +304,16 @@ impl VmIo {
         // A replica whose chain is broken (a missing object) cannot be compared
         // with: the resync then sends every block as a new base.
         let mut full = last == 0;
+        if !full {
+            match resync::replica_intact(&host.target, vm, generation, last).await {
+                Ok(()) => {}
+                Err(e) if e.class() == ErrorClass::NeedsResync => {
+                    tracing::warn!(vm = %vm, error = %e, "replica chain broken: resync sends a full copy");
+                    full = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut hashes = Vec::new();
         for (d, cache) in self.disks.iter().zip(&self.caches) {
             let kept = cache.lock().expect("hash cache lock").clone().filter(|h| {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::config::AutoResync;
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::replica::manifest::{manifest_key, Manifest};
 use ferry_engine::model::JobStatus;
+use ferry_engine::replica::manifest::{manifest_key, Manifest};
 use ferry_engine::target::unreliable::Faults;
 use ferry_engine::{DiskSpec, Engine, EngineConfig, PointSelector, VmInfo, VmSpec};
 use rand::{Rng, SeedableRng};

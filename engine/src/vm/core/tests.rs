@@ -116,9 +116,9 @@ fn transition_table() {
         (S::Critical, I::Resync, S::Resynchronizing, vec!["cancel-auto-resync", "resync"]),
         (S::ResyncRequired, I::AutoResyncDue, S::Resynchronizing, vec!["cancel-auto-resync", "resync"]),
         (S::Protected, I::AutoResyncDue, S::Protected, vec![]),
-        (S::Protected, I::DiskNeedsResync { reason: "50%".into() }, S::ResyncRequired, vec!["discard"]),
-        (S::Resynchronizing, I::DiskNeedsResync { reason: "log".into() }, S::ResyncRequired, vec!["discard"]),
-        (S::Critical, I::DiskNeedsResync { reason: "log".into() }, S::Critical, vec!["discard"]),
+        (S::Protected, I::NeedsResync { reason: "50%".into() }, S::ResyncRequired, vec!["discard"]),
+        (S::Resynchronizing, I::NeedsResync { reason: "log".into() }, S::ResyncRequired, vec!["discard"]),
+        (S::Critical, I::NeedsResync { reason: "log".into() }, S::Critical, vec!["discard"]),
         // A discard result nobody awaits (no discard was started).
         (S::ResyncRequired, I::LogsDiscarded { epoch: 0, result: Ok(()) }, S::ResyncRequired, vec![]),
         (S::Protected, I::RetryDue, S::Protected, vec!["cycle"]),
@@ -139,12 +139,12 @@ fn transition_table() {
 #[test]
 fn a_discard_ends_in_the_auto_resync_wait_or_critical() {
     let mut c = at(S::Protected, 3);
-    let cmds = c.on(Input::DiskNeedsResync { reason: "50%".into() }, T);
+    let cmds = c.on(Input::NeedsResync { reason: "50%".into() }, T);
     assert_eq!(cmds, vec![Command::DiscardLogs { epoch: 1 }]);
     assert_eq!(c.on(Input::LogsDiscarded { epoch: 1, result: Ok(()) }, T), vec![Command::ScheduleAutoResync]);
     assert!(c.on(Input::LogsDiscarded { epoch: 1, result: Ok(()) }, T).is_empty(), "answered once");
     let mut c = at(S::Protected, 3);
-    c.on(Input::DiskNeedsResync { reason: "50%".into() }, T);
+    c.on(Input::NeedsResync { reason: "50%".into() }, T);
     assert!(c.on(Input::LogsDiscarded { epoch: 1, result: Err(fail(ErrorClass::Recoverable)) }, T).is_empty());
     assert_eq!(c.state(), S::Critical);
     assert!(c.lifecycle().reason.as_deref().unwrap().contains("discarding logs failed"));
@@ -215,7 +215,7 @@ fn replicate_now_is_refused_where_no_point_can_be_cut() {
     // A caller waiting when the VM needs a resync is answered then.
     let mut c = at(S::Resynchronizing, 1);
     assert!(c.on(Input::ReplicateNow(4), T).is_empty());
-    let a = answers(&c.on(Input::DiskNeedsResync { reason: "log write failed".into() }, T));
+    let a = answers(&c.on(Input::NeedsResync { reason: "log write failed".into() }, T));
     assert!(matches!(&a[..], [(4, Answer::Refused(why))] if why.contains("log write failed")), "{a:?}");
 }
 
@@ -276,7 +276,7 @@ fn a_discard_during_a_resync_supersedes_it() {
     let mut c = at(S::ResyncRequired, 2);
     let (resync_epoch, seq, _) = run_resync(&c.on(Input::Resync, T));
     // The resync's new log failed: logs go again, the resync is stale.
-    let cmds = c.on(Input::DiskNeedsResync { reason: "log write failed".into() }, T);
+    let cmds = c.on(Input::NeedsResync { reason: "log write failed".into() }, T);
     let Some(Command::DiscardLogs { epoch: discard_epoch }) =
         cmds.iter().find(|c| matches!(c, Command::DiscardLogs { .. })).cloned()
     else {
@@ -296,7 +296,7 @@ fn a_discard_during_a_resync_supersedes_it() {
 fn a_stale_snapshot_or_copy_changes_nothing() {
     let mut c = at(S::Unprotected, 0);
     c.on(Input::Start(Start::Protect), T);
-    c.on(Input::DiskNeedsResync { reason: "log write failed".into() }, T);
+    c.on(Input::NeedsResync { reason: "log write failed".into() }, T);
     assert_eq!(c.state(), S::ResyncRequired);
     assert!(c.on(Input::SnapshotTaken { epoch: 0, result: Ok(T) }, T).is_empty());
     assert!(c.on(Input::BaseCopied { epoch: 0, result: Ok(BaseCopy::default()) }, T).is_empty());
@@ -400,7 +400,7 @@ proptest! {
                 2 => Input::Pause,
                 3 => Input::Resume,
                 4 => Input::Resync,
-                5 => Input::DiskNeedsResync { reason: "r".into() },
+                5 => Input::NeedsResync { reason: "r".into() },
                 6 => Input::RetryDue,
                 7 => Input::AutoResyncDue,
                 8 => Input::SnapshotTaken { epoch, result: if commit { Ok(now) } else { Err(fail(class(n))) } },
@@ -446,4 +446,74 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_cycle_persisted_as_in_flight_does_not_block_the_restarted_vm() {
+    // Review finding: a clean stop during a cycle persisted cycle_in_flight;
+    // after the restart no tick ever started a cycle again.
+    let lc = Lifecycle { state: S::Protected, cycle_in_flight: true, ..Default::default() };
+    let mut c = VmCore::new("vm", 1, lc, 3, RetryPolicy::default());
+    c.on(Input::Start(Start::Resume { pending: vec![vec![]] }), T);
+    assert_eq!(kinds(&c.on(Input::Tick, T)), ["cycle"]);
+}
+
+#[test]
+fn a_retry_whose_own_step_failed_is_retried_again() {
+    // Review finding: the retry of a copy takes a snapshot; when that failed
+    // the retry matched no step and the VM sat in InitialReplication.
+    let mut c = at(S::Unprotected, 0);
+    c.on(Input::Start(Start::Protect), T);
+    c.on(Input::SnapshotTaken { epoch: 0, result: Ok(T) }, T);
+    c.on(Input::BaseCopied { epoch: 0, result: Err(fail(ErrorClass::Recoverable)) }, T);
+    assert_eq!(kinds(&c.on(Input::RetryDue, T + 60_000)), ["snapshot"]);
+    assert_eq!(
+        kinds(&c.on(Input::SnapshotTaken { epoch: 0, result: Err(fail(ErrorClass::Recoverable)) }, T)),
+        ["retry"]
+    );
+    assert_eq!(kinds(&c.on(Input::RetryDue, T + 120_000)), ["snapshot"]);
+    assert_eq!(c.state(), S::InitialReplication);
+}
+
+#[test]
+fn a_success_cancels_a_pending_retry() {
+    // Review finding: after an operator's replicate-now succeeded, ticks stayed
+    // blocked until the (up to 30 min) retry fired.
+    let mut c = at(S::Protected, 3);
+    let (epoch, ..) = run_cycle(&c.on(Input::Tick, T));
+    c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Err(fail(ErrorClass::Recoverable)) }, T);
+    assert!(c.on(Input::Tick, T).is_empty(), "the backoff decides");
+    let (epoch, ..) = run_cycle(&c.on(Input::ReplicateNow(1), T));
+    let cmds = c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Ok(Some(point(4))) }, T);
+    assert!(kinds(&cmds).contains(&"cancel-retry"), "{cmds:?}");
+    assert_eq!(kinds(&c.on(Input::Tick, T)), ["cycle"]);
+    // A retry timer that fires anyway while a task runs starts nothing twice.
+    assert!(c.on(Input::RetryDue, T).is_empty());
+}
+
+#[test]
+fn a_restarted_critical_vm_resumes_the_step_of_the_state_it_failed_in() {
+    // Review finding: the failed step was not persisted; a resume after a
+    // restart left the VM in Resynchronizing with nothing running.
+    let lc = Lifecycle { state: S::Critical, resume_to: Some(S::Resynchronizing), ..Default::default() };
+    let mut c = VmCore::new("vm", 2, lc, 3, RetryPolicy::default());
+    c.on(Input::Start(Start::Resume { pending: vec![vec![], vec![]] }), T);
+    let (_, seq, parent) = run_resync(&c.on(Input::Resume, T));
+    assert_eq!((c.state(), seq, parent), (S::Resynchronizing, 4, 3));
+    let lc = Lifecycle { state: S::Critical, resume_to: Some(S::EnablingProtection), ..Default::default() };
+    let mut c = VmCore::new("vm", 2, lc, 0, RetryPolicy::default());
+    c.on(Input::Start(Start::Protect), T);
+    assert_eq!(c.state(), S::Critical, "a restart does not leave Critical");
+    assert_eq!(kinds(&c.on(Input::Resume, T)), ["cancel-retry", "snapshot"]);
+}
+
+#[test]
+fn a_failure_reason_is_cleared_by_the_next_point() {
+    let mut c = at(S::Protected, 3);
+    let (epoch, ..) = run_cycle(&c.on(Input::Tick, T));
+    c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Err(fail(ErrorClass::Recoverable)) }, T);
+    assert_eq!(c.lifecycle().reason.as_deref(), Some("boom"), "shown while retrying");
+    let (epoch, ..) = run_cycle(&c.on(Input::RetryDue, T + 60_000));
+    c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Ok(Some(point(4))) }, T);
+    assert_eq!(c.lifecycle().reason, None, "a healthy VM shows no old error");
 }
