@@ -115,7 +115,9 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
-fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
+/// Reads a child's pipe to the end on a thread (so a full pipe cannot
+/// stall the child); join the handle for the text.
+pub fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut s = Vec::new();
         if let Some(mut r) = r {
