@@ -12,13 +12,13 @@
 //! FERRY_BENCH_INIT_MIB (disk size, default 1024), FERRY_BENCH_DIR.
 //! Every image is in the page cache for every contender (just written).
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{mib, Ferryd};
+use ferry::harness::bench::{bench_dir, disk_usage, env_u64, mib, print_table, sync_all};
+use ferry::harness::process::run_ok;
+use ferry::harness::{require_tool, write_image, Daemon};
 
 const VM: &str = "initrep";
 
@@ -28,18 +28,15 @@ struct Measure {
     stored: Option<u64>,
 }
 
-fn ferry_case(bins: &common::Bins, dir: &Path, image: &Path, size: u64) -> (Vec<Measure>, String) {
-    let ferryd = Ferryd::start(bins, &dir.join("ferry"));
+fn ferry_case(dir: &Path, image: &Path, size: u64) -> (Vec<Measure>, String) {
+    let mut ferryd = Daemon::builder().in_dir(&dir.join("ferry")).log("warn").start();
     let disk_arg = format!("d={}", image.display());
     let t0 = Instant::now();
-    let r = ferryd
-        .ctl(&["protect", VM, "--disk", &disk_arg, "--frequency", "5m"], common::CTL_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(r.ok(), "protect failed: {}{}", r.stdout, r.stderr);
-    ferryd.wait_state(VM, "Protected", Duration::from_millis(50), Duration::from_secs(1800));
+    ferryd.ctl_ok(&["protect", VM, "--disk", &disk_arg, "--frequency", "5m"]);
+    ferryd.wait_state_every(VM, "Protected", Duration::from_millis(50), Duration::from_secs(1800));
     let to_protected = t0.elapsed();
 
-    let jobs = ferryd.ctl_json(&["jobs", "--vm", VM], common::CTL_TIMEOUT);
+    let jobs = ferryd.ctl_json(&["jobs", "--vm", VM]);
     let job = jobs
         .as_array()
         .and_then(|a| a.iter().find(|j| j["kind"] == "InitialReplication"))
@@ -49,8 +46,8 @@ fn ferry_case(bins: &common::Bins, dir: &Path, image: &Path, size: u64) -> (Vec<
     let started = job["started_ms"].as_u64().unwrap_or(0);
     let ended = job["ended_ms"].as_u64().unwrap_or(0);
     let job_secs = ended.saturating_sub(started) as f64 / 1000.0;
-    let stored = common::disk_usage(&ferryd.target);
-    let points = ferryd.ctl_json(&["recovery-points", VM], common::CTL_TIMEOUT);
+    let stored = disk_usage(&ferryd.target_dir());
+    let points = ferryd.ctl_json(&["recovery-points", VM]);
     ferryd.stop();
     let note = format!(
         "job {}: bytes_total {} ({:.0} MiB), point {}",
@@ -76,20 +73,20 @@ fn ferry_case(bins: &common::Bins, dir: &Path, image: &Path, size: u64) -> (Vec<
 fn peers(dir: &Path, image: &Path) -> Vec<Measure> {
     let copy = dir.join("copy.img");
     let zst = dir.join("image.zst");
-    common::sync_all();
-    let cp = common::run_ok(Command::new("cp").arg("--sparse=always").arg(image).arg(&copy), Duration::from_secs(1200));
-    let cp_stored = common::disk_usage(&copy);
+    sync_all();
+    let cp = run_ok(Command::new("cp").arg("--sparse=always").arg(image).arg(&copy), Duration::from_secs(1200));
+    let cp_stored = disk_usage(&copy);
     std::fs::remove_file(&copy).expect("remove copy");
-    common::sync_all();
+    sync_all();
 
-    let z = common::run_ok(
+    let z = run_ok(
         Command::new("zstd").args(["-3", "-T0", "-q", "-f"]).arg(image).arg("-o").arg(&zst),
         Duration::from_secs(1200),
     );
     let t = Instant::now();
-    common::sync_all();
+    sync_all();
     let z_sync = z.elapsed + t.elapsed();
-    let z_stored = common::disk_usage(&zst);
+    let z_stored = disk_usage(&zst);
     std::fs::remove_file(&zst).expect("remove zst");
     vec![
         Measure { label: "cp --sparse=always".into(), secs: cp.elapsed.as_secs_f64(), stored: Some(cp_stored) },
@@ -104,11 +101,10 @@ fn peers(dir: &Path, image: &Path) -> Vec<Measure> {
 }
 
 fn main() {
-    let size_mib = common::env_u64("FERRY_BENCH_INIT_MIB", 1024);
+    let size_mib = env_u64("FERRY_BENCH_INIT_MIB", 1024);
     let size = size_mib << 20;
-    common::require("zstd", "zstd");
-    let bins = common::build_agents();
-    let root = common::bench_dir("ferry-bench-init-");
+    require_tool("zstd");
+    let root = bench_dir("ferry-bench-init-");
 
     type Layout = fn(u64) -> bool;
     let cases: [(&str, Layout); 2] = [("100% random", |_| true), ("10% random, 90% zeros", |i| i % 10 == 0)];
@@ -119,11 +115,11 @@ fn main() {
         std::fs::create_dir_all(&dir).expect("case dir");
         let image = dir.join("disk.img");
         eprintln!("{name}: writing a {size_mib} MiB image");
-        common::write_image(&image, size, layout);
-        common::sync_all();
+        write_image(&image, size, layout);
+        sync_all();
 
         eprintln!("{name}: ferry...");
-        let (ferry, note) = ferry_case(&bins, &dir, &image, size);
+        let (ferry, note) = ferry_case(&dir, &image, size);
         notes.push(format!("{name}: {note}"));
         eprintln!("{name}: cp and zstd...");
         let peer = peers(&dir, &image);
@@ -144,7 +140,7 @@ fn main() {
         std::fs::remove_file(&image).expect("remove image");
     }
     println!("\ninitial replication of a {size_mib} MiB raw image (page cache warm), local target, 2 shared cores");
-    common::print_table(
+    print_table(
         "ferry vs copy + compress (MiB/s = disk size / seconds)",
         &["case", "what", "seconds", "MiB/s", "stored MiB", "ferry/this (time)", "this/zstd (time)"],
         &rows,

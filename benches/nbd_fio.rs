@@ -21,13 +21,13 @@
 //! slices (no recovery point). MiB/s and IOPS = bytes and I/Os summed over the
 //! slices / fio runtimes summed. Reads run once, `--time_based`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Ferryd, Proc};
+use ferry::harness::bench::{bench_dir, env_u64, mib, print_table, sync_all};
+use ferry::harness::process::run_ok;
+use ferry::harness::{require_tool, write_image, Daemon, Proc};
 
 const VM: &str = "bench";
 
@@ -58,7 +58,7 @@ impl FioSum {
         if self.runtime_ms == 0 {
             return 0.0;
         }
-        common::mib(self.bytes) / (self.runtime_ms as f64 / 1000.0)
+        mib(self.bytes) / (self.runtime_ms as f64 / 1000.0)
     }
     fn iops(&self) -> f64 {
         if self.runtime_ms == 0 {
@@ -100,7 +100,7 @@ fn fio_once(fio: &Path, uri: &str, w: &Workload, size: u64, limit: Limit) -> Fio
         Limit::Time(s) | Limit::Bytes(_, s) => s,
     };
     let args = fio_args(uri, w, size, &limit);
-    let r = common::run_ok(Command::new(fio).args(&args), Duration::from_secs(secs + 120));
+    let r = run_ok(Command::new(fio).args(&args), Duration::from_secs(secs + 120));
     // fio may print notices before the JSON document.
     let json_start = r.stdout.find('{').unwrap_or_else(|| panic!("no JSON from fio: {}{}", r.stdout, r.stderr));
     let v: serde_json::Value =
@@ -124,7 +124,7 @@ struct FerryNotes {
     problems: Vec<String>,
 }
 
-fn check_protected(ferryd: &Ferryd, when: &str, notes: &mut FerryNotes) -> bool {
+fn check_protected(ferryd: &Daemon, when: &str, notes: &mut FerryNotes) -> bool {
     let v = ferryd.show(VM);
     let state = v["state"].as_str().unwrap_or("?");
     if state != "Protected" {
@@ -146,14 +146,14 @@ fn run_workload(
     size: u64,
     secs: u64,
     slice: u64,
-    ferry: Option<&Ferryd>,
+    ferry: Option<&Daemon>,
     notes: &mut FerryNotes,
 ) -> FioSum {
     if !w.writes || slice == 0 {
         if let (true, Some(f)) = (w.writes, ferry) {
             cut_point(f, notes);
         }
-        common::sync_all();
+        sync_all();
         let r = fio_once(fio, uri, w, size, Limit::Time(secs));
         if let Some(f) = ferry {
             check_protected(f, &format!("after {}", w.name), notes);
@@ -168,7 +168,7 @@ fn run_workload(
                 break;
             }
         }
-        common::sync_all();
+        sync_all();
         let left_s = (budget_ms - sum.runtime_ms).div_ceil(1000).max(1);
         let r = fio_once(fio, uri, w, size, Limit::Bytes(slice, left_s));
         sum.bytes += r.bytes;
@@ -185,12 +185,12 @@ fn run_workload(
 }
 
 /// `ferryctl replicate-now`, then the VM must still be Protected.
-fn cut_point(f: &Ferryd, notes: &mut FerryNotes) -> bool {
+fn cut_point(f: &Daemon, notes: &mut FerryNotes) -> bool {
     if !check_protected(f, "before replicate-now", notes) {
         return false;
     }
     let t = Instant::now();
-    let r = f.ctl(&["replicate-now", VM, "--json"], Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"));
+    let r = f.ctl_timeout(&["replicate-now", VM, "--json"], Duration::from_secs(600));
     notes.cut_time += t.elapsed();
     if !r.ok() {
         let msg = format!("replicate-now failed: {}{}", r.stdout, r.stderr);
@@ -220,34 +220,32 @@ fn start_qemu_nbd(qemu_nbd: &Path, image: &Path, socket: &Path) -> Proc {
 
 fn main() {
     // `cargo bench` passes --bench; we take no arguments.
-    let disk_mib = common::env_u64("FERRY_BENCH_DISK_MIB", 1024);
-    let secs = common::env_u64("FERRY_BENCH_SECS", 20).max(1);
-    let rounds = common::env_u64("FERRY_BENCH_ROUNDS", 1).max(1);
-    let slice_pct = common::env_u64("FERRY_BENCH_SLICE_PCT", 40);
+    let disk_mib = env_u64("FERRY_BENCH_DISK_MIB", 1024);
+    let secs = env_u64("FERRY_BENCH_SECS", 20).max(1);
+    let rounds = env_u64("FERRY_BENCH_ROUNDS", 1).max(1);
+    let slice_pct = env_u64("FERRY_BENCH_SLICE_PCT", 40);
     assert!(slice_pct < 50, "FERRY_BENCH_SLICE_PCT must stay below the 50% resync rule");
     let size = disk_mib << 20;
     let slice = (size * slice_pct / 100) & !((1 << 20) - 1);
 
-    let fio = common::require("fio", "fio");
-    let qemu_nbd = common::require("qemu-nbd", "qemu-utils");
-    let bins = common::build_agents();
-    let dir = common::bench_dir("ferry-bench-nbd-");
+    let fio = require_tool("fio");
+    let qemu_nbd = require_tool("qemu-nbd");
+    let dir = bench_dir("ferry-bench-nbd-");
     let ferry_img = dir.path().join("ferry.img");
     let qemu_img: PathBuf = dir.path().join("qemu.img");
 
     eprintln!("writing a {disk_mib} MiB random image and its copy in {}", dir.path().display());
-    common::write_image(&ferry_img, size, |_| true);
-    common::run_ok(Command::new("cp").arg("--sparse=never").arg(&ferry_img).arg(&qemu_img), Duration::from_secs(600));
-    common::sync_all();
+    write_image(&ferry_img, size, |_| true);
+    run_ok(Command::new("cp").arg("--sparse=never").arg(&ferry_img).arg(&qemu_img), Duration::from_secs(600));
+    sync_all();
 
-    let ferryd = Ferryd::start(&bins, &dir.path().join("ferry"));
+    let mut ferryd = Daemon::builder().in_dir(&dir.path().join("ferry")).log("warn").start();
     eprintln!("ferryd pid {} at {}", ferryd.pid(), ferryd.endpoint);
     let disk_arg = format!("d={}", ferry_img.display());
-    let r = ferryd
-        .ctl(&["protect", VM, "--disk", &disk_arg, "--frequency", "30s"], common::CTL_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(r.ok(), "protect failed: {}{}", r.stdout, r.stderr);
-    let waited = ferryd.wait_state(VM, "Protected", Duration::from_millis(100), Duration::from_secs(900));
+    ferryd.ctl_ok(&["protect", VM, "--disk", &disk_arg, "--frequency", "30s"]);
+    let t = Instant::now();
+    ferryd.wait_state_every(VM, "Protected", Duration::from_millis(100), Duration::from_secs(900));
+    let waited = t.elapsed();
     eprintln!("initial replication done: Protected after {:.1}s", waited.as_secs_f64());
 
     let qemu_sock = dir.path().join("qemu-nbd.sock");
@@ -298,7 +296,7 @@ fn main() {
     println!("ferry:    {}", fio_args(&ferry_uri, &WORKLOADS[1], size, &Limit::Bytes(slice, secs)).join(" "));
     println!("qemu-nbd: qemu-nbd -f raw -x d --aio=threads --persistent --socket=SOCK IMG (cache=writeback)");
     println!("          {}", fio_args(&qemu_uri, &WORKLOADS[2], size, &Limit::Time(secs)).join(" "));
-    common::print_table(
+    print_table(
         "ferry vs qemu-nbd (ratio = ferry MiB/s / qemu-nbd MiB/s)",
         &[
             "workload",

@@ -31,15 +31,15 @@
 //! FERRY_BENCH_CHANGE_PERMILLE (share of the disk rewritten, in 1/1000,
 //! default 10 = 1%), FERRY_BENCH_DIR (where the temp folder goes).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{mib, Ferryd};
+use ferry::harness::bench::{bench_dir, env_u64, mib, print_table, sync_all};
+use ferry::harness::process::run_ok;
+use ferry::harness::{require_tool, write_image, Daemon, ResyncDetail};
 
 const VM: &str = "resync";
 const BLOCK: u64 = 4096;
@@ -242,40 +242,19 @@ struct FerryResync {
     job: serde_json::Value,
 }
 
-/// "recovery point N: compared X blocks, sent Y blocks, B bytes sent".
-fn parse_detail(detail: &str) -> (u64, u64, u64, u64) {
-    let num = |after: &str| -> u64 {
-        let i = detail.find(after).unwrap_or_else(|| panic!("no {after:?} in job detail {detail:?}")) + after.len();
-        detail[i..]
-            .trim_start()
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse()
-            .unwrap_or_else(|_| panic!("job detail {detail:?}: no number after {after:?}"))
-    };
-    let sent_bytes = {
-        let end = detail.find(" bytes sent").unwrap_or_else(|| panic!("no bytes sent in job detail {detail:?}"));
-        let start = detail[..end].rfind(' ').map_or(0, |i| i + 1);
-        detail[start..end].parse().unwrap_or_else(|_| panic!("job detail {detail:?}: bad byte count"))
-    };
-    (num("recovery point"), num("compared"), num("sent"), sent_bytes)
-}
-
-fn ferry_resync(ferryd: &Ferryd) -> FerryResync {
-    let scratch_dir = ferryd.data.join("scratch").join(VM);
+fn ferry_resync(ferryd: &Daemon) -> FerryResync {
+    let scratch_dir = ferryd.data_dir().join("scratch").join(VM);
     let jobs_before = ferryd
-        .ctl_json(&["jobs", "--vm", VM], common::CTL_TIMEOUT)
+        .ctl_json(&["jobs", "--vm", VM])
         .as_array()
         .map_or(0, |a| a.iter().filter(|j| j["kind"] == "Resync").count());
-    common::sync_all();
+    sync_all();
     let io0 = proc_io(ferryd.pid());
     let watch = ScratchWatch::start(scratch_dir.clone(), scratch_dir.join("d.img"));
     let t0 = Instant::now();
-    let r = ferryd.ctl(&["resync", VM, "--json"], common::CTL_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    assert!(r.ok(), "ferryctl resync failed: {}{}", r.stdout, r.stderr);
+    ferryd.ctl_ok(&["resync", VM, "--json"]);
     let job = loop {
-        let jobs = ferryd.ctl_json(&["jobs", "--vm", VM], common::CTL_TIMEOUT);
+        let jobs = ferryd.ctl_json(&["jobs", "--vm", VM]);
         let resyncs: Vec<_> = jobs.as_array().into_iter().flatten().filter(|j| j["kind"] == "Resync").collect();
         if resyncs.len() > jobs_before {
             let j = resyncs.iter().max_by_key(|j| j["id"].as_u64().unwrap_or(0)).unwrap();
@@ -292,7 +271,7 @@ fn ferry_resync(ferryd: &Ferryd) -> FerryResync {
     let seen = watch.finish();
     let io1 = proc_io(ferryd.pid());
     let detail = job["detail"].as_str().unwrap_or_default();
-    let (point, compared, sent_blocks, bytes_sent) = parse_detail(detail);
+    let ResyncDetail { point, compared, sent_blocks, bytes_sent } = ResyncDetail::parse(detail);
     let started = job["started_ms"].as_u64().unwrap_or(0);
     let ended = job["ended_ms"].as_u64().unwrap_or(0);
     FerryResync {
@@ -315,38 +294,37 @@ fn ferry_resync(ferryd: &Ferryd) -> FerryResync {
 }
 
 fn main() {
-    let disk_mib = common::env_u64("FERRY_BENCH_DISK_MIB", 1024);
-    let permille = common::env_u64("FERRY_BENCH_CHANGE_PERMILLE", 10);
+    let disk_mib = env_u64("FERRY_BENCH_DISK_MIB", 1024);
+    let permille = env_u64("FERRY_BENCH_CHANGE_PERMILLE", 10);
     assert!((1..500).contains(&permille), "FERRY_BENCH_CHANGE_PERMILLE must be in 1..500");
     let size = disk_mib << 20;
     let writes = size / BLOCK * permille / 1000;
     assert!(writes > 0, "the disk is too small for one write");
 
-    let fio = common::require("fio", "fio");
-    let rsync = common::require("rsync", "rsync");
-    let bins = common::build_agents();
-    let dir = common::bench_dir("ferry-bench-resync-");
+    let fio = require_tool("fio");
+    let rsync = require_tool("rsync");
+    let dir = bench_dir("ferry-bench-resync-");
     let src = dir.path().join("disk.img");
     let replica = dir.path().join("replica.img");
     let failover = dir.path().join("failover");
 
     eprintln!("writing a {disk_mib} MiB random image in {}", dir.path().display());
-    common::write_image(&src, size, |_| true);
-    common::sync_all();
+    write_image(&src, size, |_| true);
+    sync_all();
 
-    let ferryd = Ferryd::start_with(&bins, &dir.path().join("ferry"), &["--auto-resync", "manual"], "info");
+    let mut ferryd =
+        Daemon::builder().in_dir(&dir.path().join("ferry")).args(&["--auto-resync", "manual"]).log("info").start();
     eprintln!("ferryd pid {} at {}", ferryd.pid(), ferryd.endpoint);
     let disk_arg = format!("d={}", src.display());
-    let r = ferryd
-        .ctl(&["protect", VM, "--disk", &disk_arg, "--frequency", "1h"], common::CTL_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(r.ok(), "protect failed: {}{}", r.stdout, r.stderr);
-    let waited = ferryd.wait_state(VM, "Protected", Duration::from_millis(100), Duration::from_secs(1800));
+    ferryd.ctl_ok(&["protect", VM, "--disk", &disk_arg, "--frequency", "1h"]);
+    let t = Instant::now();
+    ferryd.wait_state_every(VM, "Protected", Duration::from_millis(100), Duration::from_secs(1800));
+    let waited = t.elapsed();
     eprintln!("Protected after {:.1}s", waited.as_secs_f64());
     let base_point = ferryd.show(VM)["last_recovery_point"].as_u64().unwrap_or(0);
 
     // The replica at the last point, for rsync.
-    common::run_ok(Command::new("cp").arg("--sparse=never").arg(&src).arg(&replica), Duration::from_secs(600));
+    run_ok(Command::new("cp").arg("--sparse=never").arg(&src).arg(&replica), Duration::from_secs(600));
 
     // 1% of the disk in random 4 KiB writes through ferry's NBD export, then a flush.
     let uri = format!("nbd+unix:///{VM}/d?socket={}", ferryd.socket.display());
@@ -364,7 +342,7 @@ fn main() {
         "--end_fsync=1".to_string(),
     ];
     eprintln!("fio: {writes} random 4 KiB writes through NBD");
-    common::run_ok(Command::new(&fio).args(&fio_args), Duration::from_secs(600));
+    run_ok(Command::new(&fio).args(&fio_args), Duration::from_secs(600));
     let state = ferryd.show(VM);
     assert_eq!(state["state"], "Protected", "after the writes: {state}");
     let pending = state["disks"][0]["pending_log_bytes"].as_u64().unwrap_or(0)
@@ -378,28 +356,24 @@ fn main() {
     // ferry.
     eprintln!("ferry: resync...");
     let f = ferry_resync(&ferryd);
-    ferryd.wait_state(VM, "Protected", Duration::from_millis(100), Duration::from_secs(600));
-    let rn = ferryd.ctl_json(&["replicate-now", VM], Duration::from_secs(600));
+    ferryd.wait_state_every(VM, "Protected", Duration::from_millis(100), Duration::from_secs(600));
+    let rn = ferryd.ctl_json_timeout(&["replicate-now", VM], Duration::from_secs(600));
     let t = Instant::now();
     let out = failover.display().to_string();
-    let fo = ferryd.ctl_json(&["test-failover", VM, "--out", &out], Duration::from_secs(1800));
+    let fo = ferryd.ctl_json_timeout(&["test-failover", VM, "--out", &out], Duration::from_secs(1800));
     let failover_secs = t.elapsed().as_secs_f64();
     assert_eq!(fo["status"], "Succeeded", "test-failover: {fo}");
     assert_same("ferry test failover after the resync", &src, &failover.join("d.img"));
     let show = ferryd.show(VM);
-    let committed: Vec<String> = std::fs::read_to_string(&ferryd.log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("resync committed"))
-        .map(strip_ansi)
-        .collect();
+    let committed: Vec<String> =
+        ferryd.stderr().lines().filter(|l| l.contains("resync committed")).map(strip_ansi).collect();
     ferryd.stop();
     std::fs::remove_dir_all(&failover).expect("remove the failover copy");
 
     // rsync on the same two images.
     eprintln!("rsync...");
-    common::sync_all();
-    let rs = common::run_ok(
+    sync_all();
+    let rs = run_ok(
         Command::new(&rsync)
             .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
             .arg(&src)
@@ -408,7 +382,7 @@ fn main() {
     );
     let rsync_secs = rs.elapsed.as_secs_f64();
     let t = Instant::now();
-    common::sync_all();
+    sync_all();
     let rsync_sync_secs = rsync_secs + t.elapsed().as_secs_f64();
     let rs_sent = stat(&rs.stdout, "Total bytes sent");
     let rs_received = stat(&rs.stdout, "Total bytes received");
@@ -446,7 +420,7 @@ fn main() {
         "ferry:  ferryd --auto-resync manual; ferryctl resync {VM}; poll ferryctl jobs --vm {VM} --json every 50 ms"
     );
     println!("rsync:  rsync --inplace --no-whole-file --ignore-times --stats SRC REPLICA_COPY");
-    common::print_table(
+    print_table(
         "ferry resync vs rsync (ratios = this / rsync, bytes = ferry's bytes put on the target, rsync's Total bytes sent)",
         &["tool", "wall s", "bytes sent MiB", "% of disk", "time / rsync", "bytes / rsync"],
         &rows,

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs Ferry's whole test suite: unit, engine, end-to-end (ferryd + ferryctl
-# + real NBD clients), simulator, and doc tests. Installs what it needs first.
+# + real NBD clients), simulator, doc tests and the README's commands; compiles
+# the benchmarks. Installs what it needs first. Per-test timeouts:
+# .config/nextest.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-test-deps.sh
 # End-to-end tests start the real binaries: build them in the test profile first.
 cargo build --workspace --bins --locked
+# Benchmarks are never run here (minutes of 1 GiB I/O), but they must compile.
+cargo build --workspace --benches --locked
 cargo test --workspace --doc --locked
 cargo nextest run --workspace --locked --no-fail-fast

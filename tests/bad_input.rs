@@ -2,14 +2,12 @@
 //! gRPC code and names the field, leaves no trace (no VM, no change log
 //! beside the disk), and the daemon keeps serving afterwards.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::nbd::{NbdClient, CMD_READ, CMD_WRITE};
-use common::{qemu_io, random_disk, Daemon, MIB};
+use ferry::harness::nbd::{NbdClient, CMD_READ, CMD_WRITE};
+use ferry::harness::{qemu_io, random_disk, require_tool, Daemon, MIB};
 
 const SIZE: u64 = 4 * MIB;
 
@@ -39,7 +37,7 @@ fn protected_vm(d: &Daemon) -> std::path::PathBuf {
 
 #[test]
 fn refusals_name_the_field_and_leave_no_trace() {
-    common::require_tool("qemu-io");
+    require_tool("qemu-io");
     let mut d = Daemon::start();
     // A fresh disk in its own folder for the refused requests.
     let fresh_dir = d.dir().join("fresh");
@@ -150,7 +148,7 @@ fn test_failover_refuses_an_out_folder_that_resolves_to_the_disk_folder() {
     // ferryctl runs in the daemon's temp folder: a relative path, resolved
     // (without touching `..`) against it, that lands on the disks folder.
     let out = d.ctl(&["test-failover", "vm1", "--out", "disks/missing/.."]);
-    let shown = common::text(&out);
+    let shown = out.text();
     let replaced = std::fs::metadata(&disk).unwrap().ino() != inode;
     let now = std::fs::read(&disk).unwrap();
     assert!(!replaced && now == want, "test failover replaced the protected disk {} ({shown})", disk.display());
@@ -172,7 +170,7 @@ fn a_disk_listed_twice_under_an_alias_is_refused() {
     let alias = d.disks().join("sub/../a.img");
     let (one, two) = (format!("one={}", path.display()), format!("two={}", alias.display()));
     let out = d.ctl(&["protect", "vmx", "--disk", &one, "--disk", &two]);
-    let shown = common::text(&out);
+    let shown = out.text();
     let logs = change_logs(&d.disks());
     let vms = listed(&d);
     assert!(

@@ -15,16 +15,14 @@
 //! `FERRY_CRASH_TRIALS=N` sets the number of kill points (default 12);
 //! `FERRY_CRASH_SEED=S` replays the random choices of the test (not the daemon's timing).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::NbdClient;
-use common::{assert_same_bytes, random_disk, read_file, Daemon, MIB};
+use ferry::harness::nbd::NbdClient;
+use ferry::harness::{assert_same_bytes, random_disk, read_file, Daemon, MIB};
 use rand::{Rng, RngCore, SeedableRng};
 
 const SIZE: u64 = 32 * MIB;
@@ -119,7 +117,7 @@ fn writer(socket: PathBuf, stop: Arc<AtomicBool>, model: Arc<Mutex<Model>>, seed
 /// daemon does not answer.
 fn state_now(d: &Daemon) -> String {
     let out = d.ctl(&["--json", "jobs", "--vm", VM]);
-    let running: Vec<String> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+    let running: Vec<String> = serde_json::from_str::<serde_json::Value>(&out.stdout)
         .ok()
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default()
@@ -128,7 +126,7 @@ fn state_now(d: &Daemon) -> String {
         .map(|j| j["kind"].as_str().unwrap_or("?").to_string())
         .collect();
     let out = d.ctl(&["--json", "show", VM]);
-    let state = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+    let state = serde_json::from_str::<serde_json::Value>(&out.stdout)
         .ok()
         .and_then(|v| v["state"].as_str().map(str::to_string))
         .unwrap_or_else(|| "?".into());

@@ -1,12 +1,9 @@
 //! End to end: `ferryd` protects VMs, `ferryctl` drives it, qemu-io writes
 //! through the NBD export, and test failover rebuilds byte-identical disks.
 
-mod common;
-
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{assert_same_bytes, qemu_io, random_disk, read_export, Daemon, MIB};
+use ferry::harness::{assert_same_bytes, qemu_io, random_disk, read_export, read_file, require_tool, Daemon, MIB};
 
 /// A write a guest makes through NBD, applied to the model too.
 #[derive(Clone, Copy, Debug)]
@@ -86,36 +83,11 @@ fn settle_discards(ops: &[Op], model: &mut [u8], source: &[u8]) {
     }
 }
 
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-fn points(d: &Daemon, vm: &str) -> Vec<u64> {
-    let v = d.ctl_json(&["recovery-points", vm]);
-    v.as_array().expect("points array").iter().map(|p| p["seq"].as_u64().expect("seq")).collect()
-}
-
-/// `replicate-now --json`: the new point's seq.
-fn replicate_now(d: &Daemon, vm: &str) -> u64 {
-    let v = d.ctl_json(&["replicate-now", vm]);
-    v["point"]["seq"].as_u64().unwrap_or_else(|| panic!("replicate-now cut no point: {v}"))
-}
-
-/// `test-failover` (waits for the job); asserts it succeeded.
-fn test_failover(d: &Daemon, vm: &str, point: &str, out: &Path) -> serde_json::Value {
-    let out_s = out.to_str().expect("utf-8 path");
-    let job = d.ctl_json(&["test-failover", vm, "--recovery-point", point, "--out", out_s]);
-    assert_eq!(job["kind"], "TestFailover", "{job}");
-    assert_eq!(job["status"], "Succeeded", "{job}");
-    assert_eq!(job["vm"], vm, "{job}");
-    job
-}
-
 #[test]
 fn protect_write_through_nbd_and_test_failover() {
     let started = Instant::now();
-    common::require_tool("qemu-io");
-    common::require_tool("qemu-img");
+    require_tool("qemu-io");
+    require_tool("qemu-img");
     const SIZE: u64 = 64 * MIB;
     let mut d = Daemon::start();
     let (pa, pb) = (d.disks().join("a.img"), d.disks().join("b.img"));
@@ -181,9 +153,9 @@ fn protect_write_through_nbd_and_test_failover() {
     write_ops(&d, "vm1", "a", &late_a, &mut model_a);
     write_ops(&d, "vm1", "b", &late_b, &mut model_b);
 
-    let seq = replicate_now(&d, "vm1");
-    let src_a = read(&pa);
-    let src_b = read(&pb);
+    let seq = d.replicate_now("vm1");
+    let src_a = read_file(&pa);
+    let src_b = read_file(&pb);
     settle_discards(&late_a, &mut model_a, &src_a);
     settle_discards(&late_b, &mut model_b, &src_b);
     assert_same_bytes("source a vs model", &src_a, &model_a);
@@ -198,16 +170,16 @@ fn protect_write_through_nbd_and_test_failover() {
 
     // Test failover at latest: byte-identical to the source.
     let out = d.dir().join("failover");
-    let job = test_failover(&d, "vm1", "latest", &out);
+    let job = d.test_failover("vm1", "latest", &out);
     assert!(job["detail"].as_str().unwrap_or_default().contains(&format!("recovery point {seq}")), "{job}");
     let mut names: Vec<String> =
         std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, ["a.img", "b.img"], "only the restored images in the output folder");
-    assert_same_bytes("restored a", &read(&out.join("a.img")), &model_a);
-    assert_same_bytes("restored b", &read(&out.join("b.img")), &model_b);
-    assert_same_bytes("restored a vs source", &read(&out.join("a.img")), &read(&pa));
-    assert_same_bytes("restored b vs source", &read(&out.join("b.img")), &read(&pb));
+    assert_same_bytes("restored a", &read_file(&out.join("a.img")), &model_a);
+    assert_same_bytes("restored b", &read_file(&out.join("b.img")), &model_b);
+    assert_same_bytes("restored a vs source", &read_file(&out.join("a.img")), &read_file(&pa));
+    assert_same_bytes("restored b vs source", &read_file(&out.join("b.img")), &read_file(&pb));
 
     // Recovery points: a base and at least the one we cut, seq increasing.
     let pts = d.ctl_json(&["recovery-points", "vm1"]);
@@ -249,7 +221,7 @@ fn protect_write_through_nbd_and_test_failover() {
 #[test]
 fn restart_resumes_protection_with_nothing_lost() {
     let started = Instant::now();
-    common::require_tool("qemu-io");
+    require_tool("qemu-io");
     const SIZE: u64 = 16 * MIB;
     let mut d = Daemon::start();
     let path = d.disks().join("os.img");
@@ -262,35 +234,35 @@ fn restart_resumes_protection_with_nothing_lost() {
 
     // A point before the restart, to check it is still listed and restorable after.
     write_ops(&d, "vm1", "os", &[Op::Pattern(0x50, 5 * MIB, 8192)], &mut model);
-    let p1 = replicate_now(&d, "vm1");
-    let copy_at_p1 = read(&path);
+    let p1 = d.replicate_now("vm1");
+    let copy_at_p1 = read_file(&path);
     assert_same_bytes("source at p1", &copy_at_p1, &model);
 
     let before_restart = [Op::Pattern(0x51, 0, MIB), Op::Zero(3 * MIB, 4096), Op::Pattern(0x52, SIZE - 4096, 4096)];
     write_ops(&d, "vm1", "os", &before_restart, &mut model);
-    let points_before = points(&d, "vm1");
+    let points_before = d.point_seqs("vm1");
     assert_eq!(points_before, [1, p1], "{points_before:?}");
 
     // Graceful stop without cutting a point: the writes sit in the sealed log.
     d.restart();
     let v = d.ctl_json(&["show", "vm1"]);
     assert_eq!(v["state"], "Protected", "after restart: {v:#}\n{}", d.stderr());
-    assert_eq!(points(&d, "vm1"), points_before, "recovery points survive the restart");
+    assert_eq!(d.point_seqs("vm1"), points_before, "recovery points survive the restart");
     // The export is back, with the pre-restart writes.
     qemu_io(&d.uri("vm1", "os"), &["read -P 0x51 0 1M", &format!("read -P 0x52 {} 4096", SIZE - 4096)]);
 
     let after_restart = [Op::Pattern(0x53, 2 * MIB, 64 << 10), Op::Pattern(0x54, 512, 512)];
     write_ops(&d, "vm1", "os", &after_restart, &mut model);
-    let p2 = replicate_now(&d, "vm1");
+    let p2 = d.replicate_now("vm1");
     assert!(p2 > p1, "{p2} > {p1}");
-    assert_same_bytes("source after restart", &read(&path), &model);
+    assert_same_bytes("source after restart", &read_file(&path), &model);
 
     let out = d.dir().join("failover");
-    test_failover(&d, "vm1", "latest", &out);
-    assert_same_bytes("restored after restart (both sides of it)", &read(&out.join("os.img")), &model);
+    d.test_failover("vm1", "latest", &out);
+    assert_same_bytes("restored after restart (both sides of it)", &read_file(&out.join("os.img")), &model);
     let out = d.dir().join("failover-p1");
-    test_failover(&d, "vm1", &p1.to_string(), &out);
-    assert_same_bytes("point from before the restart", &read(&out.join("os.img")), &copy_at_p1);
+    d.test_failover("vm1", &p1.to_string(), &out);
+    assert_same_bytes("point from before the restart", &read_file(&out.join("os.img")), &copy_at_p1);
 
     d.assert_healthy();
     d.stop();
@@ -300,7 +272,7 @@ fn restart_resumes_protection_with_nothing_lost() {
 #[test]
 fn test_failover_at_an_older_point() {
     let started = Instant::now();
-    common::require_tool("qemu-io");
+    require_tool("qemu-io");
     const SIZE: u64 = 8 * MIB;
     let mut d = Daemon::start();
     let path = d.disks().join("data.img");
@@ -308,28 +280,28 @@ fn test_failover_at_an_older_point() {
     let disk = format!("data={}", path.display());
     d.ctl_json(&["protect", "vm2", "--disk", &disk, "--frequency", "1h"]);
     d.wait_state("vm2", "Protected", Duration::from_secs(60));
-    let copy_at_1 = read(&path);
+    let copy_at_1 = read_file(&path);
     assert_same_bytes("source at point 1", &copy_at_1, &model);
 
     write_ops(&d, "vm2", "data", &[Op::Pattern(0xa2, 0, 2 * MIB), Op::Zero(5 * MIB, MIB)], &mut model);
-    let p2 = replicate_now(&d, "vm2");
+    let p2 = d.replicate_now("vm2");
     assert_eq!(p2, 2, "the first point after the base");
-    let copy_at_2 = read(&path);
+    let copy_at_2 = read_file(&path);
     assert_same_bytes("source at point 2", &copy_at_2, &model);
 
     write_ops(&d, "vm2", "data", &[Op::Pattern(0xa3, MIB, 2 * MIB), Op::Pattern(0xa4, SIZE - 4096, 4096)], &mut model);
-    let p3 = replicate_now(&d, "vm2");
+    let p3 = d.replicate_now("vm2");
     assert_eq!(p3, 3);
-    let copy_at_3 = read(&path);
+    let copy_at_3 = read_file(&path);
     assert_ne!(copy_at_2, copy_at_3);
     // And writes after point 3 that no point includes.
     write_ops(&d, "vm2", "data", &[Op::Pattern(0xa5, 0, MIB)], &mut model);
 
-    assert_eq!(points(&d, "vm2"), [1, 2, 3]);
+    assert_eq!(d.point_seqs("vm2"), [1, 2, 3]);
     for (seq, want) in [("2", &copy_at_2), ("1", &copy_at_1), ("3", &copy_at_3), ("latest", &copy_at_3)] {
         let out = d.dir().join(format!("at-{seq}"));
-        let job = test_failover(&d, "vm2", seq, &out);
-        assert_same_bytes(&format!("point {seq} ({job})"), &read(&out.join("data.img")), want);
+        let job = d.test_failover("vm2", seq, &out);
+        assert_same_bytes(&format!("point {seq} ({job})"), &read_file(&out.join("data.img")), want);
     }
 
     d.assert_healthy();

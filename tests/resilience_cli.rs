@@ -3,14 +3,11 @@
 //! through ferryctl, pause / resume, and target faults injected through
 //! ferryd's `--faults` file. Writes go through the NBD export.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::nbd::NbdClient;
-use common::{assert_same_bytes, random_disk, read_file, Daemon, MIB};
-use rand::RngCore;
+use ferry::harness::nbd::NbdClient;
+use ferry::harness::{assert_same_bytes, random_bytes, random_disk, read_file, Daemon, ResyncDetail, MIB};
 
 /// Protects `vm` with one random disk `name` of `size` and waits for Protected.
 fn protect_one(d: &Daemon, vm: &str, name: &str, size: u64) -> (std::path::PathBuf, Vec<u8>) {
@@ -23,44 +20,9 @@ fn protect_one(d: &Daemon, vm: &str, name: &str, size: u64) -> (std::path::PathB
 
 /// Writes `len` random bytes at `off` through NBD (no flush); applies them to `model`.
 fn nbd_write_random(c: &mut NbdClient, off: u64, len: u64, model: &mut [u8]) {
-    let mut data = vec![0u8; len as usize];
-    rand::rng().fill_bytes(&mut data);
+    let data = random_bytes(len as usize);
     c.write(off, &data).unwrap_or_else(|e| panic!("NBD write at {off}: {e}"));
     model[off as usize..(off + len) as usize].copy_from_slice(&data);
-}
-
-/// Polls `jobs --vm VM` until a job of `kind` ends; returns it.
-fn wait_job(d: &Daemon, vm: &str, kind: &str, timeout: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let jobs = d.jobs_of(vm);
-        if let Some(j) = jobs.iter().rev().find(|j| j["kind"] == kind && j["status"] != "Running") {
-            return j.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {kind} job of {vm} ended within {timeout:?}: {jobs:#?}\nVM: {:#}",
-            d.ctl_json(&["show", vm])
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Parses a resync job's detail "... compared N blocks, sent M blocks, B bytes sent".
-fn resync_numbers(detail: &str) -> (u64, u64, u64) {
-    let num_before = |word: &str| -> u64 {
-        let i = detail.find(word).unwrap_or_else(|| panic!("no {word:?} in {detail:?}"));
-        let head = detail[..i].trim_end();
-        let n = head.rsplit(' ').next().unwrap();
-        n.parse().unwrap_or_else(|_| panic!("{n:?} before {word:?} in {detail:?} is not a number"))
-    };
-    let compared = detail.split("compared ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok());
-    let sent = detail.split("sent ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok());
-    (
-        compared.unwrap_or_else(|| panic!("no 'compared N' in {detail:?}")),
-        sent.unwrap_or_else(|| panic!("no 'sent M' in {detail:?}")),
-        num_before("bytes sent"),
-    )
 }
 
 fn transitions_to<'a>(v: &'a serde_json::Value, state: &str) -> Vec<&'a serde_json::Value> {
@@ -90,10 +52,10 @@ fn logs_over_half_the_disk_lead_to_an_automatic_resync_that_sends_only_changes()
     c.flush().expect("FLUSH");
     drop(c);
 
-    let job = wait_job(&d, "vm1", "Resync", Duration::from_secs(90));
+    let job = d.wait_job_ended("vm1", "Resync", Duration::from_secs(90));
     assert_eq!(job["status"], "Succeeded", "{job:#}");
     let detail = job["detail"].as_str().unwrap_or_default();
-    let (compared, sent, bytes) = resync_numbers(detail);
+    let ResyncDetail { compared, sent_blocks: sent, bytes_sent: bytes, .. } = ResyncDetail::parse(detail);
     eprintln!("resync: {detail} (compared {compared}, sent {sent}, {bytes} bytes)");
     assert!(compared > 0 && sent > 0 && sent < compared, "only the changed blocks are sent: {detail}");
     assert!(bytes < SIZE, "a resync sends less than the disk: {bytes} bytes of {SIZE} ({detail})");
@@ -143,9 +105,9 @@ fn auto_resync_waits_for_off_hours_and_an_operator_can_start_it_now() {
     // The operator starts it now.
     let v = d.ctl_json(&["resync", "vm2"]);
     assert!(["Resynchronizing", "Protected"].contains(&v["state"].as_str().unwrap_or_default()), "{v:#}");
-    let job = wait_job(&d, "vm2", "Resync", Duration::from_secs(60));
+    let job = d.wait_job_ended("vm2", "Resync", Duration::from_secs(60));
     assert_eq!(job["status"], "Succeeded", "{job:#}");
-    let (_, _, bytes) = resync_numbers(job["detail"].as_str().unwrap_or_default());
+    let bytes = ResyncDetail::parse(job["detail"].as_str().unwrap_or_default()).bytes_sent;
     assert!(bytes < SIZE, "{job:#}");
     d.wait_state("vm2", "Protected", Duration::from_secs(60));
     replicate_and_compare(&d, "vm2", "data", &path, &model);

@@ -16,6 +16,7 @@ use ferry_engine::{Engine, EngineConfig};
 use ferry_proto::v1::ferry_server::FerryServer;
 use tokio_util::sync::CancellationToken;
 
+use crate::ready::{self, Ready};
 use crate::service::FerryService;
 use crate::units;
 
@@ -207,13 +208,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
-    println!(
-        "ferryd ready: grpc=http://{grpc_addr} nbd-socket={} nbd-tcp={} data={} target={}",
-        socket.display(),
-        nbd_tcp.map_or("off".to_string(), |a| a.to_string()),
-        data_dir.display(),
-        engine.target_description()
-    );
+    let ready = Ready {
+        grpc: grpc_addr,
+        nbd_socket: socket.clone(),
+        nbd_tcp,
+        data_dir: data_dir.clone(),
+        target: engine.target_description(),
+    };
+    println!("{ready}");
     tracing::info!(%grpc_addr, socket = %socket.display(), "ferryd ready");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -233,6 +235,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     while tasks.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&socket);
     engine.shutdown().await.context("stopping the engine")?;
-    println!("ferryd stopped");
+    println!("{}", ready::STOPPED);
     failure.map_or(Ok(()), Err)
 }

@@ -3,12 +3,14 @@
 //! - [`daemon`]: `ferryd`, the engine with its gRPC API and NBD export.
 //! - [`service`]: the `ferry.v1` gRPC service over the engine.
 //! - [`convert`]: wire <-> domain conversion and error -> status mapping.
+//! - [`ready`]: the line `ferryd` prints once it listens, and its parser.
 //! - [`cli`]: `ferryctl`, the command-line client.
 //! - [`units`]: parsing sizes, rates and durations as operators type them.
 
 pub mod cli;
 pub mod convert;
 pub mod daemon;
+pub mod ready;
 pub mod service;
 pub mod units;
 

@@ -1,49 +1,16 @@
 //! The gRPC surface of a real `ferryd`: health, reflection, and status codes
 //! for bad input, over loopback.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use ferry::harness::Daemon;
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::ferry_client::FerryClient;
 use tonic::Code;
 
-struct Daemon {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
-        .args(["--listen", "127.0.0.1:0", "--nbd-listen", "off", "--log", "warn", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let endpoint = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("no ready line from ferryd: {line:?}"))
-        .to_string();
-    Daemon { child, endpoint, _dir: dir }
-}
-
 #[tokio::test]
 async fn health_reflection_and_bad_input_statuses() {
-    let d = start();
+    let d = Daemon::builder().log("warn").start();
     let channel = tonic::transport::Endpoint::from_shared(d.endpoint.clone())
         .unwrap()
         .connect_timeout(Duration::from_secs(10))
