@@ -50,6 +50,12 @@ impl Engine {
     /// protected VM. Must be called within a tokio runtime, which then runs
     /// the engine's I/O tasks.
     pub async fn open(config: EngineConfig) -> Result<Engine> {
+        Engine::open_with_clock(config, Arc::new(crate::clock::SystemClock)).await
+    }
+
+    /// [`Engine::open`] on a given policy clock (tests and the simulator run
+    /// policy time fast with [`crate::clock::AcceleratedClock`]).
+    pub async fn open_with_clock(config: EngineConfig, clock: Arc<dyn crate::clock::Clock>) -> Result<Engine> {
         config.validate()?;
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
@@ -84,7 +90,8 @@ impl Engine {
             blocking(move || Jobs::open(s)).await?
         };
         let host = Arc::new(Host {
-            throttle: Arc::new(Throttle::new(config.bandwidth.clone())?),
+            throttle: Arc::new(Throttle::with_clock(config.bandwidth.clone(), clock.clone())?),
+            clock,
             retry: RetryPolicy { time_scale: config.retry_time_scale },
             unreliable,
             config,

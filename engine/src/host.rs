@@ -23,6 +23,8 @@ pub struct Host {
     /// Disks of protected VMs by export name `<vm>/<disk>`: the write path's
     /// entry for NBD and the embedded API, outside the actors' mailboxes.
     pub disks: Arc<DiskRegistry>,
+    /// Policy time: what retries, windows and transitions read.
+    pub clock: Arc<dyn crate::clock::Clock>,
     /// Where I/O tasks run (the runtime the engine was opened on).
     pub runtime: tokio::runtime::Handle,
 }

@@ -23,6 +23,7 @@
 //! | [`nbd`] | the NBD server that exports protected disks |
 //! | `host` | what every VM on the host shares (config, state, target, throttle, jobs, disk registry) |
 //! | [`paths`] | every path under the data folder |
+//! | [`clock`] | policy time: the system clock, or an accelerated one for tests and the simulator |
 //! | [`config`], [`error`], [`failpoint`] | configuration, error classes, fault injection at I/O calls |
 //! | `runtime` | running blocking work off the async workers |
 //!
@@ -59,6 +60,7 @@
 //! ```
 pub mod capture;
 pub mod changelog;
+pub mod clock;
 pub mod config;
 mod engine;
 pub mod error;

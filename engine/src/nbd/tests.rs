@@ -1,4 +1,6 @@
 //! The server driven over `tokio::io::duplex` by a small hand-written client.
+//! One file (about 700 lines): each test is a short exchange with the one
+//! client defined here, and they read best side by side with the spec.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

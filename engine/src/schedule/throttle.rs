@@ -21,7 +21,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::schedule::{local_now, LocalTime, WorkSchedule};
+use crate::schedule::{LocalTime, WorkSchedule};
 
 /// Lowest accepted limit: 512 Kbps.
 pub const MIN_LIMIT_BPS: u64 = 512_000;
@@ -72,8 +72,9 @@ impl BandwidthPolicy {
 /// (limit in bit/s, burst in KiB cells, limiter).
 type Limiter = (u64, u32, Arc<DefaultDirectRateLimiter>);
 
-#[derive(Default)]
 pub struct Throttle {
+    /// Says whether it is work hours (policy time).
+    clock: Arc<dyn crate::clock::Clock>,
     policy: RwLock<BandwidthPolicy>,
     limiter: RwLock<Option<Limiter>>,
     /// FIFO gate: VMs take turns.
@@ -88,7 +89,17 @@ fn build(bps: u64) -> Limiter {
 
 impl Throttle {
     pub fn new(policy: BandwidthPolicy) -> Result<Self> {
-        let t = Throttle::default();
+        Throttle::with_clock(policy, Arc::new(crate::clock::SystemClock))
+    }
+
+    pub fn with_clock(policy: BandwidthPolicy, clock: Arc<dyn crate::clock::Clock>) -> Result<Self> {
+        let t = Throttle {
+            clock,
+            policy: Default::default(),
+            limiter: Default::default(),
+            gate: Default::default(),
+            per_vm: Default::default(),
+        };
         t.set_policy(policy)?;
         Ok(t)
     }
@@ -105,7 +116,7 @@ impl Throttle {
 
     /// The limit in force now (bit/s, `None` = unlimited).
     pub fn limit(&self) -> Option<u64> {
-        self.policy().limit_at(local_now())
+        self.policy().limit_at(self.clock.local_now())
     }
 
     /// The limiter for the limit in force, rebuilt when the limit changed.

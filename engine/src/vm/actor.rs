@@ -27,7 +27,7 @@ use crate::capture::disk::{Disk, DiskSignal};
 use crate::config::AutoResync;
 use crate::error::{Error, ErrorClass, Result};
 use crate::host::Host;
-use crate::model::{now_millis, RecoveryPoint, VmSpec};
+use crate::model::{RecoveryPoint, VmSpec};
 use crate::runtime::blocking;
 use crate::state::VmRecord;
 use crate::vm::lifecycle::{Event, Lifecycle, Transition, VmState};
@@ -147,7 +147,7 @@ impl VmActor {
     /// Feeds the core and carries out what it decides.
     fn apply(&mut self, input: Input, ctx: &mut Context<Self>) {
         let before = self.core.lifecycle().clone();
-        let commands = self.core.on(input, now_millis());
+        let commands = self.core.on(input, self.host.clock.now_ms());
         self.io.fence.advance_to(self.core.epoch());
         let after = self.core.lifecycle();
         if *after != before {
@@ -210,7 +210,8 @@ impl VmActor {
             Command::DeleteLogs { logs } => self.spawn_detached(io.delete_logs(logs)),
             Command::ReleaseSnapshots => self.spawn_detached(io.release_snapshots()),
             Command::ScheduleRetry { at_ms } => {
-                let delay = std::time::Duration::from_millis(at_ms.saturating_sub(now_millis()));
+                let wait = std::time::Duration::from_millis(at_ms.saturating_sub(self.host.clock.now_ms()));
+                let delay = self.host.clock.real(wait);
                 tracing::info!(vm = %self.name(), retry = self.core.retries(), ?delay, "retry scheduled");
                 if let Some(h) = self.retry_timer.take() {
                     ctx.cancel_future(h);
@@ -254,16 +255,16 @@ impl VmActor {
             AutoResync::Manual => return,
             AutoResync::Immediately => 0,
             AutoResync::OffHours => {
-                self.host.throttle.policy().schedule.minutes_until_off_hours(crate::schedule::local_now())
+                self.host.throttle.policy().schedule.minutes_until_off_hours(self.host.clock.local_now())
             }
         };
-        let delay = std::time::Duration::from_secs(wait_minutes as u64 * 60);
+        let delay = self.host.clock.real(std::time::Duration::from_secs(wait_minutes as u64 * 60));
         tracing::info!(vm = %self.name(), ?delay, "automatic resync scheduled");
         self.resync_timer = Some(ctx.run_later(delay, |act, ctx| {
             act.resync_timer = None;
             // The window may have moved (schedule changed): check again.
             if act.host.config.auto_resync == AutoResync::OffHours
-                && act.host.throttle.policy().schedule.minutes_until_off_hours(crate::schedule::local_now()) > 0
+                && act.host.throttle.policy().schedule.minutes_until_off_hours(act.host.clock.local_now()) > 0
             {
                 return act.schedule_auto_resync(ctx);
             }

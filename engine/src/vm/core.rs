@@ -25,6 +25,10 @@
 //! the waiters with it and answers them when it ends. Callers are refused
 //! at once when the VM cannot cut a point (Paused, Critical,
 //! ResyncRequired), and when it stops being able to.
+//!
+//! About 620 lines, kept together: every rule above touches the same few
+//! fields, and splitting the state machine would scatter its invariants.
+//! Its tests are in `core/tests.rs`.
 
 use std::path::PathBuf;
 
@@ -281,6 +285,7 @@ impl VmCore {
     }
 
     /// Snapshot time of the base copy (the first point's time).
+    #[cfg(test)]
     pub fn snapshot_ms(&self) -> UnixMillis {
         self.snapshot_ms
     }
