@@ -129,7 +129,7 @@ impl Ferry for FerryService {
         }
         let sel = if req.recovery_point == 0 { PointSelector::Latest } else { PointSelector::Seq(req.recovery_point) };
         let id = self.engine.test_failover(&req.vm, sel, &out).await.map_err(status)?;
-        Ok(Response::new(convert::job(self.engine.job(id).map_err(status)?)))
+        Ok(Response::new(convert::job(self.engine.job(id).await.map_err(status)?)))
     }
 
     async fn resync_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
@@ -160,12 +160,12 @@ impl Ferry for FerryService {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(convert::job(self.engine.job(req.into_inner().id).map_err(status)?)))
+        Ok(Response::new(convert::job(self.engine.job(req.into_inner().id).await.map_err(status)?)))
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
         let vm = req.into_inner().vm;
-        let jobs = self.engine.jobs().map_err(status)?;
+        let jobs = self.engine.jobs().await.map_err(status)?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.into_iter().filter(|j| vm.is_empty() || j.vm == vm).map(convert::job).collect(),
         }))

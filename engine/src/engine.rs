@@ -347,12 +347,10 @@ impl Engine {
         let (rec, point) = self.resolve_point(vm, point).await?;
         let out_dir = absolute(out_dir)?;
         let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
-        let job = self.host.jobs.start(
-            vm,
-            JobKind::TestFailover,
-            point.bytes_logical,
-            format!("recovery point {} -> {}", point.seq, out_dir.display()),
-        )?;
+        let (host, name) = (self.host.clone(), vm.to_string());
+        let detail = format!("recovery point {} -> {}", point.seq, out_dir.display());
+        let total = point.bytes_logical;
+        let job = blocking(move || host.jobs.start(&name, JobKind::TestFailover, total, detail)).await?;
         let (host, supervisor) = (self.host.clone(), self.supervisor.clone());
         let id = job.id;
         self.host.runtime.spawn(async move {
@@ -377,7 +375,11 @@ impl Engine {
                 ))),
                 Err(e) => Err((JobStatus::Failed, e.to_string())),
             };
-            host.jobs.finish(id, outcome);
+            let _ = blocking(move || {
+                host.jobs.finish(id, outcome);
+                Ok(())
+            })
+            .await;
         });
         Ok(id)
     }
@@ -430,18 +432,20 @@ impl Engine {
         Ok((rec, point))
     }
 
-    pub fn job(&self, id: JobId) -> Result<Job> {
-        self.host.jobs.get(id)?.ok_or_else(|| Error::not_found("job", id.to_string()))
+    pub async fn job(&self, id: JobId) -> Result<Job> {
+        let host = self.host.clone();
+        blocking(move || host.jobs.get(id)?.ok_or_else(|| Error::not_found("job", id.to_string()))).await
     }
 
-    pub fn jobs(&self) -> Result<Vec<Job>> {
-        self.host.jobs.list()
+    pub async fn jobs(&self) -> Result<Vec<Job>> {
+        let host = self.host.clone();
+        blocking(move || host.jobs.list()).await
     }
 
     /// Waits for a job to end and returns it.
     pub async fn wait_job(&self, id: JobId) -> Result<Job> {
         loop {
-            let j = self.job(id)?;
+            let j = self.job(id).await?;
             if j.status != JobStatus::Running {
                 return Ok(j);
             }

@@ -236,3 +236,25 @@ async fn an_operator_resync_right_after_a_resync_is_needed_loses_nothing() {
     }
     engine.shutdown().await.unwrap();
 }
+
+/// Review finding: a resync signal queued before a resync started a new
+/// chain superseded that resync. Only a new chain makes a signal moot, not
+/// a rotation (a first fix compared log ids and lost 50% signals to cycles).
+#[test]
+fn a_resync_signal_is_moot_only_after_a_new_chain() {
+    use ferry_engine::disk::{self, Disk, DiskSignal};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = sparse_disk(tmp.path(), "d", 64 << 10);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let log = disk::new_log(&path, "vm", "d", 1, 0).unwrap();
+    let d = std::sync::Arc::new(Disk::new("vm", "d", &path, log, 0, tx).unwrap());
+    d.write_at(0, &[1; 40 << 10], false).unwrap(); // past 50% of 64 KiB
+    let Ok(DiskSignal::ResyncNeeded { chain, reason, .. }) = rx.try_recv() else { panic!("no signal") };
+    assert!(reason.contains("50%"), "{reason}");
+    let next = d.prepare_next_log().unwrap();
+    let (old, _) = disk::rotate_all(std::slice::from_ref(&d), vec![next]).map_err(|(e, _)| e).unwrap();
+    drop(old);
+    assert!(d.signal_is_current(chain), "a rotation keeps the chain");
+    let _snaps = disk::begin_resync(std::slice::from_ref(&d)).unwrap();
+    assert!(!d.signal_is_current(chain), "a resync starts a new chain");
+}

@@ -124,7 +124,7 @@ async fn an_outage_is_retried_with_backoff_and_the_backlog_kept() {
     // Retries keep failing during the outage (1, 2, 4 scaled minutes)...
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let failed = engine.jobs().unwrap().iter().filter(|j| j.status == JobStatus::Failed).count();
+        let failed = engine.jobs().await.unwrap().iter().filter(|j| j.status == JobStatus::Failed).count();
         if failed >= 3 {
             break;
         }
@@ -156,9 +156,9 @@ async fn an_authentication_failure_is_critical_until_the_operator_resumes() {
     let info = wait_state(&engine, "vm", VmState::Critical, Duration::from_secs(10)).await;
     assert!(info.reason.as_deref().unwrap_or("").contains("authentication"), "{info:?}");
     // No retry: the job count stays put for many scaled retry periods.
-    let jobs = engine.jobs().unwrap().len();
+    let jobs = engine.jobs().await.unwrap().len();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(engine.jobs().unwrap().len(), jobs, "a Critical VM does not retry by itself");
+    assert_eq!(engine.jobs().await.unwrap().len(), jobs, "a Critical VM does not retry by itself");
     assert_eq!(engine.vm("vm").await.unwrap().state, VmState::Critical);
     // The operator fixes the credentials and resumes.
     engine.set_faults(Faults::default()).unwrap();
@@ -187,7 +187,7 @@ async fn logs_over_half_the_disk_resync_by_block_checksums() {
     // Immediately-mode auto-resync runs by itself and comes back to Protected.
     let deadline = Instant::now() + Duration::from_secs(60);
     let job = loop {
-        let jobs = engine.jobs().unwrap();
+        let jobs = engine.jobs().await.unwrap();
         if let Some(j) = jobs.iter().find(|j| j.kind == JobKind::Resync && j.status == JobStatus::Succeeded) {
             break j.clone();
         }
@@ -230,7 +230,7 @@ async fn an_unclean_stop_is_never_trusted_and_resyncs() {
     loop {
         let info = engine.vm("vm").await.unwrap();
         let resynced =
-            engine.jobs().unwrap().iter().any(|j| j.kind == JobKind::Resync && j.status == JobStatus::Succeeded);
+            engine.jobs().await.unwrap().iter().any(|j| j.kind == JobKind::Resync && j.status == JobStatus::Succeeded);
         if resynced && info.state == VmState::Protected {
             assert!(
                 info.transitions
@@ -316,8 +316,12 @@ async fn kept_replica_hashes_match_the_replica() {
     engine.resync("vm").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let job = loop {
-        if let Some(j) =
-            engine.jobs().unwrap().into_iter().find(|j| j.kind == JobKind::Resync && j.status != JobStatus::Running)
+        if let Some(j) = engine
+            .jobs()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|j| j.kind == JobKind::Resync && j.status != JobStatus::Running)
         {
             break j;
         }
@@ -354,7 +358,7 @@ async fn a_resync_interrupted_by_a_stop_runs_again_after_restart() {
     }
     let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
-    let resyncs = engine.jobs().unwrap().into_iter().filter(|j| j.kind == JobKind::Resync).collect::<Vec<_>>();
+    let resyncs = engine.jobs().await.unwrap().into_iter().filter(|j| j.kind == JobKind::Resync).collect::<Vec<_>>();
     assert!(resyncs.iter().any(|j| j.status == JobStatus::Succeeded), "{resyncs:?}");
     churn(&engine, "vm", "a", 4 * MIB, 33, 10).await;
     replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;

@@ -121,7 +121,7 @@ async fn a_stop_during_initial_replication_starts_protection_over_and_ends_byte_
         first_generation = engine.protect(spec).await.unwrap().generation;
         let copy =
             eventually("the copy to be under way", Duration::from_secs(30), || async {
-                engine.jobs().unwrap().into_iter().find(|j| {
+                engine.jobs().await.unwrap().into_iter().find(|j| {
                     j.kind == JobKind::InitialReplication && j.status == JobStatus::Running && j.bytes_done > 0
                 })
             })
@@ -141,7 +141,7 @@ async fn a_stop_during_initial_replication_starts_protection_over_and_ends_byte_
     let root = target_root(tmp.path());
     assert!(stored_keys(&root, &format!("{}/points", vm_prefix("vm", first_generation))).is_empty());
     assert!(info.transitions.iter().filter(|t| t.to == VmState::InitialReplication).count() >= 2, "{info:?}");
-    let first_copy = engine.jobs().unwrap().into_iter().find(|j| j.kind == JobKind::InitialReplication).unwrap();
+    let first_copy = engine.jobs().await.unwrap().into_iter().find(|j| j.kind == JobKind::InitialReplication).unwrap();
     assert_eq!(first_copy.status, JobStatus::Failed, "the interrupted copy is not shown running: {first_copy:?}");
     assert!(first_copy.error.as_deref().unwrap_or("").contains("interrupted"), "{first_copy:?}");
     let points = engine.recovery_points("vm").await.unwrap();

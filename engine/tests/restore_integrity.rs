@@ -102,7 +102,7 @@ async fn missing_object_then_resync(forget_hashes: bool) {
     engine.write("vm", "a", 512 * KIB, random_bytes(8192, 7)).await.unwrap();
     engine.resync("vm").await.unwrap();
     let job = eventually("the resync to end", Duration::from_secs(60), || async {
-        engine.jobs().unwrap().into_iter().find(|j| j.kind == JobKind::Resync && j.status != JobStatus::Running)
+        engine.jobs().await.unwrap().into_iter().find(|j| j.kind == JobKind::Resync && j.status != JobStatus::Running)
     })
     .await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
@@ -142,7 +142,7 @@ async fn a_restore_builds_partial_images_and_renames_them_only_when_complete() {
     let job = engine.test_failover("vm", PointSelector::Seq(2), &out).await.unwrap();
     eventually("the partial image", Duration::from_secs(30), || async { partial.exists().then_some(()) }).await;
     assert!(!image.exists(), "the image is in place before the restore ended");
-    assert_eq!(engine.job(job).unwrap().status, JobStatus::Running);
+    assert_eq!(engine.job(job).await.unwrap().status, JobStatus::Running);
     let done = engine.wait_job(job).await.unwrap();
     assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
     assert!(!partial.exists(), "the partial image was not renamed");

@@ -25,10 +25,11 @@ use support::*;
 /// The delta jobs of recovery point `seq`, oldest first: every attempt
 /// (a failed job keeps the detail it started with, a successful one adds
 /// what it stored).
-fn attempts(engine: &Engine, seq: u64) -> Vec<Job> {
+async fn attempts(engine: &Engine, seq: u64) -> Vec<Job> {
     let tag = format!("recovery point {seq}");
     engine
         .jobs()
+        .await
         .unwrap()
         .into_iter()
         .filter(|j| {
@@ -65,7 +66,7 @@ async fn quick_put_retries_absorb_transient_failures_under_the_same_key() {
         // try under a new key would have failed again (its own first tries).
         assert_eq!(engine.injected_faults().unwrap() - before, u64::from(fail_first) * puts);
     }
-    let jobs = engine.jobs().unwrap();
+    let jobs = engine.jobs().await.unwrap();
     assert!(jobs.iter().all(|j| j.status == JobStatus::Succeeded), "no step failed: {jobs:?}");
     let info = engine.vm("vm").await.unwrap();
     assert_eq!((info.state, info.reason), (VmState::Protected, None));
@@ -94,7 +95,7 @@ async fn a_put_failing_every_quick_try_is_retried_by_the_actor_as_the_same_point
         (engine.vm("vm").await.unwrap().last_point_seq == 2).then_some(())
     })
     .await;
-    let jobs = attempts(&engine, 2);
+    let jobs = attempts(&engine, 2).await;
     let statuses: Vec<JobStatus> = jobs.iter().map(|j| j.status).collect();
     assert_eq!(statuses, vec![JobStatus::Failed, JobStatus::Failed, JobStatus::Succeeded], "{jobs:?}");
     assert!(jobs[0].error.as_deref().unwrap().contains(&object), "{:?}", jobs[0]);
@@ -110,7 +111,7 @@ async fn a_put_failing_every_quick_try_is_retried_by_the_actor_as_the_same_point
 /// Waits for `n` failed attempts of point `seq`.
 async fn wait_failed_attempts(engine: &Engine, seq: u64, n: usize) {
     eventually(&format!("{n} failed attempts of point {seq}"), Duration::from_secs(30), || async {
-        (failed(&attempts(engine, seq)) >= n).then_some(())
+        (failed(&attempts(engine, seq).await) >= n).then_some(())
     })
     .await
 }
@@ -157,7 +158,7 @@ async fn a_down_target_is_retried_on_the_backoff_schedule_which_resets_after_a_s
         (engine.vm("vm").await.unwrap().last_point_seq == 2).then_some(())
     })
     .await;
-    let jobs = attempts(&engine, 2);
+    let jobs = attempts(&engine, 2).await;
     let fails = failed(&jobs);
     assert!(fails >= 4 && jobs.len() == fails + 1, "{jobs:?}");
     assert_eq!(jobs.last().unwrap().status, JobStatus::Succeeded);
@@ -183,7 +184,7 @@ async fn a_down_target_is_retried_on_the_backoff_schedule_which_resets_after_a_s
         (engine.vm("vm").await.unwrap().last_point_seq == 3).then_some(())
     })
     .await;
-    let jobs = attempts(&engine, 3);
+    let jobs = attempts(&engine, 3).await;
     assert_eq!(jobs.last().unwrap().status, JobStatus::Succeeded, "{jobs:?}");
     assert_spacing(&jobs, SCALE, SLACK_MS);
     assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;

@@ -198,13 +198,14 @@ pub async fn run(cfg: &SimConfig) -> Result<Summary> {
     let final_replication = final_start.elapsed();
 
     let verify_start = Instant::now();
-    let failed_jobs = engine.jobs().context("list jobs")?.into_iter().filter(|j| j.status == JobStatus::Failed).fold(
-        HashMap::<String, u64>::new(),
-        |mut m, j| {
-            *m.entry(j.vm).or_default() += 1;
-            m
-        },
-    );
+    let failed_jobs =
+        engine.jobs().await.context("list jobs")?.into_iter().filter(|j| j.status == JobStatus::Failed).fold(
+            HashMap::<String, u64>::new(),
+            |mut m, j| {
+                *m.entry(j.vm).or_default() += 1;
+                m
+            },
+        );
     let mut reports = Vec::new();
     for ((vm, stats), (final_point, observed)) in vms.iter().zip(stats).zip(finals.into_iter().zip(observed)) {
         let info = engine.vm(&vm.name).await?;

@@ -51,8 +51,8 @@ pub const MAX_IO: u64 = 32 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskSignal {
     /// Logs can no longer describe the changes (failed write, 50% rule);
-    /// `log_id` names the active log then (None: not logging).
-    ResyncNeeded { disk: String, reason: String, log_id: Option<u64> },
+    /// `chain` numbers the disk's log chain then (a resync starts a new one).
+    ResyncNeeded { disk: String, reason: String, chain: u64 },
 }
 
 pub struct Disk {
@@ -77,6 +77,9 @@ struct Inner {
     sync_failed: Option<String>,
     /// The VM stopped or was unprotected: every request fails.
     closed: bool,
+    /// Numbers the log chain: a resync starts a new one, so a signal about
+    /// an older chain is moot.
+    chain: u64,
 }
 
 /// Opens a disk image for the write path, checking it exists and is usable.
@@ -118,6 +121,7 @@ impl Disk {
                 signalled: false,
                 sync_failed: None,
                 closed: false,
+                chain: 0,
             }),
             sealed_bytes: AtomicU64::new(sealed_bytes),
             signals,
@@ -227,18 +231,15 @@ impl Disk {
         if !inner.signalled {
             inner.signalled = true;
             tracing::warn!(vm = %self.vm, disk = %self.name, %reason, "resync needed");
-            let log_id = inner.log.as_ref().map(|l| l.header().log_id);
-            let _ = self.signals.send(DiskSignal::ResyncNeeded { disk: self.name.clone(), reason, log_id });
+            let chain = inner.chain;
+            let _ = self.signals.send(DiskSignal::ResyncNeeded { disk: self.name.clone(), reason, chain });
         }
     }
 
-    /// Whether a signal about log `log_id` still concerns this disk: not if
-    /// a newer chain started since (a resync that reads the disk afresh).
-    pub fn signal_is_current(&self, log_id: Option<u64>) -> bool {
-        match (log_id, self.lock().log.as_ref()) {
-            (Some(id), Some(cur)) => cur.header().log_id == id,
-            _ => true,
-        }
+    /// Whether a signal about log chain `chain` still concerns this disk:
+    /// not if a resync started a new chain since (it reads the disk afresh).
+    pub fn signal_is_current(&self, chain: u64) -> bool {
+        self.lock().chain == chain
     }
 
     fn after_append(&self, inner: &mut Inner, logged: Option<Result<()>>) {
@@ -379,14 +380,6 @@ impl Disk {
         self.sealed_bytes.store(0, Ordering::Relaxed);
         inner.log.take()
     }
-
-    /// Starts a new log chain with `log` (when a resync begins).
-    pub fn restart_logging(&self, log: LogWriter) {
-        let mut inner = self.lock();
-        inner.log = Some(log);
-        inner.signalled = false;
-        self.sealed_bytes.store(0, Ordering::Relaxed);
-    }
 }
 
 /// The NBD export serves protected disks through the same write path.
@@ -471,6 +464,7 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
         g.signalled = false;
         // The resync reads what the disk holds now: syncs can be trusted again.
         g.sync_failed = None;
+        g.chain += 1;
         d.sealed_bytes.store(0, Ordering::Relaxed);
     }
     drop(guards);

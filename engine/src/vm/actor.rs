@@ -321,9 +321,9 @@ impl Actor for VmActor {
 impl StreamHandler<DiskSignal> for VmActor {
     fn handle(&mut self, signal: DiskSignal, ctx: &mut Context<Self>) {
         match signal {
-            DiskSignal::ResyncNeeded { disk, reason, log_id } => {
+            DiskSignal::ResyncNeeded { disk, reason, chain } => {
                 // A signal queued before a resync started a new chain is moot.
-                if self.io.disks.iter().any(|d| d.name == disk && !d.signal_is_current(log_id)) {
+                if self.io.disks.iter().any(|d| d.name == disk && !d.signal_is_current(chain)) {
                     tracing::debug!(vm = %self.name(), %disk, %reason, "stale resync signal ignored");
                     return;
                 }

@@ -106,7 +106,7 @@ pub async fn wait_state(engine: &Engine, vm: &str, want: VmState) -> VmInfo {
 /// Waits until no job runs (e.g. the empty cycle that follows the base commit).
 pub async fn wait_idle(engine: &Engine) {
     eventually("every job to end", Duration::from_secs(60), || async {
-        engine.jobs().unwrap().iter().all(|j| j.status != JobStatus::Running).then_some(())
+        engine.jobs().await.unwrap().iter().all(|j| j.status != JobStatus::Running).then_some(())
     })
     .await
 }
