@@ -1,16 +1,19 @@
 //! The upload pipeline: snapshot chunks and sealed change logs become
 //! bundles on the target.
 //!
-//! Overview: the work of one disk is cut into parts (a chunk of the
-//! snapshot, or a run of coalesced log extents of at most `chunk_size`
-//! bytes). Each part is read and zstd-compressed on the blocking pool,
-//! charged to the host-wide throttle, and put under a key fixed by (point,
-//! disk, part): a retry writes the same keys. `workers` parts are in flight
-//! at once (the VM's worker pool).
+//! Overview: one pipeline for every point, [`put_parts`]: plan (pure: cut
+//! the work of one disk into parts, leave out zeros or matching blocks) ->
+//! build and compress each part on the blocking pool -> charge it to the
+//! host-wide throttle -> put it with retries under a key fixed by (point,
+//! disk, part), so a retry writes the same keys. `workers` parts are in
+//! flight at once (the VM's worker pool). A part is a chunk of the snapshot
+//! for the base copy ([`upload_base`]) and the resync
+//! ([`crate::resync::resync_disk`]), or a run of coalesced log extents of at
+//! most `chunk_size` data bytes for a delta ([`upload_logs`]).
 //!
-//! Consistency: this module only puts objects. The caller writes the
-//! manifest after every part returned, and deletes local logs only after the
-//! point is committed in the state store.
+//! Consistency: this module only puts objects. The commit (manifest after
+//! every object, then the index, then the logs deleted) is one path, stated
+//! with its crash argument in `vm::tasks`.
 //!
 //! Cancellation: dropping the future stops scheduling new parts; objects
 //! already put are harmless (no manifest names them) and are overwritten by
@@ -87,6 +90,47 @@ pub async fn put_retrying(target: &Target, key: &str, data: Bytes) -> Result<()>
     target.put(key, data).await
 }
 
+/// Builds part `i` of a point on the blocking pool: the extents to put
+/// (none: the part needs no object), the disk bytes it accounts for (job
+/// progress), and a by-product for the caller (block hashes).
+pub type BuildPart<T> = Arc<dyn Fn(u64) -> Result<(Vec<BundleExtent>, u64, T)> + Send + Sync>;
+
+/// The one upload loop of every point (base copy, delta, resync): each of
+/// `parts` parts is built on the blocking pool, compressed, charged to the
+/// throttle and put with retries under the key of (point, disk, part), with
+/// `ctx.workers` parts in flight; results come back in part order.
+pub async fn put_parts<T: Send + 'static>(
+    ctx: &UploadCtx,
+    disk: &str,
+    seq: u64,
+    parts: u64,
+    build: BuildPart<T>,
+) -> Result<Vec<(Option<ObjectRef>, T)>> {
+    futures::stream::iter(0..parts)
+        .map(|i| {
+            let (ctx, build) = (ctx.clone(), build.clone());
+            let key = object_key(&ctx.vm, ctx.generation, disk, seq, i);
+            async move {
+                let level = ctx.zstd_level;
+                let (enc, covered, extra) = blocking(move || {
+                    let (extents, covered, extra) = build(i)?;
+                    let enc = if extents.is_empty() { None } else { Some(bundle::encode(&extents, level)?) };
+                    Ok((enc, covered, extra))
+                })
+                .await?;
+                let object = match enc {
+                    Some(enc) => Some(put_part(&ctx, key, enc).await?),
+                    None => None,
+                };
+                ctx.progress.fetch_add(covered, Ordering::Relaxed);
+                Ok::<_, Error>((object, extra))
+            }
+        })
+        .buffered(ctx.workers)
+        .try_collect()
+        .await
+}
+
 /// Which ranges of a snapshot chunk to send: given the chunk's offset, its
 /// bytes and the hash of each of its blocks, the extents to put (none: the
 /// chunk needs no object). Pure; the base copy sends what is not zero, a
@@ -113,41 +157,18 @@ pub async fn copy_snapshot(
     seq: u64,
     plan: ChunkPlan,
 ) -> Result<SnapshotCopy> {
-    let size = disk.size();
-    let chunks = size.div_ceil(ctx.chunk_size);
-    let results: Vec<(Option<ObjectRef>, Vec<u64>)> = futures::stream::iter(0..chunks)
-        .map(|i| {
-            let (disk, snap, ctx, plan) = (disk.clone(), snap.clone(), ctx.clone(), plan.clone());
-            async move {
-                let offset = i * ctx.chunk_size;
-                let len = ctx.chunk_size.min(size - offset);
-                let level = ctx.zstd_level;
-                let key = object_key(&ctx.vm, ctx.generation, &disk.name, seq, i);
-                let block = ctx.hash_block as usize;
-                let (enc, hashes) = blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    snap.read_for_copy(disk.file(), offset, &mut buf)?;
-                    let hashes: Vec<u64> = buf.chunks(block).map(crate::replica::hashes::hash_block).collect();
-                    let extents = plan(offset, &buf, &hashes);
-                    if extents.is_empty() {
-                        return Ok((None, hashes));
-                    }
-                    Ok((Some(bundle::encode(&extents, level)?), hashes))
-                })
-                .await?;
-                let out = match enc {
-                    Some(enc) => Some(put_part(&ctx, key, enc).await?),
-                    None => None,
-                };
-                ctx.progress.fetch_add(len, Ordering::Relaxed);
-                Ok::<_, Error>((out, hashes))
-            }
-        })
-        .buffered(ctx.workers)
-        .try_collect()
-        .await?;
+    let (size, chunk, block) = (disk.size(), ctx.chunk_size, ctx.hash_block as usize);
+    let name = disk.name.clone();
+    let build: BuildPart<Vec<u64>> = Arc::new(move |i| {
+        let offset = i * chunk;
+        let len = chunk.min(size - offset);
+        let mut buf = vec![0u8; len as usize];
+        snap.read_for_copy(disk.file(), offset, &mut buf)?;
+        let hashes: Vec<u64> = buf.chunks(block).map(crate::replica::hashes::hash_block).collect();
+        Ok((plan(offset, &buf, &hashes), len, hashes))
+    });
     let mut copy = SnapshotCopy { objects: Vec::new(), hashes: Vec::new() };
-    for (o, h) in results {
+    for (o, h) in put_parts(ctx, &name, seq, size.div_ceil(chunk), build).await? {
         copy.objects.extend(o);
         copy.hashes.extend(h);
     }
@@ -289,61 +310,41 @@ pub async fn upload_logs(
             .map(|p| File::open(p).map_err(|e| untrusted_log(Error::io(format!("open change log {}", p.display()), e))))
             .collect::<Result<_>>()?,
     );
-    futures::stream::iter(parts.into_iter().enumerate())
-        .map(|(i, part)| {
-            let (ctx, files) = (ctx.clone(), files.clone());
-            let key = object_key(&ctx.vm, ctx.generation, disk, seq, i as u64);
-            async move {
-                let level = ctx.zstd_level;
-                let block = ctx.hash_block;
-                let (enc, updates) = blocking(move || {
-                    let mut updates = Vec::new();
-                    let extents = part
-                        .iter()
-                        .map(|e| {
-                            let data = match e.source {
-                                ExtentSource::Zero => {
-                                    crate::replica::hashes::updates_for(e.offset, None, e.len, block, &mut updates);
-                                    ExtentData::Zero(e.len)
-                                }
-                                ExtentSource::Log { log_index, pos } => {
-                                    let mut buf = vec![0u8; e.len as usize];
-                                    std::os::unix::fs::FileExt::read_exact_at(&files[log_index], &mut buf, pos)
-                                        .map_err(|err| untrusted_log(Error::io("read change log payload", err)))?;
-                                    crate::replica::hashes::updates_for(
-                                        e.offset,
-                                        Some(&buf),
-                                        e.len,
-                                        block,
-                                        &mut updates,
-                                    );
-                                    ExtentData::Data(buf)
-                                }
-                            };
-                            Ok(BundleExtent { offset: e.offset, data })
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok((bundle::encode(&extents, level)?, updates))
-                })
-                .await?;
-                let logical = enc.logical_len;
-                let r = put_part(&ctx, key, enc).await?;
-                ctx.progress.fetch_add(logical, Ordering::Relaxed);
-                Ok::<_, Error>((r, updates))
-            }
-        })
-        .buffered(ctx.workers)
-        .try_collect::<Vec<_>>()
-        .await
-        .map(|parts| {
-            let mut objects = Vec::new();
-            let mut updates = Vec::new();
-            for (o, u) in parts {
-                objects.push(o);
-                updates.extend(u);
-            }
-            (objects, updates)
-        })
+    let block = ctx.hash_block;
+    let count = parts.len() as u64;
+    let parts = Arc::new(parts);
+    let build: BuildPart<crate::replica::hashes::HashUpdates> = Arc::new(move |i| {
+        let mut updates = Vec::new();
+        let extents = parts[i as usize]
+            .iter()
+            .map(|e| {
+                let data = match e.source {
+                    ExtentSource::Zero => ExtentData::Zero(e.len),
+                    ExtentSource::Log { log_index, pos } => {
+                        let mut buf = vec![0u8; e.len as usize];
+                        std::os::unix::fs::FileExt::read_exact_at(&files[log_index], &mut buf, pos)
+                            .map_err(|err| untrusted_log(Error::io("read change log payload", err)))?;
+                        ExtentData::Data(buf)
+                    }
+                };
+                let bytes = match &data {
+                    ExtentData::Data(d) => Some(&d[..]),
+                    ExtentData::Zero(_) => None,
+                };
+                crate::replica::hashes::updates_for(e.offset, bytes, e.len, block, &mut updates);
+                Ok(BundleExtent { offset: e.offset, data })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let covered = extents.iter().map(|e| e.data.len()).sum();
+        Ok((extents, covered, updates))
+    });
+    let mut objects = Vec::new();
+    let mut updates = Vec::new();
+    for (o, u) in put_parts(ctx, disk, seq, count, build).await? {
+        objects.extend(o);
+        updates.extend(u);
+    }
+    Ok((objects, updates))
 }
 
 #[cfg(test)]
