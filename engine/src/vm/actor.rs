@@ -194,7 +194,7 @@ impl VmActor {
                     input
                 })
             }
-            Command::CopyBase { epoch } => self.spawn(ctx, io.copy_base(epoch)),
+            Command::CopyBase { epoch, seq } => self.spawn(ctx, io.copy_base(epoch, seq)),
             Command::CommitBase { epoch, seq, time_ms, base } => {
                 self.spawn(ctx, io.commit_base(epoch, seq, time_ms, base))
             }

@@ -157,9 +157,10 @@ pub enum Command {
     TakeSnapshot {
         epoch: u64,
     },
-    /// Copy every disk from the snapshot to the target.
+    /// Copy every disk from the snapshot to the target as point `seq`.
     CopyBase {
         epoch: u64,
+        seq: u64,
     },
     /// Release the snapshot, then commit the base point (seq, snapshot time, objects).
     CommitBase {
@@ -498,8 +499,10 @@ impl VmCore {
     fn supersede(&mut self, out: &mut Vec<Command>) {
         self.epoch += 1;
         if let Some(r) = self.running.take() {
-            // It may still put objects under its number.
-            self.next_seq = self.next_seq.max(r.seq + 1);
+            // It may still put objects under its number (a snapshot puts none).
+            if r.step != Step::Snapshot {
+                self.next_seq = self.next_seq.max(r.seq + 1);
+            }
             let answer = Answer::Refused(format!("VM {} needs a resync: its cycle was superseded", self.name));
             out.extend(r.waiters.into_iter().map(|waiter| Command::Answer { waiter, answer: answer.clone() }));
         }
@@ -512,8 +515,8 @@ impl VmCore {
     }
 
     fn copy_base(&mut self, out: &mut Vec<Command>) {
-        self.run(Step::InitialCopy, Vec::new());
-        out.push(Command::CopyBase { epoch: self.epoch });
+        let seq = self.run(Step::InitialCopy, Vec::new());
+        out.push(Command::CopyBase { epoch: self.epoch, seq });
     }
 
     fn commit_base(&mut self, now: UnixMillis, out: &mut Vec<Command>) {
@@ -522,6 +525,8 @@ impl VmCore {
             let reason = "the initial copy's result was lost: unprotect and protect again".to_string();
             return self.event(Event::Failed { class: ErrorClass::NonRecoverable, reason }, now, out);
         };
+        // Normally the number its objects were put under; a higher one if a
+        // point took that number meanwhile (the manifest names the keys).
         let seq = self.run(Step::CommitBase, Vec::new());
         out.push(Command::CommitBase { epoch: self.epoch, seq, time_ms: self.snapshot_ms, base });
     }

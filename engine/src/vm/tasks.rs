@@ -115,14 +115,14 @@ impl VmIo {
 
     /// Copies every disk from its snapshot, one disk after the other (as
     /// Hyper-V does), parts in parallel within a disk.
-    pub async fn copy_base(self, epoch: u64) -> Input {
+    pub async fn copy_base(self, epoch: u64, seq: u64) -> Input {
         let total = self.disks.iter().map(|d| d.size()).sum();
         let io = self.clone();
         let r = self
             .job(
                 JobKind::InitialReplication,
                 total,
-                "recovery point 1".into(),
+                format!("recovery point {seq}"),
                 |job| async move {
                     let uctx = io.upload_ctx(&job);
                     let mut base = BaseCopy::default();
@@ -130,7 +130,7 @@ impl VmIo {
                         let snap = d
                             .snapshot()
                             .ok_or_else(|| Error::Cancelled(format!("the snapshot of disk {} was released", d.name)))?;
-                        let copy = replicate::upload_base(&uctx, d.clone(), snap, 1).await?;
+                        let copy = replicate::upload_base(&uctx, d.clone(), snap, seq).await?;
                         base.objects.push(copy.objects);
                         base.hashes.push(copy.hashes);
                     }
