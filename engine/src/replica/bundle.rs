@@ -203,7 +203,54 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    /// A zstd frame starts with one of these (little endian): a data frame,
+    /// or a skippable frame (0x184D2A50..=0x184D2A5F, low nibble masked).
+    fn starts_a_zstd_frame(bytes: &[u8]) -> bool {
+        match bytes.get(..4) {
+            Some(m) => {
+                let m = u32::from_le_bytes(m.try_into().expect("4 bytes"));
+                m == 0xFD2F_B528 || m & 0xFFFF_FFF0 == 0x184D_2A50
+            }
+            None => false,
+        }
+    }
+
+    /// The decoder's answer to bytes it must refuse: a corrupt-object error
+    /// naming the object (class NeedsResync), never a panic, never extents.
+    fn assert_refused(what: &str, bytes: &[u8]) -> std::result::Result<(), TestCaseError> {
+        match decode(what, bytes, checksum(bytes)) {
+            Ok(extents) => Err(TestCaseError::fail(format!("garbage decoded as {extents:?}"))),
+            Err(e) => {
+                prop_assert_eq!(e.kind(), ErrorKind::Corrupt, "{}", e);
+                prop_assert!(e.to_string().starts_with(&format!("corrupt {what}: ")), "{}", e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Bytes that reach the parser (a valid zstd frame) may happen to be a
+    /// valid bundle. Either they are refused as [`assert_refused`] says, or
+    /// what they decode to is something the encoder accepts and writes back
+    /// to the same extents: the decoder accepts nothing the encoder refuses.
+    fn assert_refused_or_valid(what: &str, bytes: &[u8]) -> std::result::Result<(), TestCaseError> {
+        match decode(what, bytes, checksum(bytes)) {
+            Err(e) => {
+                prop_assert_eq!(e.kind(), ErrorKind::Corrupt, "{}", e);
+                prop_assert!(e.to_string().starts_with(&format!("corrupt {what}: ")), "{}", e);
+                Ok(())
+            }
+            Ok(extents) => {
+                let enc = encode(&extents, 1)
+                    .map_err(|e| TestCaseError::fail(format!("decoded {extents:?}, which the encoder refuses: {e}")))?;
+                prop_assert_eq!(decode(what, &enc.bytes, enc.checksum).expect("re-encoded bundle"), extents);
+                Ok(())
+            }
+        }
+    }
 
     proptest! {
         #[test]
@@ -225,9 +272,48 @@ mod tests {
             let i = flip.index(b.len());
             b[i] ^= 0x40;
             prop_assert!(decode("b", &b, enc.checksum).is_err());
-            // Garbage with a matching checksum still fails cleanly.
-            let _ = decode("b", &bytes, checksum(&bytes));
+            // Garbage with a matching checksum: not a zstd frame, so refused
+            // as corrupt (naming the object) before any parsing.
+            prop_assume!(!starts_a_zstd_frame(&bytes));
+            assert_refused("b", &bytes)?;
         }
+
+        /// Garbage inside a valid zstd frame reaches the parser: refused, or
+        /// (when it happens to parse) a bundle the encoder would write too.
+        #[test]
+        fn garbage_that_decompresses_is_refused_or_a_valid_bundle(
+            raw in proptest::collection::vec(any::<u8>(), 0..200),
+            count in 0u32..4,
+            body in proptest::collection::vec(any::<u8>(), 0..120),
+        ) {
+            // Without the bundle magic: refused, whatever follows.
+            prop_assume!(!raw.starts_with(MAGIC));
+            assert_refused("b", &zstd::bulk::compress(&raw, 1).unwrap())?;
+            // A valid header and a random extent list: the extent parser decides.
+            let mut framed = MAGIC.to_vec();
+            framed.extend_from_slice(&VERSION.to_le_bytes());
+            framed.extend_from_slice(&count.to_le_bytes());
+            framed.extend_from_slice(&body);
+            assert_refused_or_valid("b", &zstd::bulk::compress(&framed, 1).unwrap())?;
+        }
+    }
+
+    #[test]
+    fn a_valid_header_with_garbage_extents_is_refused_naming_the_object() {
+        let mut raw = MAGIC.to_vec();
+        raw.extend_from_slice(&VERSION.to_le_bytes());
+        raw.extend_from_slice(&1u32.to_le_bytes());
+        raw.extend_from_slice(&0u64.to_le_bytes());
+        raw.extend_from_slice(&16u64.to_le_bytes());
+        raw.push(9); // no such extent kind
+        let bytes = zstd::bulk::compress(&raw, 1).unwrap();
+        let e = decode("vms/a/odd", &bytes, checksum(&bytes)).unwrap_err();
+        assert_eq!(e.to_string(), "corrupt vms/a/odd: unknown extent kind 9");
+        raw.truncate(raw.len() - 1);
+        raw.push(1); // data, but the 16 bytes are missing
+        let bytes = zstd::bulk::compress(&raw, 1).unwrap();
+        let e = decode("vms/a/short", &bytes, checksum(&bytes)).unwrap_err();
+        assert_eq!(e.to_string(), "corrupt vms/a/short: truncated data");
     }
 
     #[test]
