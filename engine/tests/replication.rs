@@ -67,12 +67,18 @@ async fn every_recovery_point_restores_byte_identical() {
     let mut model = Model { disks: BTreeMap::from([("a".to_string(), a), ("b".to_string(), b)]) };
     let mut config = EngineConfig::new(tmp.path().join("data"));
     config.chunk_size = 256 << 10;
-    // Slow the initial copy (4 MiB of random data at 2 MB/s) so that writes land during it.
-    config.bandwidth = ferry_engine::throttle::BandwidthPolicy::flat(Some(16_000_000));
+    // The writes below must land during the initial copy, whatever the
+    // machine's speed: at the lowest limit (512 Kbps: 62 KiB/s after a
+    // one-second burst) the copy's 4 MiB of random data (zeros are skipped)
+    // take over a minute, far longer than 40 writes. The limit is lifted
+    // once the test has looked.
+    config.bandwidth = ferry_engine::throttle::BandwidthPolicy::flat(Some(ferry_engine::throttle::MIN_LIMIT_BPS));
+    const COPY_FLOOR: Duration = Duration::from_secs(60);
     let engine = Engine::open(config).await.unwrap();
     let spec =
         VmSpec::new("vm1", vec![DiskSpec { name: "a".into(), path: pa }, DiskSpec { name: "b".into(), path: pb }])
             .with_frequency(Duration::from_secs(3600));
+    let protected_at = std::time::Instant::now(); // the copy starts no earlier
     engine.protect(spec).await.unwrap();
     let mut expected = vec![(1u64, model.disks.clone())];
 
@@ -86,10 +92,12 @@ async fn every_recovery_point_restores_byte_identical() {
     }
     churn(&engine, "vm1", &mut model, &mut rng, 40).await;
     let info = engine.vm("vm1").await.unwrap();
-    assert_eq!(info.state, VmState::InitialReplication, "the writes must land during the initial copy");
+    let took = protected_at.elapsed();
+    assert!(took < COPY_FLOOR, "the writes took {took:?}: the throttled copy may have ended ({COPY_FLOOR:?} at least)");
+    assert_eq!(info.state, VmState::InitialReplication, "the copy cannot have ended after {took:?}: {info:?}");
     assert!(info.disks.iter().any(|d| d.snapshot_bytes > 0), "copy-before-write saved blocks: {info:?}");
-    let p = engine.replicate_now("vm1").await.unwrap().expect("writes were made");
     engine.set_bandwidth_limit(None).unwrap();
+    let p = engine.replicate_now("vm1").await.unwrap().expect("writes were made");
     expected.push((p.seq, model.disks.clone()));
     let info = engine.vm("vm1").await.unwrap();
     assert_eq!(info.state, VmState::Protected);
