@@ -11,6 +11,9 @@ use ferry_engine::model::{JobKind, JobStatus};
 use ferry_engine::target::unreliable::Faults;
 use ferry_engine::{DiskSpec, Engine, EngineConfig, PointSelector, VmSpec};
 use rand::{Rng, SeedableRng};
+use support::{assert_retry_spacing, delta_attempts, failed};
+
+mod support;
 
 const MIB: u64 = 1 << 20;
 
@@ -106,40 +109,71 @@ async fn thirty_percent_target_errors_still_replicate_byte_identical() {
     engine.shutdown().await.unwrap();
 }
 
+/// An outage of the target (a window of time in which every operation
+/// fails) delays the next point without losing it: every attempt is the
+/// same point, each retry starts when the backoff policy says, nothing
+/// commits until the outage is over, the first retry after it commits by
+/// itself, the VM never leaves Protected, and that point is the disk as
+/// written before the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_outage_is_retried_with_backoff_and_the_backlog_kept() {
+async fn an_outage_is_retried_on_the_backoff_schedule_and_the_point_after_it_restores() {
+    // 1 minute -> 600 ms, so the policy's spacing (0.6, 1.2, 2.4 s after the
+    // first failure) shows beside a failing attempt's own quick put tries
+    // (about 0.7 s); the outage lasts 3 s, so two or three retries fail.
+    const SCALE: f64 = 0.01;
+    const SLACK_MS: u64 = 750;
+    const OUTAGE_MS: u64 = 3000;
     let tmp = tempfile::tempdir().unwrap();
     let a = disk(tmp.path(), "a", 4 * MIB, 2);
-    let engine = Engine::open(config(tmp.path(), Some(Faults::default()))).await.unwrap();
+    let mut cfg = config(tmp.path(), Some(Faults::default()));
+    cfg.retry_time_scale = SCALE;
+    let engine = Engine::open(cfg).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
-    engine.set_faults(Faults { down: true, ..Default::default() }).unwrap();
+    let before = engine.vm("vm").await.unwrap();
     churn(&engine, "vm", "a", 4 * MIB, 7, 30).await;
+    let written = std::fs::read(&a).unwrap(); // what point 2 must hold
+
+    let start = ferry_engine::model::now_millis();
+    let end = start + OUTAGE_MS;
+    engine.set_faults(Faults { outages: vec![(start, end)], ..Default::default() }).unwrap();
     let e = engine.replicate_now("vm").await.unwrap_err();
-    assert!(e.to_string().contains("outage"), "{e}");
+    assert!(e.to_string().contains("target unavailable (outage)"), "{e}");
     let info = engine.vm("vm").await.unwrap();
     assert_eq!(info.state, VmState::Protected, "recoverable: no state change");
-    assert!(info.reason.unwrap_or_default().contains("outage"));
+    assert!(info.reason.as_deref().unwrap_or_default().contains("target unavailable (outage)"), "{info:?}");
     assert!(info.disks[0].pending_log_bytes > 0, "the backlog is kept");
-    // Retries keep failing during the outage (1, 2, 4 scaled minutes)...
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let failed = engine.jobs().await.unwrap().iter().filter(|j| j.status == JobStatus::Failed).count();
-        if failed >= 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "retries did not run: {failed} failed jobs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(engine.vm("vm").await.unwrap().last_point_seq, 1, "nothing committed during the outage");
-    // ...and the next retry after the outage commits the backlog by itself.
-    engine.set_faults(Faults::default()).unwrap();
+
+    // Nobody switches the outage off: a retry after its end commits point 2.
     let deadline = Instant::now() + Duration::from_secs(30);
     while engine.vm("vm").await.unwrap().last_point_seq < 2 {
-        assert!(Instant::now() < deadline, "no point after the outage");
+        assert!(Instant::now() < deadline, "no point after the outage: {:?}", delta_attempts(&engine, 2));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    let jobs = delta_attempts(&engine, 2);
+    let fails = failed(&jobs);
+    let timeline: Vec<_> =
+        jobs.iter().map(|j| (j.started_ms - start, j.ended_ms.map(|e| e - start), j.status)).collect();
+    eprintln!("attempts of point 2 (ms after the outage began at 0, ended at {OUTAGE_MS}): {timeline:?}");
+    // The first try and at least one retry fell in the outage; then one success.
+    assert!(fails >= 2 && jobs.len() == fails + 1, "{jobs:?}");
+    assert_eq!(jobs.last().unwrap().status, JobStatus::Succeeded, "{jobs:?}");
+    for j in &jobs[..fails] {
+        assert!(j.error.as_deref().unwrap_or_default().contains("target unavailable (outage)"), "{j:?}");
+        assert!(j.started_ms < end, "a failed attempt started after the outage: {j:?}");
+    }
+    assert!(jobs.last().unwrap().ended_ms.unwrap() >= end, "committed during the outage: {jobs:?}");
+    assert_retry_spacing(&jobs, SCALE, SLACK_MS);
+
+    // Back to normal: Protected, no reason left, no state change on the way.
+    let info = engine.vm("vm").await.unwrap();
+    assert_eq!((info.state, info.reason.as_deref()), (VmState::Protected, None), "{info:?}");
+    assert_eq!(info.transitions, before.transitions, "an outage changes no state: {info:?}");
+    assert_eq!(info.last_point_seq, 2, "one point for the backlog, committed once: {info:?}");
+    assert_eq!(engine.recovery_points("vm").await.unwrap().iter().map(|p| p.seq).collect::<Vec<_>>(), [1, 2]);
+    let out = tmp.path().join("p2");
+    engine.restore("vm", PointSelector::Seq(2), &out).await.unwrap();
+    assert!(std::fs::read(out.join("a.img")).unwrap() == written, "point 2 is the disk as written before the outage");
     engine.shutdown().await.unwrap();
 }
 

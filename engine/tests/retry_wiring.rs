@@ -14,33 +14,12 @@ mod support;
 use std::time::Duration;
 
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::model::{Job, JobKind, JobStatus};
+use ferry_engine::model::JobStatus;
 use ferry_engine::replica::manifest::{manifest_key, object_key};
 use ferry_engine::replicate::PUT_TRIES;
-use ferry_engine::schedule::retry::RetryPolicy;
 use ferry_engine::target::unreliable::Faults;
 use ferry_engine::Engine;
 use support::*;
-
-/// The delta jobs of recovery point `seq`, oldest first: every attempt
-/// (a failed job keeps the detail it started with, a successful one adds
-/// what it stored).
-async fn attempts(engine: &Engine, seq: u64) -> Vec<Job> {
-    let tag = format!("recovery point {seq}");
-    engine
-        .jobs()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|j| {
-            j.kind == JobKind::DeltaReplication && (j.detail == tag || j.detail.starts_with(&format!("{tag} (")))
-        })
-        .collect()
-}
-
-fn failed(jobs: &[Job]) -> usize {
-    jobs.iter().filter(|j| j.status == JobStatus::Failed).count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quick_put_retries_absorb_transient_failures_under_the_same_key() {
@@ -95,7 +74,7 @@ async fn a_put_failing_every_quick_try_is_retried_by_the_actor_as_the_same_point
         (engine.vm("vm").await.unwrap().last_point_seq == 2).then_some(())
     })
     .await;
-    let jobs = attempts(&engine, 2).await;
+    let jobs = delta_attempts(&engine, 2);
     let statuses: Vec<JobStatus> = jobs.iter().map(|j| j.status).collect();
     assert_eq!(statuses, vec![JobStatus::Failed, JobStatus::Failed, JobStatus::Succeeded], "{jobs:?}");
     assert!(jobs[0].error.as_deref().unwrap().contains(&object), "{:?}", jobs[0]);
@@ -106,28 +85,6 @@ async fn a_put_failing_every_quick_try_is_retried_by_the_actor_as_the_same_point
     engine.set_faults(Faults::default()).unwrap();
     assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;
     engine.shutdown().await.unwrap();
-}
-
-/// Waits for `n` failed attempts of point `seq`.
-async fn wait_failed_attempts(engine: &Engine, seq: u64, n: usize) {
-    eventually(&format!("{n} failed attempts of point {seq}"), Duration::from_secs(30), || async {
-        (failed(&attempts(engine, seq).await) >= n).then_some(())
-    })
-    .await
-}
-
-/// Checks that retry `k` (attempt `k`, 1-based) started no earlier than
-/// the policy's offset after the first failure, and no later than that (or
-/// the end of the attempt before it) plus `slack`.
-fn assert_spacing(jobs: &[Job], scale: f64, slack_ms: u64) {
-    let first_failure = jobs[0].ended_ms.unwrap();
-    for k in 1..jobs.len() {
-        let due = first_failure + RetryPolicy::offset(k as u32).mul_f64(scale).as_millis() as u64;
-        let started = jobs[k].started_ms;
-        let prev_end = jobs[k - 1].ended_ms.unwrap();
-        assert!(started >= due, "retry {k} started {} ms before it was due", due - started);
-        assert!(started <= due.max(prev_end) + slack_ms, "retry {k} started {} ms late", started - due.max(prev_end));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -158,11 +115,11 @@ async fn a_down_target_is_retried_on_the_backoff_schedule_which_resets_after_a_s
         (engine.vm("vm").await.unwrap().last_point_seq == 2).then_some(())
     })
     .await;
-    let jobs = attempts(&engine, 2).await;
+    let jobs = delta_attempts(&engine, 2);
     let fails = failed(&jobs);
     assert!(fails >= 4 && jobs.len() == fails + 1, "{jobs:?}");
     assert_eq!(jobs.last().unwrap().status, JobStatus::Succeeded);
-    assert_spacing(&jobs, SCALE, SLACK_MS);
+    assert_retry_spacing(&jobs, SCALE, SLACK_MS);
     // Every attempt was point 2, trying the same object key; each tried it PUT_TRIES times.
     let object = object_key("vm", generation, "a", 2, 0);
     for j in &jobs[..fails] {
@@ -184,9 +141,9 @@ async fn a_down_target_is_retried_on_the_backoff_schedule_which_resets_after_a_s
         (engine.vm("vm").await.unwrap().last_point_seq == 3).then_some(())
     })
     .await;
-    let jobs = attempts(&engine, 3).await;
+    let jobs = delta_attempts(&engine, 3);
     assert_eq!(jobs.last().unwrap().status, JobStatus::Succeeded, "{jobs:?}");
-    assert_spacing(&jobs, SCALE, SLACK_MS);
+    assert_retry_spacing(&jobs, SCALE, SLACK_MS);
     assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;
     engine.shutdown().await.unwrap();
 }

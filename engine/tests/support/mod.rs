@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::config::AutoResync;
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::model::JobStatus;
+use ferry_engine::model::{Job, JobKind, JobStatus};
 use ferry_engine::replica::manifest::{manifest_key, Manifest};
+use ferry_engine::schedule::retry::RetryPolicy;
 use ferry_engine::target::unreliable::Faults;
 use ferry_engine::{DiskSpec, Engine, EngineConfig, PointSelector, VmInfo, VmSpec};
 use rand::{Rng, SeedableRng};
@@ -166,4 +167,51 @@ pub fn stored_keys(root: &Path, prefix: &str) -> BTreeSet<String> {
 /// The paths of the change logs beside a disk, in seq order.
 pub fn logs(disk: &Path) -> Vec<PathBuf> {
     ferry_engine::changelog::list_logs(disk).unwrap().into_iter().map(|(_, p)| p).collect()
+}
+
+/// The delta jobs of recovery point `seq`, oldest first: every attempt
+/// (a failed job keeps the detail it started with, a successful one adds
+/// what it stored).
+pub fn delta_attempts(engine: &Engine, seq: u64) -> Vec<Job> {
+    let tag = format!("recovery point {seq}");
+    engine
+        .jobs()
+        .unwrap()
+        .into_iter()
+        .filter(|j| {
+            j.kind == JobKind::DeltaReplication && (j.detail == tag || j.detail.starts_with(&format!("{tag} (")))
+        })
+        .collect()
+}
+
+/// How many of `jobs` failed.
+pub fn failed(jobs: &[Job]) -> usize {
+    jobs.iter().filter(|j| j.status == JobStatus::Failed).count()
+}
+
+/// Checks that retry `k` (attempt `k`, 1-based) started no earlier than
+/// the policy's offset after the first failure (`RetryPolicy::offset`
+/// times `scale`), and no later than that (or the end of the attempt
+/// before it) plus `slack_ms`.
+pub fn assert_retry_spacing(jobs: &[Job], scale: f64, slack_ms: u64) {
+    let first_failure = jobs[0].ended_ms.unwrap();
+    for k in 1..jobs.len() {
+        let due = first_failure + RetryPolicy::offset(k as u32).mul_f64(scale).as_millis() as u64;
+        let started = jobs[k].started_ms;
+        let prev_end = jobs[k - 1].ended_ms.unwrap();
+        assert!(started >= due, "retry {k} started {} ms before it was due: {jobs:?}", due - started);
+        assert!(
+            started <= due.max(prev_end) + slack_ms,
+            "retry {k} started {} ms late: {jobs:?}",
+            started - due.max(prev_end)
+        );
+    }
+}
+
+/// Waits for `n` failed attempts of point `seq`.
+pub async fn wait_failed_attempts(engine: &Engine, seq: u64, n: usize) {
+    eventually(&format!("{n} failed attempts of point {seq}"), Duration::from_secs(30), || async {
+        (failed(&delta_attempts(engine, seq)) >= n).then_some(())
+    })
+    .await
 }
