@@ -243,40 +243,72 @@ async fn logs_over_half_the_disk_resync_by_block_checksums() {
     engine.shutdown().await.unwrap();
 }
 
+/// An engine dropped without shutdown (as after kill -9) leaves its active
+/// log open, with a torn record at its end as a crash mid-append leaves.
+/// An unclean log is never trusted, torn tail or not, so the tear cannot
+/// change the decision (resync). What it can change, and what is asserted:
+/// the trust check reads the tear as a torn tail (the records before it
+/// intact) and not as a corrupt or unreadable log, so the reason names that
+/// log as not closed cleanly; the torn log is dropped, never uploaded as a
+/// delta; and the resync sends exactly the blocks the writes before the
+/// crash changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unclean_stop_is_never_trusted_and_resyncs() {
+    const TORN: [u8; 7] = [0x48, 0x52, 0x4c, 0x52, 1, 2, 3]; // a record magic ("HRLR"), then garbage
     let tmp = tempfile::tempdir().unwrap();
     let a = disk(tmp.path(), "a", 4 * MIB, 5);
-    {
+    let original = std::fs::read(&a).unwrap();
+    let records = {
         let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
         protect(&engine, "vm", &[&a]).await;
         wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
         churn(&engine, "vm", "a", 4 * MIB, 12, 20).await;
+        let (_, log) = ferry_engine::changelog::list_logs(&a).unwrap().pop().unwrap();
+        ferry_engine::changelog::scan(&log).unwrap().records.len()
         // Dropped without shutdown: the active log is left open, as after kill -9.
-    }
-    // A torn record at the end of the open log, as a crash mid-append leaves.
+    };
     let (_, log) = ferry_engine::changelog::list_logs(&a).unwrap().pop().unwrap();
     let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    std::io::Write::write_all(&mut f, &[0x48, 0x52, 0x4c, 0x52, 1, 2, 3]).unwrap();
+    std::io::Write::write_all(&mut f, &TORN).unwrap();
     drop(f);
+    // The log as the restart finds it: open, every record intact, then the tear.
+    let found = ferry_engine::changelog::scan(&log).unwrap();
+    assert!(!found.clean, "the dropped engine left its log open: {found:?}");
+    assert_eq!((found.records.len(), found.torn_bytes), (records, TORN.len() as u64), "{found:?}");
+    assert!(records >= 20, "the 20 flushed writes are in the log: {found:?}");
+
     let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let info = loop {
         let info = engine.vm("vm").await.unwrap();
         let resynced =
             engine.jobs().await.unwrap().iter().any(|j| j.kind == JobKind::Resync && j.status == JobStatus::Succeeded);
         if resynced && info.state == VmState::Protected {
-            assert!(
-                info.transitions
-                    .iter()
-                    .any(|t| t.to == VmState::ResyncRequired && t.reason.contains("not closed cleanly")),
-                "{info:?}"
-            );
-            break;
+            break info;
         }
         assert!(Instant::now() < deadline, "{info:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let to_resync: Vec<_> = info.transitions.iter().filter(|t| t.to == VmState::ResyncRequired).collect();
+    let want = format!("change log {} of disk a was not closed cleanly", log.display());
+    assert_eq!(to_resync.len(), 1, "{info:?}");
+    assert_eq!(to_resync[0].reason, want, "the torn tail reads as a torn tail, not as a corrupt log: {info:?}");
+    // The torn log is gone (a resync starts a new chain: new log ids), its
+    // records never uploaded as a delta.
+    for (_, p) in ferry_engine::changelog::list_logs(&a).unwrap() {
+        let now = ferry_engine::changelog::scan(&p).unwrap();
+        assert_ne!(now.header.log_id, found.header.log_id, "the untrusted log {} is still there", p.display());
+        assert_eq!(now.torn_bytes, 0, "{}: {now:?}", p.display());
     }
+    // The only point after the base is the resync's, and it sent exactly
+    // the 4 KiB blocks the writes before the crash changed.
+    let points: Vec<u64> = engine.recovery_points("vm").await.unwrap().iter().map(|p| p.seq).collect();
+    assert_eq!(points.len(), 2, "the base, then the resync's point: {points:?}");
+    let changed = std::fs::read(&a).unwrap().chunks(4096).zip(original.chunks(4096)).filter(|(x, y)| x != y).count();
+    let resync = engine.jobs().unwrap().into_iter().find(|j| j.kind == JobKind::Resync).unwrap();
+    let want = format!("recovery point {}: compared 1024 blocks, sent {changed} blocks, ", points[1]);
+    assert!(resync.detail.starts_with(&want), "{:?} does not start with {want:?}", resync.detail);
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out-resync")).await;
     churn(&engine, "vm", "a", 4 * MIB, 13, 10).await;
     replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
     assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
