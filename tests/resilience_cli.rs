@@ -82,6 +82,91 @@ fn logs_over_half_the_disk_lead_to_an_automatic_resync_that_sends_only_changes()
     d.stop();
 }
 
+/// Local wall-clock time as ferryd's schedule reads it (the same TZ):
+/// (minutes since local midnight, milliseconds into that minute, Unix time in ms).
+fn local_clock() -> (u32, u64, u64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    let secs = now.as_secs() as libc::time_t;
+    // SAFETY: localtime_r writes into the tm we own; a zeroed tm is valid input.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    assert!(!unsafe { libc::localtime_r(&secs, &mut tm) }.is_null(), "localtime_r failed");
+    let into_minute = tm.tm_sec.min(59) as u64 * 1000 + u64::from(now.subsec_millis());
+    ((tm.tm_hour * 60 + tm.tm_min) as u32, into_minute, now.as_millis() as u64)
+}
+
+fn unix_ms() -> u64 {
+    local_clock().2
+}
+
+/// Fills a VM's logs past 50% of its 8 MiB disk (three 2 MiB writes) and
+/// waits for ResyncRequired.
+fn pass_half_the_disk(d: &Daemon, vm: &str, disk: &str, model: &mut [u8]) {
+    let mut c = NbdClient::open(&d.socket, &format!("{vm}/{disk}"));
+    for _ in 0..3 {
+        nbd_write_random(&mut c, MIB, 2 * MIB, model); // 6 MiB of logs > 4 MiB
+    }
+    c.flush().expect("FLUSH");
+    drop(c);
+    let v = d.wait_state(vm, "ResyncRequired", Duration::from_secs(30));
+    let reason = v["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!("change logs of disk {disk} reached "))
+            && reason.ends_with(" bytes, 50% of its size"),
+        "ResyncRequired names the 50% rule for disk {disk}: {v:#}"
+    );
+}
+
+#[test]
+fn auto_resync_starts_by_itself_when_off_hours_begin() {
+    const SIZE: u64 = 8 * MIB;
+    // Work hours end at the next whole minute, or the one after when less
+    // than 30 s are left for the set-up; a window that would reach midnight
+    // (24:00 ends nothing: 00:00 starts the next day's work hours) waits
+    // for the new day.
+    let (mut minute, mut into_minute_ms, mut now_ms) = local_clock();
+    while minute + 2 >= 24 * 60 {
+        std::thread::sleep(Duration::from_secs(5));
+        (minute, into_minute_ms, now_ms) = local_clock();
+    }
+    let end = if into_minute_ms <= 30_000 { minute + 1 } else { minute + 2 };
+    let off_hours_at = now_ms - into_minute_ms + u64::from(end - minute) * 60_000;
+    let hours = format!("00:00-{:02}:{:02}", end / 60, end % 60);
+    let mut d = Daemon::start_with(&["--auto-resync", "off-hours", "--work-hours", &hours, "--work-days", "all"]);
+    let (path, mut model) = protect_one(&d, "vm6", "data", SIZE);
+    pass_half_the_disk(&d, "vm6", "data", &mut model);
+    let ready = unix_ms();
+    assert!(ready < off_hours_at, "set-up took past the end of work hours ({hours}): nothing left to show");
+    eprintln!("ResyncRequired {} ms before work hours ({hours}) end", off_hours_at - ready);
+
+    // Until off-hours begin: ResyncRequired, no Resync job.
+    loop {
+        let v = d.show("vm6");
+        let jobs = d.jobs_of("vm6");
+        if unix_ms() >= off_hours_at {
+            break;
+        }
+        assert_eq!(v["state"], "ResyncRequired", "no automatic resync during work hours ({hours}): {v:#}");
+        assert!(jobs.iter().all(|j| j["kind"] != "Resync"), "no Resync job during work hours: {jobs:#?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Then it starts by itself: ferryd waits whole minutes, so within a
+    // minute of off-hours beginning (plus slack for a loaded machine).
+    let job = d.wait_job_ended("vm6", "Resync", Duration::from_secs(150));
+    assert_eq!(job["status"], "Succeeded", "{job:#}");
+    let started = job["started_ms"].as_u64().expect("started_ms");
+    assert!(started >= off_hours_at, "the resync started {} ms before off-hours: {job:#}", off_hours_at - started);
+    assert!(started <= off_hours_at + 75_000, "the resync started {} ms after off-hours began", started - off_hours_at);
+    let v = d.wait_state("vm6", "Protected", Duration::from_secs(60));
+    let to_resync = transitions_to(&v, "Resynchronizing");
+    assert_eq!(to_resync.len(), 1, "{v:#}");
+    assert_eq!(to_resync[0]["from"], "ResyncRequired", "{v:#}");
+    assert!(to_resync[0]["at_ms"].as_u64().unwrap_or(0) >= off_hours_at, "{v:#}");
+    eprintln!("resync started {} ms after off-hours began", started - off_hours_at);
+    replicate_and_compare(&d, "vm6", "data", &path, &model);
+    d.assert_healthy();
+    d.stop();
+}
+
 #[test]
 fn auto_resync_waits_for_off_hours_and_an_operator_can_start_it_now() {
     const SIZE: u64 = 8 * MIB;
@@ -89,16 +174,7 @@ fn auto_resync_waits_for_off_hours_and_an_operator_can_start_it_now() {
     let mut d =
         Daemon::start_with(&["--auto-resync", "off-hours", "--work-hours", "00:00-24:00", "--work-days", "all"]);
     let (path, mut model) = protect_one(&d, "vm2", "data", SIZE);
-
-    let mut c = NbdClient::open(&d.socket, "vm2/data");
-    for _ in 0..3 {
-        nbd_write_random(&mut c, MIB, 2 * MIB, &mut model); // 6 MiB of logs > 4 MiB
-    }
-    c.flush().expect("FLUSH");
-    drop(c);
-
-    let v = d.wait_state("vm2", "ResyncRequired", Duration::from_secs(30));
-    assert!(v["reason"].as_str().unwrap_or_default().contains("50%"), "{v:#}");
+    pass_half_the_disk(&d, "vm2", "data", &mut model);
     // It stays there: no resync during work hours.
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
@@ -108,7 +184,8 @@ fn auto_resync_waits_for_off_hours_and_an_operator_can_start_it_now() {
         assert!(jobs.iter().all(|j| j["kind"] != "Resync"), "no Resync job during work hours: {jobs:#?}");
         std::thread::sleep(Duration::from_millis(300));
     }
-    d.ctl_err(&["replicate-now", "vm2"], "FailedPrecondition");
+    let e = d.ctl_err(&["replicate-now", "vm2"], "FailedPrecondition");
+    assert!(e.contains("ResyncRequired"), "the refusal names the state: {e}");
 
     // The operator starts it now.
     let v = d.ctl_json(&["resync", "vm2"]);
