@@ -268,7 +268,7 @@ fn catch_up_and_verify(
     // (2) latest equals the source, byte for byte.
     let out = d.dir().join(format!("points/{latest}-t{t}"));
     let job = d.test_failover(VM, "latest", &out);
-    assert!(job["detail"].as_str().unwrap_or_default().contains(&format!("recovery point {latest}")), "{job}");
+    assert!(job["detail"].as_str().unwrap_or_default().starts_with(&format!("recovery point {latest} ")), "{job}");
     disks_equal(&out, paths, &format!("test failover at latest ({latest})"));
     if let Some(old) = known.insert(latest, out) {
         let _ = std::fs::remove_dir_all(old);

@@ -50,23 +50,36 @@ async fn health_reflection_and_bad_input_statuses() {
         frequency: freq.into(),
         upload_workers: 0,
     };
+    // Each refusal names the field and the value it refuses.
     let cases = [
-        (protect("../x", "a", "/tmp/a.img", "30s"), Code::InvalidArgument, "vm name"),
-        (protect("vm", "a/b", "/tmp/a.img", "30s"), Code::InvalidArgument, "disk name"),
-        (protect("vm", "a", "relative.img", "30s"), Code::InvalidArgument, "disk path"),
-        (protect("vm", "a", "/tmp/a.img", "0s"), Code::InvalidArgument, "frequency"),
-        (protect("vm", "a", "/tmp/a.img", "often"), Code::InvalidArgument, "frequency"),
-        (protect("vm", "a", "/nonexistent/ferry/a.img", "30s"), Code::NotFound, "disk file"),
+        (protect("../x", "a", "/tmp/a.img", "30s"), Code::InvalidArgument, r#"invalid vm name: "../x" "#),
+        (protect("vm", "a/b", "/tmp/a.img", "30s"), Code::InvalidArgument, r#"invalid disk name: "a/b" "#),
+        (
+            protect("vm", "a", "relative.img", "30s"),
+            Code::InvalidArgument,
+            "invalid disk path: relative.img must be absolute",
+        ),
+        (protect("vm", "a", "/tmp/a.img", "0s"), Code::InvalidArgument, "invalid frequency: 0ns "),
+        (
+            protect("vm", "a", "/tmp/a.img", "often"),
+            Code::InvalidArgument,
+            r#"invalid frequency: "often" is not a duration"#,
+        ),
+        (
+            protect("vm", "a", "/nonexistent/ferry/a.img", "30s"),
+            Code::NotFound,
+            "disk file not found: /nonexistent/ferry/a.img",
+        ),
         (
             pb::ProtectVmRequest { upload_workers: 33, ..protect("vm", "a", "/tmp/a.img", "30s") },
             Code::InvalidArgument,
-            "upload_workers",
+            "invalid upload_workers: 33 is outside 1..=32",
         ),
     ];
-    for (req, code, field) in cases {
+    for (req, code, want) in cases {
         let s = c.protect_vm(req.clone()).await.unwrap_err();
         assert_eq!(s.code(), code, "{req:?}: {s:?}");
-        assert!(s.message().contains(field), "{req:?}: {}", s.message());
+        assert!(s.message().starts_with(want), "{req:?}: {:?} does not start with {want:?}", s.message());
     }
     let s = c.get_vm(pb::VmRef { name: "nope".into() }).await.unwrap_err();
     assert_eq!(s.code(), Code::NotFound);

@@ -171,7 +171,7 @@ fn protect_write_through_nbd_and_test_failover() {
     // Test failover at latest: byte-identical to the source.
     let out = d.dir().join("failover");
     let job = d.test_failover("vm1", "latest", &out);
-    assert!(job["detail"].as_str().unwrap_or_default().contains(&format!("recovery point {seq}")), "{job}");
+    assert!(job["detail"].as_str().unwrap_or_default().starts_with(&format!("recovery point {seq} ")), "{job}");
     let mut names: Vec<String> =
         std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();

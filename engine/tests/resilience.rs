@@ -188,7 +188,7 @@ async fn an_authentication_failure_is_critical_until_the_operator_resumes() {
     churn(&engine, "vm", "a", 4 * MIB, 9, 10).await;
     assert!(engine.replicate_now("vm").await.is_err());
     let info = wait_state(&engine, "vm", VmState::Critical, Duration::from_secs(10)).await;
-    assert!(info.reason.as_deref().unwrap_or("").contains("authentication"), "{info:?}");
+    assert!(info.reason.as_deref().unwrap_or("").contains("target authentication failed"), "{info:?}");
     // No retry: the job count stays put for many scaled retry periods.
     let jobs = engine.jobs().await.unwrap().len();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -229,11 +229,16 @@ async fn logs_over_half_the_disk_resync_by_block_checksums() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let info = engine.vm("vm").await.unwrap();
-    assert!(info.transitions.iter().any(|t| t.to == VmState::ResyncRequired && t.reason.contains("50%")), "{info:?}");
+    assert!(
+        info.transitions.iter().any(|t| t.to == VmState::ResyncRequired
+            && t.reason.starts_with("change logs of disk a reached ")
+            && t.reason.ends_with(" bytes, 50% of its size")),
+        "{info:?}"
+    );
     // Only the 256 changed blocks (4 KiB each) were sent.
     assert!(job.detail.contains("compared 2048 blocks, sent 256 blocks"), "{}", job.detail);
     let p = engine.recovery_points("vm").await.unwrap();
-    let resync_point = p.iter().find(|x| job.detail.contains(&format!("recovery point {}", x.seq))).unwrap();
+    let resync_point = p.iter().find(|x| job.detail.starts_with(&format!("recovery point {}: ", x.seq))).unwrap();
     assert!(resync_point.bytes_logical == MIB && resync_point.bytes_stored < size, "{resync_point:?}");
     // Writes during and after the resync are replicated too.
     churn(&engine, "vm", "a", size, 11, 20).await;

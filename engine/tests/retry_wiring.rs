@@ -103,7 +103,7 @@ async fn a_down_target_is_retried_on_the_backoff_schedule_which_resets_after_a_s
 
     engine.set_faults(Faults { down: true, ..Default::default() }).unwrap();
     engine.write("vm", "a", 0, random_bytes(4096, 5)).await.unwrap();
-    assert!(engine.replicate_now("vm").await.unwrap_err().to_string().contains("outage"));
+    assert!(engine.replicate_now("vm").await.unwrap_err().to_string().contains("target unavailable (outage)"));
     // The first failure and three retries (due 0.6, 1.2 and 2.4 s after it), all failing.
     wait_failed_attempts(&engine, 2, 4).await;
     let info = engine.vm("vm").await.unwrap();
