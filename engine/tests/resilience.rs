@@ -11,7 +11,7 @@ use ferry_engine::model::{JobKind, JobStatus};
 use ferry_engine::target::unreliable::Faults;
 use ferry_engine::{DiskSpec, Engine, EngineConfig, PointSelector, VmSpec};
 use rand::{Rng, SeedableRng};
-use support::{assert_retry_spacing, delta_attempts, failed};
+use support::{assert_retry_spacing, delta_attempts, failed, wait_first_cycle};
 
 mod support;
 
@@ -130,6 +130,7 @@ async fn an_outage_is_retried_on_the_backoff_schedule_and_the_point_after_it_res
     let engine = Engine::open(cfg).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+    wait_first_cycle(&engine, "vm").await; // or the writes below could go into it, before the outage
     let before = engine.vm("vm").await.unwrap();
     churn(&engine, "vm", "a", 4 * MIB, 7, 30).await;
     let written = std::fs::read(&a).unwrap(); // what point 2 must hold
@@ -152,8 +153,10 @@ async fn an_outage_is_retried_on_the_backoff_schedule_and_the_point_after_it_res
     }
     let jobs = delta_attempts(&engine, 2);
     let fails = failed(&jobs);
-    let timeline: Vec<_> =
-        jobs.iter().map(|j| (j.started_ms - start, j.ended_ms.map(|e| e - start), j.status)).collect();
+    let timeline: Vec<_> = jobs
+        .iter()
+        .map(|j| (j.started_ms as i64 - start as i64, j.ended_ms.map(|e| e as i64 - start as i64), j.status))
+        .collect();
     eprintln!("attempts of point 2 (ms after the outage began at 0, ended at {OUTAGE_MS}): {timeline:?}");
     // The first try and at least one retry fell in the outage; then one success.
     assert!(fails >= 2 && jobs.len() == fails + 1, "{jobs:?}");
@@ -267,6 +270,7 @@ async fn an_unclean_stop_is_never_trusted_and_resyncs() {
         let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
         protect(&engine, "vm", &[&a]).await;
         wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+        wait_first_cycle(&engine, "vm").await; // so every write below stays in the open log
         churn(&engine, "vm", "a", 4 * MIB, 12, 20).await;
         let (_, log) = ferry_engine::changelog::list_logs(&a).unwrap().pop().unwrap();
         ferry_engine::changelog::scan(&log).unwrap().records.len()

@@ -68,8 +68,23 @@ pub async fn protect(engine: &Engine, vm: &str, paths: &[&Path]) -> VmInfo {
     let disks = paths.iter().map(|p| DiskSpec { name: disk_name(p), path: p.to_path_buf() }).collect();
     engine.protect(VmSpec::new(vm, disks).with_frequency(Duration::from_secs(3600))).await.unwrap();
     let info = engine.wait_protected(vm, Duration::from_secs(60)).await.unwrap();
-    wait_idle(engine).await;
+    wait_first_cycle(engine, vm).await;
     info
+}
+
+/// Waits until the cycle that follows the base commit (it ships the writes
+/// made during the copy, usually nothing) has ended and no job runs. The
+/// VM is Protected before that cycle's job even exists, so waiting for
+/// "no job running" alone can return first, and a write made next can land
+/// in that cycle: a point the test did not cut.
+pub async fn wait_first_cycle(engine: &Engine, vm: &str) {
+    eventually("the cycle after the base commit to end", Duration::from_secs(60), || async {
+        let jobs = engine.jobs().unwrap();
+        let cycled =
+            jobs.iter().any(|j| j.vm == vm && j.kind == JobKind::DeltaReplication && j.status != JobStatus::Running);
+        (cycled && jobs.iter().all(|j| j.status != JobStatus::Running)).then_some(())
+    })
+    .await
 }
 
 pub fn disk_name(p: &Path) -> String {
