@@ -148,10 +148,10 @@ async fn an_outage_is_retried_on_the_backoff_schedule_and_the_point_after_it_res
     // Nobody switches the outage off: a retry after its end commits point 2.
     let deadline = Instant::now() + Duration::from_secs(30);
     while engine.vm("vm").await.unwrap().last_point_seq < 2 {
-        assert!(Instant::now() < deadline, "no point after the outage: {:?}", delta_attempts(&engine, 2));
+        assert!(Instant::now() < deadline, "no point after the outage: {:?}", delta_attempts(&engine, 2).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let jobs = delta_attempts(&engine, 2);
+    let jobs = delta_attempts(&engine, 2).await;
     let fails = failed(&jobs);
     let timeline: Vec<_> = jobs
         .iter()
@@ -314,7 +314,7 @@ async fn an_unclean_stop_is_never_trusted_and_resyncs() {
     let points: Vec<u64> = engine.recovery_points("vm").await.unwrap().iter().map(|p| p.seq).collect();
     assert_eq!(points.len(), 2, "the base, then the resync's point: {points:?}");
     let changed = std::fs::read(&a).unwrap().chunks(4096).zip(original.chunks(4096)).filter(|(x, y)| x != y).count();
-    let resync = engine.jobs().unwrap().into_iter().find(|j| j.kind == JobKind::Resync).unwrap();
+    let resync = engine.jobs().await.unwrap().into_iter().find(|j| j.kind == JobKind::Resync).unwrap();
     let want = format!("recovery point {}: compared 1024 blocks, sent {changed} blocks, ", points[1]);
     assert!(resync.detail.starts_with(&want), "{:?} does not start with {want:?}", resync.detail);
     assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out-resync")).await;

@@ -74,7 +74,7 @@ async fn a_put_failing_every_quick_try_is_retried_by_the_actor_as_the_same_point
         (engine.vm("vm").await.unwrap().last_point_seq == 2).then_some(())
     })
     .await;
-    let jobs = delta_attempts(&engine, 2);
+    let jobs = delta_attempts(&engine, 2).await;
     let statuses: Vec<JobStatus> = jobs.iter().map(|j| j.status).collect();
     assert_eq!(statuses, vec![JobStatus::Failed, JobStatus::Failed, JobStatus::Succeeded], "{jobs:?}");
     assert!(jobs[0].error.as_deref().unwrap().contains(&object), "{:?}", jobs[0]);
@@ -115,7 +115,7 @@ async fn a_down_target_is_retried_on_the_backoff_schedule_which_resets_after_a_s
         (engine.vm("vm").await.unwrap().last_point_seq == 2).then_some(())
     })
     .await;
-    let jobs = delta_attempts(&engine, 2);
+    let jobs = delta_attempts(&engine, 2).await;
     let fails = failed(&jobs);
     assert!(fails >= 4 && jobs.len() == fails + 1, "{jobs:?}");
     assert_eq!(jobs.last().unwrap().status, JobStatus::Succeeded);
@@ -141,7 +141,7 @@ async fn a_down_target_is_retried_on_the_backoff_schedule_which_resets_after_a_s
         (engine.vm("vm").await.unwrap().last_point_seq == 3).then_some(())
     })
     .await;
-    let jobs = delta_attempts(&engine, 3);
+    let jobs = delta_attempts(&engine, 3).await;
     assert_eq!(jobs.last().unwrap().status, JobStatus::Succeeded, "{jobs:?}");
     assert_retry_spacing(&jobs, SCALE, SLACK_MS);
     assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;

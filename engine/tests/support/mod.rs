@@ -79,7 +79,7 @@ pub async fn protect(engine: &Engine, vm: &str, paths: &[&Path]) -> VmInfo {
 /// in that cycle: a point the test did not cut.
 pub async fn wait_first_cycle(engine: &Engine, vm: &str) {
     eventually("the cycle after the base commit to end", Duration::from_secs(60), || async {
-        let jobs = engine.jobs().unwrap();
+        let jobs = engine.jobs().await.unwrap();
         let cycled =
             jobs.iter().any(|j| j.vm == vm && j.kind == JobKind::DeltaReplication && j.status != JobStatus::Running);
         (cycled && jobs.iter().all(|j| j.status != JobStatus::Running)).then_some(())
@@ -187,10 +187,11 @@ pub fn logs(disk: &Path) -> Vec<PathBuf> {
 /// The delta jobs of recovery point `seq`, oldest first: every attempt
 /// (a failed job keeps the detail it started with, a successful one adds
 /// what it stored).
-pub fn delta_attempts(engine: &Engine, seq: u64) -> Vec<Job> {
+pub async fn delta_attempts(engine: &Engine, seq: u64) -> Vec<Job> {
     let tag = format!("recovery point {seq}");
     engine
         .jobs()
+        .await
         .unwrap()
         .into_iter()
         .filter(|j| {
@@ -226,7 +227,7 @@ pub fn assert_retry_spacing(jobs: &[Job], scale: f64, slack_ms: u64) {
 /// Waits for `n` failed attempts of point `seq`.
 pub async fn wait_failed_attempts(engine: &Engine, seq: u64, n: usize) {
     eventually(&format!("{n} failed attempts of point {seq}"), Duration::from_secs(30), || async {
-        (failed(&delta_attempts(engine, seq)) >= n).then_some(())
+        (failed(&delta_attempts(engine, seq).await) >= n).then_some(())
     })
     .await
 }
