@@ -1,24 +1,24 @@
-//! The NBD server against real clients: qemu-io, qemu-img, nbdinfo, nbdcopy
-//! and fio's nbd engine, over a Unix socket, on an export whose name has a
-//! slash in it (`vm1/disk0`, addressed as `nbd+unix:///vm1/disk0?socket=...`).
+//! The engine's NBD server, on an in-memory device, against real clients:
+//! qemu-io, qemu-img, nbdinfo, nbdcopy and fio's nbd engine, over a Unix
+//! socket, on an export whose name has a slash in it (`vm1/disk0`, addressed
+//! as `nbd+unix:///vm1/disk0?socket=...`). Tools are found and run through
+//! the shared harness (`ferry::harness`).
 //!
 //! These tools are required: a missing one fails its test with the package
 //! to install (qemu-utils; libnbd-bin and fio). Every client runs under a
 //! timeout and is killed if it overruns.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry::harness::{random_bytes, require_tool, Ran, CLIENT_TIMEOUT};
 use ferry_engine::nbd::{BlockDevice, MapCatalog, MemDevice, NbdServer};
-use rand::RngCore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const EXPORT: &str = "vm1/disk0";
 const SIZE: u64 = 64 << 20;
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A server on a Unix socket in a temporary folder, exporting one MemDevice.
 struct Served {
@@ -60,48 +60,17 @@ impl Served {
     }
 }
 
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand::rng().fill_bytes(&mut v);
-    v
-}
-
-/// Fails the test, naming the package, when a client tool is not installed.
-fn require(tool: &str, package: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{tool}` is required by this test but not installed: apt-get install -y {package}"))
-}
-
-/// Runs a client to completion under a timeout; kills it on overrun.
-async fn run(tool: &Path, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(tool);
-    cmd.args(args).kill_on_drop(true).stdin(std::process::Stdio::null());
-    let child = cmd.output();
-    let output = tokio::time::timeout(CLIENT_TIMEOUT, child)
-        .await
-        .unwrap_or_else(|_| panic!("{} {args:?} did not finish within {CLIENT_TIMEOUT:?}", tool.display()))
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
-    assert!(
-        output.status.success(),
-        "{} {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        tool.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+/// Runs a client to completion under the harness's timeout, off the async
+/// workers (they serve the export); it must exit 0.
+async fn run(tool: &Path, args: &[&str]) -> Ran {
+    let mut cmd = std::process::Command::new(tool);
+    cmd.args(args).stdin(std::process::Stdio::null());
+    tokio::task::spawn_blocking(move || ferry::harness::process::run_ok(&mut cmd, CLIENT_TIMEOUT)).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_writes_reads_zeroes_discards_and_flushes() {
-    let qemu_io = require("qemu-io", "qemu-utils");
+    let qemu_io = require_tool("qemu-io");
     let served = Served::start(MemDevice::new(SIZE)).await;
     let uri = served.uri();
     let out = run(
@@ -139,7 +108,7 @@ async fn qemu_io_writes_reads_zeroes_discards_and_flushes() {
         ],
     )
     .await;
-    let shown = text(&out);
+    let shown = out.text();
     assert!(!shown.contains("Pattern verification failed"), "{shown}");
     assert!(!shown.to_lowercase().contains("error"), "{shown}");
 
@@ -157,7 +126,7 @@ async fn qemu_io_writes_reads_zeroes_discards_and_flushes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_processes_share_the_export_and_survive_a_failed_read() {
-    let qemu_io = require("qemu-io", "qemu-utils");
+    let qemu_io = require_tool("qemu-io");
     let served = Served::start(MemDevice::new(SIZE)).await;
     let uri = served.uri();
     // Two processes at once on the same export, then one past the end.
@@ -171,12 +140,10 @@ async fn qemu_io_processes_share_the_export_and_survive_a_failed_read() {
     // us; the unit tests cover the server's own range errors. What matters
     // here is that the session goes on.
     let past_end = format!("read 0 {}", SIZE + 4096);
-    let out = tokio::process::Command::new(&qemu_io)
-        .args(["-f", "raw", &uri, "-c", &past_end, "-c", "read -P 0x01 0 4k"])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(CLIENT_TIMEOUT, out).await.expect("qemu-io in time").expect("qemu-io runs");
-    let shown = text(&out);
+    let mut cmd = std::process::Command::new(&qemu_io);
+    cmd.args(["-f", "raw", &uri, "-c", &past_end, "-c", "read -P 0x01 0 4k"]);
+    let out = tokio::task::spawn_blocking(move || ferry::harness::run(&mut cmd, CLIENT_TIMEOUT)).await.unwrap();
+    let shown = out.text();
     assert!(shown.contains("read failed"), "qemu-io refuses or reports the read past the end: {shown}");
     assert!(shown.contains("read 4096/4096 bytes"), "the following read still works: {shown}");
     served.stop().await;
@@ -184,7 +151,7 @@ async fn qemu_io_processes_share_the_export_and_survive_a_failed_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_converts_out_of_and_into_the_export() {
-    let qemu_img = require("qemu-img", "qemu-utils");
+    let qemu_img = require_tool("qemu-img");
     let original = random_bytes(SIZE as usize);
     let served = Served::start(MemDevice::from_bytes(original.clone())).await;
     let uri = served.uri();
@@ -204,16 +171,16 @@ async fn qemu_img_converts_out_of_and_into_the_export() {
     assert!(served.device.contents() == source, "bytes in equal the source image");
 
     let info = run(&qemu_img, &["info", "--output=json", &uri]).await;
-    assert!(text(&info).contains(&format!("\"virtual-size\": {SIZE}")), "{}", text(&info));
+    assert!(info.text().contains(&format!("\"virtual-size\": {SIZE}")), "{}", info.text());
     served.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdinfo_lists_exports_and_describes_one() {
-    let nbdinfo = require("nbdinfo", "libnbd-bin");
+    let nbdinfo = require_tool("nbdinfo");
     let served = Served::start(MemDevice::new(SIZE)).await;
     let info = run(&nbdinfo, &["--json", &served.uri()]).await;
-    let json: serde_json::Value = serde_json::from_slice(&info.stdout).expect("nbdinfo --json");
+    let json: serde_json::Value = serde_json::from_str(&info.stdout).expect("nbdinfo --json");
     let export = &json["exports"][0];
     assert_eq!(export["export-name"], EXPORT, "{json}");
     assert_eq!(export["export-size"], SIZE, "{json}");
@@ -226,7 +193,7 @@ async fn nbdinfo_lists_exports_and_describes_one() {
 
     let list_uri = format!("nbd+unix://?socket={}", served.socket.display());
     let list = run(&nbdinfo, &["--list", "--json", &list_uri]).await;
-    let json: serde_json::Value = serde_json::from_slice(&list.stdout).expect("nbdinfo --list --json");
+    let json: serde_json::Value = serde_json::from_str(&list.stdout).expect("nbdinfo --list --json");
     let names: Vec<&str> =
         json["exports"].as_array().expect("exports").iter().filter_map(|e| e["export-name"].as_str()).collect();
     assert_eq!(names, vec!["vm1/disk0", "vm2/disk0"], "{json}");
@@ -235,7 +202,7 @@ async fn nbdinfo_lists_exports_and_describes_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdcopy_with_several_connections_round_trips() {
-    let nbdcopy = require("nbdcopy", "libnbd-bin");
+    let nbdcopy = require_tool("nbdcopy");
     let served = Served::start(MemDevice::new(SIZE)).await;
     let uri = served.uri();
     let mut source = random_bytes(SIZE as usize);
@@ -258,7 +225,7 @@ async fn nbdcopy_with_several_connections_round_trips() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_random_writes_verify() {
-    let fio = require("fio", "fio");
+    let fio = require_tool("fio");
     let served = Served::start(MemDevice::new(SIZE)).await;
     let uri_arg = format!("--uri={}", served.uri());
     let out = run(
@@ -282,7 +249,7 @@ async fn fio_random_writes_verify() {
         ],
     )
     .await;
-    let shown = text(&out);
+    let shown = out.text();
     eprintln!("{shown}");
     assert!(shown.contains("err= 0"), "{shown}");
     assert!(!shown.contains("verify: bad"), "{shown}");
