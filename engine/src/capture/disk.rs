@@ -34,7 +34,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -65,6 +65,10 @@ pub struct Disk {
     /// Bytes of sealed logs not yet committed to a recovery point (50% rule, reporting).
     sealed_bytes: AtomicU64,
     signals: UnboundedSender<DiskSignal>,
+    /// The VM stopped or was unprotected: every request fails. Set under the
+    /// lock, so a write that holds the lock sees it; reads check it without
+    /// taking the lock (they never needed it).
+    closed: AtomicBool,
 }
 
 struct Inner {
@@ -75,8 +79,6 @@ struct Inner {
     signalled: bool,
     /// Why a disk fdatasync failed: every flush fails until a resync begins.
     sync_failed: Option<String>,
-    /// The VM stopped or was unprotected: every request fails.
-    closed: bool,
     /// Numbers the log chain: a resync starts a new one, so a signal about
     /// an older chain is moot.
     chain: u64,
@@ -115,15 +117,9 @@ impl Disk {
             path: path.to_path_buf(),
             size,
             file,
-            inner: Mutex::new(Inner {
-                log: Some(log),
-                snapshot: None,
-                signalled: false,
-                sync_failed: None,
-                closed: false,
-                chain: 0,
-            }),
+            inner: Mutex::new(Inner { log: Some(log), snapshot: None, signalled: false, sync_failed: None, chain: 0 }),
             sealed_bytes: AtomicU64::new(sealed_bytes),
+            closed: AtomicBool::new(false),
             signals,
         })
     }
@@ -159,7 +155,7 @@ impl Disk {
 
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        if self.lock().closed {
+        if self.closed.load(Ordering::Acquire) {
             return Err(self.closed_error());
         }
         self.file.read_exact_at(buf, offset).map_err(|e| Error::io(format!("read {}", self.path.display()), e))
@@ -195,7 +191,7 @@ impl Disk {
         self.check_range(offset, len)?;
         {
             let mut inner = self.lock();
-            if inner.closed {
+            if self.closed.load(Ordering::Acquire) {
                 return Err(self.closed_error());
             }
             if len > 0 {
@@ -260,7 +256,7 @@ impl Disk {
     pub fn flush(&self) -> Result<()> {
         let log_file = {
             let mut inner = self.lock();
-            if inner.closed {
+            if self.closed.load(Ordering::Acquire) {
                 return Err(self.closed_error());
             }
             if let Some(why) = &inner.sync_failed {
@@ -303,7 +299,7 @@ impl Disk {
     /// active log, if any.
     pub fn close(&self) -> Option<LogWriter> {
         let mut inner = self.lock();
-        inner.closed = true;
+        self.closed.store(true, Ordering::Release);
         inner.snapshot = None;
         inner.log.take()
     }
