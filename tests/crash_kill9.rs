@@ -328,8 +328,8 @@ fn kill9_loses_no_acknowledged_write_and_every_point_restores() {
     let mut d = Daemon::start_with(&[
         "--auto-resync",
         "immediately",
-        "--retry-time-scale",
-        "0.001",
+        "--policy-time-factor",
+        "1000",
         "--faults",
         faults.to_str().unwrap(),
     ]);

@@ -41,7 +41,7 @@ fn replicate_and_compare(d: &Daemon, vm: &str, disk: &str, path: &Path, model: &
 #[test]
 fn logs_over_half_the_disk_lead_to_an_automatic_resync_that_sends_only_changes() {
     const SIZE: u64 = 16 * MIB;
-    let mut d = Daemon::start_with(&["--auto-resync", "immediately", "--retry-time-scale", "0.001"]);
+    let mut d = Daemon::start_with(&["--auto-resync", "immediately", "--policy-time-factor", "1000"]);
     let (path, mut model) = protect_one(&d, "vm1", "os", SIZE);
     let replica = model.clone(); // what the target holds: the base point
 
@@ -299,7 +299,7 @@ fn an_authentication_failure_goes_critical_without_retries_until_resume() {
     let fdir = tempfile::Builder::new().prefix("ferry-faults").tempdir().unwrap();
     let faults = fdir.path().join("faults.json");
     std::fs::write(&faults, r#"{"auth_failure":true}"#).unwrap();
-    let mut d = Daemon::start_with(&["--retry-time-scale", "0.001", "--faults", faults.to_str().unwrap()]);
+    let mut d = Daemon::start_with(&["--policy-time-factor", "1000", "--faults", faults.to_str().unwrap()]);
     let path = d.disks().join("app.img");
     let mut model = random_disk(&path, SIZE);
     d.ctl_json(&["protect", "vm5", "--disk", &format!("app={}", path.display()), "--frequency", "1h"]);

@@ -60,9 +60,13 @@ pub struct Args {
     /// Upload limit outside work hours (overrides --bandwidth-limit then).
     #[arg(long)]
     pub off_limit: Option<String>,
-    /// Shrinks retry delays (1, 2, 4, 8, 10 min, then every 30) by this factor, (0, 1]: for tests and drills.
-    #[arg(long, default_value_t = 1.0)]
-    pub retry_time_scale: f64,
+    /// Runs policy time (retry backoff, work hours, auto-resync windows) this
+    /// many times faster than wall time, 1..=1000000, for drills, tests and
+    /// the simulator (1000: a 30-minute retry comes after 1.8 s). Replication
+    /// frequency and recovery-point times stay wall time. Hidden from --help:
+    /// not for production.
+    #[arg(long, default_value_t = 1.0, hide = true)]
+    pub policy_time_factor: f64,
     /// Fault injection: a JSON file of target faults (error_rate, fail_first, outages, down,
     /// latency_ms, auth_failure, seed), re-read every second while ferryd runs.
     #[arg(long)]
@@ -142,13 +146,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "manual" => ferry_engine::config::AutoResync::Manual,
         other => anyhow::bail!("--auto-resync {other:?}: expected off-hours, immediately or manual"),
     };
-    config.retry_time_scale = args.retry_time_scale;
     if let Some(path) = &args.faults {
         config.faults = Some(read_faults(path)?);
     }
     loopback_only(&args.listen, "--listen")?;
 
-    let engine = Arc::new(Engine::open(config).await.context("opening the engine")?);
+    let clock: Arc<dyn ferry_engine::clock::Clock> = if args.policy_time_factor == 1.0 {
+        Arc::new(ferry_engine::clock::SystemClock)
+    } else {
+        Arc::new(ferry_engine::clock::AcceleratedClock::new(args.policy_time_factor).context("--policy-time-factor")?)
+    };
+    let engine = Arc::new(Engine::open_with_clock(config, clock).await.context("opening the engine")?);
     let shutdown = CancellationToken::new();
     if let Some(path) = &args.faults {
         watch_faults(engine.clone(), path.clone(), shutdown.clone());

@@ -40,9 +40,6 @@ pub struct EngineConfig {
     /// Host-wide upload limits (work hours / off hours), each 512 Kbps..=1023 Mbps
     /// or unlimited. Default: unlimited; work hours 08:00-18:00 Monday to Friday.
     pub bandwidth: BandwidthPolicy,
-    /// Shrinks retry delays (1, 2, 4, 8, 10 min, then every 30) for tests and
-    /// the simulator. Default 1.0 (real time), (0, 1].
-    pub retry_time_scale: f64,
     /// When a VM that needs a resync starts it. Default: off-hours.
     pub auto_resync: AutoResync,
     /// Resync block size. Default 4 KiB; a power of two, 4 KiB..=4 MiB.
@@ -63,7 +60,6 @@ impl Default for EngineConfig {
             data_dir: PathBuf::from("ferry-data"),
             target: None,
             bandwidth: BandwidthPolicy::default(),
-            retry_time_scale: 1.0,
             auto_resync: AutoResync::OffHours,
             resync_block_size: DEFAULT_RESYNC_BLOCK,
             faults: None,
@@ -98,9 +94,6 @@ impl EngineConfig {
             return Err(Error::invalid("data_dir", "must not be empty"));
         }
         self.bandwidth.validate()?;
-        if !(self.retry_time_scale > 0.0 && self.retry_time_scale <= 1.0) {
-            return Err(Error::invalid("retry_time_scale", format!("{} is outside (0, 1]", self.retry_time_scale)));
-        }
         if !self.resync_block_size.is_power_of_two() || !(4 << 10..=4 << 20).contains(&self.resync_block_size) {
             return Err(Error::invalid(
                 "resync_block_size",
@@ -151,7 +144,6 @@ mod tests {
             (EngineConfig { zstd_level: 0, ..Default::default() }, "zstd_level"),
             (EngineConfig { restore_parallelism: 65, ..Default::default() }, "restore_parallelism"),
             (EngineConfig { bandwidth: BandwidthPolicy::flat(Some(10)), ..Default::default() }, "work limit"),
-            (EngineConfig { retry_time_scale: 0.0, ..Default::default() }, "retry_time_scale"),
             (EngineConfig { resync_block_size: 5000, ..Default::default() }, "resync_block_size"),
             (EngineConfig { data_dir: PathBuf::new(), ..Default::default() }, "data_dir"),
         ];

@@ -18,7 +18,6 @@ use crate::host::{DiskRegistry, Host};
 use crate::model::{now_millis, DiskSpec, Job, JobId, JobKind, JobStatus, RecoveryPoint, VmSpec};
 use crate::restore::{self, RestoredDisk};
 use crate::runtime::blocking;
-use crate::schedule::retry::RetryPolicy;
 use crate::schedule::throttle::{BandwidthPolicy, Throttle};
 use crate::state::jobs::Jobs;
 use crate::state::{StateStore, VmRecord};
@@ -92,7 +91,6 @@ impl Engine {
         let host = Arc::new(Host {
             throttle: Arc::new(Throttle::with_clock(config.bandwidth.clone(), clock.clone())?),
             clock,
-            retry: RetryPolicy { time_scale: config.retry_time_scale },
             unreliable,
             config,
             state,
@@ -122,10 +120,10 @@ impl Engine {
         let state = self.host.state.clone();
         for rec in blocking(move || state.list_vms()).await? {
             let name = rec.spec.name.clone();
-            let dd = self.host.config.data_dir.clone();
+            let (dd, now) = (self.host.config.data_dir.clone(), self.host.clock.now_ms());
             let opened = blocking(move || {
                 let mut r = rec.clone();
-                let opened = vm::open_vm(&mut r, &dd, now_millis())?;
+                let opened = vm::open_vm(&mut r, &dd, now)?;
                 Ok((r, opened))
             })
             .await;
@@ -134,11 +132,10 @@ impl Engine {
                 Err(e) => {
                     // The VM stays known (and Critical) so an operator sees why.
                     tracing::error!(vm = %name, error = %e, "cannot resume VM");
-                    let (state, reason) = (self.host.state.clone(), e.to_string());
+                    let (state, reason, now) = (self.host.state.clone(), e.to_string(), self.host.clock.now_ms());
                     blocking(move || {
                         state.update_vm(&name, |r| {
-                            r.lifecycle
-                                .on_event(Event::Failed { class: ErrorClass::NonRecoverable, reason }, now_millis());
+                            r.lifecycle.on_event(Event::Failed { class: ErrorClass::NonRecoverable, reason }, now);
                         })
                     })
                     .await?;
@@ -190,8 +187,8 @@ impl Engine {
             last_point_seq: 0,
             protected_since_ms: 0,
         };
-        let (mut r, dd) = (rec.clone(), self.host.config.data_dir.clone());
-        let opened = match blocking(move || vm::open_vm(&mut r, &dd, now_millis())).await {
+        let (mut r, dd, now) = (rec.clone(), self.host.config.data_dir.clone(), self.host.clock.now_ms());
+        let opened = match blocking(move || vm::open_vm(&mut r, &dd, now)).await {
             Ok(o) => o,
             Err(e) => {
                 for d in &spec.disks {

@@ -16,7 +16,6 @@ pub struct Host {
     pub target: Target,
     /// Host-wide upload limit; every VM's uploads are charged to it.
     pub throttle: Arc<Throttle>,
-    pub retry: crate::schedule::retry::RetryPolicy,
     /// The fault-injecting wrapper, when configured (tests, drills).
     pub unreliable: Option<Arc<crate::target::unreliable::UnreliableTarget>>,
     pub jobs: Jobs,

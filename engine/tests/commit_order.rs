@@ -55,7 +55,7 @@ async fn a_point_with_one_failed_object_is_not_committed_and_its_retry_writes_th
     let tmp = tempfile::tempdir().unwrap();
     let root = target_root(tmp.path());
     let a = random_disk(tmp.path(), "a", MIB, 1);
-    let engine = Arc::new(Engine::open(config(tmp.path())).await.unwrap());
+    let engine = Arc::new(open_engine(config(tmp.path())).await.unwrap());
     let generation = protect(&engine, "vm", &[&a]).await.generation;
     let [sealed]: [PathBuf; 1] = logs(&a).try_into().unwrap(); // the active log, sealed by the next cycle
     six_part_delta(&engine).await;
@@ -109,7 +109,7 @@ async fn every_object_is_durable_before_the_manifest_and_a_failed_manifest_commi
     let tmp = tempfile::tempdir().unwrap();
     let root = target_root(tmp.path());
     let a = random_disk(tmp.path(), "a", MIB, 2);
-    let engine = Arc::new(Engine::open(config(tmp.path())).await.unwrap());
+    let engine = Arc::new(open_engine(config(tmp.path())).await.unwrap());
     let generation = protect(&engine, "vm", &[&a]).await.generation;
     let [sealed]: [PathBuf; 1] = logs(&a).try_into().unwrap();
     six_part_delta(&engine).await;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ferry_engine::changelog::{HEADER_SIZE, RECORD_HEADER_SIZE};
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::{Engine, PointSelector};
+use ferry_engine::PointSelector;
 use support::*;
 
 const BLOCK: usize = 512;
@@ -63,7 +63,7 @@ async fn every_point_of_a_two_disk_vm_holds_a_prefix_of_the_acknowledged_writes(
     let tmp = tempfile::tempdir().unwrap();
     let a = sparse_disk(tmp.path(), "a", DISK);
     let b = sparse_disk(tmp.path(), "b", DISK);
-    let engine = Arc::new(Engine::open(config(tmp.path())).await.unwrap());
+    let engine = Arc::new(open_engine(config(tmp.path())).await.unwrap());
     protect(&engine, "vm", &[&a, &b]).await;
 
     // One writer, in this order: a[0], b[0], a[1], b[1], ...; each write
@@ -143,7 +143,7 @@ async fn pending_logs_one_byte_under_half_the_disk_stay_protected_and_at_half_re
     const SIZE: u64 = MIB;
     let tmp = tempfile::tempdir().unwrap();
     let a = sparse_disk(tmp.path(), "a", SIZE);
-    let engine = Engine::open(config(tmp.path())).await.unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     let info = engine.vm("vm").await.unwrap();
     let (active, sealed) = (info.disks[0].active_log_bytes, info.disks[0].pending_log_bytes);

@@ -17,7 +17,6 @@ mod support;
 use std::time::Duration;
 
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::Engine;
 use support::*;
 
 /// Sets the soft file-size limit; returns the previous one.
@@ -40,7 +39,7 @@ async fn a_failed_change_log_write_is_acknowledged_stops_logging_and_resyncs() {
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let tmp = tempfile::tempdir().unwrap();
     let a = sparse_disk(tmp.path(), "a", SIZE);
-    let engine = Engine::open(config(tmp.path())).await.unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     let [log]: [std::path::PathBuf; 1] = logs(&a).try_into().unwrap();
     let store = std::fs::metadata(tmp.path().join("data/state.redb")).unwrap().len();

@@ -28,7 +28,6 @@ fn disk(dir: &Path, name: &str, size: u64, seed: u64) -> PathBuf {
 
 fn config(dir: &Path, faults: Option<Faults>) -> EngineConfig {
     let mut c = EngineConfig::new(dir.join("data"));
-    c.retry_time_scale = 0.0005; // 1 min -> 30 ms, 30 min -> 0.9 s
     c.auto_resync = AutoResync::Immediately;
     c.chunk_size = 256 << 10;
     c.faults = faults;
@@ -96,7 +95,7 @@ async fn thirty_percent_target_errors_still_replicate_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let a = disk(tmp.path(), "a", 4 * MIB, 1);
     let faults = Faults { error_rate: 0.3, seed: 42, ..Default::default() };
-    let engine = Engine::open(config(tmp.path(), Some(faults))).await.unwrap();
+    let engine = support::open_engine(config(tmp.path(), Some(faults))).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(120)).await;
     for round in 0..3 {
@@ -125,9 +124,8 @@ async fn an_outage_is_retried_on_the_backoff_schedule_and_the_point_after_it_res
     const OUTAGE_MS: u64 = 3000;
     let tmp = tempfile::tempdir().unwrap();
     let a = disk(tmp.path(), "a", 4 * MIB, 2);
-    let mut cfg = config(tmp.path(), Some(Faults::default()));
-    cfg.retry_time_scale = SCALE;
-    let engine = Engine::open(cfg).await.unwrap();
+    let cfg = config(tmp.path(), Some(Faults::default()));
+    let engine = support::open_engine_at(cfg, 1.0 / SCALE).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
     wait_first_cycle(&engine, "vm").await; // or the writes below could go into it, before the outage
@@ -184,7 +182,7 @@ async fn an_outage_is_retried_on_the_backoff_schedule_and_the_point_after_it_res
 async fn an_authentication_failure_is_critical_until_the_operator_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let a = disk(tmp.path(), "a", 4 * MIB, 3);
-    let engine = Engine::open(config(tmp.path(), Some(Faults::default()))).await.unwrap();
+    let engine = support::open_engine(config(tmp.path(), Some(Faults::default()))).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
     engine.set_faults(Faults { auth_failure: true, ..Default::default() }).unwrap();
@@ -211,7 +209,7 @@ async fn logs_over_half_the_disk_resync_by_block_checksums() {
     let tmp = tempfile::tempdir().unwrap();
     let size = 8 * MIB;
     let a = disk(tmp.path(), "a", size, 4);
-    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
     // Rewrite the same 1 MiB five times: 5 MiB of logs (> 50%), 1 MiB changed.
@@ -267,7 +265,7 @@ async fn an_unclean_stop_is_never_trusted_and_resyncs() {
     let a = disk(tmp.path(), "a", 4 * MIB, 5);
     let original = std::fs::read(&a).unwrap();
     let records = {
-        let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+        let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
         protect(&engine, "vm", &[&a]).await;
         wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
         wait_first_cycle(&engine, "vm").await; // so every write below stays in the open log
@@ -286,7 +284,7 @@ async fn an_unclean_stop_is_never_trusted_and_resyncs() {
     assert_eq!((found.records.len(), found.torn_bytes), (records, TORN.len() as u64), "{found:?}");
     assert!(records >= 20, "the 20 flushed writes are in the log: {found:?}");
 
-    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let info = loop {
         let info = engine.vm("vm").await.unwrap();
@@ -328,7 +326,7 @@ async fn an_unclean_stop_is_never_trusted_and_resyncs() {
 async fn pause_keeps_tracking_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let a = disk(tmp.path(), "a", 4 * MIB, 6);
-    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
     assert_eq!(engine.pause("vm").await.unwrap().state, VmState::Paused);
@@ -350,7 +348,7 @@ async fn kept_replica_hashes_match_the_replica() {
     let tmp = tempfile::tempdir().unwrap();
     let size = 4 * MIB;
     let a = disk(tmp.path(), "a", size, 21);
-    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(22);
@@ -386,7 +384,7 @@ async fn kept_replica_hashes_match_the_replica() {
     // Without kept hashes (lost file), a resync reads the replica once instead.
     drop(engine);
     std::fs::remove_file(hashes::path(&tmp.path().join("data"), "vm", "a")).unwrap();
-    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
     engine.write("vm", "a", 0, vec![9u8; 8192]).await.unwrap();
     engine.resync("vm").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -421,7 +419,7 @@ async fn a_resync_interrupted_by_a_stop_runs_again_after_restart() {
     let a = disk(tmp.path(), "a", 4 * MIB, 31);
     {
         // Slow puts keep the resync running long enough to stop in the middle of it.
-        let engine = Engine::open(config(tmp.path(), Some(Faults::default()))).await.unwrap();
+        let engine = support::open_engine(config(tmp.path(), Some(Faults::default()))).await.unwrap();
         protect(&engine, "vm", &[&a]).await;
         wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
         churn(&engine, "vm", "a", 4 * MIB, 32, 40).await;
@@ -431,7 +429,7 @@ async fn a_resync_interrupted_by_a_stop_runs_again_after_restart() {
         assert_eq!(engine.vm("vm").await.unwrap().state, VmState::Resynchronizing);
         engine.shutdown().await.unwrap();
     }
-    let engine = Engine::open(config(tmp.path(), None)).await.unwrap();
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
     let resyncs = engine.jobs().await.unwrap().into_iter().filter(|j| j.kind == JobKind::Resync).collect::<Vec<_>>();
     assert!(resyncs.iter().any(|j| j.status == JobStatus::Succeeded), "{resyncs:?}");
@@ -447,7 +445,7 @@ async fn a_resync_interrupted_by_a_stop_runs_again_after_restart() {
 async fn a_resync_during_a_running_cycle_leaves_every_point_restorable() {
     let tmp = tempfile::tempdir().unwrap();
     let a = disk(tmp.path(), "a", 4 * MIB, 41);
-    let engine = std::sync::Arc::new(Engine::open(config(tmp.path(), Some(Faults::default()))).await.unwrap());
+    let engine = std::sync::Arc::new(support::open_engine(config(tmp.path(), Some(Faults::default()))).await.unwrap());
     protect(&engine, "vm", &[&a]).await;
     wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
     churn(&engine, "vm", "a", 4 * MIB, 42, 40).await;

@@ -19,7 +19,7 @@ use ferry_engine::model::{JobKind, JobStatus, PointKind};
 use ferry_engine::replica::manifest::vm_prefix;
 use ferry_engine::target::LocalTarget;
 use ferry_engine::throttle::{BandwidthPolicy, MIN_LIMIT_BPS};
-use ferry_engine::{changelog, Engine};
+use ferry_engine::changelog;
 use support::*;
 
 /// A protected 1 MiB disk with three sealed logs beside it, each holding
@@ -29,7 +29,7 @@ use support::*;
 async fn three_sealed_logs(tmp: &Path) -> (PathBuf, Vec<PathBuf>) {
     let a = random_disk(tmp, "a", MIB, 1);
     for session in 0..3u64 {
-        let engine = Engine::open(config(tmp)).await.unwrap();
+        let engine = open_engine(config(tmp)).await.unwrap();
         if session == 0 {
             protect(&engine, "vm", &[&a]).await;
         }
@@ -54,7 +54,7 @@ async fn restart_distrusts(damage: impl FnOnce(&[PathBuf]), why: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let (a, found) = three_sealed_logs(tmp.path()).await;
     damage(&found);
-    let engine = Engine::open(config(tmp.path())).await.unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
     let info = wait_state(&engine, "vm", VmState::ResyncRequired).await;
     let reason = info.reason.clone().unwrap_or_default();
     for w in why {
@@ -115,7 +115,7 @@ async fn a_stop_during_initial_replication_starts_protection_over_and_ends_byte_
         // 512 Kbps: sixteen 64 KiB objects of random data take about 16 s.
         let mut cfg = config(tmp.path());
         cfg.bandwidth = BandwidthPolicy::flat(Some(MIN_LIMIT_BPS));
-        let engine = Engine::open(cfg).await.unwrap();
+        let engine = open_engine(cfg).await.unwrap();
         let spec = ferry_engine::VmSpec::new("vm", vec![ferry_engine::DiskSpec { name: "a".into(), path: a.clone() }])
             .with_frequency(Duration::from_secs(3600));
         first_generation = engine.protect(spec).await.unwrap().generation;
@@ -133,7 +133,7 @@ async fn a_stop_during_initial_replication_starts_protection_over_and_ends_byte_
         assert_eq!(engine.vm("vm").await.unwrap().state, VmState::InitialReplication);
         engine.shutdown().await.unwrap();
     }
-    let engine = Engine::open(config(tmp.path())).await.unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
     engine.write("vm", "a", 300 * KIB, random_bytes(8192, 4)).await.unwrap();
     let info = engine.wait_protected("vm", Duration::from_secs(60)).await.unwrap();
     // Started over under a new generation: the first, unfinished replica is never mixed in.
@@ -165,7 +165,7 @@ async fn unprotecting_a_protected_vm_removes_its_logs_keeps_its_replica_and_allo
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let a = random_disk(tmp.path(), "a", MIB, 6);
-    let engine = Engine::open(config(tmp.path())).await.unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
     let old_generation = protect(&engine, "vm", &[&a]).await.generation;
     engine.write("vm", "a", 0, random_bytes(64 * KIB as usize, 7)).await.unwrap();
     assert_eq!(replicate(&engine, "vm").await, 2);

@@ -22,7 +22,7 @@ use support::*;
 /// Returns the engine, the disk, its generation and its bytes at each point.
 async fn two_points(tmp: &Path, seed: u64) -> (Engine, std::path::PathBuf, u64, Vec<u8>, Vec<u8>) {
     let a = random_disk(tmp, "a", MIB, seed);
-    let engine = Engine::open(config(tmp)).await.unwrap();
+    let engine = open_engine(config(tmp)).await.unwrap();
     let generation = protect(&engine, "vm", &[&a]).await.generation;
     let at1 = std::fs::read(&a).unwrap();
     for k in 0..2u64 {
@@ -96,7 +96,7 @@ async fn missing_object_then_resync(forget_hashes: bool) {
         engine.shutdown().await.unwrap();
         drop(engine);
         std::fs::remove_file(ferry_engine::hashes::path(&tmp.path().join("data"), "vm", "a")).unwrap();
-        engine = Engine::open(config(tmp.path())).await.unwrap();
+        engine = open_engine(config(tmp.path())).await.unwrap();
     }
     // Writes made before and after the resync starts must all arrive.
     engine.write("vm", "a", 512 * KIB, random_bytes(8192, 7)).await.unwrap();

@@ -18,7 +18,6 @@ use ferry_engine::model::JobStatus;
 use ferry_engine::replica::manifest::{manifest_key, object_key};
 use ferry_engine::replicate::PUT_TRIES;
 use ferry_engine::target::unreliable::Faults;
-use ferry_engine::Engine;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -26,7 +25,7 @@ async fn quick_put_retries_absorb_transient_failures_under_the_same_key() {
     let tmp = tempfile::tempdir().unwrap();
     let root = target_root(tmp.path());
     let a = random_disk(tmp.path(), "a", MIB, 1);
-    let engine = Engine::open(config(tmp.path())).await.unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
     let generation = protect(&engine, "vm", &[&a]).await.generation;
     // Up to PUT_TRIES - 1 failures of each put are absorbed inside the step.
     for fail_first in 1..PUT_TRIES {
@@ -59,7 +58,7 @@ async fn a_put_failing_every_quick_try_is_retried_by_the_actor_as_the_same_point
     let tmp = tempfile::tempdir().unwrap();
     let root = target_root(tmp.path());
     let a = random_disk(tmp.path(), "a", MIB, 2);
-    let engine = Engine::open(config(tmp.path())).await.unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
     let generation = protect(&engine, "vm", &[&a]).await.generation;
     // Every key fails its first PUT_TRIES tries: one whole step's worth.
     engine.set_faults(Faults { fail_first: PUT_TRIES, ..Default::default() }).unwrap();
@@ -96,9 +95,8 @@ async fn a_down_target_is_retried_on_the_backoff_schedule_which_resets_after_a_s
     let tmp = tempfile::tempdir().unwrap();
     let root = target_root(tmp.path());
     let a = random_disk(tmp.path(), "a", MIB, 4);
-    let mut cfg = config(tmp.path());
-    cfg.retry_time_scale = SCALE;
-    let engine = Engine::open(cfg).await.unwrap();
+    let cfg = config(tmp.path());
+    let engine = open_engine_at(cfg, 1.0 / SCALE).await.unwrap();
     let generation = protect(&engine, "vm", &[&a]).await.generation;
 
     engine.set_faults(Faults { down: true, ..Default::default() }).unwrap();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_engine::lifecycle::VmState;
-use ferry_engine::{DiskSpec, Engine, PointSelector, VmSpec};
+use ferry_engine::{DiskSpec, PointSelector, VmSpec};
 use rand::{Rng, SeedableRng};
 use support::*;
 
@@ -97,7 +97,7 @@ async fn writes_flushes_resyncs_and_pauses_at_random_keep_every_point_a_consiste
     let paths: Vec<_> = DISKS.iter().map(|d| sparse_disk(tmp.path(), d, DISK)).collect();
     let mut cfg = config(tmp.path());
     cfg.auto_resync = ferry_engine::config::AutoResync::Immediately;
-    let engine = Arc::new(Engine::open(cfg).await.unwrap());
+    let engine = Arc::new(open_engine(cfg).await.unwrap());
     let specs = DISKS.iter().zip(&paths).map(|(n, p)| DiskSpec { name: n.to_string(), path: p.clone() }).collect();
     engine.protect(VmSpec::new("vm", specs).with_frequency(Duration::from_secs(1))).await.unwrap();
     engine.wait_protected("vm", Duration::from_secs(60)).await.unwrap();

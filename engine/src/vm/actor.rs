@@ -106,13 +106,7 @@ impl VmActor {
                 stored.send_replace(version);
             }
         });
-        let core = VmCore::new(
-            &rec.spec.name,
-            opened.disks.len(),
-            rec.lifecycle.clone(),
-            rec.last_point_seq,
-            host.retry.clone(),
-        );
+        let core = VmCore::new(&rec.spec.name, opened.disks.len(), rec.lifecycle.clone(), rec.last_point_seq);
         let io = VmIo {
             host: host.clone(),
             vm: rec.spec.name.clone(),

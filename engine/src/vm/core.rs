@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use crate::error::ErrorClass;
 use crate::model::{RecoveryPoint, UnixMillis};
 use crate::replica::manifest::ObjectRef;
-use crate::schedule::retry::{RetryPolicy, RetryState};
+use crate::schedule::retry::RetryState;
 use crate::vm::lifecycle::{Action, Event, Lifecycle, VmState};
 
 /// Names a `replicate_now` caller; the actor keeps its reply channel.
@@ -236,7 +236,6 @@ pub struct VmCore {
     snapshot_ms: UnixMillis,
     /// The initial copy's result, kept until the base commits (retries reuse it).
     base: Option<BaseCopy>,
-    policy: RetryPolicy,
     retry: RetryState,
     /// A retry is scheduled: timer ticks do not start cycles meanwhile.
     retry_scheduled: bool,
@@ -246,7 +245,7 @@ pub struct VmCore {
 
 impl VmCore {
     /// A VM as persisted: its lifecycle and newest committed point.
-    pub fn new(name: &str, disks: usize, mut lifecycle: Lifecycle, last_point: u64, policy: RetryPolicy) -> Self {
+    pub fn new(name: &str, disks: usize, mut lifecycle: Lifecycle, last_point: u64) -> Self {
         // Nothing runs yet: a cycle persisted as in flight was cut short by the stop.
         lifecycle.cycle_in_flight = false;
         VmCore {
@@ -261,7 +260,6 @@ impl VmCore {
             pending: vec![Vec::new(); disks],
             snapshot_ms: 0,
             base: None,
-            policy,
             retry: RetryState::default(),
             retry_scheduled: false,
             waiting: Vec::new(),
@@ -582,7 +580,7 @@ impl VmCore {
                     out.push(Command::RunCycle { epoch: self.epoch, seq, parent: self.last_point, pending });
                 }
                 Action::ScheduleRetry => {
-                    let at_ms = self.retry.on_failure(&self.policy, now);
+                    let at_ms = self.retry.on_failure(now);
                     self.retry_scheduled = true;
                     out.push(Command::ScheduleRetry { at_ms });
                 }

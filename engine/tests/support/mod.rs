@@ -13,7 +13,7 @@ use ferry_engine::config::AutoResync;
 use ferry_engine::lifecycle::VmState;
 use ferry_engine::model::{Job, JobKind, JobStatus};
 use ferry_engine::replica::manifest::{manifest_key, Manifest};
-use ferry_engine::schedule::retry::RetryPolicy;
+use ferry_engine::schedule::retry;
 use ferry_engine::target::unreliable::Faults;
 use ferry_engine::{DiskSpec, Engine, EngineConfig, PointSelector, VmInfo, VmSpec};
 use rand::{Rng, SeedableRng};
@@ -44,13 +44,27 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// Configuration for tests: retries fast (1 min -> 30 ms), resyncs only
+/// How much faster than wall time policy time runs in these tests: a
+/// retry minute is 30 ms, the 30-minute retry 0.9 s.
+pub const POLICY_FACTOR: f64 = 2000.0;
+
+/// Opens an engine whose policy time runs [`POLICY_FACTOR`] times faster.
+pub async fn open_engine(config: EngineConfig) -> ferry_engine::Result<Engine> {
+    open_engine_at(config, POLICY_FACTOR).await
+}
+
+/// Opens an engine whose policy time runs `factor` times faster.
+pub async fn open_engine_at(config: EngineConfig, factor: f64) -> ferry_engine::Result<Engine> {
+    let clock = std::sync::Arc::new(ferry_engine::clock::AcceleratedClock::new(factor)?);
+    Engine::open_with_clock(config, clock).await
+}
+
+/// Configuration for tests (open it with [`open_engine`]): resyncs only
 /// when the test asks (so `ResyncRequired` can be looked at), 64 KiB
 /// objects (so a test controls how many parts a point has) and a fault
 /// injector that starts with no faults.
 pub fn config(dir: &Path) -> EngineConfig {
     let mut c = EngineConfig::new(dir.join("data"));
-    c.retry_time_scale = 0.0005;
     c.auto_resync = AutoResync::Manual;
     c.chunk_size = 64 * KIB;
     c.faults = Some(Faults::default());
@@ -212,7 +226,7 @@ pub fn failed(jobs: &[Job]) -> usize {
 pub fn assert_retry_spacing(jobs: &[Job], scale: f64, slack_ms: u64) {
     let first_failure = jobs[0].ended_ms.unwrap();
     for k in 1..jobs.len() {
-        let due = first_failure + RetryPolicy::offset(k as u32).mul_f64(scale).as_millis() as u64;
+        let due = first_failure + retry::offset(k as u32).mul_f64(scale).as_millis() as u64;
         let started = jobs[k].started_ms;
         let prev_end = jobs[k - 1].ended_ms.unwrap();
         assert!(started >= due, "retry {k} started {} ms before it was due: {jobs:?}", due - started);

@@ -30,7 +30,7 @@ fn fail(class: ErrorClass) -> Failure {
 
 /// A core in `state` with `last` committed points and two disks.
 fn at(state: VmState, last: u64) -> VmCore {
-    VmCore::new("vm", 2, Lifecycle { state, ..Default::default() }, last, RetryPolicy::default())
+    VmCore::new("vm", 2, Lifecycle { state, ..Default::default() }, last)
 }
 
 /// The commands' kinds, to compare with tables without their data.
@@ -453,7 +453,7 @@ fn a_cycle_persisted_as_in_flight_does_not_block_the_restarted_vm() {
     // Review finding: a clean stop during a cycle persisted cycle_in_flight;
     // after the restart no tick ever started a cycle again.
     let lc = Lifecycle { state: S::Protected, cycle_in_flight: true, ..Default::default() };
-    let mut c = VmCore::new("vm", 1, lc, 3, RetryPolicy::default());
+    let mut c = VmCore::new("vm", 1, lc, 3);
     c.on(Input::Start(Start::Resume { pending: vec![vec![]] }), T);
     assert_eq!(kinds(&c.on(Input::Tick, T)), ["cycle"]);
 }
@@ -496,12 +496,12 @@ fn a_restarted_critical_vm_resumes_the_step_of_the_state_it_failed_in() {
     // Review finding: the failed step was not persisted; a resume after a
     // restart left the VM in Resynchronizing with nothing running.
     let lc = Lifecycle { state: S::Critical, resume_to: Some(S::Resynchronizing), ..Default::default() };
-    let mut c = VmCore::new("vm", 2, lc, 3, RetryPolicy::default());
+    let mut c = VmCore::new("vm", 2, lc, 3);
     c.on(Input::Start(Start::Resume { pending: vec![vec![], vec![]] }), T);
     let (_, seq, parent) = run_resync(&c.on(Input::Resume, T));
     assert_eq!((c.state(), seq, parent), (S::Resynchronizing, 4, 3));
     let lc = Lifecycle { state: S::Critical, resume_to: Some(S::EnablingProtection), ..Default::default() };
-    let mut c = VmCore::new("vm", 2, lc, 0, RetryPolicy::default());
+    let mut c = VmCore::new("vm", 2, lc, 0);
     c.on(Input::Start(Start::Protect), T);
     assert_eq!(c.state(), S::Critical, "a restart does not leave Critical");
     assert_eq!(kinds(&c.on(Input::Resume, T)), ["cancel-retry", "snapshot"]);
