@@ -9,23 +9,30 @@
 //! | module | what lives there |
 //! | --- | --- |
 //! | [`model`] | names, VM and disk specs, recovery points, jobs |
-//! | [`vm`] | one protected VM: the lifecycle, the pure VM core, the restart decision, its tasks and actor |
+//! | `vm` | one protected VM: the lifecycle, the pure VM core, the restart decision, its tasks and actor |
 //! | `supervisor` | the supervisor actor: starts, finds and stops the VM actors |
-//! | [`capture`] | the per-disk write path (disk + change log, group-committed flush) and the copy-before-write snapshot |
+//! | `capture` | the per-disk write path (disk + change log, group-committed flush) and the copy-before-write snapshot |
 //! | [`changelog`] | the HRL change-log format: writer, reader, torn-tail recovery, coalescing, the log chain beside a disk |
-//! | [`replicate`] | cutting snapshots and logs into compressed bundles, the upload worker pool |
+//! | `replicate` | cutting snapshots and logs into compressed bundles, the upload worker pool |
 //! | [`replica`] | what lives on the target: bundles, manifests and object keys, the replica's block hashes |
 //! | [`target`] | the target-store trait, the local-folder backend, the unreliable wrapper, the contract suite |
 //! | [`resync`] | resynchronization by fixed-block checksums |
 //! | [`restore`] | rebuilding disks from the target (test failover, failover) |
 //! | [`schedule`] | policy time: work hours, the host-wide bandwidth limit, the retry backoff |
-//! | [`state`] | persistent state in redb: VMs, recovery-point index, jobs |
+//! | `state` | persistent state in redb: VMs, recovery-point index, jobs |
 //! | [`nbd`] | the NBD server that exports protected disks |
 //! | `host` | what every VM on the host shares (config, state, target, throttle, jobs, disk registry) |
 //! | [`paths`] | every path under the data folder |
 //! | [`clock`] | policy time: the system clock, or an accelerated one for tests and the simulator |
 //! | [`config`], [`error`], [`failpoint`] | configuration, error classes, fault injection at I/O calls |
 //! | `runtime` | running blocking work off the async workers |
+//!
+//! Modules named without a link are the engine's inside (`pub(crate)` in
+//! effect): the VM actors and their core, the write path's internals, the
+//! upload pipeline and the state store change without notice. What a
+//! provider process or tool may build on is public: [`Engine`] and its
+//! types, the target trait and backends, the change-log reader, the replica
+//! format, restore, the NBD server, the clock, and the short paths below.
 //!
 //! # Example
 //!
@@ -58,7 +65,7 @@
 //! engine.shutdown().await
 //! # }
 //! ```
-pub mod capture;
+mod capture;
 pub mod changelog;
 pub mod clock;
 pub mod config;
@@ -70,23 +77,24 @@ pub mod model;
 pub mod nbd;
 pub mod paths;
 pub mod replica;
-pub mod replicate;
+mod replicate;
 pub mod restore;
 pub mod resync;
 mod runtime;
 pub mod schedule;
-pub mod state;
+mod state;
 mod supervisor;
 pub mod target;
-pub mod vm;
+mod vm;
 
 // Short paths for what users of the engine name most.
-pub use capture::disk;
+pub use capture::{disk, snapshot};
 pub use config::EngineConfig;
 pub use engine::{Engine, PointSelector};
 pub use error::{Error, ErrorClass, Result};
 pub use model::{DiskSpec, VmSpec};
 pub use replica::hashes;
+pub use replicate::PUT_TRIES;
 pub use schedule::throttle;
 pub use vm::lifecycle;
 pub use vm::{DiskInfo, VmInfo};

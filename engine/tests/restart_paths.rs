@@ -12,7 +12,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_engine::capture::snapshot;
+use ferry_engine::snapshot;
 use ferry_engine::error::ErrorKind;
 use ferry_engine::lifecycle::VmState;
 use ferry_engine::model::{JobKind, JobStatus, PointKind};

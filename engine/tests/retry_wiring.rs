@@ -16,7 +16,7 @@ use std::time::Duration;
 use ferry_engine::lifecycle::VmState;
 use ferry_engine::model::JobStatus;
 use ferry_engine::replica::manifest::{manifest_key, object_key};
-use ferry_engine::replicate::PUT_TRIES;
+use ferry_engine::PUT_TRIES;
 use ferry_engine::target::unreliable::Faults;
 use support::*;
 

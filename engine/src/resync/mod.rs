@@ -94,7 +94,7 @@ pub fn hash_file(path: &Path, size: u64, block: u64) -> Result<Vec<u64>> {
 /// Compares one disk's snapshot with the target's block hashes and uploads
 /// the differing blocks as parts of point `seq` (one part per chunk of
 /// `ctx.chunk_size`, none for a chunk that matches), through the snapshot
-/// pipeline ([`crate::replicate::copy_snapshot`]). Also returns every block's
+/// pipeline (`replicate::copy_snapshot`). Also returns every block's
 /// source hash (the replica's, once the point commits).
 pub async fn resync_disk(
     ctx: &UploadCtx,
