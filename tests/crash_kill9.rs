@@ -8,22 +8,25 @@
 //!     the image file (only a write in flight at the kill, sent with no
 //!     reply, may or may not be there: its blocks are "unknown" and the
 //!     bytes found become the model's truth);
-//! (2) the recovery points listed before are still listed.
+//! (2) the recovery points listed before are still listed;
+//! (3) the change log left open by the kill was trusted: the VM is
+//!     `Protected` again (or back in the initial replication or resync it
+//!     was killed in) without ever passing through `ResyncRequired`.
 //!
-//! On verification trials (and always at the end): (3) once replication
-//! catches up (`--auto-resync immediately`: the unclean log leads straight
-//! to a resync), `replicate-now` succeeds and a test failover at latest is
-//! the source disks byte for byte; (4) every listed point restores (none
-//! references a missing object) and, when the test kept that point's
-//! contents, equals them.
+//! On verification trials (and always at the end): (4) `replicate-now`
+//! succeeds and a test failover at latest is the source disks byte for
+//! byte, so every flushed write made before the kill is in the next
+//! recovery point; (5) every listed point restores (none references a
+//! missing object) and, when the test kept that point's contents, equals
+//! them.
 //!
 //! The kills hit the moments a crash is hardest on, and the daemon's own
 //! records show it (a job running at a kill is marked "interrupted" at the
 //! restart): trial 0 kills during the initial replication (slowed by the
 //! throttle so it is surely running), every third trial from trial 1 kills
-//! again during the resync that the restart starts (slowed by target
-//! latency, and killed once `show` reports `Resynchronizing`), the others
-//! at random moments of the delta cycles. The test requires at least one
+//! again during a resync an operator starts after the restart (slowed by
+//! target latency, and killed once `show` reports `Resynchronizing`), the
+//! others at random moments of the delta cycles. The test requires at least one
 //! interrupted InitialReplication job and one interrupted Resync job.
 //!
 //! What it does not prove: that FLUSH makes writes durable against power
@@ -371,9 +374,9 @@ fn kill9_loses_no_acknowledged_write_and_every_point_restores() {
         kill_points += 1;
         stop.store(true, Ordering::Relaxed);
         let ws = w.join().expect("writer thread");
-        // Every third trial from trial 1 kills again, during the resync the
-        // restart starts (the unclean log is never trusted): with target
-        // latency it runs long enough to be caught by `show`.
+        // Every third trial from trial 1 kills again, during a resync an
+        // operator starts after the restart: with target latency it runs
+        // long enough to be caught by `show`.
         let aim_at_resync = t % 3 == 1;
         if aim_at_resync {
             std::fs::write(&faults, r#"{"latency_ms":40}"#).unwrap();
@@ -389,6 +392,8 @@ fn kill9_loses_no_acknowledged_write_and_every_point_restores() {
         let mut second = String::new();
         if aim_at_resync {
             aimed_at_resync += 1;
+            // Refused while the protection that trial 0's kill restarted still copies.
+            let _ = d.ctl(&["--json", "resync", VM]);
             let caught = wait_resynchronizing(&d, restarted_ms, Duration::from_secs(30));
             if caught.is_ok() {
                 d.kill9(); // at once: the resync must still run
@@ -407,6 +412,11 @@ fn kill9_loses_no_acknowledged_write_and_every_point_restores() {
         let new_resync_hits = resyncs.difference(&hit_resync).count();
         hit_resync.extend(resyncs);
         let after = state_now(&d);
+        // (3) the open log was trusted: no resync was needed after any kill.
+        let v = d.show(VM);
+        let needed: Vec<_> =
+            v["transitions"].as_array().expect("transitions").iter().filter(|t| t["to"] == "ResyncRequired").collect();
+        assert!(needed.is_empty(), "trial {t}: a kill -9 (in state {state}) led to a resync: {needed:#?}");
 
         // (1) acknowledged writes survived; (2) earlier points still listed.
         let (checked, lost, adopted, first) = check_acknowledged(&d, &mut model.lock().unwrap(), &paths);

@@ -249,75 +249,142 @@ async fn logs_over_half_the_disk_resync_by_block_checksums() {
     engine.shutdown().await.unwrap();
 }
 
-/// An engine dropped without shutdown (as after kill -9) leaves its active
-/// log open, with a torn record at its end as a crash mid-append leaves.
-/// An unclean log is never trusted, torn tail or not, so the tear cannot
-/// change the decision (resync). What it can change, and what is asserted:
-/// the trust check reads the tear as a torn tail (the records before it
-/// intact) and not as a corrupt or unreadable log, so the reason names that
-/// log as not closed cleanly; the torn log is dropped, never uploaded as a
-/// delta; and the resync sends exactly the blocks the writes before the
-/// crash changed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_unclean_stop_is_never_trusted_and_resyncs() {
-    const TORN: [u8; 7] = [0x48, 0x52, 0x4c, 0x52, 1, 2, 3]; // a record magic ("HRLR"), then garbage
-    let tmp = tempfile::tempdir().unwrap();
-    let a = disk(tmp.path(), "a", 4 * MIB, 5);
-    let original = std::fs::read(&a).unwrap();
-    let records = {
-        let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
+/// Protects one 4 MiB disk, writes `n` flushed writes into its open log
+/// and drops the engine without shutdown, as kill -9 leaves it: the active
+/// log is open. Returns the disk, its content and the open log.
+async fn crash_with_open_log(tmp: &Path, seed: u64, n: usize) -> (PathBuf, Vec<u8>, PathBuf) {
+    let a = disk(tmp, "a", 4 * MIB, seed);
+    {
+        let engine = support::open_engine(config(tmp, None)).await.unwrap();
         protect(&engine, "vm", &[&a]).await;
         wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
         wait_first_cycle(&engine, "vm").await; // so every write below stays in the open log
-        churn(&engine, "vm", "a", 4 * MIB, 12, 20).await;
-        let (_, log) = ferry_engine::changelog::list_logs(&a).unwrap().pop().unwrap();
-        ferry_engine::changelog::scan(&log).unwrap().records.len()
-        // Dropped without shutdown: the active log is left open, as after kill -9.
-    };
+        churn(&engine, "vm", "a", 4 * MIB, seed + 1, n).await;
+    }
     let (_, log) = ferry_engine::changelog::list_logs(&a).unwrap().pop().unwrap();
-    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    std::io::Write::write_all(&mut f, &TORN).unwrap();
-    drop(f);
-    // The log as the restart finds it: open, every record intact, then the tear.
     let found = ferry_engine::changelog::scan(&log).unwrap();
     assert!(!found.clean, "the dropped engine left its log open: {found:?}");
+    assert!(found.records.len() >= n, "the {n} writes are in the log (in the kernel) without any seal: {found:?}");
+    (a.clone(), std::fs::read(&a).unwrap(), log)
+}
+
+fn append(path: &Path, bytes: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    std::io::Write::write_all(&mut f, bytes).unwrap();
+}
+
+/// Waits until the restarted VM is Protected with nothing running, and
+/// checks it never needed a resync.
+async fn assert_resumed_without_resync(engine: &Engine) {
+    let info = wait_state(engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
+    assert!(info.transitions.iter().all(|t| t.to != VmState::ResyncRequired), "no resync after the crash: {info:?}");
+    assert!(engine.jobs().await.unwrap().iter().all(|j| j.kind != JobKind::Resync), "no Resync job");
+}
+
+/// A torn record at the end (a crash mid-append) is cut; every complete
+/// record is kept and shipped by the next cycle: no resync, no full read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_log_with_a_torn_tail_is_trusted_after_a_crash_and_shipped() {
+    const TORN: [u8; 7] = [0x48, 0x52, 0x4c, 0x52, 1, 2, 3]; // a record magic ("HRLR"), then garbage
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, content, log) = crash_with_open_log(tmp.path(), 12, 20).await;
+    let records = ferry_engine::changelog::scan(&log).unwrap().records.len();
+    append(&log, &TORN);
+    let found = ferry_engine::changelog::scan(&log).unwrap();
     assert_eq!((found.records.len(), found.torn_bytes), (records, TORN.len() as u64), "{found:?}");
-    assert!(records >= 20, "the 20 flushed writes are in the log: {found:?}");
+    assert_eq!(found.tail, ferry_engine::changelog::Tail::Torn);
 
     let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let info = loop {
-        let info = engine.vm("vm").await.unwrap();
-        let resynced =
-            engine.jobs().await.unwrap().iter().any(|j| j.kind == JobKind::Resync && j.status == JobStatus::Succeeded);
-        if resynced && info.state == VmState::Protected {
-            break info;
-        }
-        assert!(Instant::now() < deadline, "{info:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let to_resync: Vec<_> = info.transitions.iter().filter(|t| t.to == VmState::ResyncRequired).collect();
-    let want = format!("change log {} of disk a was not closed cleanly", log.display());
-    assert_eq!(to_resync.len(), 1, "{info:?}");
-    assert_eq!(to_resync[0].reason, want, "the torn tail reads as a torn tail, not as a corrupt log: {info:?}");
-    // The torn log is gone (a resync starts a new chain: new log ids), its
-    // records never uploaded as a delta.
-    for (_, p) in ferry_engine::changelog::list_logs(&a).unwrap() {
-        let now = ferry_engine::changelog::scan(&p).unwrap();
-        assert_ne!(now.header.log_id, found.header.log_id, "the untrusted log {} is still there", p.display());
-        assert_eq!(now.torn_bytes, 0, "{}: {now:?}", p.display());
-    }
-    // The only point after the base is the resync's, and it sent exactly
-    // the 4 KiB blocks the writes before the crash changed.
-    let points: Vec<u64> = engine.recovery_points("vm").await.unwrap().iter().map(|p| p.seq).collect();
-    assert_eq!(points.len(), 2, "the base, then the resync's point: {points:?}");
-    let changed = std::fs::read(&a).unwrap().chunks(4096).zip(original.chunks(4096)).filter(|(x, y)| x != y).count();
-    let resync = engine.jobs().await.unwrap().into_iter().find(|j| j.kind == JobKind::Resync).unwrap();
-    let want = format!("recovery point {}: compared 1024 blocks, sent {changed} blocks, ", points[1]);
-    assert!(resync.detail.starts_with(&want), "{:?} does not start with {want:?}", resync.detail);
-    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out-resync")).await;
+    assert_resumed_without_resync(&engine).await;
+    // The open log was sealed as found (tail cut) and waits for upload.
+    let sealed = ferry_engine::changelog::scan(&log).unwrap();
+    assert!(sealed.clean && sealed.records.len() == records && sealed.torn_bytes == 0, "{sealed:?}");
+    let before = engine.vm("vm").await.unwrap().last_point_seq;
+    let point = replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    assert_eq!(point, before + 1, "the crash's log makes the next point");
+    assert_eq!(std::fs::read(&a).unwrap(), content, "the restart changed nothing on the disk");
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
     churn(&engine, "vm", "a", 4 * MIB, 13, 10).await;
     replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out2")).await;
+    engine.shutdown().await.unwrap();
+}
+
+/// A write whose record reached the log but whose disk write had not
+/// happened when the daemon died is replayed onto the disk at restart, so
+/// disk and replica agree (the write was never acknowledged; either
+/// outcome is allowed, but both sides must have the same one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_logged_write_missing_from_the_disk_is_replayed_at_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, content, log) = crash_with_open_log(tmp.path(), 22, 10).await;
+    let found = ferry_engine::changelog::scan(&log).unwrap();
+    let last = *found.records.last().unwrap();
+    // Undo the last record's disk write, as if the kill came between the
+    // append and the disk write.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        f.write_all_at(&vec![0xEE; last.len as usize], last.offset).unwrap();
+    }
+    assert_ne!(std::fs::read(&a).unwrap(), content);
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
+    assert_resumed_without_resync(&engine).await;
+    assert_eq!(std::fs::read(&a).unwrap(), content, "the replay put the logged write on the disk");
+    replicate_eventually(&engine, "vm", Duration::from_secs(30)).await;
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
+
+/// Sets the boot id in a log's header (bytes 176..192) and fixes its crc
+/// (bytes 192..196, over 0..192), as a log written before a reboot reads.
+fn set_boot_id(log: &Path, boot_id: u128) {
+    let mut bytes = std::fs::read(log).unwrap();
+    bytes[176..192].copy_from_slice(&boot_id.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[..192]);
+    bytes[192..196].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(log, bytes).unwrap();
+}
+
+/// After a reboot the page cache that held the open log is gone: the log
+/// is not trusted and the VM resyncs, with the reason saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_log_from_before_a_reboot_forces_a_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _, log) = crash_with_open_log(tmp.path(), 32, 10).await;
+    set_boot_id(&log, ferry_engine::changelog::boot_id() ^ 1);
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
+    let info = wait_state(&engine, "vm", VmState::ResyncRequired, Duration::from_secs(60)).await;
+    let reason = info.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains(&log.display().to_string()) && reason.contains("left open before the host restarted"),
+        "{reason}"
+    );
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await; // auto-resync: immediately
+    assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+}
+
+/// Data after a bad record is damage, not a crash: resync, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_log_damaged_before_its_end_forces_a_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _, log) = crash_with_open_log(tmp.path(), 42, 10).await;
+    let found = ferry_engine::changelog::scan(&log).unwrap();
+    // Flip a payload byte of the first record: the records after it remain.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&log).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, found.records[0].payload_pos).unwrap();
+        f.write_all_at(&[b[0] ^ 0xFF], found.records[0].payload_pos).unwrap();
+    }
+    assert!(matches!(ferry_engine::changelog::scan(&log).unwrap().tail, ferry_engine::changelog::Tail::Damaged(_)));
+    let engine = support::open_engine(config(tmp.path(), None)).await.unwrap();
+    let info = wait_state(&engine, "vm", VmState::ResyncRequired, Duration::from_secs(60)).await;
+    let reason = info.reason.clone().unwrap_or_default();
+    assert!(reason.contains("is damaged") && reason.contains("checksum mismatch"), "{reason}");
+    wait_state(&engine, "vm", VmState::Protected, Duration::from_secs(60)).await;
     assert_latest_equals_source(&engine, "vm", &[&a], &tmp.path().join("out")).await;
     engine.shutdown().await.unwrap();
 }

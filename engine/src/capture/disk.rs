@@ -1,30 +1,63 @@
-//! The per-disk write path: every write reaches the disk and its change log
+//! The per-disk write path: every write reaches its change log and the disk
 //! before it is acknowledged.
 //!
 //! All three ways in (embedded API, NBD export, simulator) call [`Disk`].
-//! A write takes the disk's lock, saves snapshot blocks if an initial copy is
-//! running (copy-before-write), writes the disk (page cache), appends a
-//! record to the active change log (buffered), and returns. Nothing on this
-//! path waits for the network.
 //!
-//! Durability follows the client's asks: [`Disk::flush`] pushes the log
-//! buffer to the OS under the lock, then fdatasyncs log and disk outside it,
-//! so concurrent flushes share the work (group commit). FUA is write + flush.
+//! # A change
 //!
-//! Ordering: the disk write comes first; only if it succeeded is the record
-//! appended, so the log never holds a write the disk does not have. Both
-//! happen under one lock, so overlapping writes enter the log in the order
-//! they reached the disk.
+//! A write (or zeroing) holds the disk's gate shared and its byte range
+//! ([`super::ranges`]), then: appends its record to the active change log
+//! (one `pwritev` under the log mutex, so it is in the kernel when the
+//! append returns), saves snapshot blocks if a copy is running
+//! (copy-before-write), writes the disk (page cache), and returns. Changes
+//! to disjoint ranges run in parallel (only the append is serialized);
+//! overlapping ones run one at a time, so their records are in the order
+//! they reached the disk. Nothing on this path waits for the network.
 //!
-//! Failure: a failed log append poisons the log. The write itself succeeded,
-//! so it is acknowledged; the disk stops logging and signals the VM, which
-//! goes to `ResyncRequired` (a resync compares whole disks, so nothing is
-//! lost). The same signal fires once when pending logs reach 50% of the disk.
-//! A failed disk write may have changed part of its range while the log
-//! knows nothing: the write gets an error and the disk is flagged for a
-//! resync the same way. A failed disk fdatasync is sticky (as in redb and
-//! PostgreSQL): the kernel may have dropped the dirty pages, so every later
-//! flush fails too, until a resync re-establishes what the disk holds.
+//! What must see no change in flight takes the gate exclusively: rotation
+//! (a record and its disk write always belong to the same log), the start
+//! of a snapshot or a resync, and close.
+//!
+//! # Why a restarted daemon can trust the log (kill -9, panic, OOM kill)
+//!
+//! The kernel keeps what was handed to it when the process dies; only a
+//! reboot loses the page cache. Each record is appended before its disk
+//! write, and the write is acknowledged after both, so after a crash of the
+//! daemon with the host up: every acknowledged write is in the log; the
+//! log is whole records plus at most one partial record at its end (appends
+//! are serialized and written front to back); and the disk may lack the
+//! disk writes of the last records (in flight at the kill), never has a
+//! write the log lacks. The restart ([`crate::changelog`]'s trust check,
+//! then `vm::open`) cuts the torn tail and replays the unsealed log onto
+//! the disk in order, which gives the disk every logged write (overlapping
+//! records are in disk order, see above); the log is sealed as found and
+//! shipped with the next cycle. No resync, no full read of the disk. The log
+//! header keeps the boot id: after a reboot an unsealed log is not trusted.
+//!
+//! # Durability
+//!
+//! [`Disk::flush`] is a group commit: a caller takes a ticket and either
+//! waits for a sync that started after it, or runs one, which fdatasyncs
+//! the log and the disk at once (two threads) for every ticket taken so far.
+//! FUA is the change, then a flush. A reply to FLUSH therefore means every
+//! acknowledged write is durable in the log and in the disk image: the
+//! image alone is right after a power loss, even if the daemon never runs
+//! again.
+//!
+//! # Failure
+//!
+//! A failed log append poisons the log. The write still reaches the disk and
+//! is acknowledged; the disk stops logging and signals the VM, which goes to
+//! `ResyncRequired` (a resync compares whole disks, so nothing is lost). The
+//! same signal fires once when pending logs reach 50% of the disk. A failed
+//! disk write (or snapshot save) may leave part of the range changed while
+//! the log says otherwise: the write gets an error and the disk is flagged
+//! for a resync the same way. A failed disk fdatasync is sticky (as in redb
+//! and PostgreSQL): the kernel may have dropped the dirty pages, so every
+//! later flush fails too, until a resync re-establishes what the disk
+//! holds. Whenever logging stops for a failure, the log's magic is
+//! overwritten (best effort, no new space needed) so that a restart before
+//! the VM's new state is stored still finds the log untrustworthy.
 //!
 //! Zero-length requests are legal (NBD and the embedded API): they succeed
 //! and log nothing. A closed disk (its VM was unprotected or stopped)
@@ -35,10 +68,11 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::capture::ranges::RangeLocks;
 use crate::capture::snapshot::CowSnapshot;
 use crate::changelog::{self, LogHeader, LogWriter};
 use crate::error::{Error, Result};
@@ -61,13 +95,19 @@ pub struct Disk {
     pub path: PathBuf,
     size: u64,
     file: File,
+    /// Shared by every change while it runs; exclusive for what must see
+    /// none in flight (rotation, snapshot and resync start, close).
+    gate: RwLock<()>,
+    /// Orders overlapping changes (see the module header).
+    ranges: RangeLocks,
     inner: Mutex<Inner>,
+    sync: GroupSync,
     /// Bytes of sealed logs not yet committed to a recovery point (50% rule, reporting).
     sealed_bytes: AtomicU64,
     signals: UnboundedSender<DiskSignal>,
-    /// The VM stopped or was unprotected: every request fails. Set under the
-    /// lock, so a write that holds the lock sees it; reads check it without
-    /// taking the lock (they never needed it).
+    /// The VM stopped or was unprotected: every request fails. Set with the
+    /// gate held exclusively, so no change is in flight when it is set and
+    /// every later one sees it; reads check it without any lock.
     closed: AtomicBool,
 }
 
@@ -82,6 +122,22 @@ struct Inner {
     /// Numbers the log chain: a resync starts a new one, so a signal about
     /// an older chain is moot.
     chain: u64,
+}
+
+/// Group commit state: tickets taken, tickets covered by a finished sync.
+#[derive(Default)]
+struct GroupSync {
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Tickets taken so far (a flush takes the next one).
+    taken: u64,
+    /// Every ticket up to this one is covered by a finished sync.
+    covered: u64,
+    running: bool,
 }
 
 /// Opens a disk image for the write path, checking it exists and is usable.
@@ -117,7 +173,10 @@ impl Disk {
             path: path.to_path_buf(),
             size,
             file,
+            gate: RwLock::new(()),
+            ranges: RangeLocks::new(),
             inner: Mutex::new(Inner { log: Some(log), snapshot: None, signalled: false, sync_failed: None, chain: 0 }),
+            sync: GroupSync::default(),
             sealed_bytes: AtomicU64::new(sealed_bytes),
             closed: AtomicBool::new(false),
             signals,
@@ -134,6 +193,11 @@ impl Disk {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().expect("disk lock is never poisoned: no panics under it")
+    }
+
+    /// Waits for every change in flight to finish and keeps new ones out.
+    fn quiesce(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().expect("disk gate is never poisoned: no panics under it")
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -177,8 +241,8 @@ impl Disk {
         self.change(offset, len, fua, "zero", |file| zero_range(file, offset, len), |log| log.append_zero(offset, len))
     }
 
-    /// One change of the disk: snapshot blocks saved, the image changed,
-    /// the change logged, all under the lock (see the module header).
+    /// One change of the disk: logged, snapshot blocks saved, the image
+    /// changed (see the module header).
     fn change(
         &self,
         offset: u64,
@@ -189,26 +253,35 @@ impl Disk {
         log: impl FnOnce(&mut LogWriter) -> Result<()>,
     ) -> Result<()> {
         self.check_range(offset, len)?;
-        {
-            let mut inner = self.lock();
+        if len > 0 {
+            let _gate = self.gate.read().expect("disk gate is never poisoned: no panics under it");
             if self.closed.load(Ordering::Acquire) {
                 return Err(self.closed_error());
             }
-            if len > 0 {
-                if let Some(s) = &inner.snapshot {
-                    s.preserve(&self.file, offset, len)?;
-                }
-                let applied = crate::failpoint::check("disk.write", &self.path).and_then(|()| apply(&self.file));
-                if let Err(e) = applied {
-                    // Part of the range may have changed: the log cannot describe it.
-                    let err = Error::io(format!("{what} {} bytes at {offset} of {}", len, self.path.display()), e);
-                    let reason = format!("a {what} to disk {} failed: {err}", self.name);
-                    self.untrust(&mut inner, reason);
-                    return Err(err);
-                }
+            let _range = self.ranges.lock(offset, len);
+            let snapshot = {
+                let mut inner = self.lock();
                 let logged = inner.log.as_mut().map(log);
                 self.after_append(&mut inner, logged);
+                inner.snapshot.clone()
+            };
+            let applied = match &snapshot {
+                Some(s) => s.preserve(&self.file, offset, len),
+                None => Ok(()),
             }
+            .and_then(|()| {
+                crate::failpoint::check("disk.write", &self.path)
+                    .and_then(|()| apply(&self.file))
+                    .map_err(|e| Error::io(format!("{what} {len} bytes at {offset} of {}", self.path.display()), e))
+            });
+            if let Err(err) = applied {
+                // The log has the change, the disk may have part of it.
+                let reason = format!("a {what} to disk {} failed: {err}", self.name);
+                self.untrust(&mut self.lock(), reason);
+                return Err(err);
+            }
+        } else if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
         }
         if fua {
             self.flush()?;
@@ -219,7 +292,9 @@ impl Disk {
     /// The log can no longer describe the disk: stop logging, ask for a resync.
     fn untrust(&self, inner: &mut Inner, reason: String) {
         self.signal_resync(inner, reason);
-        inner.log = None;
+        if let Some(log) = inner.log.take() {
+            log.mark_untrusted();
+        }
     }
 
     /// Tells the VM a resync is needed, once per episode.
@@ -252,38 +327,67 @@ impl Disk {
         }
     }
 
-    /// Makes every acknowledged write durable in the log and on the disk.
+    /// Makes every acknowledged write durable in the log and on the disk
+    /// (group commit, see the module header).
     pub fn flush(&self) -> Result<()> {
-        let log_file = {
-            let mut inner = self.lock();
-            if self.closed.load(Ordering::Acquire) {
-                return Err(self.closed_error());
-            }
-            if let Some(why) = &inner.sync_failed {
-                return Err(Error::io(
-                    format!("sync {}: an earlier sync failed ({why}); writes since may be lost", self.path.display()),
-                    std::io::Error::from_raw_os_error(libc::EIO),
-                ));
-            }
-            match inner.log.as_mut() {
-                Some(l) => match l.flush().and_then(|_| l.file_for_sync()) {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        self.after_append(&mut inner, Some(Err(e)));
-                        None
-                    }
-                },
-                None => None,
-            }
-        };
-        if let Some(f) = log_file {
-            if let Err(e) = f.sync_data() {
-                let mut inner = self.lock();
-                self.after_append(&mut inner, Some(Err(Error::io("sync change log", e))));
-            }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
         }
-        let synced = crate::failpoint::check("disk.sync", &self.path).and_then(|()| self.file.sync_data());
-        if let Err(e) = synced {
+        self.check_sync_failed()?;
+        let mut st = self.sync.state.lock().expect("sync state is never poisoned");
+        st.taken += 1;
+        let ticket = st.taken;
+        loop {
+            if st.covered >= ticket {
+                drop(st);
+                // The sync that covered this ticket may have failed.
+                return self.check_sync_failed();
+            }
+            if !st.running {
+                st.running = true;
+                let upto = st.taken;
+                drop(st);
+                let synced = self.sync_now();
+                st = self.sync.state.lock().expect("sync state is never poisoned");
+                st.running = false;
+                st.covered = st.covered.max(upto);
+                self.sync.done.notify_all();
+                drop(st);
+                return synced;
+            }
+            st = self.sync.done.wait(st).expect("sync state is never poisoned");
+        }
+    }
+
+    fn check_sync_failed(&self) -> Result<()> {
+        match &self.lock().sync_failed {
+            None => Ok(()),
+            Some(why) => Err(Error::io(
+                format!("sync {}: an earlier sync failed ({why}); writes since may be lost", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            )),
+        }
+    }
+
+    /// fdatasyncs the active log and the disk at once.
+    fn sync_now(&self) -> Result<()> {
+        let log = self.lock().log.as_ref().map(|l| (l.sync_handle(), l.path().to_path_buf()));
+        let (log_synced, disk_synced) = std::thread::scope(|s| {
+            let log_sync = log.map(|(handle, path)| {
+                s.spawn(move || {
+                    handle.and_then(|f| {
+                        f.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", path.display()), e))
+                    })
+                })
+            });
+            let disk = crate::failpoint::check("disk.sync", &self.path).and_then(|()| self.file.sync_data());
+            (log_sync.map(|t| t.join().expect("a log sync does not panic")), disk)
+        });
+        if let Some(Err(e)) = log_synced {
+            let mut inner = self.lock();
+            self.after_append(&mut inner, Some(Err(e)));
+        }
+        if let Err(e) = disk_synced {
             // The kernel may have dropped the pages: never report them durable later.
             let err = Error::io(format!("sync {}", self.path.display()), e);
             let mut inner = self.lock();
@@ -298,6 +402,7 @@ impl Disk {
     /// request fails, so no write reaches the image unlogged. Returns the
     /// active log, if any.
     pub fn close(&self) -> Option<LogWriter> {
+        let _quiet = self.quiesce();
         let mut inner = self.lock();
         self.closed.store(true, Ordering::Release);
         inner.snapshot = None;
@@ -403,20 +508,14 @@ impl crate::nbd::BlockDevice for Disk {
 
 /// Creates a new, empty, durable log file for a disk.
 pub fn new_log(disk_path: &Path, vm: &str, disk: &str, seq: u64, prev_log_id: u64) -> Result<LogWriter> {
-    let header = LogHeader {
-        vm: vm.to_string(),
-        disk: disk.to_string(),
-        seq,
-        log_id: rand::random::<u64>() | 1,
-        prev_log_id,
-        created_unix_ms: now_millis(),
-    };
+    let header = LogHeader::new(vm, disk, seq, prev_log_id, now_millis());
     LogWriter::create(&changelog::log_path(disk_path, seq), &header)
 }
 
 /// Starts copy-before-write snapshots of all disks at one instant (every
 /// disk's lock held), so the base point is crash-consistent across disks.
 pub fn snapshot_all(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)> {
+    let _quiet: Vec<_> = disks.iter().map(|d| d.quiesce()).collect();
     let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
     let at = now_millis();
     let mut snaps = Vec::new();
@@ -451,6 +550,7 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
         logs.push(new_log(&d.path, &d.vm, &d.name, next_seq, 0)?);
         snaps.push(Arc::new(CowSnapshot::create(&d.path, d.size)?));
     }
+    let _quiet: Vec<_> = disks.iter().map(|d| d.quiesce()).collect();
     let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
     let at = now_millis();
     let mut replaced = Vec::new();
@@ -464,6 +564,7 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
         d.sealed_bytes.store(0, Ordering::Relaxed);
     }
     drop(guards);
+    drop(_quiet);
     // A snapshot this one replaced (an initial copy or resync it supersedes) is not needed.
     for old in replaced {
         if let Err(e) = crate::changelog::remove_file_if_present(old.path()) {
@@ -484,6 +585,8 @@ pub fn rotate_all(
     disks: &[Arc<Disk>],
     next: Vec<LogWriter>,
 ) -> std::result::Result<(Vec<LogWriter>, u64), (Error, Vec<LogWriter>)> {
+    // No change in flight: a record and its disk write belong to one log.
+    let _quiet: Vec<_> = disks.iter().map(|d| d.quiesce()).collect();
     let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
     for ((d, g), n) in disks.iter().zip(&guards).zip(&next) {
         let follows = g.log.as_ref().is_some_and(|cur| cur.header().log_id == n.header().prev_log_id);

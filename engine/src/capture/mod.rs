@@ -4,4 +4,5 @@
 //! ([`snapshot`]).
 
 pub mod disk;
+pub mod ranges;
 pub mod snapshot;

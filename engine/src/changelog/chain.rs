@@ -3,13 +3,16 @@
 //! disk's logs" and "delete every log beside a disk".
 //!
 //! Trust: a disk's logs describe every write since its last recovery point
-//! only if each is cleanly closed and each names the previous one's id
-//! ([`check_chain`]). Anything else (an unclean log, an unreadable one, a
-//! gap) means the chain cannot be trusted and the VM needs a resync.
+//! only if each names the previous one's id ([`check_chain`]) and each is
+//! cleanly closed or was left open by a daemon that died while the host
+//! stayed up ([`check_logs`] says exactly when). Anything else (a log from
+//! before a reboot, an unreadable or damaged one, a gap, a log marked
+//! untrusted after a failed write) means the chain cannot be trusted and
+//! the VM needs a resync.
 
 use std::path::{Path, PathBuf};
 
-use super::{scan, LogHeader};
+use super::{scan, LogHeader, Tail};
 use crate::{Error, Result};
 
 /// The path of log `seq` of the disk at `disk_path`: same folder,
@@ -96,7 +99,7 @@ pub fn check_chain(prev: &LogHeader, next: &LogHeader) -> Result<()> {
     Ok(())
 }
 
-/// A sealed log that passed the trust check.
+/// A log that passed the trust check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustedLog {
     pub path: PathBuf,
@@ -105,17 +108,44 @@ pub struct TrustedLog {
     /// When it was sealed (its modification time).
     pub sealed_ms: u64,
     pub header: LogHeader,
+    /// False for a log a crashed daemon left open: the caller replays it
+    /// onto the disk and seals it as found ([`super::seal_found`]).
+    pub sealed: bool,
 }
 
-/// Checks a disk's logs (as [`list_logs`] gives them): every one cleanly
-/// closed and chained to the one before. Returns them, or why they cannot
-/// be trusted.
-pub fn check_logs(disk: &str, logs: &[(u64, PathBuf)]) -> std::result::Result<Vec<TrustedLog>, String> {
+/// Checks a disk's logs (as [`list_logs`] gives them) against the rules of
+/// a restart: every log chained to the one before, and each either sealed,
+/// or left open by a daemon that died on this boot of the host (`boot_id`,
+/// see [`super::boot_id`]) with nothing after its records but, for the
+/// newest log only, one torn record. (A log is rotated out only when no
+/// change is in flight, so only the newest can end in a partial record.)
+/// Returns them, or why they cannot be trusted.
+pub fn check_logs(
+    disk: &str,
+    logs: &[(u64, PathBuf)],
+    boot_id: u128,
+) -> std::result::Result<Vec<TrustedLog>, String> {
     let mut out: Vec<TrustedLog> = Vec::new();
-    for (_, path) in logs {
+    for (i, (_, path)) in logs.iter().enumerate() {
         let scan = scan(path).map_err(|e| format!("change log {} is unreadable: {e}", path.display()))?;
+        let newest = i + 1 == logs.len();
         if !scan.clean {
-            return Err(format!("change log {} of disk {disk} was not closed cleanly", path.display()));
+            let shown = path.display();
+            if scan.header.boot_id == 0 || scan.header.boot_id != boot_id {
+                return Err(format!(
+                    "change log {shown} of disk {disk} was left open before the host restarted \
+                     (boot id {:032x}, now {boot_id:032x}): the page cache that held it is gone",
+                    scan.header.boot_id
+                ));
+            }
+            match &scan.tail {
+                Tail::None => {}
+                Tail::Torn if newest => {}
+                Tail::Torn => {
+                    return Err(format!("change log {shown} of disk {disk} ends in a torn record but is not the newest"))
+                }
+                Tail::Damaged(why) => return Err(format!("change log {shown} of disk {disk} is damaged: {why}")),
+            }
         }
         if let Some(prev) = out.last() {
             check_chain(&prev.header, &scan.header)
@@ -126,7 +156,13 @@ pub fn check_logs(disk: &str, logs: &[(u64, PathBuf)]) -> std::result::Result<Ve
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(scan.header.created_unix_ms, |d| d.as_millis() as u64);
-        out.push(TrustedLog { path: path.clone(), bytes: scan.file_len, sealed_ms, header: scan.header });
+        out.push(TrustedLog {
+            path: path.clone(),
+            bytes: if scan.clean { scan.file_len } else { scan.valid_len },
+            sealed_ms,
+            header: scan.header,
+            sealed: scan.clean,
+        });
     }
     Ok(out)
 }

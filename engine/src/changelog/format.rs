@@ -10,7 +10,7 @@ pub const HEADER_SIZE: u64 = 4096;
 /// First eight bytes of every HRL file.
 pub const MAGIC: [u8; 8] = *b"FERRYHRL";
 /// The only format version this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Longest VM or disk id, in UTF-8 bytes (a 64-byte field minus its u16 length).
 pub const MAX_ID_LEN: usize = ID_FIELD_SIZE - 2;
 /// File offset of the close block. It is the last 64 bytes of the header and
@@ -35,7 +35,8 @@ const H_SEQ: usize = H_DISK + ID_FIELD_SIZE; // 144
 const H_LOG_ID: usize = H_SEQ + 8; // 152
 const H_PREV_LOG_ID: usize = H_LOG_ID + 8; // 160
 const H_CREATED: usize = H_PREV_LOG_ID + 8; // 168
-const H_CRC: usize = H_CREATED + 8; // 176
+const H_BOOT_ID: usize = H_CREATED + 8; // 176
+const H_CRC: usize = H_BOOT_ID + 16; // 192
 
 // Close block field offsets, relative to CLOSE_BLOCK_OFFSET.
 const C_MARKER: usize = 0;
@@ -66,6 +67,12 @@ pub struct LogHeader {
     pub prev_log_id: u64,
     /// Wall-clock creation time, informational.
     pub created_unix_ms: u64,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`) when the
+    /// log was created; 0 when unknown. A log that was not sealed is trusted
+    /// after a crash of the daemon only while the host has not rebooted since:
+    /// the page cache, which holds every record handed to the kernel, then
+    /// still stands.
+    pub boot_id: u128,
 }
 
 impl LogHeader {
@@ -78,7 +85,15 @@ impl LogHeader {
         prev_log_id: u64,
         created_unix_ms: u64,
     ) -> LogHeader {
-        LogHeader { vm: vm.into(), disk: disk.into(), seq, log_id: random_log_id(), prev_log_id, created_unix_ms }
+        LogHeader {
+            vm: vm.into(),
+            disk: disk.into(),
+            seq,
+            log_id: random_log_id(),
+            prev_log_id,
+            created_unix_ms,
+            boot_id: boot_id(),
+        }
     }
 
     /// The header of the log that follows this one in the chain.
@@ -117,6 +132,7 @@ impl LogHeader {
         put_u64(&mut b, H_LOG_ID, self.log_id);
         put_u64(&mut b, H_PREV_LOG_ID, self.prev_log_id);
         put_u64(&mut b, H_CREATED, self.created_unix_ms);
+        b[H_BOOT_ID..H_BOOT_ID + 16].copy_from_slice(&self.boot_id.to_le_bytes());
         let crc = crc32c::crc32c(&b[..H_CRC]);
         put_u32(&mut b, H_CRC, crc);
         Ok(b)
@@ -146,12 +162,28 @@ impl LogHeader {
             log_id: get_u64(b, H_LOG_ID),
             prev_log_id: get_u64(b, H_PREV_LOG_ID),
             created_unix_ms: get_u64(b, H_CREATED),
+            boot_id: u128::from_le_bytes(b[H_BOOT_ID..H_BOOT_ID + 16].try_into().expect("16 bytes")),
         };
         if header.log_id == 0 {
             return Err("log_id is 0".into());
         }
         Ok(header)
     }
+}
+
+/// This boot of the host: `/proc/sys/kernel/random/boot_id` as a number,
+/// read once; 0 when it cannot be read (then no unsealed log is trusted).
+pub fn boot_id() -> u128 {
+    static BOOT_ID: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    *BOOT_ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().and_then(|s| parse_boot_id(&s)).unwrap_or(0)
+    })
+}
+
+/// A boot id as the kernel prints it (a UUID with dashes) as a number.
+fn parse_boot_id(s: &str) -> Option<u128> {
+    let hex: String = s.trim().chars().filter(|c| *c != '-').collect();
+    (hex.len() == 32).then(|| u128::from_str_radix(&hex, 16).ok()).flatten()
 }
 
 fn random_log_id() -> u64 {
@@ -384,7 +416,19 @@ mod tests {
             log_id: 0xdead_beef,
             prev_log_id: 42,
             created_unix_ms: 1_700_000_000_000,
+            boot_id: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
         }
+    }
+
+    #[test]
+    fn the_boot_id_is_read_from_the_kernel() {
+        assert_eq!(
+            parse_boot_id("6f1e9a51-0b9c-4d3e-8f00-123456789abc\n"),
+            Some(0x6f1e9a51_0b9c_4d3e_8f00_123456789abc)
+        );
+        assert_eq!(parse_boot_id("not a uuid"), None);
+        assert_ne!(boot_id(), 0, "Linux has /proc/sys/kernel/random/boot_id");
+        assert_eq!(LogHeader::new("vm", "d", 1, 0, 0).boot_id, boot_id());
     }
 
     #[test]

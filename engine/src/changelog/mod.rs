@@ -11,18 +11,19 @@
 //! [coalesced](Coalescer) (last write wins) and uploaded.
 //!
 //! - `format`: the byte layout (below), pure encode/decode.
-//! - `writer`: [`LogWriter`], buffered appends, sync, seal.
+//! - `writer`: [`LogWriter`], appends (in the kernel on return), sync, seal,
+//!   and [`seal_found`] for a log a crashed daemon left open.
 //! - `reader`: [`scan`], [`recover`], [`read_payload`].
 //! - `coalesce`: [`Coalescer`], records to disjoint [`Extent`]s.
 //!
-//! # Layout (version 1, all integers little endian)
+//! # Layout (version 2, all integers little endian)
 //!
 //! Header, 4096 bytes at offset 0:
 //!
 //! | offset | size | field |
 //! | ---: | ---: | --- |
 //! | 0 | 8 | magic `b"FERRYHRL"` |
-//! | 8 | 4 | format version, 1 |
+//! | 8 | 4 | format version, 2 (version 1 logs, without a boot id, are refused: resync) |
 //! | 12 | 4 | reserved, 0 |
 //! | 16 | 64 | vm id: u16 byte length (1..=62), UTF-8 bytes, zero padding |
 //! | 80 | 64 | disk id, same encoding |
@@ -30,8 +31,9 @@
 //! | 152 | 8 | log_id, random, nonzero |
 //! | 160 | 8 | prev_log_id, 0 for the first log of a chain |
 //! | 168 | 8 | created_unix_ms |
-//! | 176 | 4 | crc32c of bytes 0..176 |
-//! | 180 | 3852 | reserved, 0 |
+//! | 176 | 16 | boot id of the host when created (`/proc/sys/kernel/random/boot_id`), 0 if unknown |
+//! | 192 | 4 | crc32c of bytes 0..192 |
+//! | 196 | 3836 | reserved, 0 |
 //! | 4032 | 64 | close block |
 //!
 //! Close block (all zeros while the log is open), offsets from 4032:
@@ -71,13 +73,16 @@
 //!   header and a durable name; a crash inside `create` leaves at most a
 //!   short or header-only file that the caller never wrote to (removed on
 //!   error when possible).
-//! - **Appends** are buffered and written with `pwrite` at the end of what
-//!   was already written, in order, with no holes. Nothing is durable until
-//!   [`LogWriter::sync`] (flush + fdatasync) or a group commit through
-//!   [`LogWriter::file_for_sync`]; the engine acknowledges a guest FLUSH/FUA
-//!   only after that. After a crash, the file is a durable prefix (every
-//!   synced record) followed by any mix of later records, partial records or
-//!   garbage/zeros: the torn tail.
+//! - **Appends** are one `pwritev` each (record header and payload), made
+//!   one after the other at the end of what was written, with no holes.
+//!   When an append returns, the record is in the kernel: a crash of the
+//!   daemon with the host up loses none of it. Durable against power loss
+//!   after [`LogWriter::sync`] or a group commit through
+//!   [`LogWriter::sync_handle`]; the engine acknowledges a guest FLUSH/FUA
+//!   only after that. After a crash, the file is every appended record,
+//!   then at most one partial record ([`Tail::Torn`]); after a power loss,
+//!   a durable prefix (every synced record) then anything: the boot id in
+//!   the header tells the two apart, and only the first is trusted.
 //! - **Scan** accepts records while each has the record magic, a known kind,
 //!   the next seq and a matching crc, and stops at the first that does not.
 //!   Because records are contiguous and the synced prefix is intact, the
@@ -95,9 +100,11 @@
 //! - **Failures**: after any failed append, flush or sync the writer is
 //!   poisoned (a later append would follow a gap, and after a failed fsync
 //!   the kernel may have dropped the dirty pages) and every call fails with
-//!   class `NeedsResync`. A log that was not cleanly closed, or a broken
-//!   chain, likewise means resync: the engine never trusts it as a complete
-//!   record of the disk's writes.
+//!   class `NeedsResync`; the engine then overwrites the log's magic
+//!   ([`LogWriter::mark_untrusted`]) so a restart never trusts it. A log
+//!   left open is trusted at a restart only under [`check_logs`]'s rules
+//!   (same boot, at most a torn tail, unbroken chain); anything else means
+//!   resync.
 
 mod chain;
 mod coalesce;
@@ -108,8 +115,8 @@ mod writer;
 pub use chain::{check_chain, check_logs, list_logs, log_path, remove_file_if_present, remove_logs, TrustedLog};
 pub use coalesce::{Coalescer, Extent, ExtentSource};
 pub use format::{
-    LogHeader, RecordKind, RecordMeta, CLEAN_MARKER, CLOSE_BLOCK_OFFSET, FORMAT_VERSION, HEADER_SIZE, MAGIC,
+    boot_id, LogHeader, RecordKind, RecordMeta, CLEAN_MARKER, CLOSE_BLOCK_OFFSET, FORMAT_VERSION, HEADER_SIZE, MAGIC,
     MAX_ID_LEN, RECORD_HEADER_SIZE, RECORD_MAGIC,
 };
-pub use reader::{read_payload, read_payload_into, recover, scan, LogScan};
-pub use writer::{LogWriter, SealedLog, WRITE_BUFFER_SIZE};
+pub use reader::{read_payload, read_payload_into, recover, scan, LogScan, Tail};
+pub use writer::{seal_found, LogWriter, SealedLog};

@@ -9,8 +9,10 @@ use super::format::{
     decode_record_header, record_crc_seed, record_header_crc, CloseBlock, CloseState, LogHeader, RecordKind,
     RecordMeta, HEADER_SIZE, RECORD_HEADER_SIZE,
 };
-use super::writer::WRITE_BUFFER_SIZE;
 use crate::{Error, Result};
+
+/// Bytes a scan reads at a time.
+const READ_BUFFER_SIZE: usize = 1 << 20;
 
 /// What a scan found in a log file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +28,22 @@ pub struct LogScan {
     pub file_len: u64,
     /// `file_len - valid_len`: bytes of a torn tail (always 0 for a clean log).
     pub torn_bytes: u64,
+    /// What follows the intact records.
+    pub tail: Tail,
+}
+
+/// What follows the intact records of a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tail {
+    /// Nothing: the file ends with the last intact record.
+    None,
+    /// One partial record, then nothing but zeros or the end of the file:
+    /// what an append cut short by a crash leaves (a record is written
+    /// front to back, and appends are made one after the other).
+    Torn,
+    /// Anything else (a bad record followed by data): damage, not a crash.
+    /// The reason names where the walk stopped.
+    Damaged(String),
 }
 
 impl LogScan {
@@ -100,7 +118,7 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
     let close = CloseBlock::decode(&hbuf);
 
     let seed = record_crc_seed(header.log_id);
-    let mut reader = BufReader::with_capacity(WRITE_BUFFER_SIZE, file);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_SIZE, file);
     reader.seek(SeekFrom::Start(HEADER_SIZE)).map_err(|e| Error::io(io_ctx("seek"), e))?;
     let mut records = Vec::new();
     let mut pos = HEADER_SIZE;
@@ -152,6 +170,12 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
         pos = payload_pos + payload_len;
     }
     let valid_len = pos;
+    let tail = match &stop {
+        None => Tail::None,
+        Some(why) => {
+            classify_tail(file, valid_len, file_len, why.clone()).map_err(|e| Error::io(io_ctx("reading tail"), e))?
+        }
+    };
 
     let clean = match close {
         CloseState::Clean(cb) => {
@@ -176,7 +200,34 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
         // for anything: the log counts as not cleanly closed.
         CloseState::Open | CloseState::Invalid(_) => false,
     };
-    Ok(LogScan { header, clean, records, valid_len, file_len, torn_bytes: file_len - valid_len })
+    Ok(LogScan { header, clean, records, valid_len, file_len, torn_bytes: file_len - valid_len, tail })
+}
+
+/// Whether the bytes after the intact records at `pos` are one record cut
+/// short and then zeros (or nothing): see [`Tail::Torn`].
+fn classify_tail(file: &File, pos: u64, file_len: u64, why: String) -> std::io::Result<Tail> {
+    // Where the partial record would end: its header and, if the header
+    // reads as one, its payload.
+    let mut end = (pos + RECORD_HEADER_SIZE).min(file_len);
+    if file_len - pos >= RECORD_HEADER_SIZE {
+        let mut rbuf = [0u8; RECORD_HEADER_SIZE as usize];
+        file.read_exact_at(&mut rbuf, pos)?;
+        if let Ok(rec) = decode_record_header(&rbuf) {
+            let payload = if rec.kind == RecordKind::Write { rec.len } else { 0 };
+            end = end.saturating_add(payload).min(file_len);
+        }
+    }
+    let mut buf = vec![0u8; (file_len - end).min(READ_BUFFER_SIZE as u64) as usize];
+    let mut at = end;
+    while at < file_len {
+        let n = (file_len - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Ok(Tail::Damaged(format!("{why}, and data follows at {}", at + i as u64)));
+        }
+        at += n as u64;
+    }
+    Ok(Tail::Torn)
 }
 
 #[cfg(test)]

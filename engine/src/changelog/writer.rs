@@ -1,53 +1,50 @@
 //! Appending records to the active log of a disk.
+//!
+//! Every append is one positioned vectored write (`pwritev` of the record
+//! header and its payload) at the end of the log, so when an append returns
+//! its record is in the kernel: a crash of the daemon (kill -9, panic, OOM
+//! kill) with the host still up loses nothing that was appended, and the
+//! file is always whole records followed by at most one partial record (the
+//! one being written when the process died). Appends are made one at a time
+//! by the caller (the writer is `&mut`), which is what keeps that shape.
+//! Durability against power loss is [`LogWriter::sync`], or an fdatasync of
+//! [`LogWriter::sync_handle`] outside the caller's lock (group commit).
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::format::{
     encode_record_header, record_crc_seed, CloseBlock, LogHeader, RecordKind, CLOSE_BLOCK_OFFSET, HEADER_SIZE,
 };
 use crate::{Error, ErrorClass, Result};
 
-/// Appends are gathered up to this many bytes before they go to the OS.
-/// Larger payloads bypass the buffer.
-pub const WRITE_BUFFER_SIZE: usize = 1 << 20;
+/// What [`LogWriter::mark_untrusted`] writes over the magic.
+pub const UNTRUSTED_MAGIC: &[u8; 8] = b"FERRYBAD";
 
 /// The writer of one open log. Not thread safe by itself: the caller holds it
-/// under a lock and may fdatasync a [`LogWriter::file_for_sync`] handle
-/// outside that lock.
+/// under a lock and may fdatasync a [`LogWriter::sync_handle`] outside that
+/// lock.
+#[derive(Debug)]
 pub struct LogWriter {
     /// For error messages and the sealed result.
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     header: LogHeader,
     /// Starting value of every record crc (ties records to this log).
     crc_seed: u32,
-    /// Records not yet handed to the OS; they start at file offset `flushed`.
-    buf: Vec<u8>,
-    /// Bytes of the file handed to the OS (header included).
-    flushed: u64,
+    /// Bytes of the file handed to the kernel (header included): where the
+    /// next record goes.
+    end: u64,
     records: u64,
     last_seq: u64,
     /// Set by the first failed write or sync; the log has a gap (or pages
     /// the kernel may have dropped) after that point, so nothing more may be
     /// appended and the caller must resync.
     poisoned: Option<String>,
-}
-
-impl std::fmt::Debug for LogWriter {
-    // Not derived: the buffer can hold a MiB of guest data.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogWriter")
-            .field("path", &self.path)
-            .field("header", &self.header)
-            .field("flushed", &self.flushed)
-            .field("buffered", &self.buf.len())
-            .field("records", &self.records)
-            .field("poisoned", &self.poisoned)
-            .finish()
-    }
 }
 
 /// A log that was cleanly closed: everything in it is durable.
@@ -89,19 +86,18 @@ impl LogWriter {
         }
         Ok(LogWriter {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             header: header.clone(),
             crc_seed: record_crc_seed(header.log_id),
-            buf: Vec::with_capacity(WRITE_BUFFER_SIZE),
-            flushed: HEADER_SIZE,
+            end: HEADER_SIZE,
             records: 0,
             last_seq: 0,
             poisoned: None,
         })
     }
 
-    /// Logs a write of `data` at disk byte `offset`. Buffered: durable only
-    /// after [`sync`](Self::sync) or [`seal`](Self::seal).
+    /// Logs a write of `data` at disk byte `offset`. In the kernel when this
+    /// returns; durable after [`sync`](Self::sync) or [`seal`](Self::seal).
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_usable()?;
         check_range(offset, data.len() as u64)?;
@@ -109,42 +105,35 @@ impl LogWriter {
     }
 
     /// Logs that `len` bytes at disk byte `offset` became zeros
-    /// (WRITE_ZEROES or TRIM). Buffered like [`append_write`](Self::append_write).
+    /// (WRITE_ZEROES or TRIM). Like [`append_write`](Self::append_write).
     pub fn append_zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_usable()?;
         check_range(offset, len)?;
         self.append(RecordKind::Zero, offset, len, &[])
     }
 
-    /// Hands buffered records to the OS (no fsync).
-    pub fn flush(&mut self) -> Result<()> {
-        self.check_usable()?;
-        let r = self.write_out();
-        self.poison_on_err(r)
-    }
-
-    /// Flush, then fdatasync: every record appended so far is durable. This is
-    /// the durability point for an NBD FLUSH or FUA.
+    /// fdatasync: every record appended so far is durable. This is the
+    /// durability point for an NBD FLUSH or FUA.
     pub fn sync(&mut self) -> Result<()> {
-        self.flush()?;
+        self.check_usable()?;
         let r = self.file.sync_data().map_err(|e| self.io_err("fdatasync", e));
         self.poison_on_err(r)
     }
 
-    /// A second handle on the log file, for group commit: call
-    /// [`flush`](Self::flush) under the lock that guards the writer, then
-    /// `sync_data()` on this handle outside it; that makes durable everything
-    /// flushed before the call. A failed `sync_data()` on it must be treated
-    /// like a failed [`sync`](Self::sync) (stop using the log, resync).
-    pub fn file_for_sync(&self) -> Result<File> {
+    /// The log file, for group commit: `sync_data()` on it outside the lock
+    /// that guards the writer makes durable every record appended before the
+    /// call. A failed `sync_data()` must be treated like a failed
+    /// [`sync`](Self::sync) (stop using the log, resync). Shares the
+    /// writer's descriptor: no new descriptor is needed to sync.
+    pub fn sync_handle(&self) -> Result<Arc<File>> {
         self.check_usable()?;
-        self.file.try_clone().map_err(|e| self.io_err("cloning file handle", e))
+        Ok(self.file.clone())
     }
 
-    /// Total bytes of the log, header and buffered records included. This is
-    /// what the 50%-of-disk space rule measures.
+    /// Total bytes of the log, header included. This is what the
+    /// 50%-of-disk space rule measures.
     pub fn len(&self) -> u64 {
-        self.flushed + self.buf.len() as u64
+        self.end
     }
 
     /// True when no record has been appended.
@@ -170,62 +159,35 @@ impl LogWriter {
         self.poisoned.is_some()
     }
 
-    /// Closes the log cleanly: flush, fdatasync, write the close block,
-    /// fdatasync again. Records are durable before the close block is written,
-    /// so a valid close block always describes records that are on disk.
+    /// Closes the log cleanly: fdatasync, write the close block, fdatasync
+    /// again. Records are durable before the close block is written, so a
+    /// valid close block always describes records that are on disk.
     pub fn seal(mut self) -> Result<SealedLog> {
         self.sync()?;
-        let block = CloseBlock { record_count: self.records, end_offset: self.flushed, last_record_seq: self.last_seq };
-        self.file
-            .write_all_at(&block.encode(), CLOSE_BLOCK_OFFSET)
-            .map_err(|e| self.io_err("writing close block", e))?;
-        self.file.sync_data().map_err(|e| self.io_err("fdatasync after close block", e))?;
-        Ok(SealedLog { path: self.path, header: self.header, records: self.records, end_offset: self.flushed })
+        write_close_block(&self.file, &self.path, self.records, self.end, self.last_seq)?;
+        Ok(SealedLog { path: self.path, header: self.header, records: self.records, end_offset: self.end })
+    }
+
+    /// Gives the log up after a failure: its magic is overwritten (in place,
+    /// so no new space is needed) and synced, best effort, so a restart
+    /// finds it unreadable and resyncs even if the VM's state did not say
+    /// so yet. The writer is dropped.
+    pub fn mark_untrusted(self) {
+        let marked = self.file.write_all_at(UNTRUSTED_MAGIC, 0).and_then(|()| self.file.sync_data());
+        if let Err(e) = marked {
+            tracing::warn!(log = %self.path.display(), error = %e, "could not mark a failed change log untrusted");
+        }
     }
 
     fn append(&mut self, kind: RecordKind, offset: u64, len: u64, payload: &[u8]) -> Result<()> {
         let seq = self.last_seq + 1;
         let hdr = encode_record_header(self.crc_seed, kind, seq, offset, len, payload);
-        let r = self.push(&hdr, payload);
+        let r = write_all_vectored_at(&self.file, &[&hdr, payload], self.end)
+            .map_err(|e| self.io_err("appending a record", e));
         self.poison_on_err(r)?;
+        self.end += (hdr.len() + payload.len()) as u64;
         self.last_seq = seq;
         self.records += 1;
-        Ok(())
-    }
-
-    fn push(&mut self, hdr: &[u8], payload: &[u8]) -> Result<()> {
-        let need = hdr.len() + payload.len();
-        if self.buf.len() + need > WRITE_BUFFER_SIZE {
-            self.write_out()?;
-        }
-        if need > WRITE_BUFFER_SIZE {
-            // Too big to buffer: straight to the file, in log order.
-            self.pwrite(hdr)?;
-            self.pwrite(payload)?;
-        } else {
-            self.buf.extend_from_slice(hdr);
-            self.buf.extend_from_slice(payload);
-        }
-        Ok(())
-    }
-
-    fn write_out(&mut self) -> Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let r = self.pwrite(&buf);
-        self.buf = buf;
-        r?;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Positional write at the end of what was handed to the OS, so the file
-    /// cursor (shared with cloned handles) plays no part.
-    fn pwrite(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file.write_all_at(bytes, self.flushed).map_err(|e| self.io_err("appending records", e))?;
-        self.flushed += bytes.len() as u64;
         Ok(())
     }
 
@@ -268,6 +230,74 @@ fn check_range(offset: u64, len: u64) -> Result<()> {
         return Err(Error::invalid("offset", format!("range {offset}+{len} overflows u64")));
     }
     Ok(())
+}
+
+/// Writes every byte of `parts`, back to back, at file offset `at`: one
+/// `pwritev` in the common case, continued after a short write.
+fn write_all_vectored_at(file: &File, parts: &[&[u8]], at: u64) -> io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // The parts still to write, the first one cut at `done`.
+        let mut skip = done;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            let rest = &p[skip..];
+            skip = 0;
+            iov.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() });
+        }
+        let offset = libc::off_t::try_from(at + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: every iovec points into a live slice of `parts` for its
+        // length, and the descriptor is open for the call.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, offset) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Writes a log's close block and fdatasyncs it; the records must be durable already.
+fn write_close_block(file: &File, path: &Path, records: u64, end: u64, last_seq: u64) -> Result<()> {
+    let block = CloseBlock { record_count: records, end_offset: end, last_record_seq: last_seq };
+    let io_err = |what: &str, e| Error::Io {
+        context: format!("{what} of HRL log {}", path.display()),
+        source: e,
+        class: ErrorClass::NeedsResync,
+    };
+    file.write_all_at(&block.encode(), CLOSE_BLOCK_OFFSET).map_err(|e| io_err("writing close block", e))?;
+    file.sync_data().map_err(|e| io_err("fdatasync after close block", e))
+}
+
+/// Seals a log that a crashed daemon left open, as found: the torn tail cut
+/// ([`super::recover`]), the records made durable, then the close block.
+/// The caller has decided the log can be trusted (same boot, last of its
+/// chain, only a torn tail after the records).
+pub fn seal_found(path: &Path) -> Result<SealedLog> {
+    let scan = super::reader::recover(path)?;
+    let last_seq = scan.last_seq();
+    if scan.clean {
+        return Ok(SealedLog { path: path.into(), header: scan.header, records: last_seq, end_offset: scan.file_len });
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening HRL log {}", path.display()), e))?;
+    file.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", path.display()), e))?;
+    write_close_block(&file, path, scan.records.len() as u64, scan.valid_len, last_seq)?;
+    Ok(SealedLog { path: path.into(), header: scan.header, records: last_seq, end_offset: scan.valid_len })
 }
 
 /// Makes a created (or removed) directory entry durable.
@@ -321,12 +351,9 @@ mod tests {
         w.append_zero(4096, 1 << 30).unwrap();
         assert_eq!(w.records(), 2);
         assert_eq!(w.len(), HEADER_SIZE + 2 * RECORD_HEADER_SIZE + 100);
-        // Buffered: the file does not have the records yet.
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), HEADER_SIZE);
-        w.flush().unwrap();
+        // In the kernel as soon as appended: nothing waits in a user-space buffer.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), w.len());
-        // A payload bigger than the buffer goes straight through, in order.
-        let big = vec![7u8; WRITE_BUFFER_SIZE + 3];
+        let big = vec![7u8; (4 << 20) + 3];
         w.append_write(10, &[2; 10]).unwrap();
         w.append_write(1 << 20, &big).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), w.len());
@@ -357,20 +384,18 @@ mod tests {
         w.append_write(0, b"kept").unwrap();
         w.sync().unwrap();
         // Swap in a read-only handle so the next write fails with EBADF.
-        w.file = File::open(&path).unwrap();
-        w.append_write(8, b"lost").unwrap(); // buffered: no I/O yet
-        let err = w.flush().unwrap_err();
+        w.file = Arc::new(File::open(&path).unwrap());
+        let err = w.append_write(8, b"lost").unwrap_err();
         assert_eq!(err.class(), ErrorClass::NeedsResync, "{err}");
         assert!(err.to_string().contains("l.hrl"), "error names the file: {err}");
         assert!(w.is_poisoned());
         // Even with a working file again, nothing more is accepted.
-        w.file = OpenOptions::new().write(true).open(&path).unwrap();
+        w.file = Arc::new(OpenOptions::new().write(true).open(&path).unwrap());
         for err in [
             w.append_write(0, b"y").unwrap_err(),
             w.append_zero(0, 1).unwrap_err(),
-            w.flush().unwrap_err(),
             w.sync().unwrap_err(),
-            w.file_for_sync().unwrap_err(),
+            w.sync_handle().unwrap_err(),
         ] {
             assert_eq!(err.class(), ErrorClass::NeedsResync);
             assert!(err.to_string().contains("unusable"), "{err}");
@@ -387,23 +412,56 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.hrl");
         let mut w = LogWriter::create(&path, &header()).unwrap();
-        w.file = File::open(&path).unwrap();
-        assert!(w.append_write(0, &vec![1; WRITE_BUFFER_SIZE * 2]).is_err());
+        w.file = Arc::new(File::open(&path).unwrap());
+        assert!(w.append_write(0, &vec![1; 2 << 20]).is_err());
         assert_eq!(w.records(), 0);
         assert!(w.append_write(0, b"x").is_err());
     }
 
     #[test]
-    fn group_commit_handle_makes_flushed_records_durable() {
+    fn the_sync_handle_shares_the_descriptor_and_syncs_appended_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.hrl");
         let mut w = LogWriter::create(&path, &header()).unwrap();
-        let f = w.file_for_sync().unwrap();
+        let f = w.sync_handle().unwrap();
+        assert_eq!(f.as_raw_fd(), w.file.as_raw_fd(), "no descriptor is duplicated to sync");
         w.append_write(0, b"abc").unwrap();
-        w.flush().unwrap();
         f.sync_data().unwrap();
         let s = scan(&path).unwrap();
         assert_eq!(s.records.len(), 1);
         assert!(!s.clean);
+    }
+
+    #[test]
+    fn a_log_given_up_after_a_failure_reads_as_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.hrl");
+        let mut w = LogWriter::create(&path, &header()).unwrap();
+        w.append_write(0, b"abc").unwrap();
+        w.mark_untrusted();
+        let err = scan(&path).unwrap_err().to_string();
+        assert!(err.contains("bad magic"), "{err}");
+    }
+
+    #[test]
+    fn a_log_left_open_by_a_crash_is_sealed_as_found_with_its_torn_tail_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.hrl");
+        let mut w = LogWriter::create(&path, &header()).unwrap();
+        w.append_write(0, b"one").unwrap();
+        w.append_zero(4096, 8192).unwrap();
+        let whole = w.len();
+        w.append_write(100, &[9u8; 500]).unwrap();
+        drop(w); // the daemon died: no seal
+        // The last record was cut short by the kill.
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(whole + 200).unwrap();
+        let sealed = seal_found(&path).unwrap();
+        assert_eq!((sealed.records, sealed.end_offset), (2, whole));
+        let s = scan(&path).unwrap();
+        assert!(s.clean, "sealed as found");
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.file_len, whole);
+        // Sealing again is a no-op.
+        assert_eq!(seal_found(&path).unwrap(), sealed);
     }
 }

@@ -1,7 +1,8 @@
 //! Resynchronization by fixed-block checksums.
 //!
 //! When change logs can no longer describe what changed (logs over 50% of
-//! the disk, an unclean or broken chain, a failed log write, a missing
+//! the disk, a log left open before a reboot, a damaged or broken chain, a
+//! failed log write, a missing
 //! remote object), the replica is brought back by comparison instead:
 //! source and target are cut into fixed blocks, each block is hashed (xxh3)
 //! on both sides, and only the blocks whose hashes differ are sent.

@@ -38,6 +38,8 @@ struct Scanned {
     next_seq: u64,
     /// The id of the newest trusted log (the next log chains to it).
     last_log_id: u64,
+    /// Trusted logs a crashed daemon left open, oldest first.
+    unsealed: Vec<std::path::PathBuf>,
 }
 
 /// Opens a VM's disks (blocking) and decides how it starts. `rec` is brought
@@ -90,18 +92,54 @@ fn scan(vm: &str, disk: &str, path: &Path) -> Result<Scanned> {
     }
     let next_seq = logs.last().map_or(1, |(s, _)| s + 1);
     if logs.is_empty() {
-        return Ok(Scanned { found: LogsFound::Missing, next_seq, last_log_id: 0 });
+        return Ok(Scanned { found: LogsFound::Missing, next_seq, last_log_id: 0, unsealed: Vec::new() });
     }
-    Ok(match changelog::check_logs(disk, &logs) {
+    Ok(match changelog::check_logs(disk, &logs, changelog::boot_id()) {
         Ok(kept) => Scanned {
             last_log_id: kept.last().map_or(0, |l| l.header.log_id),
+            unsealed: kept.iter().filter(|l| !l.sealed).map(|l| l.path.clone()).collect(),
             found: LogsFound::Trusted(
                 kept.into_iter().map(|l| PendingLog { path: l.path, bytes: l.bytes, sealed_ms: l.sealed_ms }).collect(),
             ),
             next_seq,
         },
-        Err(why) => Scanned { found: LogsFound::Untrusted(why), next_seq, last_log_id: 0 },
+        Err(why) => Scanned { found: LogsFound::Untrusted(why), next_seq, last_log_id: 0, unsealed: Vec::new() },
     })
+}
+
+/// Writes every record of a log a crashed daemon left open onto the disk,
+/// in order, then fdatasyncs the disk. The disk writes of the last records
+/// may not have happened before the crash; replaying all of them is
+/// idempotent and leaves the disk as the log says (see `capture::disk`).
+fn replay_onto_disk(log: &Path, disk_path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let found = changelog::scan(log)?;
+    let file = std::fs::File::open(log).map_err(|e| Error::io(format!("opening HRL log {}", log.display()), e))?;
+    let (image, size) = disk::open_image(disk_path)?;
+    let mut buf = Vec::new();
+    for r in &found.records {
+        if r.offset.checked_add(r.len).is_none_or(|end| end > size) {
+            return Err(Error::corrupt(
+                format!("HRL log {}", log.display()),
+                format!("record {} ({} bytes at {}) lies past the end of the {size}-byte disk", r.seq, r.len, r.offset),
+            ));
+        }
+        match r.kind {
+            changelog::RecordKind::Write => {
+                buf.resize(r.len as usize, 0);
+                changelog::read_payload_into(&file, r, &mut buf)?;
+                image
+                    .write_all_at(&buf, r.offset)
+                    .map_err(|e| Error::io(format!("replaying a write onto {}", disk_path.display()), e))?;
+            }
+            changelog::RecordKind::Zero => disk::zero_range(&image, r.offset, r.len)
+                .map_err(|e| Error::io(format!("replaying a zeroing onto {}", disk_path.display()), e))?,
+        }
+    }
+    image.sync_data().map_err(|e| Error::io(format!("sync {}", disk_path.display()), e))?;
+    tracing::info!(log = %log.display(), records = found.records.len(), torn_bytes = found.torn_bytes,
+        "replayed a change log left open by a crash onto its disk");
+    Ok(())
 }
 
 /// Deletes what protection kept beside a disk: its logs and snapshot side files.
@@ -118,7 +156,14 @@ fn open(rec: &VmRecord, scanned: Vec<Scanned>, decision: Restart, data_dir: &Pat
     let mut hash_sets = Vec::new();
     for (spec, s) in rec.spec.disks.iter().zip(scanned) {
         let (sealed, prev_id) = match (&s.found, keep) {
-            (LogsFound::Trusted(kept), true) => (kept.iter().map(|p| p.bytes).sum(), s.last_log_id),
+            (LogsFound::Trusted(kept), true) => {
+                for log in &s.unsealed {
+                    replay_onto_disk(log, &spec.path)?;
+                    changelog::seal_found(log)?;
+                }
+                let sealed = kept.iter().map(|p| std::fs::metadata(&p.path).map_or(p.bytes, |m| m.len())).sum();
+                (sealed, s.last_log_id)
+            }
             _ => {
                 remove_local_files(&spec.path)?;
                 (0, 0)

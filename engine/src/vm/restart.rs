@@ -16,9 +16,11 @@
 //! - A VM waiting for a resync drops its logs again (they are not needed).
 //! - A VM stopped mid-resync runs the resync again (its point was never
 //!   committed; it starts a new chain and snapshot).
-//! - Otherwise the logs found are trusted only if every disk's are clean and
-//!   chained: they wait for the next cycle. Else the VM needs a resync,
-//!   with the first disk's reason.
+//! - Otherwise the logs found are trusted only if every disk's pass the
+//!   chain's trust check (sealed, or left open by a daemon that died on
+//!   this boot, see `changelog::check_logs`): they wait for the next cycle
+//!   (the opener replays and seals the open ones first). Else the VM needs a
+//!   resync, with the first disk's reason.
 
 use crate::vm::lifecycle::{Lifecycle, VmState};
 
