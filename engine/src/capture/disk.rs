@@ -6,10 +6,10 @@
 //! # A change
 //!
 //! A write (or zeroing) holds the disk's gate shared and its byte range
-//! ([`super::ranges`]), then: appends its record to the active change log
-//! (one `pwritev` under the log mutex, so it is in the kernel when the
-//! append returns), saves snapshot blocks if a copy is running
-//! (copy-before-write), writes the disk (page cache), and returns. Changes
+//! ([`super::ranges`]), then: saves snapshot blocks if a copy is running
+//! (copy-before-write), appends its record to the active change log (one
+//! `pwritev` under the log mutex, so it is in the kernel when the append
+//! returns), writes the disk (page cache), and returns. Changes
 //! to disjoint ranges run in parallel (only the append is serialized);
 //! overlapping ones run one at a time, so their records are in the order
 //! they reached the disk. Nothing on this path waits for the network.
@@ -50,9 +50,10 @@
 //! is acknowledged; the disk stops logging and signals the VM, which goes to
 //! `ResyncRequired` (a resync compares whole disks, so nothing is lost). The
 //! same signal fires once when pending logs reach 50% of the disk. A failed
-//! disk write (or snapshot save) may leave part of the range changed while
-//! the log says otherwise: the write gets an error and the disk is flagged
-//! for a resync the same way. A failed disk fdatasync is sticky (as in redb
+//! snapshot save fails the write before anything is logged or written. A
+//! failed disk write may leave part of the range changed while the log says
+//! otherwise: the write gets an error and the disk is flagged for a resync
+//! the same way. A failed disk fdatasync is sticky (as in redb
 //! and PostgreSQL): the kernel may have dropped the dirty pages, so every
 //! later flush fails too, until a resync re-establishes what the disk
 //! holds. Whenever logging stops for a failure, the log's magic is
@@ -137,7 +138,30 @@ struct SyncState {
     taken: u64,
     /// Every ticket up to this one is covered by a finished sync.
     covered: u64,
+    /// Every ticket up to this one was covered by a sync that failed (or by
+    /// a later one): those flushes fail even if a resync cleared the flag.
+    failed_upto: u64,
     running: bool,
+}
+
+/// Ends a running sync even if it unwinds, so waiters are never stranded.
+struct SyncRun<'a> {
+    sync: &'a GroupSync,
+    upto: u64,
+    failed: bool,
+}
+
+impl Drop for SyncRun<'_> {
+    fn drop(&mut self) {
+        let mut st = self.sync.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.running = false;
+        st.covered = st.covered.max(self.upto);
+        if self.failed || std::thread::panicking() {
+            st.failed_upto = st.failed_upto.max(self.upto);
+        }
+        drop(st);
+        self.sync.done.notify_all();
+    }
 }
 
 /// Opens a disk image for the write path, checking it exists and is usable.
@@ -259,21 +283,20 @@ impl Disk {
                 return Err(self.closed_error());
             }
             let _range = self.ranges.lock(offset, len);
-            let snapshot = {
+            // Copy-before-write first: a change whose record is in the log
+            // has its snapshot blocks saved (a resumed copy relies on it).
+            // A failed save changes nothing: the write fails, unlogged.
+            if let Some(s) = self.lock().snapshot.clone() {
+                s.preserve(&self.file, offset, len)?;
+            }
+            {
                 let mut inner = self.lock();
                 let logged = inner.log.as_mut().map(log);
                 self.after_append(&mut inner, logged);
-                inner.snapshot.clone()
-            };
-            let applied = match &snapshot {
-                Some(s) => s.preserve(&self.file, offset, len),
-                None => Ok(()),
             }
-            .and_then(|()| {
-                crate::failpoint::check("disk.write", &self.path)
-                    .and_then(|()| apply(&self.file))
-                    .map_err(|e| Error::io(format!("{what} {len} bytes at {offset} of {}", self.path.display()), e))
-            });
+            let applied = crate::failpoint::check("disk.write", &self.path)
+                .and_then(|()| apply(&self.file))
+                .map_err(|e| Error::io(format!("{what} {len} bytes at {offset} of {}", self.path.display()), e));
             if let Err(err) = applied {
                 // The log has the change, the disk may have part of it.
                 let reason = format!("a {what} to disk {} failed: {err}", self.name);
@@ -339,20 +362,24 @@ impl Disk {
         let ticket = st.taken;
         loop {
             if st.covered >= ticket {
+                let failed = st.failed_upto >= ticket;
                 drop(st);
-                // The sync that covered this ticket may have failed.
+                if failed {
+                    return Err(Error::io(
+                        format!("sync {}: the sync that covered this flush failed", self.path.display()),
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    ));
+                }
+                // A sync that failed since makes every later flush fail too.
                 return self.check_sync_failed();
             }
             if !st.running {
                 st.running = true;
-                let upto = st.taken;
+                let mut run = SyncRun { sync: &self.sync, upto: st.taken, failed: false };
                 drop(st);
                 let synced = self.sync_now();
-                st = self.sync.state.lock().expect("sync state is never poisoned");
-                st.running = false;
-                st.covered = st.covered.max(upto);
-                self.sync.done.notify_all();
-                drop(st);
+                run.failed = synced.is_err();
+                drop(run);
                 return synced;
             }
             st = self.sync.done.wait(st).expect("sync state is never poisoned");
@@ -372,16 +399,29 @@ impl Disk {
     /// fdatasyncs the active log and the disk at once.
     fn sync_now(&self) -> Result<()> {
         let log = self.lock().log.as_ref().map(|l| (l.sync_handle(), l.path().to_path_buf()));
-        let (log_synced, disk_synced) = std::thread::scope(|s| {
-            let log_sync = log.map(|(handle, path)| {
-                s.spawn(move || {
-                    handle.and_then(|f| {
-                        f.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", path.display()), e))
-                    })
-                })
-            });
-            let disk = crate::failpoint::check("disk.sync", &self.path).and_then(|()| self.file.sync_data());
-            (log_sync.map(|t| t.join().expect("a log sync does not panic")), disk)
+        let sync_log = |(handle, path): (Result<Arc<File>>, PathBuf)| {
+            handle.and_then(|f| f.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", path.display()), e)))
+        };
+        let sync_disk = || crate::failpoint::check("disk.sync", &self.path).and_then(|()| self.file.sync_data());
+        let has_log = log.is_some();
+        let log = std::sync::Mutex::new(log);
+        let (log_synced, disk_synced) = std::thread::scope(|s| match has_log {
+            false => (None, sync_disk()),
+            true => {
+                // The log's sync on a thread of its own, beside the disk's;
+                // one after the other if no thread can be made.
+                let spawned = std::thread::Builder::new()
+                    .name("ferry-log-sync".into())
+                    .spawn_scoped(s, || log.lock().expect("taken once").take().map(sync_log));
+                let disk = sync_disk();
+                let logged = match spawned {
+                    Ok(t) => t.join().unwrap_or_else(|_| {
+                        Some(Err(Error::Internal("the change-log sync thread panicked".into())))
+                    }),
+                    Err(_) => log.lock().expect("taken once").take().map(sync_log),
+                };
+                (logged, disk)
+            }
         });
         if let Some(Err(e)) = log_synced {
             let mut inner = self.lock();
@@ -474,12 +514,17 @@ impl Disk {
         let _ = self.sealed_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(bytes)));
     }
 
-    /// Stops logging (logs discarded for a resync); returns the active log.
-    /// Writes still reach the disk; the resync finds them by comparison.
-    pub fn stop_logging(&self) -> Option<LogWriter> {
+    /// Stops logging (logs discarded for a resync). Writes still reach the
+    /// disk; the resync finds them by comparison. The active log is marked
+    /// untrusted first: from here on it misses writes, so a restart must
+    /// never replay or ship it.
+    pub fn stop_logging(&self) {
+        let _quiet = self.quiesce();
         let mut inner = self.lock();
         self.sealed_bytes.store(0, Ordering::Relaxed);
-        inner.log.take()
+        if let Some(log) = inner.log.take() {
+            log.mark_untrusted();
+        }
     }
 }
 
@@ -544,7 +589,7 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
     let mut logs = Vec::new();
     let mut snaps = Vec::new();
     for d in disks {
-        drop(d.stop_logging());
+        d.stop_logging();
         let next_seq = changelog::list_logs(&d.path)?.last().map_or(1, |(s, _)| s + 1);
         changelog::remove_logs(&d.path)?;
         logs.push(new_log(&d.path, &d.vm, &d.name, next_seq, 0)?);

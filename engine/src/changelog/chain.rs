@@ -116,21 +116,33 @@ pub struct TrustedLog {
 /// Checks a disk's logs (as [`list_logs`] gives them) against the rules of
 /// a restart: every log chained to the one before, and each either sealed,
 /// or left open by a daemon that died on this boot of the host (`boot_id`,
-/// see [`super::boot_id`]) with nothing after its records but, for the
-/// newest log only, one torn record. (A log is rotated out only when no
-/// change is in flight, so only the newest can end in a partial record.)
-/// Returns them, or why they cannot be trusted.
+/// see [`super::boot_id`]) with nothing after its records but one torn
+/// record. A log is rotated out only when no change is in flight, so only
+/// the newest log with records can end torn; logs after it may exist only
+/// as the next log a rotation had prepared (open and empty). A newest log
+/// whose header was never completely written (a crash inside its creation:
+/// no more than a header's bytes, not marked untrusted) holds nothing and
+/// is left out. Returns the logs kept, or why they cannot be trusted.
 pub fn check_logs(
     disk: &str,
     logs: &[(u64, PathBuf)],
     boot_id: u128,
 ) -> std::result::Result<Vec<TrustedLog>, String> {
-    let mut out: Vec<TrustedLog> = Vec::new();
+    let mut scans = Vec::new();
     for (i, (_, path)) in logs.iter().enumerate() {
-        let scan = scan(path).map_err(|e| format!("change log {} is unreadable: {e}", path.display()))?;
-        let newest = i + 1 == logs.len();
+        match scan(path) {
+            Ok(s) => scans.push(s),
+            Err(e) if i + 1 == logs.len() && unfinished_create(path) => {
+                tracing::info!(log = %path.display(), error = %e, "a log whose creation a crash cut short is left out");
+            }
+            Err(e) => return Err(format!("change log {} is unreadable: {e}", path.display())),
+        }
+    }
+    let mut out: Vec<TrustedLog> = Vec::new();
+    for (i, scan) in scans.iter().enumerate() {
+        let path = &logs[i].1;
+        let shown = path.display();
         if !scan.clean {
-            let shown = path.display();
             if scan.header.boot_id == 0 || scan.header.boot_id != boot_id {
                 return Err(format!(
                     "change log {shown} of disk {disk} was left open before the host restarted \
@@ -138,9 +150,11 @@ pub fn check_logs(
                     scan.header.boot_id
                 ));
             }
+            let only_prepared_after =
+                scans[i + 1..].iter().all(|later| !later.clean && later.records.is_empty() && later.tail == Tail::None);
             match &scan.tail {
                 Tail::None => {}
-                Tail::Torn if newest => {}
+                Tail::Torn if only_prepared_after => {}
                 Tail::Torn => {
                     return Err(format!("change log {shown} of disk {disk} ends in a torn record but is not the newest"))
                 }
@@ -160,11 +174,18 @@ pub fn check_logs(
             path: path.clone(),
             bytes: if scan.clean { scan.file_len } else { scan.valid_len },
             sealed_ms,
-            header: scan.header,
+            header: scan.header.clone(),
             sealed: scan.clean,
         });
     }
     Ok(out)
+}
+
+/// A log file no longer than its header, not marked untrusted: what a
+/// crash inside [`super::LogWriter::create`] leaves.
+fn unfinished_create(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else { return false };
+    bytes.len() as u64 <= super::HEADER_SIZE && !bytes.starts_with(super::writer::UNTRUSTED_MAGIC)
 }
 
 #[cfg(test)]
@@ -246,5 +267,108 @@ mod tests {
             check_chain(&pair[0], &pair[1]).unwrap();
         }
         assert!(check_chain(&headers[0], &headers[2]).is_err());
+    }
+
+    /// Writes a chain of `n` logs beside `disk`, each with `records[i]`
+    /// records, sealing the first `sealed`; returns their paths.
+    fn chain_of(disk: &Path, records: &[usize], sealed: usize) -> Vec<(u64, PathBuf)> {
+        let mut header = LogHeader::new("vm", "a", 1, 0, 0);
+        for (i, n) in records.iter().enumerate() {
+            let mut w = LogWriter::create(&log_path(disk, header.seq), &header).unwrap();
+            for r in 0..*n {
+                w.append_write(r as u64 * 4096, &[r as u8 + 1; 100]).unwrap();
+            }
+            if i < sealed {
+                w.seal().unwrap();
+            }
+            header = header.successor(0);
+        }
+        list_logs(disk).unwrap()
+    }
+
+    fn cut(path: &Path, by: u64) {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - by).unwrap();
+    }
+
+    #[test]
+    fn restart_trust_rules() {
+        let boot = super::super::boot_id();
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = 0;
+        let mut disk = || {
+            n += 1;
+            dir.path().join(format!("d{n}.img"))
+        };
+        // Sealed, then open with a torn last record: trusted, the open one to replay.
+        let d = disk();
+        let logs = chain_of(&d, &[2, 3], 1);
+        cut(&logs[1].1, 50);
+        let kept = check_logs("a", &logs, boot).unwrap();
+        assert_eq!(kept.iter().map(|l| l.sealed).collect::<Vec<_>>(), vec![true, false]);
+        // The same after another boot: refused, naming it.
+        let err = check_logs("a", &logs, boot ^ 1).unwrap_err();
+        assert!(err.contains("left open before the host restarted"), "{err}");
+        // Torn, then the empty log a rotation had prepared: trusted.
+        let d = disk();
+        let logs = chain_of(&d, &[2, 3, 0], 1);
+        cut(&logs[1].1, 50);
+        assert_eq!(check_logs("a", &logs, boot).unwrap().len(), 3);
+        // Torn, then a log with records: not a crash shape.
+        let d = disk();
+        let logs = chain_of(&d, &[2, 3, 1], 1);
+        cut(&logs[1].1, 50);
+        let err = check_logs("a", &logs, boot).unwrap_err();
+        assert!(err.contains("torn record but is not the newest"), "{err}");
+        // A newest log whose creation was cut short is left out.
+        let d = disk();
+        let logs = chain_of(&d, &[2, 1], 1);
+        std::fs::write(&logs[1].1, [0x46u8, 0x45, 0x52]).unwrap();
+        let kept = check_logs("a", &logs, boot).unwrap();
+        assert_eq!(kept.len(), 1);
+        // ... but one marked untrusted is not.
+        std::fs::write(&logs[1].1, b"FERRYBAD").unwrap();
+        let err = check_logs("a", &logs, boot).unwrap_err();
+        assert!(err.contains("unreadable"), "{err}");
+        // A short file in the middle is not a creation cut short.
+        let d = disk();
+        let logs = chain_of(&d, &[2, 1, 1], 1);
+        std::fs::write(&logs[1].1, [0u8; 10]).unwrap();
+        assert!(check_logs("a", &logs, boot).unwrap_err().contains("unreadable"));
+    }
+
+    #[test]
+    fn only_a_record_cut_short_at_the_end_is_a_torn_tail() {
+        use crate::changelog::{scan, Tail, HEADER_SIZE, RECORD_HEADER_SIZE};
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("a.img");
+        let logs = chain_of(&disk, &[3], 0);
+        let path = &logs[0].1;
+        let whole = std::fs::read(path).unwrap();
+        let rec = RECORD_HEADER_SIZE + 100;
+        let third = HEADER_SIZE + 2 * rec;
+        let tail_of = |bytes: &[u8]| {
+            std::fs::write(path, bytes).unwrap();
+            scan(path).unwrap().tail
+        };
+        assert_eq!(tail_of(&whole), Tail::None);
+        assert_eq!(tail_of(&whole[..(third + 20) as usize]), Tail::Torn, "a header cut short");
+        assert_eq!(tail_of(&whole[..(third + 60) as usize]), Tail::Torn, "a payload cut short");
+        // A complete last record that fails its check is damage.
+        let mut bad = whole.clone();
+        bad[(third + RECORD_HEADER_SIZE + 5) as usize] ^= 1;
+        assert!(matches!(tail_of(&bad), Tail::Damaged(_)));
+        // So is a record in the middle whose length was damaged to run past the end.
+        let mut bad = whole.clone();
+        let len_at = (HEADER_SIZE + rec + 24) as usize;
+        bad[len_at..len_at + 8].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        assert!(matches!(tail_of(&bad), Tail::Damaged(_)), "only the last record can be cut short");
+        // And 40 bytes of garbage after the records.
+        let mut bad = whole.clone();
+        bad.extend_from_slice(&[0xAB; 40]);
+        assert!(matches!(tail_of(&bad), Tail::Damaged(_)));
+        let _ = std::fs::File::open(path).unwrap().read_at(&mut [0u8; 1], 0);
     }
 }

@@ -37,9 +37,9 @@ pub struct LogScan {
 pub enum Tail {
     /// Nothing: the file ends with the last intact record.
     None,
-    /// One partial record, then nothing but zeros or the end of the file:
-    /// what an append cut short by a crash leaves (a record is written
-    /// front to back, and appends are made one after the other).
+    /// One partial record at the end of the file: what an append cut short
+    /// by a crash leaves (a record is written front to back, appends are
+    /// made one after the other, and the file grows only as bytes land).
     Torn,
     /// Anything else (a bad record followed by data): damage, not a crash.
     /// The reason names where the walk stopped.
@@ -173,7 +173,9 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
     let tail = match &stop {
         None => Tail::None,
         Some(why) => {
-            classify_tail(file, valid_len, file_len, why.clone()).map_err(|e| Error::io(io_ctx("reading tail"), e))?
+            let next = records.len() as u64 + 1;
+            classify_tail(file, valid_len, file_len, why.clone(), next)
+                .map_err(|e| Error::io(io_ctx("reading tail"), e))?
         }
     };
 
@@ -203,29 +205,43 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
     Ok(LogScan { header, clean, records, valid_len, file_len, torn_bytes: file_len - valid_len, tail })
 }
 
-/// Whether the bytes after the intact records at `pos` are one record cut
-/// short and then zeros (or nothing): see [`Tail::Torn`].
-fn classify_tail(file: &File, pos: u64, file_len: u64, why: String) -> std::io::Result<Tail> {
-    // Where the partial record would end: its header and, if the header
-    // reads as one, its payload.
-    let mut end = (pos + RECORD_HEADER_SIZE).min(file_len);
-    if file_len - pos >= RECORD_HEADER_SIZE {
-        let mut rbuf = [0u8; RECORD_HEADER_SIZE as usize];
-        file.read_exact_at(&mut rbuf, pos)?;
-        if let Ok(rec) = decode_record_header(&rbuf) {
-            let payload = if rec.kind == RecordKind::Write { rec.len } else { 0 };
-            end = end.saturating_add(payload).min(file_len);
-        }
+/// Whether what follows the intact records at `pos` is what a crash
+/// mid-append leaves ([`Tail::Torn`]): the file only grows as bytes are
+/// written, so the last record is cut short at the end of the file, with
+/// nothing after it. That is a piece shorter than a record header, or a
+/// header that reads as the next record (seq `expected_seq`) of a write no
+/// larger than the write path accepts, whose payload runs past the end.
+/// Anything else (a complete record that fails its check, a wrong seq,
+/// garbage) is damage.
+fn classify_tail(file: &File, pos: u64, file_len: u64, why: String, expected_seq: u64) -> std::io::Result<Tail> {
+    if file_len - pos < RECORD_HEADER_SIZE {
+        return Ok(Tail::Torn);
     }
-    let mut buf = vec![0u8; (file_len - end).min(READ_BUFFER_SIZE as u64) as usize];
-    let mut at = end;
-    while at < file_len {
-        let n = (file_len - at).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], at)?;
-        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
-            return Ok(Tail::Damaged(format!("{why}, and data follows at {}", at + i as u64)));
+    let mut rbuf = [0u8; RECORD_HEADER_SIZE as usize];
+    file.read_exact_at(&mut rbuf, pos)?;
+    let cut_short = decode_record_header(&rbuf).is_ok_and(|rec| {
+        rec.seq == expected_seq
+            && rec.kind == RecordKind::Write
+            && rec.len <= crate::capture::disk::MAX_IO
+            && pos + RECORD_HEADER_SIZE + rec.len > file_len
+    });
+    if !cut_short {
+        return Ok(Tail::Damaged(why));
+    }
+    // A damaged length can pass for a payload cut short: the record after
+    // it, intact, tells them apart.
+    let mut rest = vec![0u8; (file_len - pos - RECORD_HEADER_SIZE) as usize];
+    file.read_exact_at(&mut rest, pos + RECORD_HEADER_SIZE)?;
+    let magic = super::format::RECORD_MAGIC.to_le_bytes();
+    for at in 0..rest.len().saturating_sub(RECORD_HEADER_SIZE as usize - 1) {
+        if rest[at..at + 4] != magic {
+            continue;
         }
-        at += n as u64;
+        let hdr: &[u8; RECORD_HEADER_SIZE as usize] = rest[at..at + RECORD_HEADER_SIZE as usize].try_into().expect("40 bytes");
+        if decode_record_header(hdr).is_ok_and(|r| r.seq == expected_seq + 1) {
+            let found = pos + RECORD_HEADER_SIZE + at as u64;
+            return Ok(Tail::Damaged(format!("{why}, but record {} follows at {found}", expected_seq + 1)));
+        }
     }
     Ok(Tail::Torn)
 }

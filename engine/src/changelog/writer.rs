@@ -162,9 +162,16 @@ impl LogWriter {
     /// Closes the log cleanly: fdatasync, write the close block, fdatasync
     /// again. Records are durable before the close block is written, so a
     /// valid close block always describes records that are on disk.
+    /// A failed seal marks the log untrusted: the failed fdatasync's error
+    /// is consumed, and a retry after a restart could succeed on pages the
+    /// kernel dropped.
     pub fn seal(mut self) -> Result<SealedLog> {
-        self.sync()?;
-        write_close_block(&self.file, &self.path, self.records, self.end, self.last_seq)?;
+        let sealed =
+            self.sync().and_then(|()| write_close_block(&self.file, &self.path, self.records, self.end, self.last_seq));
+        if let Err(e) = sealed {
+            self.mark_untrusted();
+            return Err(e);
+        }
         Ok(SealedLog { path: self.path, header: self.header, records: self.records, end_offset: self.end })
     }
 
@@ -400,11 +407,13 @@ mod tests {
             assert_eq!(err.class(), ErrorClass::NeedsResync);
             assert!(err.to_string().contains("unusable"), "{err}");
         }
-        assert!(w.seal().is_err());
-        // The log on disk is unclean and holds only what was synced.
+        // Before the failed seal, the log on disk held only what was written.
         let s = scan(&path).unwrap();
         assert!(!s.clean);
         assert_eq!(s.records.len(), 1);
+        // A failed seal gives the log up: a restart finds it unreadable.
+        assert!(w.seal().is_err());
+        assert!(scan(&path).unwrap_err().to_string().contains("bad magic"));
     }
 
     #[test]

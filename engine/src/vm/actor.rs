@@ -100,10 +100,15 @@ impl VmActor {
                 let (version, lc) = latest;
                 let (state, n) = (state.clone(), name.clone());
                 let r = blocking(move || state.update_vm(&n, |r| r.lifecycle = lc)).await;
-                if let Err(e) = r {
-                    tracing::warn!(vm = %name, error = %e, "could not persist VM state");
+                match r {
+                    // Only a stored state may be waited for: a resync or a
+                    // discard that went ahead on an unstored one could leave a
+                    // restart trusting a chain they changed.
+                    Ok(_) => {
+                        stored.send_replace(version);
+                    }
+                    Err(e) => tracing::warn!(vm = %name, error = %e, "could not persist VM state"),
                 }
-                stored.send_replace(version);
             }
         });
         let core = VmCore::new(&rec.spec.name, opened.disks.len(), rec.lifecycle.clone(), rec.last_point_seq);
@@ -200,7 +205,11 @@ impl VmActor {
                 let stored = (self.persisted.clone(), self.version);
                 self.spawn(ctx, io.run_resync(epoch, seq, parent, stored))
             }
-            Command::DiscardLogs { epoch } => self.spawn(ctx, io.discard_logs(epoch)),
+            Command::DiscardLogs { epoch } => {
+                // ResyncRequired must be stored before the logs stop describing the disk.
+                let stored = (self.persisted.clone(), self.version);
+                self.spawn(ctx, io.discard_logs(epoch, stored))
+            }
             Command::DeleteLogs { logs } => self.spawn_detached(io.delete_logs(logs)),
             Command::ReleaseSnapshots => self.spawn_detached(io.release_snapshots()),
             Command::ScheduleRetry { at_ms } => {

@@ -40,6 +40,8 @@ struct Scanned {
     last_log_id: u64,
     /// Trusted logs a crashed daemon left open, oldest first.
     unsealed: Vec<std::path::PathBuf>,
+    /// Logs the trust check left out (a creation cut short).
+    left_out: Vec<std::path::PathBuf>,
 }
 
 /// Opens a VM's disks (blocking) and decides how it starts. `rec` is brought
@@ -92,18 +94,30 @@ fn scan(vm: &str, disk: &str, path: &Path) -> Result<Scanned> {
     }
     let next_seq = logs.last().map_or(1, |(s, _)| s + 1);
     if logs.is_empty() {
-        return Ok(Scanned { found: LogsFound::Missing, next_seq, last_log_id: 0, unsealed: Vec::new() });
+        return Ok(Scanned { found: LogsFound::Missing, next_seq, last_log_id: 0, unsealed: Vec::new(), left_out: Vec::new() });
     }
     Ok(match changelog::check_logs(disk, &logs, changelog::boot_id()) {
+        Ok(kept) if kept.is_empty() => {
+            Scanned { found: LogsFound::Missing, next_seq, last_log_id: 0, unsealed: Vec::new(), left_out: Vec::new() }
+        }
         Ok(kept) => Scanned {
+            // A newest log left out (its creation was cut short) is removed
+            // when the logs are kept, and its number is taken again.
+            left_out: logs.iter().filter(|(_, p)| kept.iter().all(|k| &k.path != p)).map(|(_, p)| p.clone()).collect(),
+            next_seq: kept.last().map_or(next_seq, |l| l.header.seq + 1),
             last_log_id: kept.last().map_or(0, |l| l.header.log_id),
             unsealed: kept.iter().filter(|l| !l.sealed).map(|l| l.path.clone()).collect(),
             found: LogsFound::Trusted(
                 kept.into_iter().map(|l| PendingLog { path: l.path, bytes: l.bytes, sealed_ms: l.sealed_ms }).collect(),
             ),
-            next_seq,
         },
-        Err(why) => Scanned { found: LogsFound::Untrusted(why), next_seq, last_log_id: 0, unsealed: Vec::new() },
+        Err(why) => Scanned {
+            found: LogsFound::Untrusted(why),
+            next_seq,
+            last_log_id: 0,
+            unsealed: Vec::new(),
+            left_out: Vec::new(),
+        },
     })
 }
 
@@ -157,6 +171,9 @@ fn open(rec: &VmRecord, scanned: Vec<Scanned>, decision: Restart, data_dir: &Pat
     for (spec, s) in rec.spec.disks.iter().zip(scanned) {
         let (sealed, prev_id) = match (&s.found, keep) {
             (LogsFound::Trusted(kept), true) => {
+                for log in &s.left_out {
+                    changelog::remove_file_if_present(log)?;
+                }
                 for log in &s.unsealed {
                     replay_onto_disk(log, &spec.path)?;
                     changelog::seal_found(log)?;

@@ -369,15 +369,23 @@ impl VmIo {
     }
 
     /// Stops logging and drops every log and snapshot, unless a newer task
-    /// changed the chain first.
-    pub async fn discard_logs(self, epoch: u64) -> Input {
+    /// changed the chain first. Waits until the writer stored the lifecycle
+    /// version `stored.1` (ResyncRequired): writes after this go unlogged,
+    /// so a restart must find a state that does not trust the logs (and the
+    /// active log is marked untrusted as well, in case the state is lost).
+    pub async fn discard_logs(self, epoch: u64, mut stored: (tokio::sync::watch::Receiver<u64>, u64)) -> Input {
+        let need = stored.1;
+        if stored.0.wait_for(|v| *v >= need).await.is_err() {
+            let e = Error::Cancelled("the VM stopped before its logs were discarded".into());
+            return Input::LogsDiscarded { epoch, result: Err(failure("discarding logs", &e)) };
+        }
         let (disks, fence) = (self.disks.clone(), self.fence.clone());
         let r = blocking(move || {
             fence.change(epoch, || {
                 for d in &disks {
                     // A copy still running is superseded: stop preserving for it.
                     release_snapshot(d)?;
-                    drop(d.stop_logging());
+                    d.stop_logging();
                     changelog::remove_logs(&d.path)?;
                 }
                 Ok(())
