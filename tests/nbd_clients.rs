@@ -1,8 +1,13 @@
-//! The engine's NBD server, on an in-memory device, against real clients:
-//! qemu-io, qemu-img, nbdinfo, nbdcopy and fio's nbd engine, over a Unix
-//! socket, on an export whose name has a slash in it (`vm1/disk0`, addressed
-//! as `nbd+unix:///vm1/disk0?socket=...`). Tools are found and run through
-//! the shared harness (`ferry::harness`).
+//! The engine's NBD server against real clients: qemu-io, qemu-img,
+//! nbdinfo, nbdcopy and fio's nbd engine, over a Unix socket, on exports
+//! whose name has a slash in it (`vm1/disk0`, addressed as
+//! `nbd+unix:///vm1/disk0?socket=...`). The first tests serve an in-memory
+//! device in process; the last ones a protected disk of a real `ferryd`,
+//! where block status comes from the holes of the disk file: `nbdinfo
+//! --map` and `qemu-img map` see them, `qemu-img convert` and `nbdcopy`
+//! copy a mostly sparse 1 GiB disk sparse, and fio verifies random writes
+//! with fsyncs. Tools and ferryd are run through the shared harness
+//! (`ferry::harness`).
 //!
 //! These tools are required: a missing one fails its test with the package
 //! to install (qemu-utils; libnbd-bin and fio). Every client runs under a
@@ -12,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::harness::{random_bytes, require_tool, Ran, CLIENT_TIMEOUT};
+use ferry::harness::{
+    allocated_bytes, assert_same_files, qemu_io, random_bytes, require_tool, Daemon, Ran, CLIENT_TIMEOUT, MIB,
+};
 use ferry_engine::nbd::{BlockDevice, MapCatalog, MemDevice, NbdServer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -255,4 +262,165 @@ async fn fio_random_writes_verify() {
     assert!(!shown.contains("verify: bad"), "{shown}");
     assert!(served.device.flush_count() >= 1, "fio's fsync reached the device as FLUSH");
     served.stop().await;
+}
+
+/// A sparse image of `len` bytes with random data at `data` (offset, length).
+fn sparse_image(path: &Path, len: u64, data: &[(u64, u64)]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.set_len(len).expect("set the image size");
+    for &(offset, n) in data {
+        f.write_all_at(&random_bytes(n as usize), offset).expect("write image data");
+    }
+    f.sync_all().expect("sync image");
+}
+
+/// Protects `vm1` with `disks` (name, image) and waits until it is Protected.
+fn protect(d: &Daemon, disks: &[(&str, &Path)]) {
+    let mut args = vec!["protect".to_string(), "vm1".to_string(), "--frequency".to_string(), "30s".to_string()];
+    for (name, path) in disks {
+        args.extend(["--disk".to_string(), format!("{name}={}", path.display())]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    d.ctl_json(&args);
+    d.wait_state("vm1", "Protected", Duration::from_secs(300));
+}
+
+/// Runs a tool to completion (exit 0 asserted) under the harness's timeout.
+fn run_tool(tool: &Path, args: &[&str]) -> Ran {
+    let mut cmd = std::process::Command::new(tool);
+    cmd.args(args);
+    ferry::harness::process::run_ok(&mut cmd, CLIENT_TIMEOUT)
+}
+
+/// Merges `(offset, length, is_data)` runs into the ranges that are data.
+fn data_ranges(runs: impl IntoIterator<Item = (u64, u64, bool)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (offset, len, data) in runs {
+        match out.last_mut() {
+            Some(last) if data && last.0 + last.1 == offset => last.1 += len,
+            _ if data => out.push((offset, len)),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn nbdinfo_map_shows_the_data_holes_and_zeroed_ranges_of_a_protected_disk() {
+    let nbdinfo = require_tool("nbdinfo");
+    require_tool("qemu-io");
+    let d = Daemon::start();
+    let path = d.disks().join("map.img");
+    sparse_image(&path, 64 * MIB, &[(0, MIB), (8 * MIB, 4 * MIB)]);
+    protect(&d, &[("map", &path)]);
+    let uri = d.uri("vm1", "map");
+
+    // Zero [9, 10) MiB letting the server punch a hole (-u: may unmap), and
+    // [10, 11) MiB with NO_HOLE (what qemu sends for write -z without -u).
+    let before = allocated_bytes(&path);
+    qemu_io(&uri, &["write -z -u 9M 1M", "write -z 10M 1M", "flush", "read -P 0 9M 2M"]);
+    let freed = before.saturating_sub(allocated_bytes(&path));
+    assert!(
+        (MIB - 64 * 1024..2 * MIB - 64 * 1024).contains(&freed),
+        "the punched MiB was freed and the NO_HOLE MiB kept: {freed} bytes freed"
+    );
+
+    let out = run_tool(&nbdinfo, &["--map", "--json", &uri]);
+    let map: serde_json::Value = serde_json::from_str(&out.stdout).expect("nbdinfo --map --json");
+    let entries = map.as_array().unwrap_or_else(|| panic!("a JSON array: {map}"));
+    let runs: Vec<(u64, u64, u64)> = entries
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .collect();
+    let mut at = 0;
+    for &(offset, len, _) in &runs {
+        assert_eq!(offset, at, "the map is contiguous: {map}");
+        at += len;
+    }
+    assert_eq!(at, 64 * MIB, "the map covers the disk: {map}");
+    let flags_at = |x: u64| runs.iter().find(|&&(o, l, _)| o <= x && x < o + l).map(|r| r.2).expect("mapped");
+    for x in [0, MIB / 2, 8 * MIB, 8 * MIB + MIB / 2, 11 * MIB, 12 * MIB - 1] {
+        assert_eq!(flags_at(x), 0, "data at {x}: {map}");
+    }
+    // HOLE | ZERO: never written, and punched by WRITE_ZEROES.
+    for x in [MIB, 4 * MIB, 8 * MIB - 1, 9 * MIB, 10 * MIB - 1, 12 * MIB, 64 * MIB - 1] {
+        assert_eq!(flags_at(x), 3, "a hole that reads as zeroes at {x}: {map}");
+    }
+    // The NO_HOLE range is allocated; file systems report such a range as a
+    // hole or as data (reading it gives zeroes either way, checked above).
+    assert!([0, 3].contains(&flags_at(10 * MIB)), "{map}");
+    assert_eq!(d.state("vm1"), "Protected");
+}
+
+#[test]
+fn a_mostly_sparse_1_gib_export_maps_and_copies_sparse() {
+    let qemu_img = require_tool("qemu-img");
+    let nbdcopy = require_tool("nbdcopy");
+    const GIB: u64 = 1 << 30;
+    let d = Daemon::start();
+    let path = d.disks().join("big.img");
+    let data = [(0, MIB), (512 * MIB, 2 * MIB), (GIB - MIB, MIB)];
+    sparse_image(&path, GIB, &data);
+    protect(&d, &[("big", &path)]);
+    let uri = d.uri("vm1", "big");
+
+    // qemu-img map: data exactly where the file has data.
+    let out = run_tool(&qemu_img, &["map", "--output=json", "-f", "raw", &uri]);
+    let map: serde_json::Value = serde_json::from_str(&out.stdout).expect("qemu-img map --output=json");
+    let runs = map.as_array().unwrap_or_else(|| panic!("a JSON array: {map}")).iter().map(|e| {
+        let data = e["data"].as_bool().unwrap();
+        assert_eq!(e["zero"].as_bool().unwrap(), !data, "holes read as zeroes, data does not: {e}");
+        (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap(), data)
+    });
+    assert_eq!(data_ranges(runs), data, "{map}");
+
+    // qemu-img convert and nbdcopy: byte-identical copies that stay sparse.
+    let converted = d.dir().join("convert.raw");
+    run_tool(&qemu_img, &["convert", "-f", "raw", "-O", "raw", &uri, converted.to_str().unwrap()]);
+    let copied = d.dir().join("nbdcopy.raw");
+    run_tool(&nbdcopy, &[&uri, copied.to_str().unwrap()]);
+    for out in [&converted, &copied] {
+        assert_same_files("copy of the export", out, &path);
+        let allocated = allocated_bytes(out);
+        assert!(allocated <= 6 * MIB, "{} is sparse: {allocated} bytes allocated for 4 MiB of data", out.display());
+    }
+    assert_eq!(d.state("vm1"), "Protected");
+}
+
+#[test]
+fn fio_verifies_random_writes_with_fsyncs_through_ferryd() {
+    let fio = require_tool("fio");
+    let d = Daemon::start();
+    let path = d.disks().join("fio.img");
+    sparse_image(&path, 64 * MIB, &[]);
+    protect(&d, &[("fio", &path)]);
+    let uri_arg = format!("--uri={}", d.uri("vm1", "fio"));
+    let out = run_tool(
+        &fio,
+        &[
+            "--name=ferry-verify",
+            "--ioengine=nbd",
+            &uri_arg,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=16M",
+            "--numjobs=2",
+            "--offset_increment=16M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--fsync=32",
+            "--group_reporting",
+        ],
+    );
+    let shown = out.text();
+    assert!(shown.contains("err= 0"), "{shown}");
+    assert!(!shown.contains("verify: bad"), "{shown}");
+    // The writes went through the write path: a recovery point carries them.
+    let seq = d.replicate_now("vm1");
+    assert!(seq >= 2, "a point after the base: {seq}");
+    assert_eq!(d.state("vm1"), "Protected");
 }

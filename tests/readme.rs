@@ -147,7 +147,15 @@ fn bash_at_root(script: &str) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(script).current_dir(repo_root()).stdin(Stdio::null()).env_remove("CARGO_TARGET_DIR");
     for var in
-        ["FERRY_DATA_DIR", "FERRY_TARGET", "FERRY_LISTEN", "FERRY_NBD_SOCKET", "FERRY_NBD_LISTEN", "FERRY_ENDPOINT"]
+        [
+            "FERRY_DATA_DIR",
+            "FERRY_TARGET",
+            "FERRY_LISTEN",
+            "FERRY_NBD_SOCKET",
+            "FERRY_NBD_SOCKET_GROUP",
+            "FERRY_NBD_LISTEN",
+            "FERRY_ENDPOINT",
+        ]
     {
         cmd.env_remove(var);
     }
@@ -183,7 +191,6 @@ fn readme_run_command_starts_a_ferryd_that_answers_and_stops_cleanly() {
     let mut cmd = bash_at_root(&command);
     cmd.env("FERRY_DATA_DIR", &data)
         .env("FERRY_LISTEN", "127.0.0.1:0")
-        .env("FERRY_NBD_LISTEN", "off")
         .env("FERRY_NBD_SOCKET", &socket)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("stderr file"));
@@ -194,7 +201,7 @@ fn readme_run_command_starts_a_ferryd_that_answers_and_stops_cleanly() {
         panic!("`{command}`: {e}\nits stderr (last lines):\n{}", tail(&log, 40));
     });
     assert_eq!(ready.nbd_socket, socket, "FERRY_NBD_SOCKET is honoured: {ready}");
-    assert_eq!(ready.nbd_tcp, None, "FERRY_NBD_LISTEN=off is honoured: {ready}");
+    assert_eq!(ready.nbd_tcp, None, "NBD over TCP is off unless asked for: {ready}");
     assert_eq!(ready.data_dir, data, "FERRY_DATA_DIR is honoured: {ready}");
     assert!(ready.grpc.ip().is_loopback() && ready.grpc.port() != 0, "FERRY_LISTEN is honoured: {ready}");
 

@@ -1,5 +1,6 @@
 //! `ferryd`: the engine, its gRPC API (with health and reflection) and the
-//! NBD export of every protected disk, on loopback by default.
+//! NBD export of every protected disk: gRPC on loopback, NBD on a Unix
+//! socket only its user (or one group) may use, and on TCP only if asked.
 //!
 //! Shutdown (SIGINT/SIGTERM): stop accepting, let NBD requests in flight
 //! finish, stop gRPC, then stop the engine, which seals every active change
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use ferry_engine::nbd::NbdServer;
+use ferry_engine::nbd::{NbdLimits, NbdServer};
 use ferry_engine::{Engine, EngineConfig};
 use ferry_proto::v1::ferry_server::FerryServer;
 use tokio_util::sync::CancellationToken;
@@ -36,12 +37,28 @@ pub struct Args {
     /// gRPC listen address (loopback by default; port 0 picks a free port).
     #[arg(long, env = "FERRY_LISTEN", default_value = crate::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// NBD Unix socket. Default: <data-dir>/nbd.sock.
+    /// NBD Unix socket, mode 0600 (0660 with --nbd-socket-group). Default: <data-dir>/nbd.sock.
     #[arg(long, env = "FERRY_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,
-    /// NBD TCP listen address; "off" disables it.
-    #[arg(long, env = "FERRY_NBD_LISTEN", default_value = crate::DEFAULT_NBD_LISTEN)]
+    /// Group that may use the NBD socket too (mode 0660), e.g. the one QEMU runs as; a name or an id.
+    #[arg(long, env = "FERRY_NBD_SOCKET_GROUP")]
+    pub nbd_socket_group: Option<String>,
+    /// Also serve NBD on TCP at this address (e.g. 127.0.0.1:10809). Off by default: NBD has no
+    /// authentication, so anyone who can reach the port can read and write every protected disk.
+    #[arg(long, env = "FERRY_NBD_LISTEN", default_value = "off")]
     pub nbd_listen: String,
+    /// NBD connections open at once, Unix and TCP together (1..=16384); more are closed at accept.
+    #[arg(long, default_value_t = NbdLimits::default().max_connections)]
+    pub nbd_max_connections: usize,
+    /// NBD connections per export (<vm>/<disk>) at once (1..=16384).
+    #[arg(long, default_value_t = NbdLimits::default().max_connections_per_export)]
+    pub nbd_max_connections_per_export: usize,
+    /// Time an NBD client has from connecting to starting transmission (1s..=10m).
+    #[arg(long, default_value = "10s")]
+    pub nbd_handshake_timeout: String,
+    /// An NBD connection that sends no request for this long after its handshake is closed (1s..=24h).
+    #[arg(long, default_value = "5m")]
+    pub nbd_idle_timeout: String,
     /// Host-wide upload limit: 512Kbps..1023Mbps or "unlimited".
     #[arg(long, default_value = "unlimited")]
     pub bandwidth_limit: String,
@@ -91,6 +108,26 @@ fn loopback_only(addr: &SocketAddr, flag: &str) -> anyhow::Result<()> {
         tracing::warn!("{flag} {addr} is not a loopback address: the API has no authentication yet");
     }
     Ok(())
+}
+
+/// The NBD limits from the flags; an error names the flag out of bounds.
+fn nbd_limits(args: &Args) -> anyhow::Result<NbdLimits> {
+    let duration = |flag: &str, v: &str| units::parse_duration(v).map_err(|e| anyhow::anyhow!("{flag}: {e}"));
+    let limits = NbdLimits {
+        max_connections: args.nbd_max_connections,
+        max_connections_per_export: args.nbd_max_connections_per_export,
+        handshake_timeout: duration("--nbd-handshake-timeout", &args.nbd_handshake_timeout)?,
+        idle_timeout: duration("--nbd-idle-timeout", &args.nbd_idle_timeout)?,
+        ..NbdLimits::default()
+    };
+    limits.validate().map_err(|e| {
+        let flag = match &e {
+            ferry_engine::Error::InvalidArgument { field, .. } => format!("--nbd-{}", field.replace('_', "-")),
+            _ => "NBD limits".to_string(),
+        };
+        anyhow::anyhow!("{flag}: {e}")
+    })?;
+    Ok(limits)
 }
 
 fn read_faults(path: &std::path::Path) -> anyhow::Result<ferry_engine::target::unreliable::Faults> {
@@ -150,6 +187,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         config.faults = Some(read_faults(path)?);
     }
     loopback_only(&args.listen, "--listen")?;
+    let nbd_limits = nbd_limits(&args)?;
 
     let clock: Arc<dyn ferry_engine::clock::Clock> = if args.policy_time_factor == 1.0 {
         Arc::new(ferry_engine::clock::SystemClock)
@@ -163,16 +201,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // NBD export.
-    let nbd = NbdServer::new(engine.export_catalog(), shutdown.clone());
+    let nbd = NbdServer::with_limits(engine.export_catalog(), nbd_limits, shutdown.clone())?;
     let socket = args.nbd_socket.clone().unwrap_or_else(|| ferry_engine::paths::DataDir::new(&data_dir).nbd_socket());
-    if socket.exists() {
-        // A socket left by a previous run; refuse if someone still serves it.
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            anyhow::bail!("{} is in use by another process", socket.display());
-        }
-        std::fs::remove_file(&socket).with_context(|| format!("removing stale socket {}", socket.display()))?;
-    }
-    let unix = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let unix = crate::socket::bind(&socket, args.nbd_socket_group.as_deref())?;
     let mut tasks = tokio::task::JoinSet::new();
     {
         let nbd = nbd.clone();
@@ -245,4 +276,36 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     engine.shutdown().await.context("stopping the engine")?;
     println!("{}", ready::STOPPED);
     failure.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut all = vec!["ferryd"];
+        all.extend_from_slice(extra);
+        Args::try_parse_from(all).expect("flags parse")
+    }
+
+    #[test]
+    fn nbd_tcp_is_off_and_limits_are_the_defaults_unless_asked() {
+        let a = args(&[]);
+        assert_eq!(a.nbd_listen, "off");
+        assert_eq!(a.nbd_socket_group, None);
+        assert_eq!(nbd_limits(&a).unwrap(), NbdLimits::default());
+        let a = args(&["--nbd-max-connections", "8", "--nbd-idle-timeout", "90s", "--nbd-handshake-timeout", "2s"]);
+        let l = nbd_limits(&a).unwrap();
+        assert_eq!((l.max_connections, l.idle_timeout.as_secs(), l.handshake_timeout.as_secs()), (8, 90, 2));
+    }
+
+    #[test]
+    fn nbd_limits_out_of_bounds_name_their_flag() {
+        let err = nbd_limits(&args(&["--nbd-max-connections", "0"])).unwrap_err();
+        assert!(err.to_string().starts_with("--nbd-max-connections: "), "{err}");
+        let err = nbd_limits(&args(&["--nbd-handshake-timeout", "1h"])).unwrap_err();
+        assert!(err.to_string().starts_with("--nbd-handshake-timeout: "), "{err}");
+        let err = nbd_limits(&args(&["--nbd-idle-timeout", "soon"])).unwrap_err();
+        assert!(err.to_string().starts_with("--nbd-idle-timeout: "), "{err}");
+    }
 }

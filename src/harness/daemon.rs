@@ -4,10 +4,13 @@
 //! Folder layout (a temp dir, or one the caller owns):
 //! `data/` (state), `target/` (replicas), `disks/` (source images for the
 //! test), `nbd.sock`, and `ferryd.stderr` (every run's log, appended). gRPC
-//! listens on 127.0.0.1 port 0 and NBD TCP is off, so tests never collide;
-//! the port is learnt from the ready line ([`Ready`]).
+//! listens on 127.0.0.1 port 0 and NBD TCP is off (ferryd's default; a test
+//! that wants it passes `--nbd-listen 127.0.0.1:0`), so tests never collide;
+//! the ports are learnt from the ready line ([`Ready`]).
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command, Stdio};
 use std::sync::mpsc;
@@ -74,12 +77,20 @@ pub struct DaemonBuilder {
     dir: Option<PathBuf>,
     args: Vec<String>,
     log: String,
+    nofile: Option<u64>,
 }
 
 impl DaemonBuilder {
     /// Extra ferryd flags (e.g. `--auto-resync immediately`), kept for every restart.
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Starts ferryd with this soft limit on open descriptors (the hard
+    /// limit is kept), as a host with `ulimit -n` set low would.
+    pub fn nofile(mut self, soft: u64) -> Self {
+        self.nofile = Some(soft);
         self
     }
 
@@ -115,6 +126,8 @@ impl DaemonBuilder {
             starts: 0,
             args: self.args,
             log: self.log,
+            nofile: self.nofile,
+            nbd_tcp: None,
         };
         d.spawn();
         d
@@ -128,17 +141,21 @@ pub struct Daemon {
     /// `http://127.0.0.1:<port>` from the ready line of the current run.
     pub endpoint: String,
     pub socket: PathBuf,
+    /// The NBD TCP address of the current run, when `--nbd-listen` was given.
+    pub nbd_tcp: Option<SocketAddr>,
     proc: Option<Proc>,
     stdout: Option<Lines>,
     starts: u32,
     /// Extra ferryd flags, given on every (re)start.
     args: Vec<String>,
     log: String,
+    /// Soft descriptor limit for ferryd, if the test set one.
+    nofile: Option<u64>,
 }
 
 impl Daemon {
     pub fn builder() -> DaemonBuilder {
-        DaemonBuilder { dir: None, args: Vec::new(), log: "info".to_string() }
+        DaemonBuilder { dir: None, args: Vec::new(), log: "info".to_string(), nofile: None }
     }
 
     pub fn start() -> Daemon {
@@ -204,13 +221,30 @@ impl Daemon {
             .arg(self.data_dir())
             .arg("--target")
             .arg(self.target_dir())
-            .args(["--listen", "127.0.0.1:0", "--nbd-listen", "off", "--log", &self.log])
+            .args(["--listen", "127.0.0.1:0", "--log", &self.log])
             .arg("--nbd-socket")
             .arg(&self.socket)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
+        if let Some(soft) = self.nofile {
+            // SAFETY: the closure only calls getrlimit/setrlimit, which are
+            // async-signal-safe, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut proc = Proc::spawn("ferryd", &mut cmd);
         let lines = Lines::read(proc.child_mut().stdout.take().expect("stdout"));
         let ready = lines.wait_ready(READY_TIMEOUT);
@@ -220,7 +254,9 @@ impl Daemon {
         });
         assert!(ready.grpc.ip().is_loopback() && ready.grpc.port() != 0, "{ready}");
         assert_eq!(ready.nbd_socket, self.socket, "{ready}");
-        assert_eq!(ready.nbd_tcp, None, "{ready}");
+        let tcp_asked = self.args.iter().any(|a| a == "--nbd-listen" || a.starts_with("--nbd-listen="));
+        assert_eq!(ready.nbd_tcp.is_some(), tcp_asked, "NBD TCP only when --nbd-listen is given: {ready}");
+        self.nbd_tcp = ready.nbd_tcp;
         self.endpoint = ready.endpoint();
         self.proc = Some(proc);
         self.stdout = Some(lines);

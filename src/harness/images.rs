@@ -53,6 +53,38 @@ pub fn read_file(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
+/// Bytes of disk a file takes (allocated blocks), which is less than its
+/// length for a sparse file.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    meta.blocks() * 512
+}
+
+/// Panics with the first differing offset when two files differ; reads
+/// them 1 MiB at a time, for images too large to hold in memory.
+pub fn assert_same_files(what: &str, got: &Path, want: &Path) {
+    use std::io::Read;
+    let open = |p: &Path| std::fs::File::open(p).unwrap_or_else(|e| panic!("{what}: opening {}: {e}", p.display()));
+    let (mut g, mut w) = (open(got), open(want));
+    let len = |f: &std::fs::File| f.metadata().expect("stat").len();
+    assert_eq!(len(&g), len(&w), "{what}: {} and {} differ in size", got.display(), want.display());
+    let (mut gb, mut wb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut at = 0u64;
+    loop {
+        let n = g.read(&mut gb).unwrap_or_else(|e| panic!("{what}: reading {}: {e}", got.display()));
+        if n == 0 {
+            return;
+        }
+        w.read_exact(&mut wb[..n]).unwrap_or_else(|e| panic!("{what}: reading {}: {e}", want.display()));
+        if gb[..n] != wb[..n] {
+            let i = gb[..n].iter().zip(&wb[..n]).position(|(a, b)| a != b).expect("a difference");
+            panic!("{what}: {} differs from {} at offset {}", got.display(), want.display(), at + i as u64);
+        }
+        at += n as u64;
+    }
+}
+
 /// Panics with the first and last differing offsets when two images differ.
 pub fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: size differs");

@@ -32,7 +32,9 @@ use std::time::Duration;
 pub use binaries::{binaries, Binaries};
 pub use ctl::ResyncDetail;
 pub use daemon::Daemon;
-pub use images::{assert_same_bytes, random_bytes, random_disk, read_file, write_image};
+pub use images::{
+    allocated_bytes, assert_same_bytes, assert_same_files, random_bytes, random_disk, read_file, write_image,
+};
 pub use process::{run, Proc, Ran};
 pub use tools::{qemu_io, read_export, require_tool};
 

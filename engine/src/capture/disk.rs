@@ -265,8 +265,14 @@ impl Disk {
         self.change(offset, len, fua, "zero", |file| zero_range(file, offset, len), |log| log.append_zero(offset, len))
     }
 
-    /// One change of the disk: logged, snapshot blocks saved, the image
-    /// changed (see the module header).
+    /// [`Disk::write_zeroes`] that keeps the range allocated (NBD `NO_HOLE`); the log records the same zero range.
+    pub fn write_zeroes_allocated(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let zero = |file: &File| crate::capture::extents::zero_allocated(file, offset, len);
+        self.change(offset, len, fua, "zero", zero, |log| log.append_zero(offset, len))
+    }
+
+    /// One change of the disk: snapshot blocks saved, the change logged,
+    /// the image changed (see the module header).
     fn change(
         &self,
         offset: u64,
@@ -539,8 +545,16 @@ impl crate::nbd::BlockDevice for Disk {
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         Disk::write_at(self, offset, data, fua)
     }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        Disk::write_zeroes(self, offset, len, fua)
+    fn write_zeroes(&self, offset: u64, len: u64, how: crate::nbd::Zeroing) -> Result<()> {
+        if how.fast_only && !crate::capture::extents::zeroing_is_fast(&self.file) {
+            let refused = std::io::Error::from(std::io::ErrorKind::Unsupported);
+            return Err(Error::io(format!("fast zero on {}", self.path.display()), refused));
+        }
+        if how.keep_allocated {
+            Disk::write_zeroes_allocated(self, offset, len, how.fua)
+        } else {
+            Disk::write_zeroes(self, offset, len, how.fua)
+        }
     }
     /// A trimmed range reads back as zeros, here and on the replica.
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
@@ -548,6 +562,16 @@ impl crate::nbd::BlockDevice for Disk {
     }
     fn flush(&self) -> Result<()> {
         Disk::flush(self)
+    }
+    /// Holes of the image file read as zeroes (`HOLE | ZERO`); the rest is data.
+    fn block_status(&self, offset: u64, len: u64, max: usize) -> Result<Vec<crate::nbd::Extent>> {
+        self.check_range(offset, len)?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let runs = crate::capture::extents::allocation(&self.file, offset, len, max)
+            .map_err(|e| Error::io(format!("find the holes of {}", self.path.display()), e))?;
+        Ok(runs.into_iter().map(crate::nbd::Extent::from).collect())
     }
 }
 

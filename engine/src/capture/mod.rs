@@ -1,8 +1,10 @@
 //! Capture: every write to a protected disk reaches the disk image and its
 //! change log before it is acknowledged ([`disk`]), and the copy-before-write
 //! snapshot that gives the initial copy and a resync their point in time
-//! ([`snapshot`]).
+//! ([`snapshot`]). [`extents`] finds the holes of a disk file (NBD block
+//! status) and zeroes ranges that must stay allocated.
 
 pub mod disk;
+pub mod extents;
 pub mod ranges;
 pub mod snapshot;

@@ -1,5 +1,6 @@
-//! Wire constants and fixed-size messages of the NBD protocol (fixed newstyle
-//! handshake, simple replies), as in `doc/proto.md` of NetworkBlockDevice/nbd.
+//! Wire constants and messages of the NBD protocol (fixed newstyle
+//! handshake, simple and structured replies, metadata contexts), as in
+//! `doc/proto.md` of NetworkBlockDevice/nbd.
 //!
 //! Everything here is pure: parsing and encoding of byte arrays, no I/O, so
 //! the server and hand-written test clients share one definition of the wire.
@@ -15,6 +16,8 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Prefix of every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Prefix of every structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // Handshake flags (server, 16 bits).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -54,6 +57,7 @@ pub const OPT_EXTENDED_HEADERS: u32 = 11;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
@@ -89,7 +93,24 @@ pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
-// Error values of simple replies (the protocol's own, not the host's errno).
+// Structured reply flags and chunk types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
+
+// Extent flags of the `base:allocation` metadata context.
+/// Not allocated in the backing store.
+pub const STATE_HOLE: u32 = 1 << 0;
+/// Reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
+/// The one metadata context we serve.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+// Error values of replies (the protocol's own, not the host's errno).
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
 pub const ENOMEM: u32 = 12;
@@ -109,6 +130,10 @@ pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 pub const REQUEST_LEN: usize = 28;
 /// Size of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Size of a structured reply chunk header.
+pub const CHUNK_HEADER_LEN: usize = 20;
+/// Longest string (export name, error message) the protocol allows.
+pub const MAX_STRING: usize = 4096;
 
 /// Block size constraints we advertise in NBD_INFO_BLOCK_SIZE. They are the
 /// protocol's defaults, so a client that does not ask loses nothing.
@@ -207,6 +232,61 @@ pub fn simple_reply(error: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
     b
 }
 
+/// A structured reply chunk header; `len` bytes of payload follow it.
+pub fn chunk_header(flags: u16, chunk_type: u16, handle: u64, len: u32) -> [u8; CHUNK_HEADER_LEN] {
+    let mut b = [0u8; CHUNK_HEADER_LEN];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&chunk_type.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Appends a final `NBD_REPLY_TYPE_ERROR` chunk: the error and a message for
+/// a human (cut to [`MAX_STRING`] bytes at a character boundary).
+pub fn put_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, message: &str) {
+    let message = truncate_utf8(message, MAX_STRING);
+    // 6 + at most 4096 bytes: the casts cannot truncate.
+    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, 6 + message.len() as u32));
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    out.extend_from_slice(message.as_bytes());
+}
+
+/// A structured reply chunk as a client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub flags: u16,
+    pub chunk_type: u16,
+    pub handle: u64,
+    pub len: u32,
+}
+
+impl ChunkHeader {
+    /// `None` if the magic is not the structured reply's.
+    pub fn parse(b: &[u8; CHUNK_HEADER_LEN]) -> Option<Self> {
+        (be_u32(&b[0..4]) == STRUCTURED_REPLY_MAGIC).then(|| ChunkHeader {
+            flags: be_u16(&b[4..6]),
+            chunk_type: be_u16(&b[6..8]),
+            handle: be_u64(&b[8..16]),
+            len: be_u32(&b[16..20]),
+        })
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Name of a command for logs.
 pub fn command_name(command: u16) -> &'static str {
     match command {
@@ -252,6 +332,24 @@ mod tests {
         let mut b = r.encode();
         b[0] ^= 1;
         assert_eq!(Request::parse(&b), None);
+    }
+
+    #[test]
+    fn chunks_round_trip_and_errors_carry_a_bounded_message() {
+        let h = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 42, 0);
+        assert_eq!(
+            ChunkHeader::parse(&h),
+            Some(ChunkHeader { flags: REPLY_FLAG_DONE, chunk_type: REPLY_TYPE_NONE, handle: 42, len: 0 })
+        );
+        let mut out = Vec::new();
+        let long = "é".repeat(3000); // 6000 bytes, two per character
+        put_error_chunk(&mut out, 7, EINVAL, &long);
+        let h = ChunkHeader::parse(out[..CHUNK_HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!((h.chunk_type, h.flags, h.len as usize), (REPLY_TYPE_ERROR, REPLY_FLAG_DONE, out.len() - 20));
+        assert_eq!(be_u32(&out[20..24]), EINVAL);
+        let msg_len = be_u16(&out[24..26]) as usize;
+        assert_eq!(msg_len, MAX_STRING, "cut at 4096 bytes, on a character boundary");
+        assert!(std::str::from_utf8(&out[26..26 + msg_len]).is_ok());
     }
 
     #[test]
