@@ -124,6 +124,24 @@ fn stored_inodes(root: &Path, prefix: &str) -> std::collections::BTreeMap<String
 /// with the writes made before and after the crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_during_initial_replication_resumes_the_copy_and_ends_byte_identical() {
+    initial_copy_resumes_after(Stopped::Crash).await;
+}
+
+/// The same after a clean shutdown mid-copy (`systemctl restart ferryd`):
+/// the side file and the disk are synced and the log sealed, so the copy
+/// resumes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_during_initial_replication_resumes_the_copy_and_ends_byte_identical() {
+    initial_copy_resumes_after(Stopped::Shutdown).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    Crash,
+    Shutdown,
+}
+
+async fn initial_copy_resumes_after(stopped: Stopped) {
     const PARTS: usize = 16; // 1 MiB in 64 KiB objects of random data
     let tmp = tempfile::tempdir().unwrap();
     let a = random_disk(tmp.path(), "a", MIB, 2);
@@ -151,7 +169,10 @@ async fn a_crash_during_initial_replication_resumes_the_copy_and_ends_byte_ident
         engine.write("vm", "a", 900 * KIB, random_bytes(8192, 4)).await.unwrap();
         engine.flush("vm", "a").await.unwrap();
         assert_eq!(engine.vm("vm").await.unwrap().state, VmState::InitialReplication);
-        drop(engine); // no shutdown: the log stays open, the side file stays
+        match stopped {
+            Stopped::Crash => drop(engine), // no shutdown: the log stays open, the side file stays
+            Stopped::Shutdown => engine.shutdown().await.unwrap(),
+        }
         first_run = stored_inodes(&root, &vm_prefix("vm", generation));
     }
     assert!((5..PARTS).contains(&first_run.len()), "the crash came half-way: {first_run:?}");
@@ -173,7 +194,7 @@ async fn a_crash_during_initial_replication_resumes_the_copy_and_ends_byte_ident
     assert_eq!(base.len(), PARTS, "{second_run:?}");
     let kept = first_run.iter().filter(|(k, ino)| second_run.get(*k) == Some(ino)).count();
     let put_again = base.len() - kept;
-    eprintln!("base objects: {} put before the crash, {kept} of them kept, {put_again} put after", first_run.len());
+    eprintln!("{stopped:?}: base objects: {} put before, {kept} of them kept, {put_again} put after", first_run.len());
     assert!(kept >= first_run.len() - 4, "at most the 4 parts in flight are put again: kept {kept} of {first_run:?}");
     assert!(put_again <= PARTS - 5 + 4, "{put_again} base objects put after the restart");
     assert!(snapshot::side_files(&a).is_empty(), "the snapshot's space was reclaimed");
@@ -211,6 +232,7 @@ async fn unprotecting_a_protected_vm_removes_its_logs_keeps_its_replica_and_allo
     assert!(logs(&a).is_empty(), "change logs left beside the disk: {:?}", logs(&a));
     assert!(snapshot::side_files(&a).is_empty());
     assert!(!data.join("hashes").join("vm").exists(), "kept replica hashes left behind");
+    assert!(!data.join("progress").join("vm.copy").exists(), "copy progress left behind");
     assert_eq!(engine.vm("vm").await.unwrap_err().kind(), ErrorKind::NotFound);
     assert_eq!(engine.recovery_points("vm").await.unwrap_err().kind(), ErrorKind::NotFound);
     assert_eq!(engine.disk("vm", "a").err().map(|e| e.kind()), Some(ErrorKind::NotFound));

@@ -233,6 +233,12 @@ impl CowSnapshot {
         }
     }
 
+    /// Makes the saved blocks durable (a clean stop keeps the snapshot for
+    /// a restart that may come after a reboot).
+    pub fn sync(&self) -> Result<()> {
+        self.side.sync_data().map_err(|e| Error::io(format!("sync snapshot file {}", self.side_path.display()), e))
+    }
+
     /// Bytes held by the side file (blocks saved so far).
     pub fn space_used(&self) -> u64 {
         self.saved_bytes.load(Ordering::Relaxed)

@@ -24,6 +24,8 @@
 //!   What cannot be trusted is not assumed: a part missing from the journal
 //!   is copied again; a missing or damaged journal or side file, or logs
 //!   not trusted (a reboot lost the page cache), start protection over.
+//!   A clean stop mid-copy syncs the side file and the disk and seals the
+//!   logs (`vm::actor`), so it resumes the same way, even after a reboot.
 //! - Any other protection that had not committed its base (Unprotected,
 //!   EnablingProtection, FinalizingProtection with no point, a Critical VM
 //!   that failed in one of those or in InitialReplication) starts over
