@@ -135,6 +135,65 @@ async fn a_shutdown_during_initial_replication_resumes_the_copy_and_ends_byte_id
     initial_copy_resumes_after(Stopped::Shutdown).await;
 }
 
+/// What a resume rests on, taken away after a crash mid-copy: the VM
+/// starts protection over (new generation, the first replica never mixed
+/// in) and still ends byte-identical; nothing is assumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_during_initial_replication_starts_over_when_what_a_resume_needs_is_gone() {
+    let progress = |tmp: &Path| tmp.join("data").join("progress").join("vm.copy");
+    type Damage = fn(&Path, &Path);
+    let cases: [(&str, Damage); 3] = [
+        ("side file removed", |_, disk| {
+            for f in snapshot::side_files(disk) {
+                std::fs::remove_file(f).unwrap();
+            }
+        }),
+        ("progress removed", |p, _| std::fs::remove_file(p).unwrap()),
+        ("progress damaged", |p, _| {
+            let mut text = std::fs::read(p).unwrap();
+            let first = text.iter().position(|b| *b == b'\n').unwrap();
+            text.splice(first + 1..first + 1, b"not json\n".iter().copied());
+            std::fs::write(p, text).unwrap();
+        }),
+    ];
+    for (what, damage) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = random_disk(tmp.path(), "a", MIB, 2);
+        let first_generation;
+        {
+            let mut cfg = config(tmp.path());
+            cfg.bandwidth = BandwidthPolicy::flat(Some(MIN_LIMIT_BPS));
+            let engine = open_engine(cfg).await.unwrap();
+            let spec =
+                ferry_engine::VmSpec::new("vm", vec![ferry_engine::DiskSpec { name: "a".into(), path: a.clone() }])
+                    .with_frequency(Duration::from_secs(3600));
+            first_generation = engine.protect(spec).await.unwrap().generation;
+            eventually("two parts on the target", Duration::from_secs(30), || async {
+                engine.jobs().await.unwrap().into_iter().find(|j| {
+                    j.kind == JobKind::InitialReplication
+                        && j.status == JobStatus::Running
+                        && j.bytes_done >= 2 * 64 * KIB
+                })
+            })
+            .await;
+            engine.write("vm", "a", 700 * KIB, random_bytes(8192, 3)).await.unwrap();
+            drop(engine);
+        }
+        damage(&progress(tmp.path()), &a);
+        let engine = open_engine(config(tmp.path())).await.unwrap();
+        let info = engine.wait_protected("vm", Duration::from_secs(60)).await.unwrap();
+        assert!(info.generation > first_generation, "{what}: protection started over: {info:?}");
+        let root = target_root(tmp.path());
+        assert!(stored_keys(&root, &format!("{}/points", vm_prefix("vm", first_generation))).is_empty(), "{what}");
+        assert_eq!(snapshot::side_files(&a).len(), 0, "{what}: stale side files removed");
+        wait_idle(&engine).await;
+        engine.write("vm", "a", 500 * KIB, random_bytes(8192, 5)).await.unwrap();
+        replicate(&engine, "vm").await;
+        assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+        engine.shutdown().await.unwrap();
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stopped {
     Crash,

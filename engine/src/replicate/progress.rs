@@ -43,6 +43,8 @@ pub const PROGRESS_FORMAT: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskAtSnapshot {
     pub name: String,
+    /// Bytes of the disk then (a disk resized since cannot resume).
+    pub size: u64,
     /// The snapshot's side file.
     pub side: PathBuf,
     /// The active change log then (None: the disk was not logging, and the
@@ -198,6 +200,7 @@ mod tests {
             hash_block: 64 << 10,
             disks: vec![DiskAtSnapshot {
                 name: "a".into(),
+                size: 1 << 30,
                 side: "/d/a.ferry-snap.1".into(),
                 log_seq: Some(1),
                 log_records: 3,

@@ -137,6 +137,9 @@ fn scan_copy(
             return Err(format!("the change log of disk {disk} at the snapshot (seq {log_seq}) is gone"));
         }
         let (_, size) = disk::open_image(&spec.path).map_err(|e| e.to_string())?;
+        if size != at.size {
+            return Err(format!("disk {disk} is {size} bytes, it was {} at the snapshot", at.size));
+        }
         let done: Vec<u64> = seq.map_or(Vec::new(), |seq| found.parts_of(i, seq).map(|p| p.part).collect());
         let blocks = snapshot::rebuild_blocks(size, h.chunk_size, &done, &touched).map_err(|e| e.to_string())?;
         rebuilt.push(Rebuilt { side: at.side.clone(), blocks });

@@ -127,6 +127,7 @@ impl VmIo {
                         .zip(positions)
                         .map(|((d, s), pos)| DiskAtSnapshot {
                             name: d.name.clone(),
+                            size: d.size(),
                             side: s.path().to_path_buf(),
                             log_seq: pos.map(|p| p.0),
                             log_records: pos.map_or(0, |p| p.1),
