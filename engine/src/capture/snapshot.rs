@@ -195,7 +195,8 @@ impl CowSnapshot {
 
     /// Reads `buf.len()` bytes at `offset` as they were at snapshot time.
     /// `offset` must be block-aligned. The blocks stay preserved until
-    /// [`Self::mark_copied`].
+    /// [`Self::mark_copied`]; a block marked copied is refused (its
+    /// snapshot-time bytes may be gone from the disk).
     pub fn read_for_copy(&self, disk: &File, offset: u64, buf: &mut [u8]) -> Result<()> {
         if !offset.is_multiple_of(SNAPSHOT_BLOCK) {
             return Err(Error::Internal(format!("snapshot read at {offset} is not aligned to {SNAPSHOT_BLOCK}")));
@@ -211,8 +212,12 @@ impl CowSnapshot {
                 Block::Saved => {
                     self.side.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read saved block", e))?
                 }
-                Block::Live | Block::Copied => {
-                    disk.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read disk", e))?
+                Block::Live => disk.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read disk", e))?,
+                // Writes no longer save it: the disk may hold later bytes.
+                Block::Copied => {
+                    return Err(Error::Internal(format!(
+                        "snapshot block at {at} is already on the target; reading it again could see a later write"
+                    )))
                 }
             }
             pos += n;
@@ -376,6 +381,27 @@ mod tests {
             prop_assert!(copy == original);
             snap.release().unwrap();
         }
+    }
+
+    #[test]
+    fn a_block_on_the_target_is_never_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![1u8; 3 * SNAPSHOT_BLOCK as usize]).unwrap();
+        let disk = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let snap = CowSnapshot::create(&path, 3 * SNAPSHOT_BLOCK).unwrap();
+        let mut buf = vec![0u8; SNAPSHOT_BLOCK as usize];
+        snap.read_for_copy(&disk, SNAPSHOT_BLOCK, &mut buf).unwrap();
+        snap.mark_copied(SNAPSHOT_BLOCK, SNAPSHOT_BLOCK);
+        let e = snap.read_for_copy(&disk, SNAPSHOT_BLOCK, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("already on the target"), "{e}");
+        assert!(snap.read_for_copy(&disk, 0, &mut vec![0u8; 2 * SNAPSHOT_BLOCK as usize]).is_err());
+        snap.read_for_copy(&disk, 2 * SNAPSHOT_BLOCK, &mut buf).unwrap();
+        // Out of range and unaligned marks are harmless.
+        snap.mark_copied(10 * SNAPSHOT_BLOCK, 5);
+        snap.mark_copied(0, 0);
+        assert!(snap.read_for_copy(&disk, 7, &mut buf).is_err());
+        snap.release().unwrap();
     }
 
     #[test]
