@@ -50,7 +50,7 @@ impl DataDir {
         self.0.join("scratch").join(vm)
     }
 
-    /// The progress journal of `vm`'s initial copy ([`crate::replicate::progress`]).
+    /// The progress journal of `vm`'s initial copy (`replicate::progress`).
     pub fn copy_progress(&self, vm: &str) -> PathBuf {
         self.0.join("progress").join(format!("{vm}.copy"))
     }

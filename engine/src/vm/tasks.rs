@@ -12,6 +12,13 @@
 //! it again); never a listed point with a missing object, never a log
 //! deleted before its point is listed. The replica's block hashes are
 //! brought up to the point after it is committed (see [`crate::replica::hashes`]).
+//!
+//! Initial copy: [`VmIo::take_snapshot`] starts the copy's progress journal
+//! with the snapshot (durably, before any part is put); [`VmIo::copy_base`]
+//! leaves out the parts the journal lists for the current snapshot and
+//! records each new one after its put (see [`crate::replicate::progress`]);
+//! the journal is removed once the base commits. That is what lets a
+//! restart resume the copy (`vm::restart`).
 
 use std::sync::Arc;
 
