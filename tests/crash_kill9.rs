@@ -11,7 +11,11 @@
 //! (2) the recovery points listed before are still listed;
 //! (3) the change log left open by the kill was trusted: the VM is
 //!     `Protected` again (or back in the initial replication or resync it
-//!     was killed in) without ever passing through `ResyncRequired`.
+//!     was killed in) without ever passing through `ResyncRequired`;
+//! (3b) an initial replication killed part-way resumes: the same protection
+//!     goes on (one generation on the target, one `InitialReplication` in
+//!     the VM's history) and the objects the first run put stay on the
+//!     target (a few in flight at the kill may be put again).
 //!
 //! On verification trials (and always at the end): (4) `replicate-now`
 //! succeeds and a test failover at latest is the source disks byte for
@@ -22,8 +26,9 @@
 //!
 //! The kills hit the moments a crash is hardest on, and the daemon's own
 //! records show it (a job running at a kill is marked "interrupted" at the
-//! restart): trial 0 kills during the initial replication (slowed by the
-//! throttle so it is surely running), every third trial from trial 1 kills
+//! restart): trial 0 kills during the initial replication once 8 MiB of it
+//! is on the target (slowed by the throttle so it is surely running; it
+//! resumes after the restart), every third trial from trial 1 kills
 //! again during a resync an operator starts after the restart (slowed by
 //! target latency, and killed once `show` reports `Resynchronizing`), the
 //! others at random moments of the delta cycles. The test requires at least one
@@ -198,8 +203,9 @@ fn interrupted(d: &Daemon, kind: &str) -> BTreeSet<u64> {
 
 /// Polls `show` (as fast as ferryctl answers) until the VM is
 /// Resynchronizing. `Err` with why there is nothing to kill: a resync
-/// started at or after `since_ms` ended first, protection started over (a
-/// kill during the initial replication), or `timeout` passed.
+/// started at or after `since_ms` ended first, the initial replication a
+/// kill interrupted still runs (a resync is refused meanwhile), or
+/// `timeout` passed.
 fn wait_resynchronizing(d: &Daemon, since_ms: u64, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let mut state = String::new();
@@ -210,7 +216,7 @@ fn wait_resynchronizing(d: &Daemon, since_ms: u64, timeout: Duration) -> Result<
         match state.as_str() {
             "Resynchronizing" => return Ok(()),
             "EnablingProtection" | "InitialReplication" | "FinalizingProtection" => {
-                return Err(format!("no resync: protection started over ({state})"))
+                return Err(format!("no resync: the initial replication still runs ({state})"))
             }
             "Protected" => {
                 let ended = d.jobs_of(VM).iter().any(|j| {
@@ -226,12 +232,40 @@ fn wait_resynchronizing(d: &Daemon, since_ms: u64, timeout: Duration) -> Result<
     Err(format!("not Resynchronizing within {timeout:?} (last state {state})"))
 }
 
-/// Polls `jobs` until a job of `kind` runs.
-fn wait_job_running(d: &Daemon, kind: &str, timeout: Duration) {
+/// Every object file under `dir` and its inode (a put writes a new file and
+/// renames it over the key, so an object put again has a new inode).
+fn stored_objects(dir: &Path) -> BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if !e.file_name().to_string_lossy().starts_with('.') {
+                out.insert(e.path().to_string_lossy().into_owned(), m.ino());
+            }
+        }
+    }
+    out
+}
+
+/// Polls `jobs` until a running job of `kind` has done `bytes`.
+fn wait_job_bytes(d: &Daemon, kind: &str, bytes: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    while !d.jobs_of(VM).iter().any(|j| j["kind"] == kind && j["status"] == "Running") {
-        assert!(Instant::now() < deadline, "no {kind} job running within {timeout:?}: {}", state_now(d));
-        std::thread::sleep(Duration::from_millis(20));
+    while !d
+        .jobs_of(VM)
+        .iter()
+        .any(|j| j["kind"] == kind && j["status"] == "Running" && j["bytes_done"].as_u64().is_some_and(|b| b >= bytes))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} job with {bytes} bytes done within {timeout:?}: {}",
+            state_now(d)
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -359,14 +393,17 @@ fn kill9_loses_no_acknowledged_write_and_every_point_restores() {
         // Write, and kill: trial 0 during the (throttled) initial
         // replication; the others at a random moment of the delta cycles
         // (rotation, upload, manifest commit) while the writer runs.
+        if t == 0 {
+            // Some parts on the target first, so the resume has something to keep
+            // (the writer starts after: its changes would reach the 50% rule).
+            wait_job_bytes(&d, "InitialReplication", 8 * MIB, Duration::from_secs(60));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let w = {
             let (socket, stop, model, s) = (d.socket.clone(), stop.clone(), model.clone(), rng.random());
             std::thread::spawn(move || writer(socket, stop, model, s))
         };
-        if t == 0 {
-            wait_job_running(&d, "InitialReplication", Duration::from_secs(30));
-        }
+        let vm_root = d.target_dir().join("vms").join(VM);
         let delay = Duration::from_millis(if t == 0 { rng.random_range(0..600) } else { rng.random_range(300..2500) });
         std::thread::sleep(delay);
         let state = state_now(&d);
@@ -381,18 +418,38 @@ fn kill9_loses_no_acknowledged_write_and_every_point_restores() {
         if aim_at_resync {
             std::fs::write(&faults, r#"{"latency_ms":40}"#).unwrap();
         }
+        let put_before = stored_objects(&vm_root);
         let restarted_ms = unix_ms();
         d.start_again();
         let initial = interrupted(&d, "InitialReplication");
         if t == 0 {
             assert!(!initial.is_empty(), "trial 0's kill (in state {state}) hit no initial replication");
+            // (3b) the copy resumes: same protection, the first run's objects kept.
+            let v = d.wait_state(VM, "Protected", Duration::from_secs(120));
+            let copies =
+                v["transitions"].as_array().unwrap().iter().filter(|t| t["to"] == "InitialReplication").count();
+            assert_eq!(copies, 1, "trial 0: the initial replication started over instead of resuming: {v:#}");
+            let generations = std::fs::read_dir(&vm_root).unwrap().count();
+            assert_eq!(generations, 1, "trial 0: one protection on the target");
+            assert!(!put_before.is_empty(), "trial 0: the kill came after some parts were put");
+            let after = stored_objects(&vm_root);
+            let kept = put_before.iter().filter(|(k, v)| after.get(*k) == Some(v)).count();
+            assert!(
+                kept + 8 >= put_before.len(),
+                "trial 0: {kept} of the {} objects put before the kill kept",
+                put_before.len()
+            );
+            eprintln!(
+                "trial 0: the initial copy resumed; {kept} of the {} objects put before the kill kept",
+                put_before.len()
+            );
         }
         hit_initial.extend(initial);
 
         let mut second = String::new();
         if aim_at_resync {
             aimed_at_resync += 1;
-            // Refused while the protection that trial 0's kill restarted still copies.
+            // Refused while the initial copy trial 0's kill interrupted still runs.
             let _ = d.ctl(&["--json", "resync", VM]);
             let caught = wait_resynchronizing(&d, restarted_ms, Duration::from_secs(30));
             if caught.is_ok() {

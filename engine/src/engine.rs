@@ -219,8 +219,10 @@ impl Engine {
         mailbox(self.supervisor.send(StopVm { name: name.to_string(), unprotect: true }).await)??;
         let (state, n) = (self.host.state.clone(), name.to_string());
         let kept_hashes = self.host.config.paths().vm_hashes(name);
+        let progress = self.host.config.paths().copy_progress(name);
         blocking(move || {
             state.delete_vm(&n)?;
+            crate::replicate::progress::remove(&progress)?;
             match std::fs::remove_dir_all(&kept_hashes) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     Err(Error::io(format!("remove {}", kept_hashes.display()), e))

@@ -13,7 +13,7 @@
 //! | `supervisor` | the supervisor actor: starts, finds and stops the VM actors |
 //! | `capture` | the per-disk write path (disk + change log, group-committed flush) and the copy-before-write snapshot |
 //! | [`changelog`] | the HRL change-log format: writer, reader, torn-tail recovery, coalescing, the log chain beside a disk |
-//! | `replicate` | cutting snapshots and logs into compressed bundles, the upload worker pool |
+//! | `replicate` | cutting snapshots and logs into compressed bundles, the upload worker pool, the initial copy's progress journal (resume after a crash) |
 //! | [`replica`] | what lives on the target: bundles, manifests and object keys, the replica's block hashes |
 //! | [`target`] | the target-store trait, the local-folder backend, the unreliable wrapper, the contract suite |
 //! | [`resync`] | resynchronization by fixed-block checksums |

@@ -5,6 +5,7 @@
 //! <data-dir>/target/                    the local target, when no other is configured
 //! <data-dir>/hashes/<vm>/<disk>.hashes  the replica's block hashes kept for resync
 //! <data-dir>/scratch/<vm>/              a resync's temporary rebuild of the replica
+//! <data-dir>/progress/<vm>.copy         the parts of an initial copy on the target
 //! <data-dir>/nbd.sock                   ferryd's NBD socket, by default
 //! ```
 //!
@@ -49,6 +50,11 @@ impl DataDir {
         self.0.join("scratch").join(vm)
     }
 
+    /// The progress journal of `vm`'s initial copy (`replicate::progress`).
+    pub fn copy_progress(&self, vm: &str) -> PathBuf {
+        self.0.join("progress").join(format!("{vm}.copy"))
+    }
+
     pub fn nbd_socket(&self) -> PathBuf {
         self.0.join("nbd.sock")
     }
@@ -61,9 +67,14 @@ mod tests {
     #[test]
     fn every_path_is_under_the_data_folder() {
         let d = DataDir::new("/var/lib/ferry");
-        for p in
-            [d.state_store(), d.default_target(), d.disk_hashes("vm", "os"), d.resync_scratch("vm"), d.nbd_socket()]
-        {
+        for p in [
+            d.state_store(),
+            d.default_target(),
+            d.disk_hashes("vm", "os"),
+            d.resync_scratch("vm"),
+            d.nbd_socket(),
+            d.copy_progress("vm"),
+        ] {
             assert!(p.starts_with(d.root()), "{}", p.display());
         }
         assert_eq!(d.disk_hashes("web01", "os"), PathBuf::from("/var/lib/ferry/hashes/web01/os.hashes"));

@@ -34,6 +34,13 @@
 //! shipped with the next cycle. No resync, no full read of the disk. The log
 //! header keeps the boot id: after a reboot an unsealed log is not trusted.
 //!
+//! The same order makes an initial copy resumable: a change saves its
+//! snapshot blocks before its record is appended, so every record logged
+//! since the snapshot names blocks whose protection-time bytes are in the
+//! side file (or already on the target), and a block no such record names
+//! is unchanged on the disk. A restart rebuilds the snapshot from exactly
+//! that (`capture::snapshot`, `vm::restart`).
+//!
 //! # Durability
 //!
 //! [`Disk::flush`] is a group commit: a caller takes a ticket and either
@@ -460,6 +467,12 @@ impl Disk {
         self.lock().snapshot.clone()
     }
 
+    /// Installs a snapshot a crashed daemon left (rebuilt from its side
+    /// file), before the disk accepts any write.
+    pub fn resume_snapshot(&self, snap: Arc<CowSnapshot>) {
+        self.lock().snapshot = Some(snap);
+    }
+
     /// Stops copy-before-write; the caller releases the snapshot's space.
     pub fn end_snapshot(&self) -> Option<Arc<CowSnapshot>> {
         self.lock().snapshot.take()
@@ -581,19 +594,27 @@ pub fn new_log(disk_path: &Path, vm: &str, disk: &str, seq: u64, prev_log_id: u6
     LogWriter::create(&changelog::log_path(disk_path, seq), &header)
 }
 
+/// Where a disk's change log stood at a snapshot instant: the active log's
+/// seq and the records in it (None: not logging). Every later record is a
+/// change since the snapshot, and was preserved for it.
+pub type LogPosition = Option<(u64, u64)>;
+
 /// Starts copy-before-write snapshots of all disks at one instant (every
 /// disk's lock held), so the base point is crash-consistent across disks.
-pub fn snapshot_all(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)> {
+/// Also returns where each disk's log stood then.
+pub fn snapshot_all(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64, Vec<LogPosition>)> {
     let _quiet: Vec<_> = disks.iter().map(|d| d.quiesce()).collect();
     let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
     let at = now_millis();
     let mut snaps = Vec::new();
+    let mut positions = Vec::new();
     for (d, g) in disks.iter().zip(guards.iter_mut()) {
         match CowSnapshot::create(&d.path, d.size) {
             Ok(s) => {
                 let s = Arc::new(s);
                 g.snapshot = Some(s.clone());
                 snaps.push(s);
+                positions.push(g.log.as_ref().map(|l| (l.header().seq, l.records())));
             }
             Err(e) => {
                 for g in guards.iter_mut() {
@@ -603,7 +624,7 @@ pub fn snapshot_all(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
             }
         }
     }
-    Ok((snaps, at))
+    Ok((snaps, at, positions))
 }
 
 /// Starts a resync on every disk at one instant: the old logs are dropped,

@@ -3,22 +3,34 @@
 //! Initial replication copies a disk as it was at protection time while the
 //! VM keeps writing. A full copy would cost 100% space and time up front, so
 //! the snapshot keeps only what is about to be overwritten: before a write
-//! lands on a block that the copier has not read yet, the block's old bytes
-//! are saved to a sparse side file (`<disk>.ferry-snap`, beside the disk).
-//! The copier reads a block from the side file if it was saved, else from
-//! the disk. Space used is the blocks written during the copy, and it is
-//! reclaimed when the snapshot is released (the side file is deleted).
+//! lands on a block whose protection-time bytes are not on the target yet,
+//! the block's old bytes are saved to a sparse side file
+//! (`<disk>.ferry-snap.<random>`, beside the disk). The copier reads a block
+//! from the side file if it was saved, else from the disk. Space used is the
+//! blocks written during the copy, and it is reclaimed when the snapshot is
+//! released (the side file is deleted).
 //!
-//! Consistency: block states live under one mutex. The copier holds it while
-//! it reads a chunk from the disk and marks those blocks copied; a writer
-//! calls [`CowSnapshot::preserve`] (same mutex) before its disk write. So a
-//! block is either read by the copier before any new write, or saved first:
-//! the copier always sees the protection-time bytes.
+//! Consistency: block states live under one mutex. The copier reads a chunk
+//! under it; a writer calls [`CowSnapshot::preserve`] (same mutex) before
+//! its disk write. A block becomes `Copied` (later writes skip the save)
+//! only when the copier calls [`CowSnapshot::mark_copied`], after the part
+//! holding it is durably on the target. Until then every write saves it
+//! first, so the copier, and a copier that reads it again after a crash,
+//! always sees the protection-time bytes (a block read but not uploaded
+//! costs at most one extra save).
 //!
-//! Crash safety: the side file is not a durable structure. A daemon that
-//! restarts during initial replication discards it and starts protection
-//! again (a new snapshot), so nothing depends on it after a crash.
-
+//! Crash safety (kill -9 of ferryd, host up): the side file's saves are in
+//! the page cache, which survives the process. The write path saves before
+//! it appends the change-log record (`capture::disk`), so after a crash
+//! every block touched by a record logged since the snapshot has its
+//! protection-time bytes in the side file, unless its part was already on
+//! the target; a block no such record touches still holds them on the disk.
+//! [`CowSnapshot::reopen`] rebuilds the states from exactly that
+//! ([`rebuild_blocks`]: parts on the target `Copied`, blocks touched since
+//! the snapshot `Saved`, the rest `Live`), so a resumed copy reads the same
+//! bytes the interrupted one would have. After a reboot the page cache is
+//! gone: the logs are then untrusted and protection starts over
+//! (`vm::restart`).
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -30,14 +42,52 @@ use crate::error::{Error, Result};
 /// Snapshot block size: the copy-before-write granularity.
 pub const SNAPSHOT_BLOCK: u64 = 64 * 1024;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Block {
-    /// Not read by the copier, not overwritten since the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Not on the target yet, not overwritten since the snapshot: the disk
+    /// holds its snapshot-time bytes.
     Live,
     /// Old bytes saved in the side file.
     Saved,
-    /// The copier has read it: later writes need not save it.
+    /// Its part is durably on the target: later writes need not save it.
     Copied,
+}
+
+/// The block states of a snapshot resumed after a crash (pure): blocks of
+/// the parts already on the target are `Copied`; blocks touched by a change
+/// logged since the snapshot (`touched`, byte ranges) are `Saved` (the write
+/// path saved them before logging, unless they were `Copied` then); the rest
+/// are `Live`. `parts_done` are part numbers of `chunk` bytes each.
+pub fn rebuild_blocks(size: u64, chunk: u64, parts_done: &[u64], touched: &[(u64, u64)]) -> Result<Vec<Block>> {
+    if chunk == 0 || !chunk.is_multiple_of(SNAPSHOT_BLOCK) {
+        return Err(Error::Internal(format!("part size {chunk} is not a multiple of the {SNAPSHOT_BLOCK}-byte block")));
+    }
+    let n = size.div_ceil(SNAPSHOT_BLOCK);
+    let mut blocks = vec![Block::Live; n as usize];
+    for &(offset, len) in touched {
+        if len == 0 {
+            continue;
+        }
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::corrupt(
+                "a change logged since the snapshot",
+                format!("{len} bytes at {offset} lie past the end of the {size}-byte disk"),
+            ));
+        }
+        for b in offset / SNAPSHOT_BLOCK..=(offset + len - 1) / SNAPSHOT_BLOCK {
+            blocks[b as usize] = Block::Saved;
+        }
+    }
+    let per_part = chunk / SNAPSHOT_BLOCK;
+    for &p in parts_done {
+        let first = p.checked_mul(per_part).filter(|f| *f < n).ok_or_else(|| {
+            Error::corrupt("the initial copy's progress", format!("part {p} lies past the end of the {size}-byte disk"))
+        })?;
+        for b in first..(first + per_part).min(n) {
+            blocks[b as usize] = Block::Copied;
+        }
+    }
+    Ok(blocks)
 }
 
 pub struct CowSnapshot {
@@ -94,6 +144,28 @@ impl CowSnapshot {
         })
     }
 
+    /// Opens the side file of a snapshot a crashed daemon left, with block
+    /// states rebuilt by [`rebuild_blocks`]; the caller holds the disk
+    /// before any write is accepted.
+    pub fn reopen(side_path: &Path, size: u64, blocks: Vec<Block>) -> Result<Self> {
+        if blocks.len() as u64 != size.div_ceil(SNAPSHOT_BLOCK) {
+            return Err(Error::Internal(format!("{} block states for a {size}-byte snapshot", blocks.len())));
+        }
+        let side = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(side_path)
+            .map_err(|e| Error::io(format!("reopen snapshot file {}", side_path.display()), e))?;
+        let saved = blocks.iter().filter(|b| **b == Block::Saved).count() as u64 * SNAPSHOT_BLOCK;
+        Ok(CowSnapshot {
+            side_path: side_path.to_path_buf(),
+            side,
+            size,
+            blocks: Mutex::new(blocks),
+            saved_bytes: AtomicU64::new(saved.min(size)),
+        })
+    }
+
     /// Saves the protection-time bytes of every block in `[offset, offset+len)`
     /// that the copier has not read yet. Called before the write reaches `disk`.
     pub fn preserve(&self, disk: &File, offset: u64, len: u64) -> Result<()> {
@@ -121,13 +193,15 @@ impl CowSnapshot {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset` as they were at snapshot time and
-    /// marks those blocks copied. `offset` must be block-aligned.
+    /// Reads `buf.len()` bytes at `offset` as they were at snapshot time.
+    /// `offset` must be block-aligned. The blocks stay preserved until
+    /// [`Self::mark_copied`]; a block marked copied is refused (its
+    /// snapshot-time bytes may be gone from the disk).
     pub fn read_for_copy(&self, disk: &File, offset: u64, buf: &mut [u8]) -> Result<()> {
         if !offset.is_multiple_of(SNAPSHOT_BLOCK) {
             return Err(Error::Internal(format!("snapshot read at {offset} is not aligned to {SNAPSHOT_BLOCK}")));
         }
-        let mut blocks = self.blocks.lock().expect("snapshot lock is never poisoned");
+        let blocks = self.blocks.lock().expect("snapshot lock is never poisoned");
         let mut pos = 0usize;
         while pos < buf.len() {
             let at = offset + pos as u64;
@@ -138,14 +212,36 @@ impl CowSnapshot {
                 Block::Saved => {
                     self.side.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read saved block", e))?
                 }
-                Block::Live | Block::Copied => {
-                    disk.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read disk", e))?
+                Block::Live => disk.read_exact_at(piece, at).map_err(|e| Error::io("snapshot: read disk", e))?,
+                // Writes no longer save it: the disk may hold later bytes.
+                Block::Copied => {
+                    return Err(Error::Internal(format!(
+                        "snapshot block at {at} is already on the target; reading it again could see a later write"
+                    )))
                 }
             }
-            blocks[b] = Block::Copied;
             pos += n;
         }
         Ok(())
+    }
+
+    /// The blocks of `[offset, offset+len)` are durably on the target: later
+    /// writes need not save them. Call only after the put returned.
+    pub fn mark_copied(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size {
+            return;
+        }
+        let end = (offset + len).min(self.size);
+        let mut blocks = self.blocks.lock().expect("snapshot lock is never poisoned");
+        for b in offset / SNAPSHOT_BLOCK..=(end - 1) / SNAPSHOT_BLOCK {
+            blocks[b as usize] = Block::Copied;
+        }
+    }
+
+    /// Makes the saved blocks durable (a clean stop keeps the snapshot for
+    /// a restart that may come after a reboot).
+    pub fn sync(&self) -> Result<()> {
+        self.side.sync_data().map_err(|e| Error::io(format!("sync snapshot file {}", self.side_path.display()), e))
     }
 
     /// Bytes held by the side file (blocks saved so far).
@@ -200,6 +296,16 @@ mod tests {
                 }
                 let n = chunk.min(size - off) as usize;
                 snap.read_for_copy(&disk, off, &mut copy[off as usize..off as usize + n]).unwrap();
+                // Writes after the read and before the put still save.
+                for (o, l, v, _) in writes.by_ref().take(1) {
+                    let l = (l as u64).min(size - o);
+                    snap.preserve(&disk, o, l).unwrap();
+                    disk.write_all_at(&vec![v; l as usize], o).unwrap();
+                }
+                let mut again = vec![0u8; n];
+                snap.read_for_copy(&disk, off, &mut again).unwrap();
+                prop_assert!(again[..] == copy[off as usize..off as usize + n], "a block read but not put was lost");
+                snap.mark_copied(off, n as u64);
                 off += n as u64;
             }
             prop_assert!(copy == original);
@@ -210,5 +316,117 @@ mod tests {
             snap.release().unwrap();
             prop_assert!(!side.exists());
         }
+
+        /// A copy killed part-way (the snapshot object dropped, its side file
+        /// left) and resumed from the parts put and the changes logged since
+        /// the snapshot still equals the disk at snapshot time, whatever
+        /// writes come before and after the crash.
+        #[test]
+        fn a_resumed_copy_sees_snapshot_time_bytes(
+            before in proptest::collection::vec((0u64..300_000, 1usize..100_000, any::<u8>()), 0..15),
+            after in proptest::collection::vec((0u64..300_000, 1usize..100_000, any::<u8>()), 0..15),
+            put_before_crash in 0u64..3,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("d.img");
+            let size = 300_000u64;
+            let chunk = 2 * SNAPSHOT_BLOCK;
+            let parts = size.div_ceil(chunk);
+            let original: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(&path, &original).unwrap();
+            let disk = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let snap = CowSnapshot::create(&path, size).unwrap();
+            let mut copy = vec![0u8; size as usize];
+            let mut logged = Vec::new();
+            let mut before = before.into_iter();
+            // Parts 0..put_before_crash are put (and marked); part
+            // put_before_crash is read but not put when the crash comes.
+            for p in 0..=put_before_crash.min(parts - 1) {
+                for (o, l, v) in before.by_ref().take(2) {
+                    let l = (l as u64).min(size - o);
+                    snap.preserve(&disk, o, l).unwrap();
+                    logged.push((o, l));
+                    disk.write_all_at(&vec![v; l as usize], o).unwrap();
+                }
+                let off = p * chunk;
+                let n = chunk.min(size - off) as usize;
+                snap.read_for_copy(&disk, off, &mut copy[off as usize..off as usize + n]).unwrap();
+                if p < put_before_crash {
+                    snap.mark_copied(off, n as u64);
+                }
+            }
+            for (o, l, v) in before {
+                let l = (l as u64).min(size - o);
+                snap.preserve(&disk, o, l).unwrap();
+                logged.push((o, l));
+                disk.write_all_at(&vec![v; l as usize], o).unwrap();
+            }
+            let side = snap.path().to_path_buf();
+            drop(snap); // kill -9: the side file stays, the states are gone
+            let done: Vec<u64> = (0..put_before_crash.min(parts)).collect();
+            let blocks = rebuild_blocks(size, chunk, &done, &logged).unwrap();
+            let snap = CowSnapshot::reopen(&side, size, blocks).unwrap();
+            let mut after = after.into_iter();
+            for p in put_before_crash.min(parts)..parts {
+                for (o, l, v) in after.by_ref().take(2) {
+                    let l = (l as u64).min(size - o);
+                    snap.preserve(&disk, o, l).unwrap();
+                    disk.write_all_at(&vec![v; l as usize], o).unwrap();
+                }
+                let off = p * chunk;
+                let n = chunk.min(size - off) as usize;
+                snap.read_for_copy(&disk, off, &mut copy[off as usize..off as usize + n]).unwrap();
+                snap.mark_copied(off, n as u64);
+            }
+            prop_assert!(copy == original);
+            snap.release().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_block_on_the_target_is_never_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![1u8; 3 * SNAPSHOT_BLOCK as usize]).unwrap();
+        let disk = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let snap = CowSnapshot::create(&path, 3 * SNAPSHOT_BLOCK).unwrap();
+        let mut buf = vec![0u8; SNAPSHOT_BLOCK as usize];
+        snap.read_for_copy(&disk, SNAPSHOT_BLOCK, &mut buf).unwrap();
+        snap.mark_copied(SNAPSHOT_BLOCK, SNAPSHOT_BLOCK);
+        let e = snap.read_for_copy(&disk, SNAPSHOT_BLOCK, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("already on the target"), "{e}");
+        assert!(snap.read_for_copy(&disk, 0, &mut vec![0u8; 2 * SNAPSHOT_BLOCK as usize]).is_err());
+        snap.read_for_copy(&disk, 2 * SNAPSHOT_BLOCK, &mut buf).unwrap();
+        // Out of range and unaligned marks are harmless.
+        snap.mark_copied(10 * SNAPSHOT_BLOCK, 5);
+        snap.mark_copied(0, 0);
+        assert!(snap.read_for_copy(&disk, 7, &mut buf).is_err());
+        snap.release().unwrap();
+    }
+
+    #[test]
+    fn rebuilt_states_follow_parts_then_changes() {
+        use Block::{Copied as C, Live as L, Saved as S};
+        let b = SNAPSHOT_BLOCK;
+        let size = 5 * b + 10; // six blocks, the last one short
+        type Row = (Vec<u64>, Vec<(u64, u64)>, Vec<Block>);
+        let table: Vec<Row> = vec![
+            (vec![], vec![], vec![L, L, L, L, L, L]),
+            (vec![0], vec![], vec![C, C, L, L, L, L]),
+            (vec![], vec![(b - 1, 2)], vec![S, S, L, L, L, L]),
+            // A part on the target wins over a change made after it was put.
+            (vec![0], vec![(b - 1, 2)], vec![C, C, L, L, L, L]),
+            (vec![2], vec![(5 * b, 10), (3 * b, 0)], vec![L, L, L, L, C, C]),
+            (vec![1], vec![(0, size)], vec![S, S, C, C, S, S]),
+        ];
+        for (done, touched, want) in table {
+            assert_eq!(rebuild_blocks(size, 2 * b, &done, &touched).unwrap(), want, "{done:?} {touched:?}");
+        }
+        let past = rebuild_blocks(size, 2 * b, &[], &[(size - 1, 2)]).unwrap_err().to_string();
+        assert!(past.contains("past the end"), "{past}");
+        let part = rebuild_blocks(size, 2 * b, &[3], &[]).unwrap_err().to_string();
+        assert!(part.contains("part 3"), "{part}");
+        assert!(rebuild_blocks(size, 1000, &[], &[]).is_err());
+        assert!(rebuild_blocks(size, 2 * b, &[u64::MAX], &[]).is_err());
     }
 }

@@ -18,6 +18,11 @@
 //! Cancellation: dropping the future stops scheduling new parts; objects
 //! already put are harmless (no manifest names them) and are overwritten by
 //! the retry.
+//!
+//! Resume: a snapshot copy marks a part's blocks copied in the snapshot
+//! only after its put returned (and, for the base copy, after the part is
+//! in the progress journal, [`progress`]), so a copy interrupted by a crash
+//! of ferryd goes on with the parts the journal lacks (see `vm::restart`).
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -36,6 +41,10 @@ use crate::replica::manifest::{object_key, ObjectRef};
 use crate::runtime::blocking;
 use crate::schedule::throttle::Throttle;
 use crate::target::Target;
+
+pub mod progress;
+
+use progress::{PartDone, ProgressJournal};
 
 /// What every upload needs to know; shared by a VM's jobs.
 #[derive(Clone)]
@@ -95,20 +104,26 @@ pub async fn put_retrying(target: &Target, key: &str, data: Bytes) -> Result<()>
 /// progress), and a by-product for the caller (block hashes).
 pub type BuildPart<T> = Arc<dyn Fn(u64) -> Result<(Vec<BundleExtent>, u64, T)> + Send + Sync>;
 
+/// Runs on the blocking pool once part `i` is durably on the target (its
+/// put returned), with what the part became; gives the by-product back.
+pub type AfterPut<T> = Arc<dyn Fn(u64, &Option<ObjectRef>, T) -> Result<T> + Send + Sync>;
+
 /// The one upload loop of every point (base copy, delta, resync): each of
-/// `parts` parts is built on the blocking pool, compressed, charged to the
-/// throttle and put with retries under the key of (point, disk, part), with
-/// `ctx.workers` parts in flight; results come back in part order.
+/// the `parts` (part numbers) is built on the blocking pool, compressed,
+/// charged to the throttle and put with retries under the key of (point,
+/// disk, part), then handed to `after`, with `ctx.workers` parts in flight;
+/// results come back in the order of `parts`.
 pub async fn put_parts<T: Send + 'static>(
     ctx: &UploadCtx,
     disk: &str,
     seq: u64,
-    parts: u64,
+    parts: Vec<u64>,
     build: BuildPart<T>,
+    after: Option<AfterPut<T>>,
 ) -> Result<Vec<(Option<ObjectRef>, T)>> {
-    futures::stream::iter(0..parts)
+    futures::stream::iter(parts)
         .map(|i| {
-            let (ctx, build) = (ctx.clone(), build.clone());
+            let (ctx, build, after) = (ctx.clone(), build.clone(), after.clone());
             let key = object_key(&ctx.vm, ctx.generation, disk, seq, i);
             async move {
                 let level = ctx.zstd_level;
@@ -121,6 +136,16 @@ pub async fn put_parts<T: Send + 'static>(
                 let object = match enc {
                     Some(enc) => Some(put_part(&ctx, key, enc).await?),
                     None => None,
+                };
+                let (object, extra) = match after {
+                    Some(after) => {
+                        blocking(move || {
+                            let extra = after(i, &object, extra)?;
+                            Ok((object, extra))
+                        })
+                        .await?
+                    }
+                    None => (object, extra),
                 };
                 ctx.progress.fetch_add(covered, Ordering::Relaxed);
                 Ok::<_, Error>((object, extra))
@@ -145,30 +170,73 @@ pub struct SnapshotCopy {
     pub hashes: Vec<u64>,
 }
 
+/// A base copy resumed after a crash: the parts of this disk already on the
+/// target (from the progress journal), and the journal to record new ones in.
+#[derive(Clone, Default)]
+pub struct Resume {
+    /// Parts already on the target, by part number (not copied again).
+    pub done: std::collections::BTreeMap<u64, PartDone>,
+    /// Each part put is recorded here (as disk `disk_index`) before its
+    /// blocks are marked copied.
+    pub journal: Option<(Arc<ProgressJournal>, usize)>,
+}
+
 /// The one pipeline for snapshot copies (base copy and resync): read a
 /// chunk through the snapshot, hash its blocks, plan what to send (pure),
 /// compress, put with retries under the key of (point, disk, chunk), with
-/// `ctx.workers` chunks in flight. Chunk `i` is always part `i`, so a retry
-/// writes the same keys.
+/// `ctx.workers` chunks in flight, then record the part in the journal (if
+/// any) and mark its blocks copied. Chunk `i` is always part `i`, so a
+/// retry writes the same keys; the parts in `resume.done` are not copied
+/// again.
 pub async fn copy_snapshot(
     ctx: &UploadCtx,
     disk: Arc<Disk>,
     snap: Arc<CowSnapshot>,
     seq: u64,
     plan: ChunkPlan,
+    resume: Resume,
 ) -> Result<SnapshotCopy> {
     let (size, chunk, block) = (disk.size(), ctx.chunk_size, ctx.hash_block as usize);
     let name = disk.name.clone();
+    let parts = size.div_ceil(chunk);
+    let per_part = chunk.div_ceil(block as u64) as usize;
+    for (i, p) in &resume.done {
+        let len = if *i < parts { chunk.min(size - i * chunk) } else { 0 };
+        if *i >= parts || p.hashes.len() != len.div_ceil(block as u64) as usize || p.hashes.len() > per_part {
+            return Err(Error::corrupt(
+                format!("the copy progress of disk {name}"),
+                format!("part {i} does not fit a {size}-byte disk in {chunk}-byte parts"),
+            ));
+        }
+        ctx.progress.fetch_add(len, Ordering::Relaxed);
+    }
+    let todo: Vec<u64> = (0..parts).filter(|i| !resume.done.contains_key(i)).collect();
+    let reader = snap.clone();
     let build: BuildPart<Vec<u64>> = Arc::new(move |i| {
         let offset = i * chunk;
         let len = chunk.min(size - offset);
         let mut buf = vec![0u8; len as usize];
-        snap.read_for_copy(disk.file(), offset, &mut buf)?;
+        reader.read_for_copy(disk.file(), offset, &mut buf)?;
         let hashes: Vec<u64> = buf.chunks(block).map(crate::replica::hashes::hash_block).collect();
         Ok((plan(offset, &buf, &hashes), len, hashes))
     });
+    let journal = resume.journal.clone();
+    let after: AfterPut<Vec<u64>> = Arc::new(move |i, object, hashes| {
+        if let Some((journal, disk)) = &journal {
+            journal.append(&PartDone { seq, disk: *disk, part: i, object: object.clone(), hashes: hashes.clone() })?;
+        }
+        snap.mark_copied(i * chunk, chunk);
+        Ok(hashes)
+    });
+    let mut put = put_parts(ctx, &name, seq, todo.clone(), build, Some(after)).await?.into_iter();
+    let mut done = resume.done.into_iter().peekable();
     let mut copy = SnapshotCopy { objects: Vec::new(), hashes: Vec::new() };
-    for (o, h) in put_parts(ctx, &name, seq, size.div_ceil(chunk), build).await? {
+    // Merge both in part order.
+    for i in 0..parts {
+        let (o, h) = match done.peek() {
+            Some((d, _)) if *d == i => done.next().map(|(_, p)| (p.object, p.hashes)).expect("peeked"),
+            _ => put.next().ok_or_else(|| Error::Internal(format!("part {i} of disk {name} was not copied")))?,
+        };
         copy.objects.extend(o);
         copy.hashes.extend(h);
     }
@@ -176,9 +244,15 @@ pub async fn copy_snapshot(
 }
 
 /// Copies a disk as of its snapshot, leaving out zero blocks (a restored
-/// image stays sparse).
-pub async fn upload_base(ctx: &UploadCtx, disk: Arc<Disk>, snap: Arc<CowSnapshot>, seq: u64) -> Result<SnapshotCopy> {
-    copy_snapshot(ctx, disk, snap, seq, Arc::new(|offset, buf, _| non_zero_extents(offset, buf))).await
+/// image stays sparse); `resume` names the parts already on the target.
+pub async fn upload_base(
+    ctx: &UploadCtx,
+    disk: Arc<Disk>,
+    snap: Arc<CowSnapshot>,
+    seq: u64,
+    resume: Resume,
+) -> Result<SnapshotCopy> {
+    copy_snapshot(ctx, disk, snap, seq, Arc::new(|offset, buf, _| non_zero_extents(offset, buf)), resume).await
 }
 
 /// Granularity at which a base chunk leaves out zeros: a restored image
@@ -340,7 +414,7 @@ pub async fn upload_logs(
     });
     let mut objects = Vec::new();
     let mut updates = Vec::new();
-    for (o, u) in put_parts(ctx, disk, seq, count, build).await? {
+    for (o, u) in put_parts(ctx, disk, seq, (0..count).collect(), build, None).await? {
         objects.extend(o);
         updates.extend(u);
     }

@@ -118,7 +118,7 @@ pub async fn resync_disk(
             })
             .collect()
     });
-    let copy = crate::replicate::copy_snapshot(ctx, disk, snap, seq, plan).await?;
+    let copy = crate::replicate::copy_snapshot(ctx, disk, snap, seq, plan, Default::default()).await?;
     let s = ResyncStats {
         blocks_compared: copy.hashes.len() as u64,
         blocks_sent: copy.objects.iter().map(|o| o.logical_len.div_ceil(block)).sum(),

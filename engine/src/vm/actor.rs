@@ -445,12 +445,16 @@ impl Handler<Stop> for VmActor {
     fn handle(&mut self, msg: Stop, ctx: &mut Context<Self>) -> Self::Result {
         self.apply(Input::Stop, ctx);
         self.cancel.cancel();
-        let in_initial = matches!(
-            self.core.state(),
-            VmState::EnablingProtection | VmState::InitialReplication | VmState::FinalizingProtection
-        );
+        let state = self.core.state();
+        let close = match state {
+            _ if msg.unprotect => Close::Unprotect,
+            // A copy under way is kept for the restart to resume (`vm::restart`).
+            VmState::InitialReplication => Close::KeepCopy,
+            VmState::EnablingProtection | VmState::FinalizingProtection => Close::DropLogs,
+            _ => Close::Seal,
+        };
         let (disks, fence, epoch) = (self.io.disks.clone(), self.io.fence.clone(), self.core.epoch());
-        let fut = blocking(move || fence.change(epoch, || close_disks(&disks, msg.unprotect, in_initial)));
+        let fut = blocking(move || fence.change(epoch, || close_disks(&disks, close)));
         Box::pin(fut.into_actor(self).map(|r, _act, ctx| {
             ctx.stop();
             r
@@ -458,17 +462,49 @@ impl Handler<Stop> for VmActor {
     }
 }
 
-fn close_disks(disks: &[Arc<Disk>], unprotect: bool, in_initial: bool) -> Result<()> {
+/// What a stop leaves beside each disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// Unprotect: logs, snapshot and side files removed.
+    Unprotect,
+    /// A protection that has not committed its base and cannot resume
+    /// (Enabling, Finalizing): it starts over, the logs are not needed.
+    DropLogs,
+    /// An initial copy under way: the snapshot's side file and the disk are
+    /// synced and the log sealed, so a restart (even after a reboot) finds
+    /// a trusted chain and a durable side file, and resumes the copy.
+    KeepCopy,
+    /// Seal the active log for the next cycle.
+    Seal,
+}
+
+fn close_disks(disks: &[Arc<Disk>], close: Close) -> Result<()> {
     for d in disks {
-        let _ = tasks::release_snapshot(d);
-        let log = d.close();
-        if unprotect || in_initial {
-            drop(log);
-            if unprotect {
+        let snap = d.snapshot();
+        if close != Close::KeepCopy {
+            let _ = tasks::release_snapshot(d);
+        }
+        let log = d.close(); // no change in flight from here on
+        match close {
+            Close::Unprotect => {
+                drop(log);
                 super::open::remove_local_files(&d.path)?;
             }
-        } else if let Some(log) = log {
-            log.seal()?;
+            Close::DropLogs => drop(log),
+            Close::KeepCopy => {
+                if let Some(s) = snap {
+                    s.sync()?;
+                }
+                d.file().sync_data().map_err(|e| Error::io(format!("sync {}", d.path.display()), e))?;
+                if let Some(log) = log {
+                    log.seal()?;
+                }
+            }
+            Close::Seal => {
+                if let Some(log) = log {
+                    log.seal()?;
+                }
+            }
         }
     }
     Ok(())

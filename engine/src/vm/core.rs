@@ -82,6 +82,10 @@ pub enum Start {
     Protect,
     /// Go on from the persisted state with these sealed logs per disk.
     Resume { pending: Vec<Vec<PendingLog>> },
+    /// An initial copy interrupted by a crash goes on where it stopped: the
+    /// snapshot (taken at `snapshot_ms`) was rebuilt, the parts already put
+    /// under point `seq` (None: none yet) are not copied again.
+    ContinueCopy { pending: Vec<Vec<PendingLog>>, seq: Option<u64>, snapshot_ms: UnixMillis },
     /// The logs found cannot be trusted.
     ResyncNeeded { reason: String },
     /// Stopped while waiting for a resync: drop what logs there are again.
@@ -428,6 +432,18 @@ impl VmCore {
                 debug_assert_eq!(pending.len(), self.disks);
                 self.pending = pending;
             }
+            Start::ContinueCopy { pending, seq, snapshot_ms } => {
+                debug_assert_eq!(pending.len(), self.disks);
+                self.pending = pending;
+                self.snapshot_ms = snapshot_ms;
+                // The parts on the target are keyed by the copy's point number.
+                if let Some(seq) = seq {
+                    self.next_seq = self.next_seq.max(seq);
+                }
+                if self.lifecycle.state == VmState::InitialReplication {
+                    self.copy_base(out);
+                }
+            }
             Start::ResyncNeeded { reason } => self.event(Event::ResyncNeeded { reason }, now, out),
             Start::DiscardLogs => self.discard(out),
             Start::ResyncAgain => self.resync(out),
@@ -611,9 +627,9 @@ impl VmCore {
             return; // something started meanwhile (an operator's ask): the retry is moot
         }
         match self.lifecycle.state {
-            // Blocks already copied are no longer preserved: a retry on the
-            // same snapshot would mix times. Take a new one (the logs since
-            // the first one replay idempotently on top).
+            // A failed copy is retried on a new snapshot (and a new progress
+            // journal; the logs since the first one replay idempotently on
+            // top). Only a restart resumes a copy on its own snapshot.
             S::EnablingProtection | S::InitialReplication => {
                 self.run(Step::Snapshot, Vec::new());
                 out.push(Command::TakeSnapshot { epoch: self.epoch });

@@ -6,6 +6,16 @@
 //! trusted and a resync compares whole disks), and a new active log is
 //! created durably (header, fsync, directory fsync) before any write is
 //! accepted, chained to the last kept log or starting a new chain.
+//!
+//! An initial copy in progress ([`scan_copy`]): the scan also reads its
+//! progress journal, checks its side files are there, and collects the
+//! changes logged since the snapshot (records after the journal's log
+//! position); from those and the parts on the target it rebuilds each
+//! disk's snapshot block states (pure, `capture::snapshot::rebuild_blocks`).
+//! If the copy resumes, the snapshot is reinstalled on each disk before the
+//! disk accepts a write (the replay of open logs writes blocks that are
+//! `Saved` or `Copied`, which the copy no longer reads from the disk). If
+//! it does not, the journal and side files are removed with the logs.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +30,9 @@ use crate::state::VmRecord;
 use crate::vm::lifecycle::{Event, Lifecycle, VmState};
 
 use super::core::{PendingLog, Start};
-use super::restart::{self, LogsFound, Restart};
+use super::restart::{self, CopyFound, LogsFound, Restart};
+use crate::capture::snapshot::{Block, CowSnapshot};
+use crate::replicate::progress;
 
 /// Disks opened for a VM, and how it starts.
 pub struct OpenedDisks {
@@ -51,9 +63,88 @@ pub fn open_vm(rec: &mut VmRecord, data_dir: &Path, now: UnixMillis) -> Result<O
     let scanned = rec.spec.disks.iter().map(|d| scan(&rec.spec.name, &d.name, &d.path)).collect::<Result<Vec<_>>>()?;
     let found: Vec<(String, LogsFound)> =
         rec.spec.disks.iter().zip(&scanned).map(|(d, s)| (d.name.clone(), s.found.clone())).collect();
-    let decision = restart::decide(&rec.lifecycle, rec.last_point_seq, &found);
+    let (copy, rebuilt) = match rec.lifecycle.state {
+        VmState::InitialReplication => match scan_copy(rec, data_dir, &scanned) {
+            Ok((found, rebuilt)) => (found, rebuilt),
+            Err(why) => (CopyFound::Unusable(why), Vec::new()),
+        },
+        _ => (CopyFound::NotLooked, Vec::new()),
+    };
+    let decision = restart::decide(&rec.lifecycle, rec.last_point_seq, &found, &copy);
+    match (&copy, &decision.start) {
+        (_, Start::ContinueCopy { .. }) => {
+            tracing::info!(vm = %rec.spec.name, "the initial copy resumes where it stopped")
+        }
+        (CopyFound::Unusable(why), _) => {
+            tracing::warn!(vm = %rec.spec.name, reason = %why, "the initial copy cannot resume: protection starts over")
+        }
+        _ => {}
+    }
     apply_to_record(rec, &decision, now);
-    open(rec, scanned, decision, data_dir)
+    open(rec, scanned, decision, data_dir, rebuilt)
+}
+
+/// A disk's snapshot as rebuilt by the scan of an initial copy.
+struct Rebuilt {
+    side: std::path::PathBuf,
+    blocks: Vec<Block>,
+}
+
+/// Reads what an interrupted initial copy left (read only): its journal,
+/// its side files, the changes logged since its snapshot; and rebuilds each
+/// disk's snapshot block states. `Err` says why the copy cannot resume.
+fn scan_copy(
+    rec: &VmRecord,
+    data_dir: &Path,
+    scanned: &[Scanned],
+) -> std::result::Result<(CopyFound, Vec<Rebuilt>), String> {
+    let vm = &rec.spec.name;
+    let path = crate::paths::DataDir::new(data_dir).copy_progress(vm);
+    let found = progress::load(&path).map_err(|e| e.to_string())?.ok_or("no copy progress was kept")?;
+    let h = &found.header;
+    if h.vm != *vm || h.generation != rec.generation {
+        return Err(format!("the copy progress is for {} generation {}, not this protection", h.vm, h.generation));
+    }
+    let names: Vec<&str> = rec.spec.disks.iter().map(|d| d.name.as_str()).collect();
+    if h.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>() != names {
+        return Err("the copy progress names other disks".into());
+    }
+    let seq = found.seq();
+    let mut rebuilt = Vec::new();
+    for (i, ((spec, at), s)) in rec.spec.disks.iter().zip(&h.disks).zip(scanned).enumerate() {
+        let disk = &spec.name;
+        let owned = at.side.parent() == spec.path.parent() && snapshot::side_files(&spec.path).contains(&at.side);
+        if !owned || !at.side.is_file() {
+            return Err(format!("the snapshot side file {} of disk {disk} is gone", at.side.display()));
+        }
+        let log_seq = at.log_seq.ok_or_else(|| format!("disk {disk} was not logging at the snapshot"))?;
+        let LogsFound::Trusted(kept) = &s.found else {
+            return Err(format!("the change logs of disk {disk} are not trusted"));
+        };
+        let mut touched = Vec::new();
+        let mut first_seq = None;
+        for log in kept {
+            let scan = changelog::scan(&log.path).map_err(|e| e.to_string())?;
+            first_seq.get_or_insert(scan.header.seq);
+            let since = match scan.header.seq {
+                n if n < log_seq => continue,
+                n if n == log_seq => at.log_records,
+                _ => 0,
+            };
+            touched.extend(scan.records.iter().filter(|r| r.seq > since).map(|r| (r.offset, r.len)));
+        }
+        if first_seq.is_none_or(|f| f > log_seq) {
+            return Err(format!("the change log of disk {disk} at the snapshot (seq {log_seq}) is gone"));
+        }
+        let (_, size) = disk::open_image(&spec.path).map_err(|e| e.to_string())?;
+        if size != at.size {
+            return Err(format!("disk {disk} is {size} bytes, it was {} at the snapshot", at.size));
+        }
+        let done: Vec<u64> = seq.map_or(Vec::new(), |seq| found.parts_of(i, seq).map(|p| p.part).collect());
+        let blocks = snapshot::rebuild_blocks(size, h.chunk_size, &done, &touched).map_err(|e| e.to_string())?;
+        rebuilt.push(Rebuilt { side: at.side.clone(), blocks });
+    }
+    Ok((CopyFound::Resumable { seq, snapshot_ms: h.snapshot_ms }, rebuilt))
 }
 
 fn apply_to_record(rec: &mut VmRecord, decision: &Restart, now: UnixMillis) {
@@ -94,7 +185,13 @@ fn scan(vm: &str, disk: &str, path: &Path) -> Result<Scanned> {
     }
     let next_seq = logs.last().map_or(1, |(s, _)| s + 1);
     if logs.is_empty() {
-        return Ok(Scanned { found: LogsFound::Missing, next_seq, last_log_id: 0, unsealed: Vec::new(), left_out: Vec::new() });
+        return Ok(Scanned {
+            found: LogsFound::Missing,
+            next_seq,
+            last_log_id: 0,
+            unsealed: Vec::new(),
+            left_out: Vec::new(),
+        });
     }
     Ok(match changelog::check_logs(disk, &logs, changelog::boot_id()) {
         Ok(kept) if kept.is_empty() => {
@@ -162,10 +259,21 @@ pub(crate) fn remove_local_files(disk_path: &Path) -> Result<()> {
     snapshot::side_files(disk_path).iter().try_for_each(|side| changelog::remove_file_if_present(side))
 }
 
-fn open(rec: &VmRecord, scanned: Vec<Scanned>, decision: Restart, data_dir: &Path) -> Result<OpenedDisks> {
+fn open(
+    rec: &VmRecord,
+    scanned: Vec<Scanned>,
+    decision: Restart,
+    data_dir: &Path,
+    rebuilt: Vec<Rebuilt>,
+) -> Result<OpenedDisks> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let vm = &rec.spec.name;
     let keep = decision.keeps_logs();
+    let continues = matches!(decision.start, Start::ContinueCopy { .. });
+    if !continues {
+        progress::remove(&crate::paths::DataDir::new(data_dir).copy_progress(vm))?;
+    }
+    let mut rebuilt = rebuilt.into_iter();
     let mut disks = Vec::new();
     let mut hash_sets = Vec::new();
     for (spec, s) in rec.spec.disks.iter().zip(scanned) {
@@ -187,7 +295,17 @@ fn open(rec: &VmRecord, scanned: Vec<Scanned>, decision: Restart, data_dir: &Pat
             }
         };
         let log = disk::new_log(&spec.path, vm, &spec.name, s.next_seq, prev_id)?;
-        disks.push(Arc::new(Disk::new(vm, &spec.name, &spec.path, log, sealed, tx.clone())?));
+        let d = Arc::new(Disk::new(vm, &spec.name, &spec.path, log, sealed, tx.clone())?);
+        if continues {
+            let r =
+                rebuilt.next().ok_or_else(|| Error::Internal(format!("no snapshot rebuilt for disk {}", spec.name)))?;
+            // Other side files of this disk belong to no snapshot.
+            for side in snapshot::side_files(&spec.path).iter().filter(|f| **f != r.side) {
+                changelog::remove_file_if_present(side)?;
+            }
+            d.resume_snapshot(Arc::new(CowSnapshot::reopen(&r.side, d.size(), r.blocks)?));
+        }
+        disks.push(d);
         let hpath = hashes::path(data_dir, vm, &spec.name);
         hash_sets.push(if decision.start_over {
             let _ = std::fs::remove_file(&hpath);

@@ -7,10 +7,30 @@
 //! opens the next log of each chain).
 //!
 //! Rules, in order:
-//! - A protection that had not committed its base (Unprotected,
-//!   EnablingProtection, InitialReplication, FinalizingProtection with no
-//!   point) starts over: the snapshot did not survive the stop. A Critical
-//!   VM is judged by the state it failed in (the one a resume returns to).
+//! - An initial copy (InitialReplication) resumes where it stopped when
+//!   everything it rests on is found and trusted ([`CopyFound::Resumable`]):
+//!   the progress journal of its snapshot (`replicate::progress`) is
+//!   readable and for this generation, part size and disks; each disk's
+//!   snapshot side file is there; and every disk's logs pass the trust
+//!   check (same boot, chain intact, back to the log the snapshot was taken
+//!   in). Generation and logs are kept (open logs are replayed and sealed
+//!   as below), the snapshot is rebuilt from its side file
+//!   (`capture::snapshot::rebuild_blocks`), and only the parts the journal
+//!   lacks are copied. Why that copy still equals the disk at snapshot time:
+//!   the write path saves a block in the side file before it logs the change
+//!   (`capture::disk`), and a kill leaves the page cache, so a block any
+//!   change since the snapshot touched is in the side file (or its part is
+//!   on the target), and a block none touched is unchanged on the disk.
+//!   What cannot be trusted is not assumed: a part missing from the journal
+//!   is copied again; a missing or damaged journal or side file, or logs
+//!   not trusted (a reboot lost the page cache), start protection over.
+//!   A clean stop mid-copy syncs the side file and the disk and seals the
+//!   logs (`vm::actor`), so it resumes the same way, even after a reboot.
+//! - Any other protection that had not committed its base (Unprotected,
+//!   EnablingProtection, FinalizingProtection with no point, a Critical VM
+//!   that failed in one of those or in InitialReplication) starts over
+//!   under a new generation. A Critical VM is judged by the state it failed
+//!   in (the one a resume returns to).
 //! - A base committed whose state change was not recorded
 //!   (FinalizingProtection with a point) counts as Protected.
 //! - A VM waiting for a resync drops its logs again (they are not needed).
@@ -37,6 +57,18 @@ pub enum LogsFound {
     Untrusted(String),
 }
 
+/// What the opener found of an initial copy in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyFound {
+    /// Not looked for (the VM is not in InitialReplication).
+    NotLooked,
+    /// Journal, side files and snapshot-time log positions found and
+    /// consistent; the copy put its parts under `seq` (None: no part yet).
+    Resumable { seq: Option<u64>, snapshot_ms: u64 },
+    /// Why the copy cannot resume (protection starts over).
+    Unusable(String),
+}
+
 /// The start [`decide`] picked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restart {
@@ -50,12 +82,30 @@ pub struct Restart {
 impl Restart {
     /// Whether the logs found beside a disk are kept (as pending).
     pub fn keeps_logs(&self) -> bool {
-        matches!(self.start, Start::Resume { .. })
+        matches!(self.start, Start::Resume { .. } | Start::ContinueCopy { .. })
     }
 }
 
-pub fn decide(lifecycle: &Lifecycle, last_point: u64, found: &[(String, LogsFound)]) -> Restart {
+/// The trusted logs of every disk, or why some disk's cannot be trusted.
+fn trusted(found: &[(String, LogsFound)]) -> std::result::Result<Vec<Vec<PendingLog>>, String> {
+    found
+        .iter()
+        .map(|(disk, f)| match f {
+            LogsFound::Trusted(logs) => Ok(logs.clone()),
+            LogsFound::Missing => Err(format!("no change log found for disk {disk}: the chain is broken")),
+            LogsFound::Untrusted(reason) => Err(reason.clone()),
+        })
+        .collect()
+}
+
+pub fn decide(lifecycle: &Lifecycle, last_point: u64, found: &[(String, LogsFound)], copy: &CopyFound) -> Restart {
     use VmState as S;
+    if lifecycle.state == S::InitialReplication {
+        if let (CopyFound::Resumable { seq, snapshot_ms }, Ok(pending)) = (copy, trusted(found)) {
+            let start = Start::ContinueCopy { pending, seq: *seq, snapshot_ms: *snapshot_ms };
+            return Restart { start_over: false, base_committed: false, start };
+        }
+    }
     // A Critical VM goes back to the state it failed in: decide for that one.
     let effective = match lifecycle.state {
         S::Critical => lifecycle.resume_to.unwrap_or(S::Protected),
@@ -77,20 +127,10 @@ pub fn decide(lifecycle: &Lifecycle, last_point: u64, found: &[(String, LogsFoun
         S::Resynchronizing => return plain(Start::ResyncAgain),
         _ => {}
     }
-    let mut pending = Vec::new();
-    for (disk, f) in found {
-        match f {
-            LogsFound::Trusted(logs) => pending.push(logs.clone()),
-            LogsFound::Missing => {
-                let reason = format!("no change log found for disk {disk}: the chain is broken");
-                return Restart { base_committed, ..plain(Start::ResyncNeeded { reason }) };
-            }
-            LogsFound::Untrusted(reason) => {
-                return Restart { base_committed, ..plain(Start::ResyncNeeded { reason: reason.clone() }) }
-            }
-        }
+    match trusted(found) {
+        Ok(pending) => Restart { base_committed, ..plain(Start::Resume { pending }) },
+        Err(reason) => Restart { base_committed, ..plain(Start::ResyncNeeded { reason }) },
     }
-    Restart { base_committed, ..plain(Start::Resume { pending }) }
 }
 
 #[cfg(test)]
@@ -145,19 +185,66 @@ mod tests {
         ];
         for (state, last, found, want) in table {
             let lc = Lifecycle { state, ..Default::default() };
-            assert_eq!(decide(&lc, last, found), want, "{state} last={last} {found:?}");
+            assert_eq!(decide(&lc, last, found, &CopyFound::NotLooked), want, "{state} last={last} {found:?}");
         }
         let at = |state| Lifecycle { state, ..Default::default() };
-        assert!(decide(&at(S::Protected), 4, &ok).keeps_logs());
-        assert!(!decide(&at(S::Protected), 4, &unclean).keeps_logs());
+        assert!(decide(&at(S::Protected), 4, &ok, &CopyFound::NotLooked).keeps_logs());
+        assert!(!decide(&at(S::Protected), 4, &unclean, &CopyFound::NotLooked).keeps_logs());
         // Critical: judged by the state a resume returns to.
         let critical = |to| Lifecycle { state: S::Critical, resume_to: Some(to), ..Default::default() };
-        assert_eq!(decide(&critical(S::InitialReplication), 0, &ok), protect);
-        assert_eq!(decide(&critical(S::FinalizingProtection), 0, &ok), protect);
+        assert_eq!(decide(&critical(S::InitialReplication), 0, &ok, &CopyFound::NotLooked), protect);
+        assert_eq!(decide(&critical(S::FinalizingProtection), 0, &ok, &CopyFound::NotLooked), protect);
         assert_eq!(
-            decide(&critical(S::FinalizingProtection), 1, &ok),
+            decide(&critical(S::FinalizingProtection), 1, &ok, &CopyFound::NotLooked),
             Restart { base_committed: true, ..plain(resume(&ok)) }
         );
-        assert_eq!(decide(&critical(S::Protected), 4, &ok), plain(resume(&ok)));
+        assert_eq!(decide(&critical(S::Protected), 4, &ok, &CopyFound::NotLooked), plain(resume(&ok)));
+    }
+
+    #[test]
+    fn an_initial_copy_resumes_only_when_everything_it_rests_on_is_trusted() {
+        let ok = vec![("a".to_string(), trusted(1)), ("b".to_string(), trusted(0))];
+        let unclean = vec![("a".to_string(), trusted(1)), ("b".to_string(), LogsFound::Untrusted("b unclean".into()))];
+        let missing = vec![("a".to_string(), LogsFound::Missing)];
+        let resumable = CopyFound::Resumable { seq: Some(3), snapshot_ms: 77 };
+        let unusable = CopyFound::Unusable("no side file".into());
+        let protect = Restart { start_over: true, base_committed: false, start: Start::Protect };
+        let pending = |found: &[(String, LogsFound)]| trusted_logs(found);
+        let cont = |found: &[(String, LogsFound)], seq| Restart {
+            start_over: false,
+            base_committed: false,
+            start: Start::ContinueCopy { pending: pending(found), seq, snapshot_ms: 77 },
+        };
+        type Row<'a> = (VmState, &'a [(String, LogsFound)], &'a CopyFound, Restart);
+        let table: Vec<Row> = vec![
+            (S::InitialReplication, &ok, &resumable, cont(&ok, Some(3))),
+            (S::InitialReplication, &ok, &CopyFound::Resumable { seq: None, snapshot_ms: 77 }, cont(&ok, None)),
+            // Logs not trusted (a reboot, a broken chain): the side file may lack saves.
+            (S::InitialReplication, &unclean, &resumable, protect.clone()),
+            (S::InitialReplication, &missing, &resumable, protect.clone()),
+            (S::InitialReplication, &ok, &unusable, protect.clone()),
+            (S::InitialReplication, &ok, &CopyFound::NotLooked, protect.clone()),
+            // Only a copy in progress resumes.
+            (S::EnablingProtection, &ok, &resumable, protect.clone()),
+            (S::Unprotected, &ok, &resumable, protect.clone()),
+        ];
+        for (state, found, copy, want) in table {
+            let lc = Lifecycle { state, ..Default::default() };
+            let got = decide(&lc, 0, found, copy);
+            assert_eq!(got, want, "{state} {found:?} {copy:?}");
+            assert_eq!(got.keeps_logs(), !got.start_over);
+        }
+        let critical = Lifecycle { state: S::Critical, resume_to: Some(S::InitialReplication), ..Default::default() };
+        assert_eq!(decide(&critical, 0, &ok, &resumable), protect, "the operator's resume starts over");
+    }
+
+    fn trusted_logs(found: &[(String, LogsFound)]) -> Vec<Vec<PendingLog>> {
+        found
+            .iter()
+            .map(|(_, f)| match f {
+                LogsFound::Trusted(l) => l.clone(),
+                _ => unreachable!(),
+            })
+            .collect()
     }
 }

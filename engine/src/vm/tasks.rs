@@ -12,6 +12,13 @@
 //! it again); never a listed point with a missing object, never a log
 //! deleted before its point is listed. The replica's block hashes are
 //! brought up to the point after it is committed (see [`crate::replica::hashes`]).
+//!
+//! Initial copy: [`VmIo::take_snapshot`] starts the copy's progress journal
+//! with the snapshot (durably, before any part is put); [`VmIo::copy_base`]
+//! leaves out the parts the journal lists for the current snapshot and
+//! records each new one after its put (see [`crate::replicate::progress`]);
+//! the journal is removed once the base commits. That is what lets a
+//! restart resume the copy (`vm::restart`).
 
 use std::sync::Arc;
 
@@ -23,6 +30,7 @@ use crate::host::Host;
 use crate::model::{now_millis, JobKind, JobStatus, PointKind, RecoveryPoint, UnixMillis};
 use crate::replica::hashes::{self, BlockHashes, HashUpdates};
 use crate::replica::manifest::{manifest_key, DiskManifest, Manifest, MANIFEST_FORMAT};
+use crate::replicate::progress::{self, DiskAtSnapshot, ProgressHeader, ProgressJournal};
 use crate::replicate::{self, UploadCtx};
 use crate::resync::{self, ResyncStats};
 use crate::runtime::blocking;
@@ -100,17 +108,77 @@ impl VmIo {
         r
     }
 
-    /// Releases any snapshot left, then snapshots every disk at one instant.
+    /// Releases any snapshot left, then snapshots every disk at one instant
+    /// and starts the copy's progress journal for it (durably, before any
+    /// part is put; see [`crate::replicate::progress`]).
     pub async fn take_snapshot(self, epoch: u64) -> Input {
         let (disks, fence) = (self.disks.clone(), self.fence.clone());
+        let c = &self.host.config;
+        let (journal, vm, generation) = (c.paths().copy_progress(&self.vm), self.vm.clone(), self.generation);
+        let (chunk_size, hash_block) = (c.chunk_size, c.resync_block_size);
         let r = blocking(move || {
             fence.change(epoch, || {
+                progress::remove(&journal)?;
                 disks.iter().try_for_each(|d| release_snapshot(d))?;
-                disk::snapshot_all(&disks)
+                let (snaps, at, positions) = disk::snapshot_all(&disks)?;
+                let header = ProgressHeader {
+                    format: progress::PROGRESS_FORMAT,
+                    vm,
+                    generation,
+                    snapshot_ms: at,
+                    chunk_size,
+                    hash_block,
+                    disks: disks
+                        .iter()
+                        .zip(&snaps)
+                        .zip(positions)
+                        .map(|((d, s), pos)| DiskAtSnapshot {
+                            name: d.name.clone(),
+                            size: d.size(),
+                            side: s.path().to_path_buf(),
+                            log_seq: pos.map(|p| p.0),
+                            log_records: pos.map_or(0, |p| p.1),
+                        })
+                        .collect(),
+                };
+                ProgressJournal::create(&journal, &header)?;
+                Ok(at)
             })
         })
         .await;
-        Input::SnapshotTaken { epoch, result: r.map(|(_, at)| at).map_err(|e| failure("snapshot", &e)) }
+        Input::SnapshotTaken { epoch, result: r.map_err(|e| failure("snapshot", &e)) }
+    }
+
+    /// The copy's progress journal, if it belongs to the disks' current
+    /// snapshots: the parts already on the target per disk (under `seq`)
+    /// and the journal to go on with. A journal for another snapshot (or
+    /// none) gives nothing: every part is copied.
+    fn base_resume(&self, seq: u64) -> Result<Vec<replicate::Resume>> {
+        let path = self.host.config.paths().copy_progress(&self.vm);
+        let none = || vec![replicate::Resume::default(); self.disks.len()];
+        let Some(found) = progress::load(&path)? else { return Ok(none()) };
+        let c = &self.host.config;
+        let h = &found.header;
+        let matches = h.vm == self.vm
+            && h.generation == self.generation
+            && h.chunk_size == c.chunk_size
+            && h.hash_block == c.resync_block_size
+            && h.disks.len() == self.disks.len()
+            && h.disks
+                .iter()
+                .zip(&self.disks)
+                .all(|(hd, d)| hd.name == d.name && d.snapshot().is_some_and(|s| s.path() == hd.side.as_path()));
+        if !matches {
+            tracing::warn!(vm = %self.vm, "the copy progress is for another snapshot; every part is copied");
+            return Ok(none());
+        }
+        let journal = Arc::new(ProgressJournal::open(&path)?);
+        Ok((0..self.disks.len())
+            .map(|i| replicate::Resume {
+                done: found.parts_of(i, seq).map(|p| (p.part, p.clone())).collect(),
+                journal: Some((journal.clone(), i)),
+            })
+            .collect())
     }
 
     /// Copies every disk from its snapshot, one disk after the other (as
@@ -125,12 +193,18 @@ impl VmIo {
                 format!("recovery point {seq}"),
                 |job| async move {
                     let uctx = io.upload_ctx(&job);
+                    let io2 = io.clone();
+                    let resume = blocking(move || io2.base_resume(seq)).await?;
+                    let resumed: usize = resume.iter().map(|r| r.done.len()).sum();
+                    if resumed > 0 {
+                        tracing::info!(vm = %io.vm, parts = resumed, "initial copy resumed: parts already on the target are not copied again");
+                    }
                     let mut base = BaseCopy::default();
-                    for d in &io.disks {
+                    for (d, resume) in io.disks.iter().zip(resume) {
                         let snap = d
                             .snapshot()
                             .ok_or_else(|| Error::Cancelled(format!("the snapshot of disk {} was released", d.name)))?;
-                        let copy = replicate::upload_base(&uctx, d.clone(), snap, seq).await?;
+                        let copy = replicate::upload_base(&uctx, d.clone(), snap, seq, resume).await?;
                         base.objects.push(copy.objects);
                         base.hashes.push(copy.hashes);
                     }
@@ -163,6 +237,11 @@ impl VmIo {
         let draft = PointDraft { seq, parent: None, kind: PointKind::Base, time_ms, disks };
         let r = self.commit_point(epoch, draft).await;
         if r.is_ok() {
+            // The base is committed: the copy's progress is no longer needed.
+            let journal = self.host.config.paths().copy_progress(&self.vm);
+            if let Err(e) = blocking(move || progress::remove(&journal)).await {
+                tracing::warn!(vm = %self.vm, error = %e, "could not remove the copy progress");
+            }
             let block = self.host.config.resync_block_size;
             let changes = base
                 .hashes

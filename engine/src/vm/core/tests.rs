@@ -100,6 +100,26 @@ fn protection_from_snapshot_to_the_first_cycle() {
 }
 
 #[test]
+fn an_interrupted_initial_copy_continues_under_its_number_and_ships_the_kept_logs() {
+    let mut c = at(S::InitialReplication, 0);
+    let pending = vec![vec![log("a.1")], vec![]];
+    let start = Start::ContinueCopy { pending: pending.clone(), seq: Some(3), snapshot_ms: T - 50 };
+    assert_eq!(c.on(Input::Start(start), T), vec![Command::CopyBase { epoch: 0, seq: 3 }]);
+    assert_eq!(c.state(), S::InitialReplication);
+    let base = BaseCopy { objects: vec![vec![], vec![]], hashes: vec![vec![1], vec![2]] };
+    let cmds = c.on(Input::BaseCopied { epoch: 0, result: Ok(base.clone()) }, T);
+    // The base describes the snapshot's instant, not the restart's.
+    assert_eq!(cmds, vec![Command::CommitBase { epoch: 0, seq: 3, time_ms: T - 50, base }]);
+    let cmds = c.on(Input::BaseCommitted { epoch: 0, result: Ok(point(3)) }, T);
+    let (_, seq, parent, logs) = run_cycle(&cmds);
+    assert_eq!((seq, parent, logs), (4, 3, pending));
+    // No part put yet: the copy takes the next number.
+    let mut c = at(S::InitialReplication, 0);
+    let start = Start::ContinueCopy { pending: vec![vec![], vec![]], seq: None, snapshot_ms: T };
+    assert_eq!(c.on(Input::Start(start), T), vec![Command::CopyBase { epoch: 0, seq: 1 }]);
+}
+
+#[test]
 fn transition_table() {
     use Input as I;
     // (state, input, state after, command kinds)
