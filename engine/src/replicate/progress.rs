@@ -166,12 +166,16 @@ impl ProgressJournal {
         Self::open(path)
     }
 
-    /// Opens an existing journal to append to.
+    /// Opens an existing journal to append to. A last line torn by a crash
+    /// (no newline yet) is cut first, so the next line starts on its own.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("open copy progress {}", path.display()), e))?;
+        let io = |what: &str, e| Error::io(format!("{what} copy progress {}", path.display()), e);
+        let bytes = std::fs::read(path).map_err(|e| io("read", e))?;
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let file = OpenOptions::new().append(true).open(path).map_err(|e| io("open", e))?;
+        if whole < bytes.len() {
+            file.set_len(whole as u64).and_then(|()| file.sync_data()).map_err(|e| io("cut the torn line of", e))?;
+        }
         Ok(ProgressJournal { path: path.to_path_buf(), file: Mutex::new(file) })
     }
 
@@ -230,6 +234,12 @@ mod tests {
         let mut text = std::fs::read(&path).unwrap();
         text.extend_from_slice(br#"{"seq":1,"disk":0,"par"#);
         assert_eq!(parse("p", &text).unwrap().parts.len(), 2);
+        // Reopened after that crash, the torn piece is cut: the next line
+        // starts on its own and the journal stays readable.
+        std::fs::write(&path, &text).unwrap();
+        let j = ProgressJournal::open(&path).unwrap();
+        j.append(&part(5)).unwrap();
+        assert_eq!(load(&path).unwrap().unwrap().parts, vec![part(0), part(2), part(5)]);
         // A new snapshot replaces the journal.
         ProgressJournal::create(&path, &header()).unwrap();
         assert!(load(&path).unwrap().unwrap().parts.is_empty());

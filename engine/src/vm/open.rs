@@ -277,6 +277,20 @@ fn open(
     let mut disks = Vec::new();
     let mut hash_sets = Vec::new();
     for (spec, s) in rec.spec.disks.iter().zip(scanned) {
+        let resumed = match continues {
+            true => Some(
+                rebuilt.next().ok_or_else(|| Error::Internal(format!("no snapshot rebuilt for disk {}", spec.name)))?,
+            ),
+            false => None,
+        };
+        if let Some(r) = &resumed {
+            // The saves a crash left in the page cache are made durable
+            // before any log is sealed: a sealed chain is trusted even after
+            // a reboot, and its records say these blocks are in the side file.
+            std::fs::File::open(&r.side)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("sync snapshot side file {}", r.side.display()), e))?;
+        }
         let (sealed, prev_id) = match (&s.found, keep) {
             (LogsFound::Trusted(kept), true) => {
                 for log in &s.left_out {
@@ -296,9 +310,7 @@ fn open(
         };
         let log = disk::new_log(&spec.path, vm, &spec.name, s.next_seq, prev_id)?;
         let d = Arc::new(Disk::new(vm, &spec.name, &spec.path, log, sealed, tx.clone())?);
-        if continues {
-            let r =
-                rebuilt.next().ok_or_else(|| Error::Internal(format!("no snapshot rebuilt for disk {}", spec.name)))?;
+        if let Some(r) = resumed {
             // Other side files of this disk belong to no snapshot.
             for side in snapshot::side_files(&spec.path).iter().filter(|f| **f != r.side) {
                 changelog::remove_file_if_present(side)?;
