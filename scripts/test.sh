@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Ferry's whole test suite: unit, engine, end-to-end (ferryd + ferryctl
 # + real NBD clients), simulator, doc tests and the README's commands; compiles
-# the benchmarks. Installs what it needs first. Per-test timeouts:
+# the benchmarks; then runs every fuzz target for about 30 s
+# (scripts/fuzz-smoke.sh). Installs what it needs first. Per-test timeouts:
 # .config/nextest.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +14,5 @@ cargo build --workspace --bins --locked
 cargo build --workspace --benches --locked
 cargo test --workspace --doc --locked
 cargo nextest run --workspace --locked --no-fail-fast
+# After the suite: parsers of untrusted bytes (NBD, HRL logs) under libFuzzer.
+bash scripts/fuzz-smoke.sh

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every fuzz target in fuzz/ for a short while (default 30 s each;
+# FERRY_FUZZ_SECS overrides) with libFuzzer's memory limit, and fails on the
+# first crash, hang or out-of-memory. Installs nightly and cargo-fuzz first
+# if missing (scripts/install-fuzz.sh). Crashing inputs land in
+# fuzz/artifacts/<target>/; replay one with
+#   cd fuzz && cargo +nightly fuzz run <target> artifacts/<target>/<file>
+# The exec count of each run is printed ("Done N runs in S second(s)").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-fuzz.sh
+secs="${FERRY_FUZZ_SECS:-30}"
+cd fuzz
+targets=$(cargo +nightly fuzz list)
+cargo +nightly fuzz build
+for t in $targets; do
+  echo "== fuzz $t for ${secs}s"
+  mkdir -p "corpus/$t"
+  # The protocol's magics and numbers: without them libFuzzer rarely gets past the first check.
+  case "$t" in
+    nbd_*) dict=nbd.dict ;;
+    hrl_*) dict=hrl.dict ;;
+    *) dict="" ;;
+  esac
+  # -timeout: one input taking 10 s is a hang. The corpus grows across runs.
+  # grep hides libFuzzer's progress lines; cargo fuzz's exit status is what counts.
+  set +e
+  cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -rss_limit_mb=512 -timeout=10 ${dict:+-dict=$dict} 2>&1 \
+    | grep -E '^(Done|==[0-9]+==|SUMMARY|thread|Test unit written)|panicked|ERROR|deadly signal'
+  status=${PIPESTATUS[0]}
+  set -e
+  [ "$status" -eq 0 ] || { echo "fuzz target $t failed (exit $status): see fuzz/artifacts/$t/"; exit 1; }
+done
