@@ -143,7 +143,15 @@ fn fresh_log_path() -> PathBuf {
 
 fn header() -> LogHeader {
     // A fixed log id, so that a crash reproduces from its input alone.
-    LogHeader { vm: "vm".into(), disk: "d".into(), seq: 1, log_id: 0x5eed_f00d_1234_5679, prev_log_id: 0, created_unix_ms: 0 }
+    LogHeader {
+        vm: "vm".into(),
+        disk: "d".into(),
+        seq: 1,
+        log_id: 0x5eed_f00d_1234_5679,
+        prev_log_id: 0,
+        created_unix_ms: 0,
+        boot_id: ferry_engine::changelog::boot_id(),
+    }
 }
 
 fn templates() -> &'static Templates {
