@@ -270,7 +270,10 @@ fn main() {
 
     println!("\nfio --ioengine=nbd over Unix sockets, {disk_mib} MiB image, {secs}s per run (write runs end");
     println!("after {} MiB at most), {rounds} rounds interleaved, ferry replicating every 10 s meanwhile", cap >> 20);
-    println!("ferry:    {}", fio_args(&format!("nbd+unix:///{VM}/d?socket=SOCK"), &WORKLOADS[3], size, secs, cap).join(" "));
+    println!(
+        "ferry:    {}",
+        fio_args(&format!("nbd+unix:///{VM}/d?socket=SOCK"), &WORKLOADS[3], size, secs, cap).join(" ")
+    );
     println!("qemu-nbd: qemu-nbd -f raw -x d --cache=writeback --aio=threads --persistent --socket=SOCK IMG");
     let rows: Vec<Vec<String>> = cells
         .iter()

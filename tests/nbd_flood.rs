@@ -38,10 +38,8 @@ fn greeted(mut s: impl Read, what: &str) -> bool {
 fn a_connection_flood_past_the_cap_leaves_a_protected_vm_working() {
     let cap = NbdLimits::default().max_connections;
     // A handshake timeout longer than the test: no slot frees on its own meanwhile.
-    let mut d = Daemon::builder()
-        .nofile(1024)
-        .args(&["--nbd-listen", "127.0.0.1:0", "--nbd-handshake-timeout", "10m"])
-        .start();
+    let mut d =
+        Daemon::builder().nofile(1024).args(&["--nbd-listen", "127.0.0.1:0", "--nbd-handshake-timeout", "10m"]).start();
     let disk = d.disks().join("a.img");
     random_disk(&disk, 16 * MIB);
     let disk_arg = format!("a={}", disk.display());

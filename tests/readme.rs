@@ -146,17 +146,15 @@ impl Drop for Group {
 fn bash_at_root(script: &str) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(script).current_dir(repo_root()).stdin(Stdio::null()).env_remove("CARGO_TARGET_DIR");
-    for var in
-        [
-            "FERRY_DATA_DIR",
-            "FERRY_TARGET",
-            "FERRY_LISTEN",
-            "FERRY_NBD_SOCKET",
-            "FERRY_NBD_SOCKET_GROUP",
-            "FERRY_NBD_LISTEN",
-            "FERRY_ENDPOINT",
-        ]
-    {
+    for var in [
+        "FERRY_DATA_DIR",
+        "FERRY_TARGET",
+        "FERRY_LISTEN",
+        "FERRY_NBD_SOCKET",
+        "FERRY_NBD_SOCKET_GROUP",
+        "FERRY_NBD_LISTEN",
+        "FERRY_ENDPOINT",
+    ] {
         cmd.env_remove(var);
     }
     cmd

@@ -16,8 +16,8 @@ use std::time::Duration;
 use ferry_engine::lifecycle::VmState;
 use ferry_engine::model::JobStatus;
 use ferry_engine::replica::manifest::{manifest_key, object_key};
-use ferry_engine::PUT_TRIES;
 use ferry_engine::target::unreliable::Faults;
+use ferry_engine::PUT_TRIES;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

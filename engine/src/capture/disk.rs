@@ -413,7 +413,9 @@ impl Disk {
     fn sync_now(&self) -> Result<()> {
         let log = self.lock().log.as_ref().map(|l| (l.sync_handle(), l.path().to_path_buf()));
         let sync_log = |(handle, path): (Result<Arc<File>>, PathBuf)| {
-            handle.and_then(|f| f.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", path.display()), e)))
+            handle.and_then(|f| {
+                f.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", path.display()), e))
+            })
         };
         let sync_disk = || crate::failpoint::check("disk.sync", &self.path).and_then(|()| self.file.sync_data());
         let has_log = log.is_some();
@@ -428,9 +430,9 @@ impl Disk {
                     .spawn_scoped(s, || log.lock().expect("taken once").take().map(sync_log));
                 let disk = sync_disk();
                 let logged = match spawned {
-                    Ok(t) => t.join().unwrap_or_else(|_| {
-                        Some(Err(Error::Internal("the change-log sync thread panicked".into())))
-                    }),
+                    Ok(t) => t
+                        .join()
+                        .unwrap_or_else(|_| Some(Err(Error::Internal("the change-log sync thread panicked".into())))),
                     Err(_) => log.lock().expect("taken once").take().map(sync_log),
                 };
                 (logged, disk)

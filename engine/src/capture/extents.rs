@@ -152,7 +152,13 @@ mod tests {
     /// A 16 MiB file: data at [1, 2) MiB and [8, 9) MiB, holes elsewhere.
     fn sparse() -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("d")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("d"))
+            .unwrap();
         f.set_len(16 * MIB).unwrap();
         f.write_all_at(&vec![7u8; MIB as usize], MIB).unwrap();
         f.write_all_at(&vec![9u8; MIB as usize], 8 * MIB).unwrap();

@@ -123,11 +123,7 @@ pub struct TrustedLog {
 /// whose header was never completely written (a crash inside its creation:
 /// no more than a header's bytes, not marked untrusted) holds nothing and
 /// is left out. Returns the logs kept, or why they cannot be trusted.
-pub fn check_logs(
-    disk: &str,
-    logs: &[(u64, PathBuf)],
-    boot_id: u128,
-) -> std::result::Result<Vec<TrustedLog>, String> {
+pub fn check_logs(disk: &str, logs: &[(u64, PathBuf)], boot_id: u128) -> std::result::Result<Vec<TrustedLog>, String> {
     let mut scans = Vec::new();
     for (i, (_, path)) in logs.iter().enumerate() {
         match scan(path) {
@@ -156,7 +152,9 @@ pub fn check_logs(
                 Tail::None => {}
                 Tail::Torn if only_prepared_after => {}
                 Tail::Torn => {
-                    return Err(format!("change log {shown} of disk {disk} ends in a torn record but is not the newest"))
+                    return Err(format!(
+                        "change log {shown} of disk {disk} ends in a torn record but is not the newest"
+                    ))
                 }
                 Tail::Damaged(why) => return Err(format!("change log {shown} of disk {disk} is damaged: {why}")),
             }

@@ -237,7 +237,8 @@ fn classify_tail(file: &File, pos: u64, file_len: u64, why: String, expected_seq
         if rest[at..at + 4] != magic {
             continue;
         }
-        let hdr: &[u8; RECORD_HEADER_SIZE as usize] = rest[at..at + RECORD_HEADER_SIZE as usize].try_into().expect("40 bytes");
+        let hdr: &[u8; RECORD_HEADER_SIZE as usize] =
+            rest[at..at + RECORD_HEADER_SIZE as usize].try_into().expect("40 bytes");
         if decode_record_header(hdr).is_ok_and(|r| r.seq == expected_seq + 1) {
             let found = pos + RECORD_HEADER_SIZE + at as u64;
             return Ok(Tail::Damaged(format!("{why}, but record {} follows at {found}", expected_seq + 1)));

@@ -462,7 +462,7 @@ mod tests {
         let whole = w.len();
         w.append_write(100, &[9u8; 500]).unwrap();
         drop(w); // the daemon died: no seal
-        // The last record was cut short by the kill.
+                 // The last record was cut short by the kill.
         OpenOptions::new().write(true).open(&path).unwrap().set_len(whole + 200).unwrap();
         let sealed = seal_found(&path).unwrap();
         assert_eq!((sealed.records, sealed.end_offset), (2, whole));

@@ -98,7 +98,9 @@ impl Reply {
             Body::Read { data, .. } if data.is_empty() => {
                 w.write_all(&proto::chunk_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, handle, 0)).await
             }
-            Body::Read { offset, data, df: true } => write_data_chunk(w, handle, proto::REPLY_FLAG_DONE, *offset, data).await,
+            Body::Read { offset, data, df: true } => {
+                write_data_chunk(w, handle, proto::REPLY_FLAG_DONE, *offset, data).await
+            }
             Body::Read { offset, data, df: false } => {
                 // Zero runs go as holes: the client learns they are zeroes
                 // without our sending them. The data is in memory already,

@@ -65,7 +65,11 @@ impl NbdServer {
     }
 
     /// A server with the given limits; refuses limits outside their bounds.
-    pub fn with_limits(catalog: Arc<dyn ExportCatalog>, limits: NbdLimits, shutdown: CancellationToken) -> Result<Self> {
+    pub fn with_limits(
+        catalog: Arc<dyn ExportCatalog>,
+        limits: NbdLimits,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
         limits.validate()?;
         Ok(Self::build(catalog, limits, shutdown))
     }

@@ -186,7 +186,8 @@ impl Client {
 
     /// LIST or SET_META_CONTEXT: (context ids and names, final reply type).
     async fn meta(&mut self, option: u32, export: &str, queries: &[&str]) -> (Vec<(u32, String)>, u32) {
-        let (contexts, last) = self.option_replies(option, &meta_request(export, queries), proto::REP_META_CONTEXT).await;
+        let (contexts, last) =
+            self.option_replies(option, &meta_request(export, queries), proto::REP_META_CONTEXT).await;
         let contexts =
             contexts.iter().map(|c| (proto::be_u32(&c[0..4]), String::from_utf8(c[4..].to_vec()).unwrap())).collect();
         (contexts, last)
@@ -230,7 +231,8 @@ impl Client {
         if u32::from_be_bytes(magic) == proto::SIMPLE_REPLY_MAGIC {
             let mut rest = [0u8; proto::SIMPLE_REPLY_LEN - 4];
             within(self.s.read_exact(&mut rest)).await.unwrap();
-            let mut a = Answer { error: proto::be_u32(&rest[0..4]), handle: proto::be_u64(&rest[4..12]), ..Answer::default() };
+            let mut a =
+                Answer { error: proto::be_u32(&rest[0..4]), handle: proto::be_u64(&rest[4..12]), ..Answer::default() };
             if let (0, Some((_, len))) = (a.error, read) {
                 a.data = vec![0u8; len];
                 within(self.s.read_exact(&mut a.data)).await.unwrap();
@@ -282,7 +284,8 @@ impl Client {
                 }
                 proto::REPLY_TYPE_BLOCK_STATUS => {
                     a.context = Some(proto::be_u32(&p[0..4]));
-                    a.extents = p[4..].chunks_exact(8).map(|d| (proto::be_u32(&d[0..4]), proto::be_u32(&d[4..8]))).collect();
+                    a.extents =
+                        p[4..].chunks_exact(8).map(|d| (proto::be_u32(&d[0..4]), proto::be_u32(&d[4..8]))).collect();
                 }
                 proto::REPLY_TYPE_ERROR => {
                     a.error = proto::be_u32(&p[0..4]);

@@ -239,4 +239,3 @@ async fn mem_device_and_map_catalog_behave() {
     assert!(cat.open("a/1").is_none());
     assert_eq!(cat.describe("b/1"), None);
 }
-
