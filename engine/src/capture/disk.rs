@@ -80,6 +80,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::capture::extents;
 use crate::capture::ranges::RangeLocks;
 use crate::capture::snapshot::CowSnapshot;
 use crate::changelog::{self, LogHeader, LogWriter};
@@ -269,7 +270,14 @@ impl Disk {
 
     /// Zeroes a range (NBD WRITE_ZEROES and TRIM): the replica reads zeros there too.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.change(offset, len, fua, "zero", |file| zero_range(file, offset, len), |log| log.append_zero(offset, len))
+        self.change(
+            offset,
+            len,
+            fua,
+            "zero",
+            |file| extents::zero_range(file, offset, len),
+            |log| log.append_zero(offset, len),
+        )
     }
 
     /// [`Disk::write_zeroes`] that keeps the range allocated (NBD `NO_HOLE`); the log records the same zero range.
@@ -695,33 +703,4 @@ pub fn rotate_all(
     let old = guards.iter_mut().zip(next).map(|(g, n)| g.log.replace(n).expect("checked above")).collect();
     drop(guards);
     Ok((old, at))
-}
-
-/// Writes zeros over a range: punches a hole where the file system can
-/// (reads back as zeros, frees space), else writes zero buffers.
-pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: fallocate on a valid, open descriptor with in-range arguments.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let zeros = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }

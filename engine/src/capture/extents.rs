@@ -92,6 +92,20 @@ pub fn zero_allocated(file: &File, offset: u64, len: u64) -> io::Result<()> {
         Err(e) if !unsupported(&e) => return Err(e),
         Err(_) => {}
     }
+    write_zeros(file, offset, len)
+}
+
+/// Writes zeros over a range: punches a hole where the file system can
+/// (reads back as zeros, frees space), else writes zero buffers.
+pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 || fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok() {
+        return Ok(());
+    }
+    write_zeros(file, offset, len)
+}
+
+/// Writes zero buffers (1 MiB at a time) over a range.
+fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let zeros = vec![0u8; len.min(1 << 20) as usize];
     let mut done = 0;
     while done < len {

@@ -164,7 +164,7 @@ fn apply_object(f: &File, size: u64, o: &ObjectRef, bytes: &[u8]) -> Result<()> 
         }
         match e.data {
             ExtentData::Data(d) => f.write_all_at(&d, e.offset),
-            ExtentData::Zero(n) => crate::capture::disk::zero_range(f, e.offset, n),
+            ExtentData::Zero(n) => crate::capture::extents::zero_range(f, e.offset, n),
         }
         .map_err(|err| Error::io("write restored image", err))?;
     }

@@ -243,7 +243,7 @@ fn replay_onto_disk(log: &Path, disk_path: &Path) -> Result<()> {
                     .write_all_at(&buf, r.offset)
                     .map_err(|e| Error::io(format!("replaying a write onto {}", disk_path.display()), e))?;
             }
-            changelog::RecordKind::Zero => disk::zero_range(&image, r.offset, r.len)
+            changelog::RecordKind::Zero => crate::capture::extents::zero_range(&image, r.offset, r.len)
                 .map_err(|e| Error::io(format!("replaying a zeroing onto {}", disk_path.display()), e))?,
         }
     }
