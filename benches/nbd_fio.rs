@@ -18,7 +18,9 @@
 //! (default 3), FERRY_BENCH_IO_CAP_MIB (a write run also ends after this
 //! much, default 2048, so the logs and the replica stay within the disk
 //! space of a test machine; each run still measures MiB/s over its own
-//! runtime), FERRY_BENCH_DIR (where the temp folder goes).
+//! runtime), FERRY_BENCH_DIR (where the temp folder goes), FERRY_BENCH_ONLY
+//! (only the cells whose "workload layout" name contains this text, e.g.
+//! `rand write 4k qd32 fsync=32 sparse`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -184,13 +186,21 @@ fn main() {
     let rounds = env_u64("FERRY_BENCH_ROUNDS", 3).max(1);
     let cap = env_u64("FERRY_BENCH_IO_CAP_MIB", 2048).max(1) << 20;
     let size = disk_mib << 20;
+    // FERRY_BENCH_ONLY: run only the cells whose "workload layout" contains this text.
+    let only = std::env::var("FERRY_BENCH_ONLY").ok().filter(|s| !s.is_empty());
 
     let fio = require_tool("fio");
     let qemu_nbd = require_tool("qemu-nbd");
     let mut cells: Vec<Cell> = Vec::new();
     for layout in [Layout::Fallocated, Layout::Sparse] {
-        let workloads: Vec<&Workload> =
-            WORKLOADS.iter().filter(|w| layout == Layout::Fallocated || w.fsync > 0).collect();
+        let workloads: Vec<&Workload> = WORKLOADS
+            .iter()
+            .filter(|w| layout == Layout::Fallocated || w.fsync > 0)
+            .filter(|w| only.as_ref().is_none_or(|o| format!("{} {}", w.name, layout.name()).contains(o.as_str())))
+            .collect();
+        if workloads.is_empty() {
+            continue;
+        }
         let dir = bench_dir("ferry-bench-nbd-");
         // Images, a run's logs (deleted once a point commits) and the replica
         // (fio repeats its buffer contents, which compress well).

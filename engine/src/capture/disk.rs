@@ -13,6 +13,12 @@
 //! to disjoint ranges run in parallel (only the append is serialized);
 //! overlapping ones run one at a time, so their records are in the order
 //! they reached the disk. Nothing on this path waits for the network.
+//! Changes that arrive together ([`Disk::write_many`], an NBD client's
+//! pipelined writes) go as groups of disjoint ranges: one range lock for
+//! the group (taken whole, so two groups never deadlock), one log append
+//! (one `pwritev`) for all its records, then each disk write; a change
+//! that overlaps one earlier in the batch starts the next group, so the
+//! order argument below holds for batches too.
 //!
 //! What must see no change in flight takes the gate exclusively: rotation
 //! (a record and its disk write always belong to the same log), the start
@@ -81,9 +87,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::capture::extents;
-use crate::capture::ranges::RangeLocks;
+use crate::capture::ranges::{self, RangeLocks};
 use crate::capture::snapshot::CowSnapshot;
-use crate::changelog::{self, LogHeader, LogWriter};
+use crate::changelog::{self, LogHeader, LogWriter, Record};
 use crate::error::{Error, Result};
 use crate::model::now_millis;
 
@@ -169,6 +175,59 @@ impl Drop for SyncRun<'_> {
         }
         drop(st);
         self.sync.done.notify_all();
+    }
+}
+
+/// One change of the disk, as the write path takes it.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    Write {
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// Zeroes (punching a hole where the file allows, unless `keep_allocated`).
+    Zero {
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+    },
+}
+
+impl<'a> Change<'a> {
+    /// `(offset, len)`.
+    fn range(&self) -> (u64, u64) {
+        match *self {
+            Change::Write { offset, data } => (offset, data.len() as u64),
+            Change::Zero { offset, len, .. } => (offset, len),
+        }
+    }
+
+    /// `[start, end)`, for overlap checks.
+    fn span(&self) -> (u64, u64) {
+        let (offset, len) = self.range();
+        (offset, offset.saturating_add(len))
+    }
+
+    fn record(&self) -> Record<'a> {
+        match *self {
+            Change::Write { offset, data } => Record::write(offset, data),
+            Change::Zero { offset, len, .. } => Record::zero(offset, len),
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self {
+            Change::Write { .. } => "write",
+            Change::Zero { .. } => "zero",
+        }
+    }
+
+    fn apply(&self, file: &File) -> std::io::Result<()> {
+        match *self {
+            Change::Write { offset, data } => file.write_all_at(data, offset),
+            Change::Zero { offset, len, keep_allocated: false } => extents::zero_range(file, offset, len),
+            Change::Zero { offset, len, keep_allocated: true } => extents::zero_allocated(file, offset, len),
+        }
     }
 }
 
@@ -258,79 +317,120 @@ impl Disk {
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        self.change(
-            offset,
-            data.len() as u64,
-            fua,
-            "write",
-            |file| file.write_all_at(data, offset),
-            |log| log.append_write(offset, data),
-        )
+        self.change(Change::Write { offset, data }, fua)
+    }
+
+    /// Writes that arrived together (an NBD client's pipelined requests),
+    /// each with its own result, in order. Disjoint neighbours share one
+    /// log append (one `pwritev`); each is acknowledged like a
+    /// [`Disk::write_at`] without FUA.
+    pub fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<Result<()>> {
+        let changes: Vec<Change<'_>> = writes.iter().map(|&(offset, data)| Change::Write { offset, data }).collect();
+        self.apply_all(&changes)
     }
 
     /// Zeroes a range (NBD WRITE_ZEROES and TRIM): the replica reads zeros there too.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.change(
-            offset,
-            len,
-            fua,
-            "zero",
-            |file| extents::zero_range(file, offset, len),
-            |log| log.append_zero(offset, len),
-        )
+        self.change(Change::Zero { offset, len, keep_allocated: false }, fua)
     }
 
     /// [`Disk::write_zeroes`] that keeps the range allocated (NBD `NO_HOLE`); the log records the same zero range.
     pub fn write_zeroes_allocated(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        let zero = |file: &File| crate::capture::extents::zero_allocated(file, offset, len);
-        self.change(offset, len, fua, "zero", zero, |log| log.append_zero(offset, len))
+        self.change(Change::Zero { offset, len, keep_allocated: true }, fua)
     }
 
-    /// One change of the disk: snapshot blocks saved, the change logged,
-    /// the image changed (see the module header).
-    fn change(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        what: &str,
-        apply: impl FnOnce(&File) -> std::io::Result<()>,
-        log: impl FnOnce(&mut LogWriter) -> Result<()>,
-    ) -> Result<()> {
-        self.check_range(offset, len)?;
-        if len > 0 {
-            let _gate = self.gate.read().expect("disk gate is never poisoned: no panics under it");
-            if self.closed.load(Ordering::Acquire) {
-                return Err(self.closed_error());
-            }
-            let _range = self.ranges.lock(offset, len);
-            // Copy-before-write first: a change whose record is in the log
-            // has its snapshot blocks saved (a resumed copy relies on it).
-            // A failed save changes nothing: the write fails, unlogged.
-            if let Some(s) = self.lock().snapshot.clone() {
-                s.preserve(&self.file, offset, len)?;
-            }
-            {
-                let mut inner = self.lock();
-                let logged = inner.log.as_mut().map(log);
-                self.after_append(&mut inner, logged);
-            }
-            let applied = crate::failpoint::check("disk.write", &self.path)
-                .and_then(|()| apply(&self.file))
-                .map_err(|e| Error::io(format!("{what} {len} bytes at {offset} of {}", self.path.display()), e));
-            if let Err(err) = applied {
-                // The log has the change, the disk may have part of it.
-                let reason = format!("a {what} to disk {} failed: {err}", self.name);
-                self.untrust(&mut self.lock(), reason);
-                return Err(err);
-            }
-        } else if self.closed.load(Ordering::Acquire) {
-            return Err(self.closed_error());
-        }
+    /// One change, then a flush if `fua`.
+    fn change(&self, change: Change<'_>, fua: bool) -> Result<()> {
+        let applied = self.apply_all(&[change]).pop().expect("one result per change");
+        applied?;
         if fua {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Applies changes in order (see the module header), each with its own
+    /// result. Changes out of range fail alone; zero-length ones succeed
+    /// and log nothing. The rest go in groups of disjoint ranges, each group
+    /// with one log append.
+    fn apply_all(&self, changes: &[Change<'_>]) -> Vec<Result<()>> {
+        let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(changes.len());
+        let mut live = Vec::with_capacity(changes.len());
+        for (i, c) in changes.iter().enumerate() {
+            let (offset, len) = c.range();
+            results.push(match self.check_range(offset, len) {
+                Err(e) => Some(Err(e)),
+                Ok(()) if len == 0 && self.closed.load(Ordering::Acquire) => Some(Err(self.closed_error())),
+                Ok(()) if len == 0 => Some(Ok(())),
+                Ok(()) => {
+                    live.push(i);
+                    None
+                }
+            });
+        }
+        let mut group: Vec<usize> = Vec::new();
+        for i in live {
+            let overlaps_group = group.iter().any(|&g| ranges::overlaps(changes[g].span(), changes[i].span()));
+            if overlaps_group || group.len() == changelog::MAX_BATCH {
+                self.apply_group(changes, &group, &mut results);
+                group.clear();
+            }
+            group.push(i);
+        }
+        if !group.is_empty() {
+            self.apply_group(changes, &group, &mut results);
+        }
+        results.into_iter().map(|r| r.expect("every change has a result")).collect()
+    }
+
+    /// Changes `group` (disjoint, in range, non-empty): snapshot blocks
+    /// saved, one log append for all, then each disk write.
+    fn apply_group(&self, changes: &[Change<'_>], group: &[usize], results: &mut [Option<Result<()>>]) {
+        let _gate = self.gate.read().expect("disk gate is never poisoned: no panics under it");
+        if self.closed.load(Ordering::Acquire) {
+            for &i in group {
+                results[i] = Some(Err(self.closed_error()));
+            }
+            return;
+        }
+        let spans: Vec<(u64, u64)> = group.iter().map(|&i| changes[i].range()).collect();
+        let _ranges = self.ranges.lock_all(&spans);
+        // Copy-before-write first: a change whose record is in the log
+        // has its snapshot blocks saved (a resumed copy relies on it).
+        // A failed save changes nothing: that change fails, unlogged.
+        let mut saved = Vec::with_capacity(group.len());
+        match self.lock().snapshot.clone() {
+            None => saved.extend_from_slice(group),
+            Some(s) => {
+                for &i in group {
+                    let (offset, len) = changes[i].range();
+                    match s.preserve(&self.file, offset, len) {
+                        Ok(()) => saved.push(i),
+                        Err(e) => results[i] = Some(Err(e)),
+                    }
+                }
+            }
+        }
+        {
+            let records: Vec<Record<'_>> = saved.iter().map(|&i| changes[i].record()).collect();
+            let mut inner = self.lock();
+            let logged = inner.log.as_mut().map(|log| log.append_all(&records));
+            self.after_append(&mut inner, logged);
+        }
+        for i in saved {
+            let c = &changes[i];
+            let (offset, len) = c.range();
+            let what = c.what();
+            let applied = crate::failpoint::check("disk.write", &self.path)
+                .and_then(|()| c.apply(&self.file))
+                .map_err(|e| Error::io(format!("{what} {len} bytes at {offset} of {}", self.path.display()), e));
+            if let Err(err) = &applied {
+                // The log has the change, the disk may have part of it.
+                let reason = format!("a {what} to disk {} failed: {err}", self.name);
+                self.untrust(&mut self.lock(), reason);
+            }
+            results[i] = Some(applied);
+        }
     }
 
     /// The log can no longer describe the disk: stop logging, ask for a resync.
@@ -568,6 +668,9 @@ impl crate::nbd::BlockDevice for Disk {
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         Disk::write_at(self, offset, data, fua)
     }
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<Result<()>> {
+        Disk::write_many(self, writes)
+    }
     fn write_zeroes(&self, offset: u64, len: u64, how: crate::nbd::Zeroing) -> Result<()> {
         if how.fast_only && !crate::capture::extents::zeroing_is_fast(&self.file) {
             let refused = std::io::Error::from(std::io::ErrorKind::Unsupported);
@@ -703,4 +806,64 @@ pub fn rotate_all(
     let old = guards.iter_mut().zip(next).map(|(g, n)| g.log.replace(n).expect("checked above")).collect();
     drop(guards);
     Ok((old, at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(dir: &Path, size: u64) -> Disk {
+        let path = dir.join("d.img");
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let log = new_log(&path, "vm", "d", 1, 0).unwrap();
+        Disk::new("vm", "d", &path, log, 0, tx).unwrap()
+    }
+
+    #[test]
+    fn a_batch_applies_and_logs_in_order_with_one_result_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = disk(dir.path(), 1 << 20);
+        let (a, b, c) = (vec![1u8; 8192], vec![2u8; 4096], vec![3u8; 10]);
+        let writes: Vec<(u64, &[u8])> = vec![(0, &a), (4096, &b), (100_000, &c), (1 << 20, &[9]), (5, &[])];
+        let results = d.write_many(&writes);
+        let ok: Vec<bool> = results.iter().map(|r| r.is_ok()).collect();
+        assert_eq!(ok, [true, true, true, false, true], "only the write past the end fails");
+        let mut image = vec![0u8; 1 << 20];
+        d.file().read_exact_at(&mut image, 0).unwrap();
+        assert!(
+            image[..4096] == [1; 4096] && image[4096..8192] == [2; 4096],
+            "the later of two overlapping writes wins"
+        );
+        assert!(image[100_000..100_010] == [3; 10]);
+        // The log holds the three, in order: replayed onto zeros it gives the image.
+        let log = d.close().unwrap();
+        let path = log.path().to_path_buf();
+        log.seal().unwrap();
+        let scan = changelog::scan(&path).unwrap();
+        let got: Vec<(u64, u64)> = scan.records.iter().map(|r| (r.offset, r.len)).collect();
+        assert_eq!(got, [(0, 8192), (4096, 4096), (100_000, 10)]);
+        let f = File::open(&path).unwrap();
+        let mut replayed = vec![0u8; 1 << 20];
+        for r in &scan.records {
+            let p = changelog::read_payload(&f, r).unwrap();
+            replayed[r.offset as usize..][..p.len()].copy_from_slice(&p);
+        }
+        assert!(replayed == image, "the log replays to the image");
+    }
+
+    #[test]
+    fn a_batch_saves_snapshot_blocks_before_it_changes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = disk(dir.path(), 1 << 20);
+        d.write_at(0, &[7; 8192], false).unwrap();
+        let d = Arc::new(d);
+        let (snaps, _, _) = snapshot_all(std::slice::from_ref(&d)).unwrap();
+        let results = d.write_many(&[(0, &[1; 4096][..]), (4096, &[2; 4096][..])]);
+        assert!(results.iter().all(|r| r.is_ok()));
+        let mut seen = vec![0u8; 8192];
+        snaps[0].read_for_copy(d.file(), 0, &mut seen).unwrap();
+        assert!(seen == [7; 8192], "the snapshot still reads the bytes of its instant");
+        assert!(d.close().is_some());
+    }
 }

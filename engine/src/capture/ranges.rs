@@ -20,13 +20,14 @@ pub struct RangeLocks {
     released: Condvar,
 }
 
-/// A held range; dropping it releases the range.
+/// Held ranges; dropping the guard releases them.
 pub struct RangeGuard<'a> {
     locks: &'a RangeLocks,
-    range: (u64, u64),
+    ranges: Vec<(u64, u64)>,
 }
 
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+/// Whether two half-open ranges `[start, end)` share a byte.
+pub fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
 
@@ -37,14 +38,28 @@ impl RangeLocks {
 
     /// Waits until no held range overlaps `[offset, offset + len)`, then holds it.
     /// `len` is at least 1 (zero-length changes take no lock).
+    #[cfg(test)]
     pub fn lock(&self, offset: u64, len: u64) -> RangeGuard<'_> {
-        let range = (offset, offset.saturating_add(len.max(1)));
+        self.lock_all(&[(offset, len)])
+    }
+
+    /// Waits until none of `ranges` (`(offset, len)`, mutually disjoint)
+    /// overlaps a held range, then holds them all at once. Taking a batch
+    /// all or nothing is what keeps two batches that want each other's
+    /// ranges from deadlocking.
+    pub fn lock_all(&self, ranges: &[(u64, u64)]) -> RangeGuard<'_> {
+        let ranges: Vec<(u64, u64)> =
+            ranges.iter().map(|&(offset, len)| (offset, offset.saturating_add(len.max(1)))).collect();
+        debug_assert!(
+            ranges.iter().enumerate().all(|(i, a)| ranges[..i].iter().all(|b| !overlaps(*a, *b))),
+            "a batch's ranges are disjoint"
+        );
         let mut held = self.held.lock().expect("range lock list is never poisoned");
-        while held.iter().any(|&h| overlaps(h, range)) {
+        while held.iter().any(|&h| ranges.iter().any(|&r| overlaps(h, r))) {
             held = self.released.wait(held).expect("range lock list is never poisoned");
         }
-        held.push(range);
-        RangeGuard { locks: self, range }
+        held.extend_from_slice(&ranges);
+        RangeGuard { locks: self, ranges }
     }
 
     /// Ranges held now.
@@ -57,8 +72,10 @@ impl RangeLocks {
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = self.locks.held.lock().expect("range lock list is never poisoned");
-        if let Some(i) = held.iter().position(|&h| h == self.range) {
-            held.swap_remove(i);
+        for range in &self.ranges {
+            if let Some(i) = held.iter().position(|h| h == range) {
+                held.swap_remove(i);
+            }
         }
         drop(held);
         self.locks.released.notify_all();
@@ -110,6 +127,45 @@ mod tests {
         drop(b);
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));
+        assert_eq!(locks.held(), 0);
+    }
+
+    #[test]
+    fn a_batch_is_taken_whole_and_never_deadlocks_with_a_crossing_batch() {
+        // Two batches that each want a range the other holds would deadlock
+        // if taken one range at a time.
+        let locks = Arc::new(RangeLocks::new());
+        let threads: Vec<_> = (0..4u64)
+            .map(|i| {
+                let locks = locks.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        let batch = if i % 2 == 0 { [(0, 10), (100, 10)] } else { [(100, 10), (0, 10)] };
+                        let g = locks.lock_all(&batch);
+                        assert_eq!(g.ranges.len(), 2);
+                        std::thread::yield_now();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(locks.held(), 0);
+        let a = locks.lock(5, 1);
+        let entered = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (locks, entered) = (locks.clone(), entered.clone());
+            std::thread::spawn(move || {
+                let _g = locks.lock_all(&[(200, 1), (0, 10)]);
+                entered.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!entered.load(Ordering::SeqCst), "one overlapping range holds the whole batch back");
+        assert_eq!(locks.held(), 1, "nothing of the waiting batch is held");
+        drop(a);
+        t.join().unwrap();
         assert_eq!(locks.held(), 0);
     }
 

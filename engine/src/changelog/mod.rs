@@ -119,4 +119,4 @@ pub use format::{
     MAX_ID_LEN, RECORD_HEADER_SIZE, RECORD_MAGIC,
 };
 pub use reader::{read_payload, read_payload_into, recover, scan, LogScan, Tail};
-pub use writer::{seal_found, LogWriter, SealedLog};
+pub use writer::{seal_found, LogWriter, Record, SealedLog, MAX_BATCH};

@@ -1,7 +1,8 @@
 //! Appending records to the active log of a disk.
 //!
 //! Every append is one positioned vectored write (`pwritev` of the record
-//! header and its payload) at the end of the log, so when an append returns
+//! headers and payloads of one change, or of a batch of changes that
+//! arrived together) at the end of the log, so when an append returns
 //! its record is in the kernel: a crash of the daemon (kill -9, panic, OOM
 //! kill) with the host still up loses nothing that was appended, and the
 //! file is always whole records followed by at most one partial record (the
@@ -19,11 +20,35 @@ use std::sync::Arc;
 
 use super::format::{
     encode_record_header, record_crc_seed, CloseBlock, LogHeader, RecordKind, CLOSE_BLOCK_OFFSET, HEADER_SIZE,
+    RECORD_HEADER_SIZE,
 };
 use crate::{Error, ErrorClass, Result};
 
 /// What [`LogWriter::mark_untrusted`] writes over the magic.
 pub const UNTRUSTED_MAGIC: &[u8; 8] = b"FERRYBAD";
+
+/// Most records in one [`LogWriter::append_all`]: two iovecs each stay
+/// far below the kernel's `IOV_MAX` (1024).
+pub const MAX_BATCH: usize = 256;
+
+/// One change to log: a write and its bytes, or a zeroed range.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub kind: RecordKind,
+    pub offset: u64,
+    pub len: u64,
+    /// The written bytes (`len` of them) for a write; empty for a zero range.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    pub fn write(offset: u64, data: &'a [u8]) -> Self {
+        Record { kind: RecordKind::Write, offset, len: data.len() as u64, payload: data }
+    }
+    pub fn zero(offset: u64, len: u64) -> Self {
+        Record { kind: RecordKind::Zero, offset, len, payload: &[] }
+    }
+}
 
 /// The writer of one open log. Not thread safe by itself: the caller holds it
 /// under a lock and may fdatasync a [`LogWriter::sync_handle`] outside that
@@ -99,17 +124,47 @@ impl LogWriter {
     /// Logs a write of `data` at disk byte `offset`. In the kernel when this
     /// returns; durable after [`sync`](Self::sync) or [`seal`](Self::seal).
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_usable()?;
-        check_range(offset, data.len() as u64)?;
-        self.append(RecordKind::Write, offset, data.len() as u64, data)
+        self.append_all(&[Record::write(offset, data)])
     }
 
     /// Logs that `len` bytes at disk byte `offset` became zeros
     /// (WRITE_ZEROES or TRIM). Like [`append_write`](Self::append_write).
     pub fn append_zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.append_all(&[Record::zero(offset, len)])
+    }
+
+    /// Logs several changes, in order, with one `pwritev` (for a batch of
+    /// requests that arrived together). All are in the kernel when this
+    /// returns, or none is counted: an argument error changes nothing, an
+    /// I/O error poisons the log as a single append's would. At most
+    /// [`MAX_BATCH`] records.
+    pub fn append_all(&mut self, records: &[Record<'_>]) -> Result<()> {
         self.check_usable()?;
-        check_range(offset, len)?;
-        self.append(RecordKind::Zero, offset, len, &[])
+        if records.len() > MAX_BATCH {
+            return Err(Error::invalid("records", format!("{} in one append, at most {MAX_BATCH}", records.len())));
+        }
+        for r in records {
+            check_range(r.offset, r.len)?;
+        }
+        let headers: Vec<[u8; RECORD_HEADER_SIZE as usize]> = records
+            .iter()
+            .zip(self.last_seq + 1..)
+            .map(|(r, seq)| encode_record_header(self.crc_seed, r.kind, seq, r.offset, r.len, r.payload))
+            .collect();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * records.len());
+        for (h, r) in headers.iter().zip(records) {
+            parts.push(h);
+            if !r.payload.is_empty() {
+                parts.push(r.payload);
+            }
+        }
+        let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let w = write_all_vectored_at(&self.file, &parts, self.end).map_err(|e| self.io_err("appending records", e));
+        self.poison_on_err(w)?;
+        self.end += bytes;
+        self.last_seq += records.len() as u64;
+        self.records += records.len() as u64;
+        Ok(())
     }
 
     /// fdatasync: every record appended so far is durable. This is the
@@ -184,18 +239,6 @@ impl LogWriter {
         if let Err(e) = marked {
             tracing::warn!(log = %self.path.display(), error = %e, "could not mark a failed change log untrusted");
         }
-    }
-
-    fn append(&mut self, kind: RecordKind, offset: u64, len: u64, payload: &[u8]) -> Result<()> {
-        let seq = self.last_seq + 1;
-        let hdr = encode_record_header(self.crc_seed, kind, seq, offset, len, payload);
-        let r = write_all_vectored_at(&self.file, &[&hdr, payload], self.end)
-            .map_err(|e| self.io_err("appending a record", e));
-        self.poison_on_err(r)?;
-        self.end += (hdr.len() + payload.len()) as u64;
-        self.last_seq = seq;
-        self.records += 1;
-        Ok(())
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -321,7 +364,7 @@ pub(crate) fn sync_parent_dir(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changelog::{scan, RECORD_HEADER_SIZE};
+    use crate::changelog::{read_payload, scan};
     use crate::error::ErrorKind;
 
     fn header() -> LogHeader {
@@ -370,6 +413,50 @@ mod tests {
         assert!(s.clean);
         assert_eq!(s.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert_eq!(s.file_len, sealed.end_offset);
+    }
+
+    #[test]
+    fn a_batch_is_one_append_of_records_in_order_that_read_back_like_single_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.hrl");
+        let mut w = LogWriter::create(&path, &header()).unwrap();
+        w.append_write(0, b"first").unwrap();
+        let (a, b) = (vec![1u8; 4096], vec![2u8; 512]);
+        let batch = [Record::write(8192, &a), Record::zero(0, 1 << 20), Record::write(8192, &b)];
+        w.append_all(&batch).unwrap();
+        assert_eq!(w.records(), 4);
+        assert_eq!(w.len(), HEADER_SIZE + 4 * RECORD_HEADER_SIZE + 5 + 4096 + 512);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), w.len(), "in the kernel on return");
+        w.append_all(&[]).unwrap();
+        assert_eq!(w.records(), 4, "an empty batch logs nothing");
+        w.seal().unwrap();
+        let s = scan(&path).unwrap();
+        let got: Vec<_> = s.records.iter().map(|r| (r.seq, r.kind, r.offset, r.len)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, RecordKind::Write, 0, 5),
+                (2, RecordKind::Write, 8192, 4096),
+                (3, RecordKind::Zero, 0, 1 << 20),
+                (4, RecordKind::Write, 8192, 512)
+            ]
+        );
+        let f = File::open(&path).unwrap();
+        assert_eq!(read_payload(&f, &s.records[1]).unwrap(), a);
+        assert_eq!(read_payload(&f, &s.records[3]).unwrap(), b);
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_record_or_too_many_logs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::create(&dir.path().join("l.hrl"), &header()).unwrap();
+        let bad = [Record::write(0, b"ok"), Record::zero(u64::MAX, 2)];
+        assert_eq!(w.append_all(&bad).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        let many = vec![Record::write(0, b"x"); MAX_BATCH + 1];
+        assert_eq!(w.append_all(&many).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!((w.records(), w.len(), w.is_poisoned()), (0, HEADER_SIZE, false));
+        w.append_all(&many[..MAX_BATCH]).unwrap();
+        assert_eq!(w.seal().unwrap().records, MAX_BATCH as u64);
     }
 
     #[test]

@@ -71,7 +71,12 @@
 //!
 //! Per connection a reader parses requests and dispatches each: small
 //! non-FUA writes run on the connection's task, the rest as a job on the
-//! blocking pool (the [`BlockDevice`] calls block on file I/O); jobs send
+//! blocking pool (the [`BlockDevice`] calls block on file I/O). Plain
+//! WRITEs that sit whole in the read buffer (a client's pipelined queue)
+//! go to the device as one batch ([`BlockDevice::write_many`]: one log
+//! append for all), straight from the buffer; the batch stops at the
+//! first request of another kind, so the device still sees requests in
+//! the order they arrived. Jobs send
 //! their reply through a channel to the writer, which writes replies in
 //! completion order (the chunks of one reply together), each carrying the
 //! client's handle, and batches them into one flush when several are ready.
@@ -157,6 +162,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::Result<()>;
     /// `fua`: the write must be durable (log and disk) before returning.
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> crate::Result<()>;
+    /// Writes that arrived together, without FUA, each with its own result
+    /// in order; a device may share work between them (one log append).
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<crate::Result<()>> {
+        writes.iter().map(|&(offset, data)| self.write_at(offset, data, false)).collect()
+    }
     /// Makes `[offset, offset + len)` read as zeroes, as `how` asks.
     fn write_zeroes(&self, offset: u64, len: u64, how: Zeroing) -> crate::Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> crate::Result<()>;
@@ -255,6 +265,8 @@ pub struct MemDevice {
     flushes: AtomicU64,
     /// How many writes (of any kind) carried FUA.
     fua_writes: AtomicU64,
+    /// The most writes one `write_many` call carried.
+    largest_batch: AtomicU64,
 }
 
 impl MemDevice {
@@ -266,7 +278,12 @@ impl MemDevice {
 
     /// A disk holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        MemDevice { data: RwLock::new(bytes), flushes: AtomicU64::new(0), fua_writes: AtomicU64::new(0) }
+        MemDevice {
+            data: RwLock::new(bytes),
+            flushes: AtomicU64::new(0),
+            fua_writes: AtomicU64::new(0),
+            largest_batch: AtomicU64::new(0),
+        }
     }
 
     /// A copy of the whole disk.
@@ -280,6 +297,11 @@ impl MemDevice {
 
     pub fn fua_write_count(&self) -> u64 {
         self.fua_writes.load(Ordering::SeqCst)
+    }
+
+    /// The most writes a single [`BlockDevice::write_many`] call carried.
+    pub fn largest_batch(&self) -> u64 {
+        self.largest_batch.load(Ordering::SeqCst)
     }
 
     /// The byte range `[offset, offset + len)` as indices, if it is inside the disk.
@@ -324,6 +346,11 @@ impl BlockDevice for MemDevice {
         data[r].copy_from_slice(bytes);
         self.count_fua(fua);
         Ok(())
+    }
+
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<Result<()>> {
+        self.largest_batch.fetch_max(writes.len() as u64, Ordering::SeqCst);
+        writes.iter().map(|&(offset, data)| self.write_at(offset, data, false)).collect()
     }
 
     /// Memory has no allocation to keep and zeroes at memory speed, so

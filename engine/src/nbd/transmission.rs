@@ -164,6 +164,9 @@ where
             Wake::Failed(e) => return ReaderEnd::Failed(Error::io("nbd: read", e)),
         }
         seen_request = true;
+        if !shutting && buffered_writes(&mut rd, conn, &tx) > 0 {
+            continue;
+        }
         match read_request(&mut rd, conn).await {
             Ok(Some(Next::Disconnect)) => {
                 debug!("nbd: DISC, finishing in-flight requests");
@@ -181,6 +184,59 @@ where
         }
     }
 }
+
+/// Serves the plain WRITEs (no flags, at most [`INLINE_WRITE_MAX`]) that
+/// sit whole in the read buffer, in the order they came, as one batch:
+/// straight from the buffer (no copy), with one log append
+/// ([`BlockDevice::write_many`]), on this task. Returns how many it
+/// served (and consumed); 0 leaves the buffer as it was, for
+/// [`read_request`]. Anything else stops the batch there, so requests are
+/// still handed to the device in the order they arrived; so does a full
+/// request bound (each reply holds a permit, as elsewhere).
+fn buffered_writes<R>(rd: &mut BufReader<R>, conn: &Conn, tx: &mpsc::UnboundedSender<Reply>) -> usize
+where
+    R: AsyncRead + Unpin,
+{
+    let buf = rd.buffer();
+    let mut at = 0;
+    let mut batch: Vec<(u64, u64, std::ops::Range<usize>, tokio::sync::OwnedSemaphorePermit)> = Vec::new();
+    while batch.len() < MAX_BATCH {
+        let Some(header) = buf.get(at..at + proto::REQUEST_LEN) else { break };
+        let Some(req) = Request::parse(header.try_into().expect("REQUEST_LEN bytes")) else { break };
+        let plain = req.command == proto::CMD_WRITE && req.flags == 0 && req.len > 0;
+        if !plain || req.len as usize > INLINE_WRITE_MAX {
+            break;
+        }
+        let payload = at + proto::REQUEST_LEN..at + proto::REQUEST_LEN + req.len as usize;
+        if payload.end > buf.len() || !matches!(validate(&req, conn), Ok(Some(Job::Write { .. }))) {
+            break; // not all here yet, or to be rejected by read_request
+        }
+        let Ok(permit) = conn.requests.clone().try_acquire_owned() else { break };
+        at = payload.end;
+        batch.push((req.handle, req.offset, payload, permit));
+    }
+    if batch.is_empty() {
+        return 0;
+    }
+    let writes: Vec<(u64, &[u8])> = batch.iter().map(|(_, offset, r, _)| (*offset, &buf[r.clone()])).collect();
+    let results = std::panic::catch_unwind(AssertUnwindSafe(|| conn.device.write_many(&writes)))
+        .ok()
+        .filter(|r| r.len() == writes.len())
+        .unwrap_or_else(|| {
+            warn!("nbd: block device panicked on a batch of writes, replying EIO");
+            writes.iter().map(|_| Err(Error::Internal("the block device failed".into()))).collect()
+        });
+    let served = batch.len();
+    for ((handle, _, _, permit), result) in batch.into_iter().zip(results) {
+        let permits = Permits { _request: permit, _bytes: None, _server_bytes: None };
+        let _ = tx.send(Reply { handle, body: answer(handle, "write", result, false), _permits: permits });
+    }
+    rd.consume(at);
+    served
+}
+
+/// Most WRITEs served as one batch by [`buffered_writes`].
+const MAX_BATCH: usize = 64;
 
 /// What the reader does with one request.
 enum Next {
@@ -448,6 +504,11 @@ fn run(device: &dyn BlockDevice, handle: u64, job: Job) -> Body {
             }
         }
     };
+    answer(handle, what, result, fast_zero)
+}
+
+/// The reply to a device call that returns nothing but success or an error.
+fn answer(handle: u64, what: &str, result: Result<()>, fast_zero: bool) -> Body {
     match result {
         Ok(()) => Body::ok(),
         Err(e) if fast_zero && is_unsupported(&e) => {

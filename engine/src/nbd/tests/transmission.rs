@@ -72,6 +72,53 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
 }
 
 #[tokio::test]
+async fn pipelined_plain_writes_are_served_as_one_batch_in_arrival_order() {
+    let dev = mem();
+    let h = Harness::new(dev.clone());
+    let (mut c, task) = h.connect();
+    c.go(EXPORT).await;
+    // 16 writes, then a READ of them, then two overlapping writes elsewhere,
+    // all sent before any reply is read: the writes before the READ reach
+    // the device before it (it sees them), the overlapping ones in order.
+    // (A READ and a later WRITE in flight at once have no order in NBD.)
+    for i in 0..16u64 {
+        c.write(i, i * 4096, &[i as u8 + 1; 4096], 0).await;
+    }
+    c.request(proto::CMD_READ, 0, 100, 0, 16 * 4096).await;
+    let later = 16 * 4096;
+    c.write(200, later, &[0xaa; 8192], 0).await;
+    c.write(201, later + 4096, &[0xbb; 4096], 0).await; // overlaps the one before: must land after it
+    c.write(202, SIZE, &[1; 512], 0).await; // past the end: rejected, the rest unharmed
+    let mut handles = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        // Simple replies: only the READ's (handle 100) carries data.
+        let mut head = [0u8; proto::SIMPLE_REPLY_LEN];
+        within(c.s.read_exact(&mut head)).await.unwrap();
+        let (error, handle) = (proto::be_u32(&head[4..8]), proto::be_u64(&head[8..16]));
+        let mut data = vec![];
+        if handle == 100 {
+            assert_eq!(error, 0);
+            data = vec![0u8; 16 * 4096];
+            within(c.s.read_exact(&mut data)).await.unwrap();
+            let want: Vec<u8> = (0..16u8).flat_map(|i| [i + 1; 4096]).collect();
+            assert!(data == want, "the READ sees every write sent before it");
+        }
+        handles.insert(handle, (error, data));
+    }
+    let got: Vec<u64> = handles.keys().copied().collect();
+    let mut want: Vec<u64> = (0..16).collect();
+    want.extend([100, 200, 201, 202]);
+    assert_eq!(got, want, "one reply per request");
+    assert!(handles.iter().all(|(h, (e, _))| (*h == 202) == (*e != 0)), "only the write past the end failed");
+    assert!(dev.largest_batch() >= 2, "pipelined writes reached the device together");
+    let data = dev.contents();
+    assert!(data[8192..12288] == [3; 4096]);
+    assert!(data[later as usize..][..4096] == [0xaa; 4096]);
+    assert!(data[later as usize + 4096..][..4096] == [0xbb; 4096], "overlapping writes in arrival order");
+    c.disconnect(task).await;
+}
+
+#[tokio::test]
 async fn bad_request_magic_closes() {
     let h = Harness::new(mem());
     let (mut c, task) = h.connect();
