@@ -10,42 +10,13 @@
 //! writes made through NBD before the kill and after the restart.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry::harness::nbd::NbdClient;
-use ferry::harness::{write_image, Daemon, MIB};
+use ferry::harness::{target_objects, write_image, Daemon, MIB};
 
 const VM: &str = "vm";
 const SIZE: u64 = 1024 * MIB;
-
-/// Every object file under `dir`: path -> (inode, bytes).
-fn objects(dir: &Path) -> BTreeMap<String, (u64, u64)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let m = e.metadata().unwrap();
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if !name.starts_with('.') {
-                out.insert(e.path().strip_prefix(dir).unwrap().to_string_lossy().into_owned(), (m.ino(), m.len()));
-            }
-        }
-    }
-    out
-}
-
-/// The initial copy's job now: (bytes done, bytes total), if running.
-fn copy_progress(d: &Daemon) -> Option<(u64, u64)> {
-    d.jobs_of(VM)
-        .iter()
-        .find(|j| j["kind"] == "InitialReplication" && j["status"] == "Running")
-        .map(|j| (j["bytes_done"].as_u64().unwrap_or(0), j["bytes_total"].as_u64().unwrap_or(0)))
-}
 
 fn write_through_nbd(d: &Daemon, offset: u64, seed: u8) {
     let mut c = NbdClient::open(&d.socket, &format!("{VM}/a"));
@@ -65,25 +36,14 @@ fn a_kill9_half_way_through_the_initial_copy_resumes_it_and_fails_over_byte_iden
 
     // Half-way: kill. A write lands in a part already on the target and one
     // in a part not copied yet, both before the kill.
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let mut wrote = false;
-    loop {
-        let (done, total) = copy_progress(&d).unwrap_or((0, SIZE));
-        if !wrote && done >= total / 4 {
-            write_through_nbd(&d, 10 * MIB, 1);
-            write_through_nbd(&d, 900 * MIB, 2);
-            wrote = true;
-        }
-        if done >= total / 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the copy did not reach half-way: {done} of {total}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    d.wait_job_share(VM, "InitialReplication", 0.5, Duration::from_secs(240), || {
+        write_through_nbd(&d, 10 * MIB, 1);
+        write_through_nbd(&d, 900 * MIB, 2);
+    });
     assert_eq!(d.state(VM), "InitialReplication");
     d.kill9();
     let vm_root = d.target_dir().join("vms").join(VM);
-    let before = objects(&vm_root);
+    let before = target_objects(&vm_root);
     let sent_before: u64 = before.values().map(|(_, len)| len).sum();
 
     d.start_again();
@@ -95,7 +55,7 @@ fn a_kill9_half_way_through_the_initial_copy_resumes_it_and_fails_over_byte_iden
     let generations: Vec<_> = std::fs::read_dir(&vm_root).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(generations.len(), 1, "one generation on the target: {generations:?}");
 
-    let after = objects(&vm_root);
+    let after = target_objects(&vm_root);
     let base: BTreeMap<_, _> = after.iter().filter(|(k, _)| k.contains("/p0000000001/")).collect();
     let base_bytes: u64 = base.values().map(|(_, len)| len).sum();
     let sent_after: u64 = base.iter().filter(|(k, v)| before.get(k.as_str()) != Some(v)).map(|(_, (_, len))| len).sum();

@@ -185,7 +185,7 @@ fn a_rotation_prepared_before_a_resync_is_refused() {
     d.write_at(0, &[1; 4096], false).unwrap();
     let prepared = d.prepare_next_log().unwrap();
     let prepared_path = prepared.path().to_path_buf();
-    let (snaps, _) = disk::begin_resync(std::slice::from_ref(&d)).unwrap();
+    let (snaps, _, _) = disk::begin_resync(std::slice::from_ref(&d)).unwrap();
     let resync_log = d.active_header().unwrap();
     let (e, back) = disk::rotate_all(std::slice::from_ref(&d), vec![prepared]).unwrap_err();
     assert!(e.to_string().contains("changed while its rotation was prepared"), "{e}");

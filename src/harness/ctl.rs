@@ -115,6 +115,35 @@ impl Daemon {
         self.ctl_json(&["jobs", "--vm", vm]).as_array().expect("jobs array").clone()
     }
 
+    /// The running job of `kind` of a VM now: (bytes done, bytes total).
+    pub fn job_progress(&self, vm: &str, kind: &str) -> Option<(u64, u64)> {
+        self.jobs_of(vm)
+            .iter()
+            .find(|j| j["kind"] == kind && j["status"] == "Running")
+            .map(|j| (j["bytes_done"].as_u64().unwrap_or(0), j["bytes_total"].as_u64().unwrap_or(0)))
+    }
+
+    /// Polls the running job of `kind` until it has done `share` of its
+    /// bytes (0..=1), calling `on_the_way` once when it passes half of
+    /// that; panics after `timeout`.
+    pub fn wait_job_share(&self, vm: &str, kind: &str, share: f64, timeout: Duration, mut on_the_way: impl FnMut()) {
+        let deadline = Instant::now() + timeout;
+        let mut called = false;
+        loop {
+            let (done, total) = self.job_progress(vm, kind).unwrap_or((0, u64::MAX));
+            let reached = |s: f64| total != u64::MAX && done as f64 >= total as f64 * s;
+            if !called && reached(share / 2.0) {
+                on_the_way();
+                called = true;
+            }
+            if called && reached(share) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the {kind} job of {vm} did not reach {share}: {done} of {total}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Polls `jobs --vm VM` until a job of `kind` has ended; returns the
     /// latest such job.
     pub fn wait_job_ended(&self, vm: &str, kind: &str, timeout: Duration) -> Value {

@@ -97,3 +97,26 @@ pub fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
         );
     }
 }
+
+/// Every file under `dir` (a local target's objects), by path relative to
+/// it: (inode, bytes). A put writes a new file and renames it over its key,
+/// so an object put again shows a new inode.
+pub fn target_objects(dir: &Path) -> std::collections::BTreeMap<String, (u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let m = e.metadata().unwrap_or_else(|err| panic!("stat {}: {err}", e.path().display()));
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if !name.starts_with('.') {
+                let rel = e.path().strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
+                out.insert(rel, (m.ino(), m.len()));
+            }
+        }
+    }
+    out
+}

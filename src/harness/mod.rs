@@ -33,7 +33,8 @@ pub use binaries::{binaries, Binaries};
 pub use ctl::ResyncDetail;
 pub use daemon::Daemon;
 pub use images::{
-    allocated_bytes, assert_same_bytes, assert_same_files, random_bytes, random_disk, read_file, write_image,
+    allocated_bytes, assert_same_bytes, assert_same_files, random_bytes, random_disk, read_file, target_objects,
+    write_image,
 };
 pub use process::{run, Proc, Ran};
 pub use tools::{qemu_io, read_export, require_tool};

@@ -399,7 +399,9 @@ impl Disk {
         // has its snapshot blocks saved (a resumed copy relies on it).
         // A failed save changes nothing: that change fails, unlogged.
         let mut saved = Vec::with_capacity(group.len());
-        match self.lock().snapshot.clone() {
+        // The snapshot is taken out first: the saves run without the disk lock.
+        let snapshot = self.lock().snapshot.clone();
+        match snapshot {
             None => saved.extend_from_slice(group),
             Some(s) => {
                 for &i in group {
@@ -742,8 +744,9 @@ pub fn snapshot_all(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64, 
 
 /// Starts a resync on every disk at one instant: the old logs are dropped,
 /// a new log chain starts (writes made during the resync go there and are
-/// shipped after it), and a copy-before-write snapshot is taken.
-pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)> {
+/// shipped after it), and a copy-before-write snapshot is taken. Also
+/// returns where each disk's log stood then: the new log, empty.
+pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64, Vec<LogPosition>)> {
     let mut logs = Vec::new();
     let mut snaps = Vec::new();
     for d in disks {
@@ -757,7 +760,9 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
     let mut guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
     let at = now_millis();
     let mut replaced = Vec::new();
+    let mut positions = Vec::new();
     for ((d, g), (log, snap)) in disks.iter().zip(guards.iter_mut()).zip(logs.into_iter().zip(snaps.iter())) {
+        positions.push(Some((log.header().seq, log.records())));
         g.log = Some(log);
         replaced.extend(g.snapshot.replace(snap.clone()));
         g.signalled = false;
@@ -774,7 +779,7 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64)>
             tracing::warn!(error = %e, "could not remove a superseded snapshot's side file");
         }
     }
-    Ok((snaps, at))
+    Ok((snaps, at, positions))
 }
 
 /// Swaps in the prepared logs of all disks at one instant, so a recovery

@@ -192,7 +192,9 @@ where
 /// served (and consumed); 0 leaves the buffer as it was, for
 /// [`read_request`]. Anything else stops the batch there, so requests are
 /// still handed to the device in the order they arrived; so does a full
-/// request bound (each reply holds a permit, as elsewhere).
+/// request bound (each reply holds a request permit, as elsewhere; no
+/// buffer permit is needed: the payloads are the read buffer's own bytes,
+/// consumed before the replies go out).
 fn buffered_writes<R>(rd: &mut BufReader<R>, conn: &Conn, tx: &mpsc::UnboundedSender<Reply>) -> usize
 where
     R: AsyncRead + Unpin,

@@ -1,6 +1,6 @@
-//! The progress journal of an initial copy: which parts of the base are
-//! durably on the target, so a copy interrupted by a crash of ferryd
-//! resumes instead of starting over.
+//! The progress journal of a snapshot copy (an initial copy, or a resync):
+//! which parts of its point are durably on the target, so a copy
+//! interrupted by a crash of ferryd resumes instead of starting over.
 //!
 //! Overview: one file per VM (`<data-dir>/progress/<vm>.copy`, see
 //! [`crate::paths`]), JSON lines. The first line, written when the snapshot
@@ -54,10 +54,25 @@ pub struct DiskAtSnapshot {
     pub log_records: u64,
 }
 
+/// What a snapshot copy makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum CopyPurpose {
+    /// The base point of a protection (initial replication).
+    #[default]
+    Base,
+    /// A resync's point: each block compared with the replica as of point
+    /// `compared_with` and only differing ones put (None: the replica
+    /// could not be compared with, every block is put, as a new base).
+    Resync { compared_with: Option<u64> },
+}
+
 /// The journal's first line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgressHeader {
     pub format: u32,
+    /// Journals written before resyncs kept one are initial copies.
+    #[serde(default)]
+    pub purpose: CopyPurpose,
     pub vm: String,
     pub generation: u64,
     pub snapshot_ms: u64,
@@ -197,6 +212,7 @@ mod tests {
     fn header() -> ProgressHeader {
         ProgressHeader {
             format: PROGRESS_FORMAT,
+            purpose: CopyPurpose::Resync { compared_with: Some(3) },
             vm: "vm".into(),
             generation: 7,
             snapshot_ms: 100,

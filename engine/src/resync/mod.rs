@@ -103,6 +103,7 @@ pub async fn resync_disk(
     snap: Arc<CowSnapshot>,
     target_hashes: Arc<Vec<u64>>,
     seq: u64,
+    resume: crate::replicate::Resume,
 ) -> Result<(Vec<ObjectRef>, ResyncStats, Vec<u64>)> {
     let block = ctx.hash_block;
     let plan: crate::replicate::ChunkPlan = Arc::new(move |offset, buf, source| {
@@ -118,7 +119,7 @@ pub async fn resync_disk(
             })
             .collect()
     });
-    let copy = crate::replicate::copy_snapshot(ctx, disk, snap, seq, plan, Default::default()).await?;
+    let copy = crate::replicate::copy_snapshot(ctx, disk, snap, seq, plan, resume).await?;
     let s = ResyncStats {
         blocks_compared: copy.hashes.len() as u64,
         blocks_sent: copy.objects.iter().map(|o| o.logical_len.div_ceil(block)).sum(),

@@ -200,10 +200,10 @@ impl VmActor {
             Command::RunCycle { epoch, seq, parent, pending } => {
                 self.spawn(ctx, io.run_cycle(epoch, seq, parent, pending))
             }
-            Command::RunResync { epoch, seq, parent } => {
+            Command::RunResync { epoch, seq, parent, resume_at } => {
                 // Resynchronizing must be stored before the resync drops the logs and starts a new chain.
                 let stored = (self.persisted.clone(), self.version);
-                self.spawn(ctx, io.run_resync(epoch, seq, parent, stored))
+                self.spawn(ctx, io.run_resync(epoch, seq, parent, resume_at, stored))
             }
             Command::DiscardLogs { epoch } => {
                 // ResyncRequired must be stored before the logs stop describing the disk.

@@ -187,6 +187,9 @@ pub enum Command {
         epoch: u64,
         seq: u64,
         parent: u64,
+        /// Go on with the resync whose snapshot (taken then) a restart
+        /// installed, instead of starting a new one.
+        resume_at: Option<UnixMillis>,
     },
     /// Stop logging and drop every log and snapshot (a resync will compare whole disks).
     DiscardLogs {
@@ -440,8 +443,10 @@ impl VmCore {
                 if let Some(seq) = seq {
                     self.next_seq = self.next_seq.max(seq);
                 }
-                if self.lifecycle.state == VmState::InitialReplication {
-                    self.copy_base(out);
+                match self.lifecycle.state {
+                    VmState::InitialReplication => self.copy_base(out),
+                    VmState::Resynchronizing => self.resume_resync(snapshot_ms, out),
+                    _ => {}
                 }
             }
             Start::ResyncNeeded { reason } => self.event(Event::ResyncNeeded { reason }, now, out),
@@ -558,7 +563,15 @@ impl VmCore {
         self.pending.iter_mut().for_each(Vec::clear);
         out.push(Command::CancelAutoResync);
         let seq = self.run(Step::Resync, Vec::new());
-        out.push(Command::RunResync { epoch: self.epoch, seq, parent: self.last_point });
+        out.push(Command::RunResync { epoch: self.epoch, seq, parent: self.last_point, resume_at: None });
+    }
+
+    /// Goes on with a resync a restart found (its snapshot and logs kept,
+    /// the logs pending for the cycle after it).
+    fn resume_resync(&mut self, snapshot_ms: UnixMillis, out: &mut Vec<Command>) {
+        out.push(Command::CancelAutoResync);
+        let seq = self.run(Step::Resync, Vec::new());
+        out.push(Command::RunResync { epoch: self.epoch, seq, parent: self.last_point, resume_at: Some(snapshot_ms) });
     }
 
     fn why_not(&self) -> String {

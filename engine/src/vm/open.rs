@@ -64,7 +64,7 @@ pub fn open_vm(rec: &mut VmRecord, data_dir: &Path, now: UnixMillis) -> Result<O
     let found: Vec<(String, LogsFound)> =
         rec.spec.disks.iter().zip(&scanned).map(|(d, s)| (d.name.clone(), s.found.clone())).collect();
     let (copy, rebuilt) = match rec.lifecycle.state {
-        VmState::InitialReplication => match scan_copy(rec, data_dir, &scanned) {
+        VmState::InitialReplication | VmState::Resynchronizing => match scan_copy(rec, data_dir, &scanned) {
             Ok((found, rebuilt)) => (found, rebuilt),
             Err(why) => (CopyFound::Unusable(why), Vec::new()),
         },
@@ -73,10 +73,11 @@ pub fn open_vm(rec: &mut VmRecord, data_dir: &Path, now: UnixMillis) -> Result<O
     let decision = restart::decide(&rec.lifecycle, rec.last_point_seq, &found, &copy);
     match (&copy, &decision.start) {
         (_, Start::ContinueCopy { .. }) => {
-            tracing::info!(vm = %rec.spec.name, "the initial copy resumes where it stopped")
+            tracing::info!(vm = %rec.spec.name, state = %rec.lifecycle.state, "the copy resumes where it stopped")
         }
         (CopyFound::Unusable(why), _) => {
-            tracing::warn!(vm = %rec.spec.name, reason = %why, "the initial copy cannot resume: protection starts over")
+            tracing::warn!(vm = %rec.spec.name, state = %rec.lifecycle.state, reason = %why,
+                "the copy cannot resume: it starts over")
         }
         _ => {}
     }
@@ -144,7 +145,8 @@ fn scan_copy(
         let blocks = snapshot::rebuild_blocks(size, h.chunk_size, &done, &touched).map_err(|e| e.to_string())?;
         rebuilt.push(Rebuilt { side: at.side.clone(), blocks });
     }
-    Ok((CopyFound::Resumable { seq, snapshot_ms: h.snapshot_ms }, rebuilt))
+    let resync = matches!(h.purpose, progress::CopyPurpose::Resync { .. });
+    Ok((CopyFound::Resumable { seq, snapshot_ms: h.snapshot_ms, resync }, rebuilt))
 }
 
 fn apply_to_record(rec: &mut VmRecord, decision: &Restart, now: UnixMillis) {

@@ -34,8 +34,12 @@
 //! - A base committed whose state change was not recorded
 //!   (FinalizingProtection with a point) counts as Protected.
 //! - A VM waiting for a resync drops its logs again (they are not needed).
-//! - A VM stopped mid-resync runs the resync again (its point was never
-//!   committed; it starts a new chain and snapshot).
+//! - A VM stopped mid-resync goes on with it by the same rule as an
+//!   initial copy: its snapshot is rebuilt from the side file, the logs of
+//!   the chain it started (writes during the resync) are kept for the cycle
+//!   after it, and only the parts its journal lacks are compared and put.
+//!   If anything it rests on is missing or untrusted, the resync runs again
+//!   (its point was never committed; it starts a new chain and snapshot).
 //! - Otherwise the logs found are trusted only if every disk's pass the
 //!   chain's trust check (sealed, or left open by a daemon that died on
 //!   this boot, see `changelog::check_logs`): they wait for the next cycle
@@ -64,7 +68,8 @@ pub enum CopyFound {
     NotLooked,
     /// Journal, side files and snapshot-time log positions found and
     /// consistent; the copy put its parts under `seq` (None: no part yet).
-    Resumable { seq: Option<u64>, snapshot_ms: u64 },
+    /// `resync`: the copy is a resync's (else an initial copy's).
+    Resumable { seq: Option<u64>, snapshot_ms: u64, resync: bool },
     /// Why the copy cannot resume (protection starts over).
     Unusable(String),
 }
@@ -100,8 +105,9 @@ fn trusted(found: &[(String, LogsFound)]) -> std::result::Result<Vec<Vec<Pending
 
 pub fn decide(lifecycle: &Lifecycle, last_point: u64, found: &[(String, LogsFound)], copy: &CopyFound) -> Restart {
     use VmState as S;
-    if lifecycle.state == S::InitialReplication {
-        if let (CopyFound::Resumable { seq, snapshot_ms }, Ok(pending)) = (copy, trusted(found)) {
+    if let (CopyFound::Resumable { seq, snapshot_ms, resync }, Ok(pending)) = (copy, trusted(found)) {
+        let copying = if *resync { S::Resynchronizing } else { S::InitialReplication };
+        if lifecycle.state == copying {
             let start = Start::ContinueCopy { pending, seq: *seq, snapshot_ms: *snapshot_ms };
             return Restart { start_over: false, base_committed: false, start };
         }
@@ -202,13 +208,15 @@ mod tests {
     }
 
     #[test]
-    fn an_initial_copy_resumes_only_when_everything_it_rests_on_is_trusted() {
+    fn a_copy_or_resync_resumes_only_when_everything_it_rests_on_is_trusted() {
         let ok = vec![("a".to_string(), trusted(1)), ("b".to_string(), trusted(0))];
         let unclean = vec![("a".to_string(), trusted(1)), ("b".to_string(), LogsFound::Untrusted("b unclean".into()))];
         let missing = vec![("a".to_string(), LogsFound::Missing)];
-        let resumable = CopyFound::Resumable { seq: Some(3), snapshot_ms: 77 };
+        let resumable = CopyFound::Resumable { seq: Some(3), snapshot_ms: 77, resync: false };
+        let resync = CopyFound::Resumable { seq: Some(3), snapshot_ms: 77, resync: true };
         let unusable = CopyFound::Unusable("no side file".into());
         let protect = Restart { start_over: true, base_committed: false, start: Start::Protect };
+        let plain = |start| Restart { start_over: false, base_committed: false, start };
         let pending = |found: &[(String, LogsFound)]| trusted_logs(found);
         let cont = |found: &[(String, LogsFound)], seq| Restart {
             start_over: false,
@@ -218,7 +226,12 @@ mod tests {
         type Row<'a> = (VmState, &'a [(String, LogsFound)], &'a CopyFound, Restart);
         let table: Vec<Row> = vec![
             (S::InitialReplication, &ok, &resumable, cont(&ok, Some(3))),
-            (S::InitialReplication, &ok, &CopyFound::Resumable { seq: None, snapshot_ms: 77 }, cont(&ok, None)),
+            (
+                S::InitialReplication,
+                &ok,
+                &CopyFound::Resumable { seq: None, snapshot_ms: 77, resync: false },
+                cont(&ok, None),
+            ),
             // Logs not trusted (a reboot, a broken chain): the side file may lack saves.
             (S::InitialReplication, &unclean, &resumable, protect.clone()),
             (S::InitialReplication, &missing, &resumable, protect.clone()),
@@ -227,12 +240,18 @@ mod tests {
             // Only a copy in progress resumes.
             (S::EnablingProtection, &ok, &resumable, protect.clone()),
             (S::Unprotected, &ok, &resumable, protect.clone()),
+            // A resync goes on with its own journal, under the same rules.
+            (S::Resynchronizing, &ok, &resync, cont(&ok, Some(3))),
+            (S::Resynchronizing, &unclean, &resync, plain(Start::ResyncAgain)),
+            (S::Resynchronizing, &ok, &unusable, plain(Start::ResyncAgain)),
+            (S::Resynchronizing, &ok, &resumable, plain(Start::ResyncAgain)),
+            (S::InitialReplication, &ok, &resync, protect.clone()),
         ];
         for (state, found, copy, want) in table {
             let lc = Lifecycle { state, ..Default::default() };
             let got = decide(&lc, 0, found, copy);
             assert_eq!(got, want, "{state} {found:?} {copy:?}");
-            assert_eq!(got.keeps_logs(), !got.start_over);
+            assert_eq!(got.keeps_logs(), matches!(got.start, Start::ContinueCopy { .. }));
         }
         let critical = Lifecycle { state: S::Critical, resume_to: Some(S::InitialReplication), ..Default::default() };
         assert_eq!(decide(&critical, 0, &ok, &resumable), protect, "the operator's resume starts over");

@@ -30,7 +30,7 @@ use crate::host::Host;
 use crate::model::{now_millis, JobKind, JobStatus, PointKind, RecoveryPoint, UnixMillis};
 use crate::replica::hashes::{self, BlockHashes, HashUpdates};
 use crate::replica::manifest::{manifest_key, DiskManifest, Manifest, MANIFEST_FORMAT};
-use crate::replicate::progress::{self, DiskAtSnapshot, ProgressHeader, ProgressJournal};
+use crate::replicate::progress::{self, CopyPurpose, DiskAtSnapshot, ProgressHeader, ProgressJournal};
 use crate::replicate::{self, UploadCtx};
 use crate::resync::{self, ResyncStats};
 use crate::runtime::blocking;
@@ -113,35 +113,13 @@ impl VmIo {
     /// part is put; see [`crate::replicate::progress`]).
     pub async fn take_snapshot(self, epoch: u64) -> Input {
         let (disks, fence) = (self.disks.clone(), self.fence.clone());
-        let c = &self.host.config;
-        let (journal, vm, generation) = (c.paths().copy_progress(&self.vm), self.vm.clone(), self.generation);
-        let (chunk_size, hash_block) = (c.chunk_size, c.resync_block_size);
+        let io = self.clone();
         let r = blocking(move || {
             fence.change(epoch, || {
-                progress::remove(&journal)?;
+                progress::remove(&io.host.config.paths().copy_progress(&io.vm))?;
                 disks.iter().try_for_each(|d| release_snapshot(d))?;
                 let (snaps, at, positions) = disk::snapshot_all(&disks)?;
-                let header = ProgressHeader {
-                    format: progress::PROGRESS_FORMAT,
-                    vm,
-                    generation,
-                    snapshot_ms: at,
-                    chunk_size,
-                    hash_block,
-                    disks: disks
-                        .iter()
-                        .zip(&snaps)
-                        .zip(positions)
-                        .map(|((d, s), pos)| DiskAtSnapshot {
-                            name: d.name.clone(),
-                            size: d.size(),
-                            side: s.path().to_path_buf(),
-                            log_seq: pos.map(|p| p.0),
-                            log_records: pos.map_or(0, |p| p.1),
-                        })
-                        .collect(),
-                };
-                ProgressJournal::create(&journal, &header)?;
+                io.start_journal(CopyPurpose::Base, at, &snaps, positions)?;
                 Ok(at)
             })
         })
@@ -149,17 +127,52 @@ impl VmIo {
         Input::SnapshotTaken { epoch, result: r.map_err(|e| failure("snapshot", &e)) }
     }
 
+    /// Writes the first line of a copy's progress journal (fsynced).
+    fn start_journal(
+        &self,
+        purpose: CopyPurpose,
+        at: UnixMillis,
+        snaps: &[Arc<CowSnapshot>],
+        positions: Vec<disk::LogPosition>,
+    ) -> Result<()> {
+        let c = &self.host.config;
+        let header = ProgressHeader {
+            format: progress::PROGRESS_FORMAT,
+            purpose,
+            vm: self.vm.clone(),
+            generation: self.generation,
+            snapshot_ms: at,
+            chunk_size: c.chunk_size,
+            hash_block: c.resync_block_size,
+            disks: self
+                .disks
+                .iter()
+                .zip(snaps)
+                .zip(positions)
+                .map(|((d, s), pos)| DiskAtSnapshot {
+                    name: d.name.clone(),
+                    size: d.size(),
+                    side: s.path().to_path_buf(),
+                    log_seq: pos.map(|p| p.0),
+                    log_records: pos.map_or(0, |p| p.1),
+                })
+                .collect(),
+        };
+        ProgressJournal::create(&c.paths().copy_progress(&self.vm), &header).map(drop)
+    }
+
     /// The copy's progress journal, if it belongs to the disks' current
     /// snapshots: the parts already on the target per disk (under `seq`)
     /// and the journal to go on with. A journal for another snapshot (or
     /// none) gives nothing: every part is copied.
-    fn base_resume(&self, seq: u64) -> Result<Vec<replicate::Resume>> {
+    fn copy_resume(&self, purpose: CopyPurpose, seq: u64) -> Result<Vec<replicate::Resume>> {
         let path = self.host.config.paths().copy_progress(&self.vm);
         let none = || vec![replicate::Resume::default(); self.disks.len()];
         let Some(found) = progress::load(&path)? else { return Ok(none()) };
         let c = &self.host.config;
         let h = &found.header;
-        let matches = h.vm == self.vm
+        let matches = h.purpose == purpose
+            && h.vm == self.vm
             && h.generation == self.generation
             && h.chunk_size == c.chunk_size
             && h.hash_block == c.resync_block_size
@@ -194,7 +207,7 @@ impl VmIo {
                 |job| async move {
                     let uctx = io.upload_ctx(&job);
                     let io2 = io.clone();
-                    let resume = blocking(move || io2.base_resume(seq)).await?;
+                    let resume = blocking(move || io2.copy_resume(CopyPurpose::Base, seq)).await?;
                     let resumed: usize = resume.iter().map(|r| r.done.len()).sum();
                     if resumed > 0 {
                         tracing::info!(vm = %io.vm, parts = resumed, "initial copy resumed: parts already on the target are not copied again");
@@ -325,11 +338,17 @@ impl VmIo {
     /// trusts logs (it would ship it on top of `parent`, leaving out what the
     /// dropped logs held), so the resync waits until the writer stored the
     /// lifecycle version `stored.1` (Resynchronizing) before it starts.
+    ///
+    /// `resume_at`: a restart found this resync's snapshot (taken then) and
+    /// progress journal, and installed the snapshot on the disks: only the
+    /// parts the journal lacks are compared and put. Otherwise the resync
+    /// starts a new log chain and snapshot, and a journal for them.
     pub async fn run_resync(
         self,
         epoch: u64,
         seq: u64,
         parent: u64,
+        resume_at: Option<UnixMillis>,
         mut stored: (tokio::sync::watch::Receiver<u64>, u64),
     ) -> Input {
         let need = stored.1;
@@ -345,9 +364,39 @@ impl VmIo {
                 total,
                 format!("recovery point {seq}"),
                 |job| async move {
-                    let (disks, fence) = (io.disks.clone(), io.fence.clone());
-                    let (snaps, at) = blocking(move || fence.change(epoch, || disk::begin_resync(&disks))).await?;
-                    let r = io.resync_all(&io.upload_ctx(&job), epoch, &snaps, parent, seq, at).await;
+                    // The replica as of `parent` does not change while the
+                    // resync runs: read its hashes before the snapshot.
+                    let against = io.replica_hashes(parent).await?;
+                    let purpose = CopyPurpose::Resync { compared_with: against.is_some().then_some(parent) };
+                    let (snaps, at) = match resume_at {
+                        None => {
+                            let (disks, fence, io2) = (io.disks.clone(), io.fence.clone(), io.clone());
+                            blocking(move || {
+                                fence.change(epoch, || {
+                                    progress::remove(&io2.host.config.paths().copy_progress(&io2.vm))?;
+                                    let (snaps, at, positions) = disk::begin_resync(&disks)?;
+                                    io2.start_journal(purpose, at, &snaps, positions)?;
+                                    Ok((snaps, at))
+                                })
+                            })
+                            .await?
+                        }
+                        Some(at) => {
+                            let snaps = io.disks.iter().map(|d| {
+                                d.snapshot().ok_or_else(|| {
+                                    Error::Cancelled(format!("the resync snapshot of disk {} is gone", d.name))
+                                })
+                            });
+                            (snaps.collect::<Result<Vec<_>>>()?, at)
+                        }
+                    };
+                    let io2 = io.clone();
+                    let resume = blocking(move || io2.copy_resume(purpose, seq)).await?;
+                    let resumed: usize = resume.iter().map(|r| r.done.len()).sum();
+                    if resumed > 0 {
+                        tracing::info!(vm = %io.vm, parts = resumed, "resync resumed: parts already compared are not read again");
+                    }
+                    let r = io.resync_all(&io.upload_ctx(&job), epoch, &snaps, (parent, against), seq, at, resume).await;
                     release_own_snapshots(&io.disks, snaps).await;
                     r
                 },
@@ -366,33 +415,29 @@ impl VmIo {
         Input::ResyncEnded { epoch, result: result.map(|(p, _)| p).map_err(|e| failure("resync", &e)) }
     }
 
-    async fn resync_all(
-        &self,
-        uctx: &UploadCtx,
-        epoch: u64,
-        snaps: &[Arc<CowSnapshot>],
-        last: u64,
-        seq: u64,
-        at: UnixMillis,
-    ) -> Result<(RecoveryPoint, ResyncStats)> {
+    /// The replica's block hashes of every disk as of point `last`, to
+    /// compare with; None when there is nothing to compare with (no point,
+    /// or a chain that lost an object): the resync then sends every block
+    /// as a new base.
+    async fn replica_hashes(&self, last: u64) -> Result<Option<Vec<Vec<u64>>>> {
         let host = &self.host;
         let (vm, generation) = (&self.vm, self.generation);
         let block = host.config.resync_block_size;
-        let scratch = host.config.paths().resync_scratch(vm);
-        let mut stats = ResyncStats::default();
-        // A replica whose chain is broken (a missing object) cannot be compared
-        // with: the resync then sends every block as a new base.
-        let mut full = last == 0;
-        if !full {
-            match resync::replica_intact(&host.target, vm, generation, last).await {
-                Ok(()) => {}
-                Err(e) if e.class() == ErrorClass::NeedsResync => {
-                    tracing::warn!(vm = %vm, error = %e, "replica chain broken: resync sends a full copy");
-                    full = true;
-                }
-                Err(e) => return Err(e),
-            }
+        if last == 0 {
+            return Ok(None);
         }
+        let broken = |e: &Error| {
+            tracing::warn!(vm = %vm, error = %e, "replica chain broken: resync sends a full copy");
+        };
+        match resync::replica_intact(&host.target, vm, generation, last).await {
+            Ok(()) => {}
+            Err(e) if e.class() == ErrorClass::NeedsResync => {
+                broken(&e);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let scratch = host.config.paths().resync_scratch(vm);
         let mut hashes = Vec::new();
         for (d, cache) in self.disks.iter().zip(&self.caches) {
             let kept = cache.lock().expect("hash cache lock").clone().filter(|h| {
@@ -401,43 +446,60 @@ impl VmIo {
                     && h.block == block
                     && h.hashes.len() as u64 == d.size().div_ceil(block)
             });
-            let h = if full {
-                Vec::new()
-            } else if let Some(kept) = kept {
-                kept.hashes // kept as blocks were written: no need to read the replica
-            } else {
-                let p = host.config.restore_parallelism;
-                match resync::target_hashes(&host.target, vm, generation, last, &d.name, d.size(), block, &scratch, p)
-                    .await
-                {
-                    Ok(h) => h,
-                    Err(e) if e.class() == ErrorClass::NeedsResync => {
-                        tracing::warn!(vm = %vm, error = %e, "replica chain broken: resync sends a full copy");
-                        full = true;
-                        Vec::new()
+            if let Some(kept) = kept {
+                hashes.push(kept.hashes); // kept as blocks were written: no need to read the replica
+                continue;
+            }
+            let p = host.config.restore_parallelism;
+            let read = resync::target_hashes(&host.target, vm, generation, last, &d.name, d.size(), block, &scratch, p);
+            match read.await {
+                Ok(h) => hashes.push(h),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    if e.class() == ErrorClass::NeedsResync {
+                        broken(&e);
+                        return Ok(None);
                     }
-                    Err(e) => {
-                        let _ = std::fs::remove_dir_all(&scratch);
-                        return Err(e);
-                    }
+                    return Err(e);
                 }
-            };
-            hashes.push(h);
-        }
-        if full {
-            hashes.iter_mut().for_each(|h| h.clear());
+            }
         }
         let _ = std::fs::remove_dir_all(&scratch);
+        Ok(Some(hashes))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn resync_all(
+        &self,
+        uctx: &UploadCtx,
+        epoch: u64,
+        snaps: &[Arc<CowSnapshot>],
+        (last, against): (u64, Option<Vec<Vec<u64>>>),
+        seq: u64,
+        at: UnixMillis,
+        resume: Vec<replicate::Resume>,
+    ) -> Result<(RecoveryPoint, ResyncStats)> {
+        let (vm, generation) = (&self.vm, self.generation);
+        let block = self.host.config.resync_block_size;
+        let full = against.is_none();
+        let hashes = against.unwrap_or_else(|| vec![Vec::new(); self.disks.len()]);
+        let mut stats = ResyncStats::default();
         let mut disks = Vec::new();
         let mut source_hashes = Vec::new();
-        for ((d, snap), h) in self.disks.iter().zip(snaps).zip(hashes) {
-            let (objects, s, source) = resync::resync_disk(uctx, d.clone(), snap.clone(), Arc::new(h), seq).await?;
+        for (((d, snap), h), resume) in self.disks.iter().zip(snaps).zip(hashes).zip(resume) {
+            let (objects, s, source) =
+                resync::resync_disk(uctx, d.clone(), snap.clone(), Arc::new(h), seq, resume).await?;
             stats.add(&s);
             disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
             source_hashes.push(source);
         }
         let (parent, kind) = if full { (None, PointKind::Base) } else { (Some(last), PointKind::Delta) };
         let point = self.commit_point(epoch, PointDraft { seq, parent, kind, time_ms: at, disks }).await?;
+        // The point is committed: its copy's progress is no longer needed.
+        let journal = self.host.config.paths().copy_progress(vm);
+        if let Err(e) = blocking(move || progress::remove(&journal)).await {
+            tracing::warn!(vm = %vm, error = %e, "could not remove the resync progress");
+        }
         // The replica now equals the snapshot block for block.
         let changes = source_hashes
             .into_iter()

@@ -66,7 +66,7 @@ fn run_cycle(cmds: &[Command]) -> (u64, u64, u64, Vec<Vec<PendingLog>>) {
 fn run_resync(cmds: &[Command]) -> (u64, u64, u64) {
     cmds.iter()
         .find_map(|c| match c {
-            Command::RunResync { epoch, seq, parent } => Some((*epoch, *seq, *parent)),
+            Command::RunResync { epoch, seq, parent, .. } => Some((*epoch, *seq, *parent)),
             _ => None,
         })
         .expect("a resync")
@@ -396,7 +396,7 @@ proptest! {
             now += 1000;
             for cmd in &cmds {
                 let (epoch, seq) = match cmd {
-                    Command::RunCycle { epoch, seq, parent, .. } | Command::RunResync { epoch, seq, parent } => {
+                    Command::RunCycle { epoch, seq, parent, .. } | Command::RunResync { epoch, seq, parent, .. } => {
                         prop_assert!(*parent <= c.last_point());
                         (*epoch, *seq)
                     }
