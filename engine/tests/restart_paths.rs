@@ -338,3 +338,66 @@ async fn unprotecting_a_protected_vm_removes_its_logs_keeps_its_replica_and_allo
     assert!(std::fs::read(old.join("a.img")).unwrap() == at2);
     engine.shutdown().await.unwrap();
 }
+
+/// A crash mid-resync whose journal no longer fits what the restart finds
+/// (it compared with another point than the last one; or the replica lost
+/// an object since, so the resync must now send every block): the resync
+/// runs again from scratch, the VM never goes Critical, and the latest
+/// point equals the disk. (The resumed happy path runs against the real
+/// daemon in tests/resync_resume.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_mid_resync_whose_progress_no_longer_fits_runs_the_resync_again() {
+    type Damage = fn(&Path, &Path);
+    let cases: [(&str, Damage); 2] = [
+        ("journal compared with another point", |progress, _| {
+            let text = std::fs::read_to_string(progress).unwrap();
+            let (first, rest) = text.split_once('\n').unwrap();
+            let mut header: serde_json::Value = serde_json::from_str(first).unwrap();
+            header["purpose"] = serde_json::json!({ "Resync": { "compared_with": 99 } });
+            std::fs::write(progress, format!("{header}\n{rest}")).unwrap();
+        }),
+        ("replica lost an object", |_, root| {
+            let base = stored_keys(root, "").into_iter().find(|k| k.contains("/p0000000001/")).unwrap();
+            std::fs::remove_file(root.join(base)).unwrap();
+        }),
+    ];
+    for (what, damage) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = random_disk(tmp.path(), "a", MIB, 2);
+        let spec = ferry_engine::VmSpec::new("vm", vec![ferry_engine::DiskSpec { name: "a".into(), path: a.clone() }])
+            .with_frequency(Duration::from_secs(3600));
+        {
+            let engine = open_engine(config(tmp.path())).await.unwrap();
+            engine.protect(spec).await.unwrap();
+            engine.wait_protected("vm", Duration::from_secs(60)).await.unwrap();
+            engine.shutdown().await.unwrap();
+        }
+        // Every block changed behind ferry's back: the resync sends them all.
+        std::fs::write(&a, random_bytes(MIB as usize, 9)).unwrap();
+        {
+            let mut cfg = config(tmp.path());
+            cfg.bandwidth = BandwidthPolicy::flat(Some(MIN_LIMIT_BPS));
+            let engine = open_engine(cfg).await.unwrap();
+            engine.resync("vm").await.unwrap();
+            eventually("three parts of the resync on the target", Duration::from_secs(30), || async {
+                engine.jobs().await.unwrap().into_iter().find(|j| {
+                    j.kind == JobKind::Resync && j.status == JobStatus::Running && j.bytes_done >= 3 * 64 * KIB
+                })
+            })
+            .await;
+            engine.write("vm", "a", 100 * KIB, random_bytes(8192, 3)).await.unwrap();
+            drop(engine); // a crash: the journal, side file and open log stay
+        }
+        let progress = tmp.path().join("data").join("progress").join("vm.copy");
+        assert!(progress.exists(), "{what}: the resync kept a journal");
+        damage(&progress, &target_root(tmp.path()));
+        let engine = open_engine(config(tmp.path())).await.unwrap();
+        let info = engine.wait_protected("vm", Duration::from_secs(60)).await.unwrap();
+        assert!(info.transitions.iter().all(|t| t.to != VmState::Critical), "{what}: {info:?}");
+        wait_idle(&engine).await;
+        engine.write("vm", "a", 500 * KIB, random_bytes(8192, 5)).await.unwrap();
+        replicate(&engine, "vm").await;
+        assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+        engine.shutdown().await.unwrap();
+    }
+}

@@ -111,6 +111,17 @@ fn scan_copy(
         return Err("the copy progress names other disks".into());
     }
     let seq = found.seq();
+    if let progress::CopyPurpose::Resync { compared_with } = h.purpose {
+        // A resync whose point was committed (the state change was not
+        // stored), or that compared with a point other than the last: its
+        // parts do not build on the replica as it is. It runs again.
+        if seq.is_some_and(|s| s <= rec.last_point_seq) {
+            return Err("the resync's point was already committed".into());
+        }
+        if compared_with.is_some_and(|p| p != rec.last_point_seq) {
+            return Err(format!("the resync compared with point {compared_with:?}, not the last one"));
+        }
+    }
     let mut rebuilt = Vec::new();
     for (i, ((spec, at), s)) in rec.spec.disks.iter().zip(&h.disks).zip(scanned).enumerate() {
         let disk = &spec.name;

@@ -364,12 +364,36 @@ impl VmIo {
                 total,
                 format!("recovery point {seq}"),
                 |job| async move {
+                    // A resumed resync's snapshot is already installed: every
+                    // way out below releases it.
+                    let installed: Option<Vec<Arc<CowSnapshot>>> = match resume_at {
+                        None => None,
+                        Some(_) => Some(
+                            io.disks
+                                .iter()
+                                .map(|d| {
+                                    d.snapshot().ok_or_else(|| {
+                                        Error::Cancelled(format!("the resync snapshot of disk {} is gone", d.name))
+                                    })
+                                })
+                                .collect::<Result<Vec<_>>>()?,
+                        ),
+                    };
                     // The replica as of `parent` does not change while the
                     // resync runs: read its hashes before the snapshot.
-                    let against = io.replica_hashes(parent).await?;
+                    let against = match io.replica_hashes(parent).await {
+                        Ok(a) => a,
+                        Err(e) => {
+                            if let Some(snaps) = installed {
+                                release_own_snapshots(&io.disks, snaps).await;
+                            }
+                            return Err(e);
+                        }
+                    };
                     let purpose = CopyPurpose::Resync { compared_with: against.is_some().then_some(parent) };
-                    let (snaps, at) = match resume_at {
-                        None => {
+                    let (snaps, at) = match (installed, resume_at) {
+                        (Some(snaps), Some(at)) => (snaps, at),
+                        _ => {
                             let (disks, fence, io2) = (io.disks.clone(), io.fence.clone(), io.clone());
                             blocking(move || {
                                 fence.change(epoch, || {
@@ -381,22 +405,27 @@ impl VmIo {
                             })
                             .await?
                         }
-                        Some(at) => {
-                            let snaps = io.disks.iter().map(|d| {
-                                d.snapshot().ok_or_else(|| {
-                                    Error::Cancelled(format!("the resync snapshot of disk {} is gone", d.name))
-                                })
-                            });
-                            (snaps.collect::<Result<Vec<_>>>()?, at)
-                        }
                     };
-                    let io2 = io.clone();
-                    let resume = blocking(move || io2.copy_resume(purpose, seq)).await?;
-                    let resumed: usize = resume.iter().map(|r| r.done.len()).sum();
-                    if resumed > 0 {
-                        tracing::info!(vm = %io.vm, parts = resumed, "resync resumed: parts already compared are not read again");
+                    let r = async {
+                        let io2 = io.clone();
+                        let resume = blocking(move || io2.copy_resume(purpose, seq)).await?;
+                        if resume_at.is_some() && resume.iter().any(|r| r.journal.is_none()) {
+                            // The rebuilt snapshot marks the journal's parts as
+                            // on the target; compared otherwise now, they would
+                            // be wrong: run the resync afresh (the retry does).
+                            return Err(Error::Corrupt {
+                                what: format!("the resync progress of VM {}", io.vm),
+                                reason: "it no longer fits the replica or the settings; the resync starts again".into(),
+                                class: ErrorClass::Recoverable,
+                            });
+                        }
+                        let resumed: usize = resume.iter().map(|r| r.done.len()).sum();
+                        if resumed > 0 {
+                            tracing::info!(vm = %io.vm, parts = resumed, "resync resumed: parts already compared are not read again");
+                        }
+                        io.resync_all(&io.upload_ctx(&job), epoch, &snaps, (parent, against), seq, at, resume).await
                     }
-                    let r = io.resync_all(&io.upload_ctx(&job), epoch, &snaps, (parent, against), seq, at, resume).await;
+                    .await;
                     release_own_snapshots(&io.disks, snaps).await;
                     r
                 },
