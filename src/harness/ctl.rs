@@ -208,6 +208,18 @@ impl Daemon {
 
     /// Test failover at latest into `out`, compared byte for byte with the
     /// source disk files `(name, path)`.
+    /// Cuts a point with every write so far ([`Self::replicate_now_retry`]),
+    /// then checks that a test failover at latest equals the sources; the
+    /// failover's output folder (under the daemon's folder) is removed after.
+    pub fn catch_up_and_compare(&self, vm: &str, disks: &[(&str, &Path)], timeout: Duration) {
+        self.replicate_now_retry(vm, timeout);
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = self.dir().join(format!("failover-{vm}-{n}"));
+        self.assert_failover_equals_sources(vm, &out, disks);
+        std::fs::remove_dir_all(&out).unwrap_or_else(|e| panic!("removing {}: {e}", out.display()));
+    }
+
     pub fn assert_failover_equals_sources(&self, vm: &str, out: &Path, disks: &[(&str, &Path)]) {
         let job = self.test_failover(vm, "latest", out);
         for (name, path) in disks {

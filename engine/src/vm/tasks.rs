@@ -127,14 +127,15 @@ impl VmIo {
         Input::SnapshotTaken { epoch, result: r.map_err(|e| failure("snapshot", &e)) }
     }
 
-    /// Writes the first line of a copy's progress journal (fsynced).
+    /// Writes the first line of a copy's progress journal (fsynced) and
+    /// returns the journal, to record parts in.
     fn start_journal(
         &self,
         purpose: CopyPurpose,
         at: UnixMillis,
         snaps: &[Arc<CowSnapshot>],
         positions: Vec<disk::LogPosition>,
-    ) -> Result<()> {
+    ) -> Result<Arc<ProgressJournal>> {
         let c = &self.host.config;
         let header = ProgressHeader {
             format: progress::PROGRESS_FORMAT,
@@ -158,7 +159,7 @@ impl VmIo {
                 })
                 .collect(),
         };
-        ProgressJournal::create(&c.paths().copy_progress(&self.vm), &header).map(drop)
+        ProgressJournal::create(&c.paths().copy_progress(&self.vm), &header).map(Arc::new)
     }
 
     /// The copy's progress journal, if it belongs to the disks' current
@@ -366,59 +367,69 @@ impl VmIo {
                 |job| async move {
                     // A resumed resync's snapshot is already installed: every
                     // way out below releases it.
-                    let installed: Option<Vec<Arc<CowSnapshot>>> = match resume_at {
+                    let installed = match resume_at {
                         None => None,
-                        Some(_) => Some(
-                            io.disks
-                                .iter()
-                                .map(|d| {
-                                    d.snapshot().ok_or_else(|| {
-                                        Error::Cancelled(format!("the resync snapshot of disk {} is gone", d.name))
-                                    })
+                        Some(at) => {
+                            let snaps = io.disks.iter().map(|d| {
+                                d.snapshot().ok_or_else(|| {
+                                    Error::Cancelled(format!("the resync snapshot of disk {} is gone", d.name))
                                 })
-                                .collect::<Result<Vec<_>>>()?,
-                        ),
+                            });
+                            Some((snaps.collect::<Result<Vec<_>>>()?, at))
+                        }
                     };
                     // The replica as of `parent` does not change while the
                     // resync runs: read its hashes before the snapshot.
                     let against = match io.replica_hashes(parent).await {
                         Ok(a) => a,
                         Err(e) => {
-                            if let Some(snaps) = installed {
+                            if let Some((snaps, _)) = installed {
                                 release_own_snapshots(&io.disks, snaps).await;
                             }
                             return Err(e);
                         }
                     };
                     let purpose = CopyPurpose::Resync { compared_with: against.is_some().then_some(parent) };
-                    let (snaps, at) = match (installed, resume_at) {
-                        (Some(snaps), Some(at)) => (snaps, at),
-                        _ => {
+                    // A new resync records its parts in the journal it starts;
+                    // a resumed one reads what its journal holds (below).
+                    let (snaps, at, started) = match installed {
+                        Some((snaps, at)) => (snaps, at, None),
+                        None => {
                             let (disks, fence, io2) = (io.disks.clone(), io.fence.clone(), io.clone());
                             blocking(move || {
                                 fence.change(epoch, || {
                                     progress::remove(&io2.host.config.paths().copy_progress(&io2.vm))?;
                                     let (snaps, at, positions) = disk::begin_resync(&disks)?;
-                                    io2.start_journal(purpose, at, &snaps, positions)?;
-                                    Ok((snaps, at))
+                                    let journal = io2.start_journal(purpose, at, &snaps, positions)?;
+                                    Ok((snaps, at, Some(journal)))
                                 })
                             })
                             .await?
                         }
                     };
                     let r = async {
-                        let io2 = io.clone();
-                        let resume = blocking(move || io2.copy_resume(purpose, seq)).await?;
-                        if resume_at.is_some() && resume.iter().any(|r| r.journal.is_none()) {
-                            // The rebuilt snapshot marks the journal's parts as
-                            // on the target; compared otherwise now, they would
-                            // be wrong: run the resync afresh (the retry does).
-                            return Err(Error::Corrupt {
-                                what: format!("the resync progress of VM {}", io.vm),
-                                reason: "it no longer fits the replica or the settings; the resync starts again".into(),
-                                class: ErrorClass::Recoverable,
-                            });
-                        }
+                        let resume = match started {
+                            Some(journal) => (0..io.disks.len())
+                                .map(|i| replicate::Resume { done: Default::default(), journal: Some((journal.clone(), i)) })
+                                .collect(),
+                            None => {
+                                let io2 = io.clone();
+                                let resume = blocking(move || io2.copy_resume(purpose, seq)).await?;
+                                if resume.iter().any(|r| r.journal.is_none()) {
+                                    // The rebuilt snapshot marks the journal's parts
+                                    // as on the target; compared otherwise now, they
+                                    // would be wrong: run the resync afresh (the
+                                    // retry does).
+                                    return Err(Error::Corrupt {
+                                        what: format!("the resync progress of VM {}", io.vm),
+                                        reason: "it no longer fits the replica or the settings; the resync starts again"
+                                            .into(),
+                                        class: ErrorClass::Recoverable,
+                                    });
+                                }
+                                resume
+                            }
+                        };
                         let resumed: usize = resume.iter().map(|r| r.done.len()).sum();
                         if resumed > 0 {
                             tracing::info!(vm = %io.vm, parts = resumed, "resync resumed: parts already compared are not read again");
