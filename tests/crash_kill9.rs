@@ -84,12 +84,20 @@ struct WriterStats {
     error: Option<String>,
 }
 
-/// Writes random batches (1..6 writes of 4 KiB..128 KiB, then FLUSH) to both
-/// disks until `stop` or until the server goes away. A write enters the
-/// model when its reply arrives; while it is in flight its blocks are unknown.
+/// The writer's pace: 4 MiB/s over both disks, a busy guest's churn. Faster,
+/// a slow machine's cycles fall behind and a disk's pending logs reach the
+/// 50% rule (16 MiB of a 32 MiB disk): a resync the kill did not cause.
+const WRITER_BYTES_PER_SEC: f64 = 4.0 * MIB as f64;
+
+/// Writes random batches (1..6 writes of 4 KiB..128 KiB, mostly at most
+/// 32 KiB, then FLUSH) to both disks until `stop` or until the server goes
+/// away, at most [`WRITER_BYTES_PER_SEC`]. A write enters the model when its
+/// reply arrives; while it is in flight its blocks are unknown.
 fn writer(socket: PathBuf, stop: Arc<AtomicBool>, model: Arc<Mutex<Model>>, seed: u64) -> WriterStats {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut stats = WriterStats::default();
+    let started = Instant::now();
+    let mut sent = 0u64;
     let mut conns = Vec::new();
     for disk in DISKS {
         match NbdClient::connect(&socket, &format!("{VM}/{disk}")) {
@@ -106,7 +114,9 @@ fn writer(socket: PathBuf, stop: Arc<AtomicBool>, model: Arc<Mutex<Model>>, seed
         let n = rng.random_range(1..=6);
         for _ in 0..n {
             let first = rng.random_range(0..BLOCKS);
-            let blocks = rng.random_range(1..=32).min(BLOCKS - first);
+            let most = if rng.random_ratio(1, 8) { 32 } else { 8 };
+            let blocks = rng.random_range(1..=most).min(BLOCKS - first);
+            sent += blocks as u64 * BLOCK;
             let off = first as u64 * BLOCK;
             let mut data = vec![0u8; blocks * BLOCK as usize];
             rng.fill_bytes(&mut data);
@@ -128,7 +138,9 @@ fn writer(socket: PathBuf, stop: Arc<AtomicBool>, model: Arc<Mutex<Model>>, seed
             return stats;
         }
         stats.flushes += 1;
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..15)));
+        let due = Duration::from_secs_f64(sent as f64 / WRITER_BYTES_PER_SEC);
+        let pause = due.saturating_sub(started.elapsed()).max(Duration::from_millis(rng.random_range(0..15)));
+        std::thread::sleep(pause);
     }
     stats
 }
