@@ -89,7 +89,7 @@ struct WriterStats {
 /// 50% rule (16 MiB of a 32 MiB disk): a resync the kill did not cause.
 const WRITER_BYTES_PER_SEC: f64 = 4.0 * MIB as f64;
 
-/// Writes random batches (1..6 writes of 4 KiB..128 KiB, mostly at most
+/// Writes random batches (1..6 writes of 4 KiB..256 KiB, mostly at most
 /// 32 KiB, then FLUSH) to both disks until `stop` or until the server goes
 /// away, at most [`WRITER_BYTES_PER_SEC`]. A write enters the model when its
 /// reply arrives; while it is in flight its blocks are unknown.
@@ -114,14 +114,19 @@ fn writer(socket: PathBuf, stop: Arc<AtomicBool>, model: Arc<Mutex<Model>>, seed
         let n = rng.random_range(1..=6);
         for _ in 0..n {
             let first = rng.random_range(0..BLOCKS);
-            let most = if rng.random_ratio(1, 8) { 32 } else { 8 };
-            let blocks = rng.random_range(1..=most).min(BLOCKS - first);
+            // One in eight large (128..256 KiB): logged by range, its bytes
+            // left in the image (`capture::held`).
+            let blocks = match rng.random_ratio(1, 8) {
+                true => rng.random_range(32..=64),
+                false => rng.random_range(1..=8),
+            }
+            .min(BLOCKS - first);
             sent += blocks as u64 * BLOCK;
             let off = first as u64 * BLOCK;
             let mut data = vec![0u8; blocks * BLOCK as usize];
             rng.fill_bytes(&mut data);
             model.lock().unwrap().disks[i].known[first..first + blocks].fill(false);
-            // One request (at most 128 KiB): acknowledged whole or not at all.
+            // One request (at most 256 KiB): acknowledged whole or not at all.
             if let Err(e) = conns[i].write(off, &data) {
                 stats.unacked_writes += 1;
                 stats.error = Some(e.to_string());

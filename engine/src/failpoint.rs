@@ -7,7 +7,8 @@
 //! process only hit their own disks.
 //!
 //! Points: `disk.write` (a disk write or zeroing, before it reaches the
-//! image) and `disk.sync` (a disk fdatasync).
+//! image), `disk.sync` (a disk fdatasync) and `held.save` (a save of a
+//! block a sealed log holds, `capture::held`; scoped by its side file).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

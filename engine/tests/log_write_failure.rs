@@ -5,10 +5,10 @@
 //! How the log write is made to fail: as root, permissions do not stop a
 //! write, and the log is written through a descriptor opened long before.
 //! The file-size limit (RLIMIT_FSIZE) does stop it: a write past the limit
-//! fails with EFBIG. The limit is set just above the disk size, so the
-//! disk write (inside the disk) and the state store (smaller than the disk)
-//! are untouched, while the log record of a whole-disk write (header +
-//! record header + payload) ends past it. The limit is process-wide, so
+//! fails with EFBIG. The limit is set at 4 MiB, under the 50% rule of the
+//! 16 MiB disk, and the test writes 6 MiB in 64 KiB writes (small enough to
+//! carry their bytes in the log) over the disk's first MiB: the disk writes
+//! and the state store stay under the limit, while the log grows past it. The limit is process-wide, so
 //! this test is alone in its binary (nextest runs each test in a process
 //! of its own anyway), and the limit is put back right after the write.
 
@@ -42,15 +42,25 @@ async fn a_failed_change_log_write_is_acknowledged_stops_logging_and_resyncs() {
     let engine = open_engine(config(tmp.path())).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     let [log]: [std::path::PathBuf; 1] = logs(&a).try_into().unwrap();
+    // The limit stops the log at 4 MiB, before the 50% rule (8 MiB) would;
+    // the writes go to the first MiB of the disk, well under it.
+    const LIMIT: u64 = 4 * MIB + 4096;
     let store = std::fs::metadata(tmp.path().join("data/state.redb")).unwrap().len();
-    assert!(store < SIZE / 2, "the state store ({store} bytes) must stay under the limit");
+    assert!(store < LIMIT / 2, "the state store ({store} bytes) must stay under the limit");
 
-    let data = random_bytes(SIZE as usize, 1);
-    let old = set_file_size_limit(SIZE + 4096);
-    let written = engine.write("vm", "a", 0, data).await;
+    // Writes small enough to carry their bytes in the log (a large one
+    // leaves them in the image), so the log outgrows the limit.
+    let chunk = 64 * KIB;
+    assert!(chunk < ferry_engine::disk::IN_IMAGE_MIN);
+    let data = random_bytes(6 * MIB as usize, 1);
+    let old = set_file_size_limit(LIMIT);
+    let mut written = Ok(());
+    for (i, piece) in data.chunks(chunk as usize).enumerate() {
+        written = written.and(engine.write("vm", "a", (i as u64 % 16) * chunk, piece.to_vec()).await);
+    }
     let flushed = engine.flush("vm", "a").await;
     set_file_size_limit(old);
-    written.expect("the disk took the write: it is acknowledged");
+    written.expect("the disk took the writes: they are acknowledged");
     flushed.expect("the disk is synced; the log is no longer used");
 
     let info = wait_state(&engine, "vm", VmState::ResyncRequired).await;

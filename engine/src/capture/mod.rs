@@ -1,10 +1,13 @@
 //! Capture: every write to a protected disk reaches the disk image and its
-//! change log before it is acknowledged ([`disk`]), and the copy-before-write
+//! change log before it is acknowledged ([`disk`]); the copy-before-write
 //! snapshot that gives the initial copy and a resync their point in time
-//! ([`snapshot`]). [`extents`] finds the holes of a disk file (NBD block
-//! status) and zeroes ranges that must stay allocated.
+//! ([`snapshot`]); the same for the bytes a sealed log leaves in the image
+//! until its point is committed ([`held`]). [`extents`] finds the holes of
+//! a disk file (NBD block status) and zeroes ranges that must stay
+//! allocated.
 
 pub mod disk;
 pub mod extents;
+pub mod held;
 pub mod ranges;
 pub mod snapshot;

@@ -63,7 +63,56 @@ pub fn remove_logs(disk_path: &Path) -> Result<()> {
     for (_, p) in list_logs(disk_path)? {
         remove_file_if_present(&p)?;
     }
+    // The bytes held for them (`capture::held`) go with them.
+    for p in held_files(disk_path)? {
+        remove_file_if_present(&p)?;
+    }
     Ok(())
+}
+
+/// The side file that holds the image bytes sealed log `log` names
+/// (`capture::held`): `<log>.held`, which [`list_logs`] never lists.
+pub fn held_path(log: &Path) -> PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(".held");
+    PathBuf::from(p)
+}
+
+/// The held side files beside the disk at `disk_path`, sorted: those of
+/// its logs ([`held_path`] of a name [`list_logs`] would list).
+pub fn held_files(disk_path: &Path) -> Result<Vec<PathBuf>> {
+    let dir = match disk_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing held files in {}", dir.display()), e))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("listing held files in {}", dir.display()), e))?;
+        let name = entry.file_name();
+        let Some(log) = name.to_str().and_then(|n| n.strip_suffix(".held")) else { continue };
+        let log = dir.join(log);
+        let is_log = list_logs_named(disk_path, &log);
+        if is_log {
+            out.push(dir.join(&name));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether `log` is a name [`list_logs`] would list for the disk at `disk_path`.
+fn list_logs_named(disk_path: &Path, log: &Path) -> bool {
+    let (Some(disk), Some(name)) =
+        (disk_path.file_name().and_then(|n| n.to_str()), log.file_name().and_then(|n| n.to_str()))
+    else {
+        return false;
+    };
+    let seq = name.strip_prefix(disk).and_then(|n| n.strip_prefix('.')).and_then(|n| n.strip_suffix(".hrl"));
+    seq.is_some_and(|seq| {
+        seq.bytes().all(|b| b.is_ascii_digit()) && seq.parse::<u64>().is_ok_and(|n| format!("{n:08}") == seq)
+    })
 }
 
 /// Deletes a file; one that is already gone is not an error.
@@ -111,6 +160,8 @@ pub struct TrustedLog {
     /// False for a log a crashed daemon left open: the caller replays it
     /// onto the disk and seals it as found ([`super::seal_found`]).
     pub sealed: bool,
+    /// The ranges of its in-image records, in order (`capture::held`).
+    pub in_image: Vec<(u64, u64)>,
 }
 
 /// Checks a disk's logs (as [`list_logs`] gives them) against the rules of
@@ -174,6 +225,12 @@ pub fn check_logs(disk: &str, logs: &[(u64, PathBuf)], boot_id: u128) -> std::re
             sealed_ms,
             header: scan.header.clone(),
             sealed: scan.clean,
+            in_image: scan
+                .records
+                .iter()
+                .filter(|r| r.kind == super::RecordKind::InImage)
+                .map(|r| (r.offset, r.len))
+                .collect(),
         });
     }
     Ok(out)

@@ -24,6 +24,10 @@ pub enum ExtentSource {
     Log { log_index: usize, pos: u64 },
     /// Zeros.
     Zero,
+    /// The disk's own bytes at the same offset, as they were when log
+    /// number `log_index` was rotated out (an in-image record: read
+    /// through that log's held side file, `capture::held`).
+    Image { log_index: usize },
 }
 
 impl ExtentSource {
@@ -31,7 +35,7 @@ impl ExtentSource {
     fn advanced(self, skip: u64) -> ExtentSource {
         match self {
             ExtentSource::Log { log_index, pos } => ExtentSource::Log { log_index, pos: pos + skip },
-            ExtentSource::Zero => ExtentSource::Zero,
+            ExtentSource::Zero | ExtentSource::Image { .. } => self,
         }
     }
 }
@@ -73,6 +77,7 @@ impl Coalescer {
         let source = match meta.kind {
             RecordKind::Write => ExtentSource::Log { log_index, pos: meta.payload_pos },
             RecordKind::Zero => ExtentSource::Zero,
+            RecordKind::InImage => ExtentSource::Image { log_index },
         };
         self.insert(Extent { offset: meta.offset, len: meta.len, source });
     }
@@ -324,6 +329,8 @@ mod tests {
                         let meta = RecordMeta { seq: 0, kind: RecordKind::Write, offset: e.offset, len: e.len, payload_pos: pos };
                         read_payload_into(&files[log_index], &meta, &mut got[r]).unwrap();
                     }
+                    // Covered with the image by `capture::disk`'s shipment test.
+                    ExtentSource::Image { .. } => unreachable!("these logs have no in-image records"),
                 }
             }
             prop_assert!(got == expected);

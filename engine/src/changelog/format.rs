@@ -258,6 +258,11 @@ pub enum RecordKind {
     Write,
     /// `len` bytes of zeros (WRITE_ZEROES, TRIM); no payload.
     Zero,
+    /// `len` bytes written whose bytes are in the disk image, not in the
+    /// log (a large write: see `capture::held`); no payload. A sealed
+    /// log's in-image ranges are read from the image through its held
+    /// side file, as they were when the log was rotated out.
+    InImage,
 }
 
 impl RecordKind {
@@ -265,6 +270,7 @@ impl RecordKind {
         match self {
             RecordKind::Write => 1,
             RecordKind::Zero => 2,
+            RecordKind::InImage => 3,
         }
     }
 
@@ -272,6 +278,7 @@ impl RecordKind {
         match code {
             1 => Some(RecordKind::Write),
             2 => Some(RecordKind::Zero),
+            3 => Some(RecordKind::InImage),
             _ => None,
         }
     }
@@ -298,11 +305,11 @@ impl RecordMeta {
         RECORD_HEADER_SIZE + self.payload_len()
     }
 
-    /// Bytes of payload stored in the log (0 for a zero record).
+    /// Bytes of payload stored in the log (0 for a zero or in-image record).
     pub fn payload_len(&self) -> u64 {
         match self.kind {
             RecordKind::Write => self.len,
-            RecordKind::Zero => 0,
+            RecordKind::Zero | RecordKind::InImage => 0,
         }
     }
 }

@@ -54,13 +54,16 @@
 //! | offset | size | field |
 //! | ---: | ---: | --- |
 //! | 0 | 4 | magic `0x524c5248` (`b"HRLR"`) |
-//! | 4 | 1 | kind: 1 write (payload follows), 2 zero range (no payload) |
+//! | 4 | 1 | kind: 1 write (payload follows), 2 zero range (no payload), 3 write whose bytes are in the disk image (no payload, see `capture::held`) |
 //! | 5 | 3 | reserved, 0 |
 //! | 8 | 8 | seq: 1 for the first record, then +1 per record |
 //! | 16 | 8 | offset: disk byte offset |
 //! | 24 | 8 | len: byte length of the range, > 0 |
 //! | 32 | 4 | reserved, 0 |
 //! | 36 | 4 | crc32c, seeded with crc32c(log_id as 8 LE bytes), over bytes 0..36 then the payload |
+//!
+//! Kind 3 came after the first version-2 logs; a reader that does not know
+//! it stops there (a damaged log: resync), so the version stays 2.
 //!
 //! Seeding the record crc with the log id means a record only verifies in the
 //! log that wrote it: stale bytes from another log cannot pass for a record.
@@ -112,7 +115,10 @@ mod format;
 mod reader;
 mod writer;
 
-pub use chain::{check_chain, check_logs, list_logs, log_path, remove_file_if_present, remove_logs, TrustedLog};
+pub use chain::{
+    check_chain, check_logs, held_files, held_path, list_logs, log_path, remove_file_if_present, remove_logs,
+    TrustedLog,
+};
 pub use coalesce::{Coalescer, Extent, ExtentSource};
 pub use format::{
     boot_id, LogHeader, RecordKind, RecordMeta, CLEAN_MARKER, CLOSE_BLOCK_OFFSET, FORMAT_VERSION, HEADER_SIZE, MAGIC,

@@ -144,7 +144,7 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
             break;
         }
         let payload_pos = pos + RECORD_HEADER_SIZE;
-        let payload_len = if rec.kind == RecordKind::Write { rec.len } else { 0 };
+        let payload_len = RecordMeta { seq: 0, kind: rec.kind, offset: 0, len: rec.len, payload_pos: 0 }.payload_len();
         if file_len - payload_pos < payload_len {
             stop = Some(format!("record {} at {pos}: payload of {payload_len} bytes runs past the end", rec.seq));
             break;
@@ -305,6 +305,7 @@ mod tests {
             match r.kind {
                 RecordKind::Write => disk[range].copy_from_slice(&read_payload(&file, r).unwrap()),
                 RecordKind::Zero => disk[range].fill(0),
+                RecordKind::InImage => unreachable!("these logs have no in-image records"),
             }
         }
         disk

@@ -48,6 +48,10 @@ impl<'a> Record<'a> {
     pub fn zero(offset: u64, len: u64) -> Self {
         Record { kind: RecordKind::Zero, offset, len, payload: &[] }
     }
+    /// A write of `len` bytes whose bytes stay in the disk image (see `capture::held`).
+    pub fn in_image(offset: u64, len: u64) -> Self {
+        Record { kind: RecordKind::InImage, offset, len, payload: &[] }
+    }
 }
 
 /// The writer of one open log. Not thread safe by itself: the caller holds it
@@ -66,6 +70,11 @@ pub struct LogWriter {
     end: u64,
     records: u64,
     last_seq: u64,
+    /// Ranges of the in-image records appended, in order, neighbours that
+    /// continue each other merged: what the log's held side file protects
+    /// once it is rotated out.
+    in_image: Vec<(u64, u64)>,
+    in_image_bytes: u64,
     /// Set by the first failed write or sync; the log has a gap (or pages
     /// the kernel may have dropped) after that point, so nothing more may be
     /// appended and the caller must resync.
@@ -117,6 +126,8 @@ impl LogWriter {
             end: HEADER_SIZE,
             records: 0,
             last_seq: 0,
+            in_image: Vec::new(),
+            in_image_bytes: 0,
             poisoned: None,
         })
     }
@@ -145,6 +156,13 @@ impl LogWriter {
         }
         for r in records {
             check_range(r.offset, r.len)?;
+            let payload = if r.kind == RecordKind::Write { r.len } else { 0 };
+            if r.payload.len() as u64 != payload {
+                return Err(Error::invalid(
+                    "record",
+                    format!("a {:?} record of {} bytes carries {} payload bytes", r.kind, r.len, r.payload.len()),
+                ));
+            }
         }
         let headers: Vec<[u8; RECORD_HEADER_SIZE as usize]> = records
             .iter()
@@ -164,6 +182,13 @@ impl LogWriter {
         self.end += bytes;
         self.last_seq += records.len() as u64;
         self.records += records.len() as u64;
+        for r in records.iter().filter(|r| r.kind == RecordKind::InImage) {
+            self.in_image_bytes += r.len;
+            match self.in_image.last_mut() {
+                Some((o, l)) if *o + *l == r.offset => *l += r.len,
+                _ => self.in_image.push((r.offset, r.len)),
+            }
+        }
         Ok(())
     }
 
@@ -189,6 +214,17 @@ impl LogWriter {
     /// 50%-of-disk space rule measures.
     pub fn len(&self) -> u64 {
         self.end
+    }
+
+    /// Ranges written by in-image records (in order; they may overlap).
+    pub fn in_image_ranges(&self) -> &[(u64, u64)] {
+        &self.in_image
+    }
+
+    /// Bytes written by in-image records: changes the log describes
+    /// beyond its own length (the 50% rule counts them).
+    pub fn in_image_bytes(&self) -> u64 {
+        self.in_image_bytes
     }
 
     /// True when no record has been appended.

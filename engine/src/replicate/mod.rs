@@ -33,6 +33,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::capture::disk::Disk;
+use crate::capture::held::HeldImage;
 use crate::capture::snapshot::CowSnapshot;
 use crate::changelog::{self, Coalescer, Extent, ExtentSource};
 use crate::error::{Error, Result};
@@ -359,7 +360,7 @@ pub fn cut_parts(extents: Vec<Extent>, chunk_size: u64) -> Vec<Part> {
 fn split_extent(e: Extent, at: u64) -> (Extent, Extent) {
     let tail_source = match e.source {
         ExtentSource::Log { log_index, pos } => ExtentSource::Log { log_index, pos: pos + at },
-        ExtentSource::Zero => ExtentSource::Zero,
+        other @ (ExtentSource::Zero | ExtentSource::Image { .. }) => other,
     };
     (
         Extent { offset: e.offset, len: at, source: e.source },
@@ -367,14 +368,24 @@ fn split_extent(e: Extent, at: u64) -> (Extent, Extent) {
     )
 }
 
+/// A disk's sealed logs to upload, and where their in-image records' bytes
+/// are: the disk's image, through each log's held image (`capture::held`).
+pub struct SealedLogs {
+    pub logs: Vec<PathBuf>,
+    pub image: Arc<Disk>,
+    /// Per log (same order), the bytes held for it since its rotation.
+    pub held: Vec<Option<Arc<HeldImage>>>,
+}
+
 /// Uploads a disk's sealed logs as the parts of point `seq`. Also returns
 /// how the replica's block hashes change ([`crate::replica::hashes`]).
 pub async fn upload_logs(
     ctx: &UploadCtx,
     disk: &str,
-    logs: Vec<PathBuf>,
+    sealed: SealedLogs,
     seq: u64,
 ) -> Result<(Vec<ObjectRef>, crate::replica::hashes::HashUpdates)> {
+    let SealedLogs { logs, image, held } = sealed;
     let chunk = ctx.chunk_size;
     let logs2 = logs.clone();
     let (parts, planned) = blocking(move || plan_parts(&logs2, chunk)).await?;
@@ -398,6 +409,16 @@ pub async fn upload_logs(
                         let mut buf = vec![0u8; e.len as usize];
                         std::os::unix::fs::FileExt::read_exact_at(&files[log_index], &mut buf, pos)
                             .map_err(|err| untrusted_log(Error::io("read change log payload", err)))?;
+                        ExtentData::Data(buf)
+                    }
+                    ExtentSource::Image { log_index } => {
+                        let h = held.get(log_index).and_then(|h| h.as_ref()).ok_or_else(|| Error::Corrupt {
+                            what: format!("change log {}", logs[log_index].display()),
+                            reason: "it names bytes in the disk image, but nothing held them since its rotation".into(),
+                            class: crate::ErrorClass::NeedsResync,
+                        })?;
+                        let mut buf = vec![0u8; e.len as usize];
+                        h.read(image.file(), e.offset, &mut buf)?;
                         ExtentData::Data(buf)
                     }
                 };
@@ -465,6 +486,8 @@ mod tests {
                 data: match e.source {
                     ExtentSource::Zero => ExtentData::Zero(e.len),
                     ExtentSource::Log { pos, .. } => ExtentData::Data((0..e.len).map(|i| (pos + i) as u8).collect()),
+                    // The data an image extent stands for: a pattern of its offset.
+                    ExtentSource::Image { .. } => ExtentData::Data((0..e.len).map(|i| (e.offset + i) as u8).collect()),
                 },
             })
             .collect()

@@ -474,7 +474,8 @@ enum Close {
     /// synced and the log sealed, so a restart (even after a reboot) finds
     /// a trusted chain and a durable side file, and resumes the copy.
     KeepCopy,
-    /// Seal the active log for the next cycle.
+    /// Seal the active log for the next cycle (the disk synced first: its
+    /// image holds the bytes of the in-image records).
     Seal,
 }
 
@@ -491,16 +492,13 @@ fn close_disks(disks: &[Arc<Disk>], close: Close) -> Result<()> {
                 super::open::remove_local_files(&d.path)?;
             }
             Close::DropLogs => drop(log),
-            Close::KeepCopy => {
-                if let Some(s) = snap {
+            Close::KeepCopy | Close::Seal => {
+                // Durable before the seal: after a reboot a sealed chain is
+                // trusted, and its in-image records' bytes are in the image.
+                if let Some(s) = snap.filter(|_| close == Close::KeepCopy) {
                     s.sync()?;
                 }
                 d.file().sync_data().map_err(|e| Error::io(format!("sync {}", d.path.display()), e))?;
-                if let Some(log) = log {
-                    log.seal()?;
-                }
-            }
-            Close::Seal => {
                 if let Some(log) = log {
                     log.seal()?;
                 }

@@ -318,8 +318,10 @@ impl VmIo {
         let mut disks = Vec::new();
         let mut all_updates = Vec::new();
         for (d, logs) in self.disks.iter().zip(included) {
-            let paths = logs.iter().map(|l| l.path.clone()).collect();
-            let (objects, updates) = replicate::upload_logs(uctx, &d.name, paths, seq).await?;
+            let paths: Vec<_> = logs.iter().map(|l| l.path.clone()).collect();
+            let held = d.held_for(&paths);
+            let sealed = replicate::SealedLogs { logs: paths, image: d.clone(), held };
+            let (objects, updates) = replicate::upload_logs(uctx, &d.name, sealed, seq).await?;
             disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
             all_updates.push(updates);
         }
@@ -582,11 +584,15 @@ impl VmIo {
         let _ = blocking(move || {
             for (d, logs) in disks.iter().zip(logs) {
                 d.sealed_released(logs.iter().map(|l| l.bytes).sum());
-                for l in logs {
-                    if let Err(e) = changelog::remove_file_if_present(&l.path) {
+                let paths: Vec<_> = logs.iter().map(|l| l.path.clone()).collect();
+                for l in &paths {
+                    if let Err(e) = changelog::remove_file_if_present(l) {
                         tracing::warn!(error = %e, "could not delete a committed change log");
                     }
                 }
+                // After the logs: a restart never finds a log without the
+                // bytes it holds (an orphan side file is removed at open).
+                d.release_held(&paths);
             }
             Ok(())
         })

@@ -1,0 +1,364 @@
+//! The bytes a sealed change log names in the disk image, held until its
+//! recovery point is committed.
+//!
+//! A large write (at least [`super::disk::IN_IMAGE_MIN`] bytes) is logged
+//! as an in-image record: its range, not its bytes, which stay only in the
+//! disk image. That halves what a large write costs the host (one write of
+//! the data, not two, and a FLUSH syncs a small log) and is what keeps
+//! sequential guest writes as fast as an unreplicated disk. The price is
+//! that the bytes must still be there, as they were, when the log is
+//! shipped, while the guest keeps writing.
+//!
+//! So when a rotation seals a log with in-image records, it also starts a
+//! [`HeldImage`] for it, at the same instant (every change quiesced): the
+//! image then holds, for every block an in-image record touched (the
+//! *protected* blocks, [`SNAPSHOT_BLOCK`] bytes each), exactly the bytes
+//! the recovery point must contain. From then on every change saves a
+//! protected block's bytes to the log's side file (`<log>.held`, sparse,
+//! same offsets as the image) before it changes the block, once per block
+//! ([`HeldImage::preserve`]). The upload reads a protected block from the
+//! side file if it was saved, else from the image ([`HeldImage::read`]).
+//! When the point is committed the side file is deleted; a resync drops
+//! them all.
+//!
+//! Consistency: the saved set lives under one mutex. `preserve` takes it,
+//! reads the image, writes the side file and marks the block saved, all
+//! before the change's own disk write begins; `read` takes it for each
+//! block it reads. So a read that finds a block unsaved reads the image
+//! before any change since the rotation reached it, and one that finds it
+//! saved reads the side file, which holds the rotation-time bytes. A save
+//! that fails breaks the held image (every later read fails, class
+//! `NeedsResync`) before the change goes on to the disk: the caller then
+//! asks for a resync instead of failing the guest's write, and no point
+//! is built from bytes that are not the rotation's.
+//!
+//! Why a restart needs no side file (kill -9, or a clean stop, even with a
+//! reboot after it): a point always ships every sealed log up to the
+//! newest rotation, coalesced, so the bytes it reads through log N's held
+//! image are exactly those of N's in-image ranges that no later logged
+//! change wrote. Every change is logged before it reaches the disk (and
+//! the restart replays the open log onto the disk first), so the image
+//! still holds those bytes as they were at N's rotation. Holding each
+//! kept log's bytes afresh at the restart, nothing saved
+//! ([`HeldImage::create`], `vm::open`), is therefore exact; what a held
+//! image guards against is only the writes that come after. The image
+//! itself must be durable for that after a reboot: a clean stop syncs it
+//! before it seals the active log (`vm::actor`), and an unclean reboot
+//! leaves the active log unsealed, which is not trusted (resync).
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::snapshot::SNAPSHOT_BLOCK;
+use crate::error::{Error, ErrorClass, Result};
+
+pub use crate::changelog::held_path;
+
+/// The blocks that byte ranges touch on a disk of `size` bytes, as sorted,
+/// disjoint, non-adjacent block ranges `[first, end)` (pure). Ranges past
+/// the end are cut at it.
+pub fn blocks_of(size: u64, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|&&(o, l)| l > 0 && o < size)
+        .map(|&(o, l)| (o / SNAPSHOT_BLOCK, (o.saturating_add(l).min(size) - 1) / SNAPSHOT_BLOCK + 1))
+        .collect();
+    spans.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (first, end) in spans {
+        match out.last_mut() {
+            Some(last) if first <= last.1 => last.1 = last.1.max(end),
+            _ => out.push((first, end)),
+        }
+    }
+    out
+}
+
+/// The part of block range `[first, end)` inside `spans` (sorted, disjoint), as block numbers.
+fn blocks_within(spans: &[(u64, u64)], first: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+    let start = spans.partition_point(|&(_, e)| e <= first);
+    spans[start..].iter().take_while(move |&&(f, _)| f < end).flat_map(move |&(f, e)| f.max(first)..e.min(end))
+}
+
+pub struct HeldImage {
+    log: PathBuf,
+    side_path: PathBuf,
+    side: File,
+    size: u64,
+    /// Protected blocks, as [`blocks_of`] gives them; fixed at creation.
+    protected: Vec<(u64, u64)>,
+    protected_bytes: u64,
+    saved: Mutex<BTreeSet<u64>>,
+    saved_bytes: AtomicU64,
+    /// Why a save failed: the image may hold later bytes than the point's.
+    broken: AtomicBool,
+}
+
+impl HeldImage {
+    /// Starts holding the in-image `ranges` of sealed log `log` of a disk of
+    /// `size` bytes; the caller holds the disk quiesced. The side file is
+    /// created empty (an old one is truncated).
+    pub fn create(log: &Path, size: u64, ranges: &[(u64, u64)]) -> Result<Self> {
+        let side_path = held_path(log);
+        let side = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&side_path)
+            .map_err(|e| Error::io(format!("create held side file {}", side_path.display()), e))?;
+        Ok(Self::with(log, side_path, side, size, ranges, BTreeSet::new()))
+    }
+
+    fn with(
+        log: &Path,
+        side_path: PathBuf,
+        side: File,
+        size: u64,
+        ranges: &[(u64, u64)],
+        saved: BTreeSet<u64>,
+    ) -> Self {
+        let protected = blocks_of(size, ranges);
+        let block_bytes = |b: u64| SNAPSHOT_BLOCK.min(size - b * SNAPSHOT_BLOCK);
+        let protected_bytes = protected.iter().flat_map(|&(f, e)| f..e).map(block_bytes).sum();
+        let saved_bytes = saved.iter().map(|&b| block_bytes(b)).sum();
+        HeldImage {
+            log: log.to_path_buf(),
+            side_path,
+            side,
+            size,
+            protected,
+            protected_bytes,
+            saved: Mutex::new(saved),
+            saved_bytes: AtomicU64::new(saved_bytes),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a protected block would needs its rotation-time bytes saved
+    /// if `[offset, offset+len)` changed. A lookup, no lock.
+    fn touches(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || offset >= self.size {
+            return false;
+        }
+        let (first, end) =
+            (offset / SNAPSHOT_BLOCK, (offset.saturating_add(len).min(self.size) - 1) / SNAPSHOT_BLOCK + 1);
+        blocks_within(&self.protected, first, end).next().is_some()
+    }
+
+    /// Saves the rotation-time bytes of every protected block of
+    /// `[offset, offset+len)` not saved yet. Called before the change
+    /// reaches `disk`. A failure breaks the held image (see the module
+    /// header) and is returned.
+    pub fn preserve(&self, disk: &File, offset: u64, len: u64) -> Result<()> {
+        if !self.touches(offset, len) {
+            return Ok(());
+        }
+        let first = offset / SNAPSHOT_BLOCK;
+        let end = (offset.saturating_add(len).min(self.size) - 1) / SNAPSHOT_BLOCK + 1;
+        let mut saved = self.saved.lock().expect("held lock is never poisoned");
+        let mut buf = Vec::new();
+        for b in blocks_within(&self.protected, first, end) {
+            if saved.contains(&b) {
+                continue;
+            }
+            let start = b * SNAPSHOT_BLOCK;
+            let n = SNAPSHOT_BLOCK.min(self.size - start);
+            buf.resize(n as usize, 0);
+            let copied = crate::failpoint::check("held.save", &self.side_path)
+                .map_err(|e| Error::io(format!("held: save a block to {}", self.side_path.display()), e))
+                .and_then(|()| {
+                    disk.read_exact_at(&mut buf, start).map_err(|e| Error::io("held: read a block to save", e))
+                })
+                .and_then(|()| {
+                    self.side
+                        .write_all_at(&buf, start)
+                        .map_err(|e| Error::io(format!("held: save a block to {}", self.side_path.display()), e))
+                });
+            if let Err(e) = copied {
+                self.broken.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+            saved.insert(b);
+            self.saved_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` as they were when the log was
+    /// rotated out. Every byte must lie in a protected block.
+    pub fn read(&self, disk: &File, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let b = at / SNAPSHOT_BLOCK;
+            let n = ((SNAPSHOT_BLOCK - at % SNAPSHOT_BLOCK) as usize).min(buf.len() - pos);
+            if at.saturating_add(n as u64) > self.size || blocks_within(&self.protected, b, b + 1).next().is_none() {
+                return Err(self.lost(format!("byte {at} of the {}-byte disk is not held", self.size)));
+            }
+            let piece = &mut buf[pos..pos + n];
+            {
+                let saved = self.saved.lock().expect("held lock is never poisoned");
+                if saved.contains(&b) {
+                    self.side.read_exact_at(piece, at).map_err(|e| self.lost(format!("read held bytes: {e}")))?;
+                } else {
+                    disk.read_exact_at(piece, at).map_err(|e| Error::io("held: read the disk", e))?;
+                }
+            }
+            // After the read: a save that failed before a change reached
+            // this block shows here (the module header).
+            if self.broken.load(Ordering::SeqCst) {
+                return Err(self.lost("a save of its bytes failed".into()));
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn lost(&self, why: String) -> Error {
+        Error::Corrupt {
+            what: format!("bytes held for change log {}", self.log.display()),
+            reason: why,
+            class: ErrorClass::NeedsResync,
+        }
+    }
+
+    /// Marks the held image unusable: reads fail from now on (its disk
+    /// stopped logging, or its bytes can no longer be kept).
+    pub fn give_up(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+    }
+
+    /// The sealed log whose bytes this holds.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Bytes of the protected blocks (what the held log stands for, for the 50% rule).
+    pub fn protected_bytes(&self) -> u64 {
+        self.protected_bytes
+    }
+
+    /// Bytes saved in the side file so far.
+    pub fn space_used(&self) -> u64 {
+        self.saved_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Deletes the side file (the point is committed, or the logs were dropped).
+    pub fn release(&self) -> Result<()> {
+        crate::changelog::remove_file_if_present(&self.side_path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const B: u64 = SNAPSHOT_BLOCK;
+
+    #[test]
+    fn blocks_of_sorts_merges_and_cuts_at_the_end() {
+        let size = 10 * B + 5;
+        let table: Vec<(Vec<(u64, u64)>, Vec<(u64, u64)>)> = vec![
+            (vec![], vec![]),
+            (vec![(0, 1)], vec![(0, 1)]),
+            (vec![(B - 1, 2)], vec![(0, 2)]),
+            (vec![(5 * B, B), (0, B)], vec![(0, 1), (5, 6)]),
+            // Adjacent and overlapping ranges merge; zero lengths vanish.
+            (vec![(0, B), (B, B), (3 * B, 0), (B + 7, 3 * B)], vec![(0, 5)]),
+            (vec![(10 * B, 100), (20 * B, 1)], vec![(10, 11)]),
+        ];
+        for (ranges, want) in table {
+            assert_eq!(blocks_of(size, &ranges), want, "{ranges:?}");
+        }
+        let spans = [(1, 3), (6, 8)];
+        assert_eq!(blocks_within(&spans, 0, 10).collect::<Vec<_>>(), [1, 2, 6, 7]);
+        assert_eq!(blocks_within(&spans, 2, 7).collect::<Vec<_>>(), [2, 6]);
+        assert_eq!(blocks_within(&spans, 3, 6).count(), 0);
+    }
+
+    fn image(dir: &Path, size: u64) -> (PathBuf, File, Vec<u8>) {
+        let path = dir.join("d.img");
+        let bytes: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        (path, f, bytes)
+    }
+
+    fn write(disk: &File, model: &mut [u8], held: &[&HeldImage], offset: u64, len: u64, v: u8) {
+        for h in held {
+            h.preserve(disk, offset, len).unwrap();
+        }
+        disk.write_all_at(&vec![v; len as usize], offset).unwrap();
+        model[offset as usize..(offset + len) as usize].fill(v);
+    }
+
+    proptest! {
+        /// Whatever the guest writes after the rotation, a read returns
+        /// the rotation-time bytes.
+        #[test]
+        fn reads_see_the_rotation_time_bytes(
+            ranges in proptest::collection::vec((0u64..600_000, 1u64..200_000), 1..6),
+            after in proptest::collection::vec((0u64..600_000, 1u64..100_000, any::<u8>()), 0..20),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let size = 600_000u64;
+            let (_, disk, mut model) = image(dir.path(), size);
+            let log = dir.path().join("d.img.00000001.hrl");
+            let ranges: Vec<(u64, u64)> = ranges.into_iter().map(|(o, l)| (o, l.min(size - o))).collect();
+            let held = HeldImage::create(&log, size, &ranges).unwrap();
+            let at_rotation = model.clone();
+            for (o, l, v) in after {
+                write(&disk, &mut model, &[&held], o, l.min(size - o), v);
+            }
+            for &(o, l) in &ranges {
+                let mut got = vec![0u8; l as usize];
+                held.read(&disk, o, &mut got).unwrap();
+                prop_assert!(got[..] == at_rotation[o as usize..(o + l) as usize], "range {o}+{l}");
+            }
+            prop_assert!(held.space_used() <= held.protected_bytes());
+            held.release().unwrap();
+            prop_assert!(!held_path(&log).exists());
+        }
+    }
+
+    #[test]
+    fn bytes_outside_the_protected_blocks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, disk, _) = image(dir.path(), 4 * B);
+        let log = dir.path().join("d.img.00000001.hrl");
+        let held = HeldImage::create(&log, 4 * B, &[(B + 10, 20)]).unwrap();
+        let mut buf = vec![0u8; 100];
+        held.read(&disk, B, &mut buf).unwrap();
+        let e = held.read(&disk, 2 * B - 50, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("not held"), "{e}");
+        assert!(held.read(&disk, 4 * B - 50, &mut buf).is_err(), "past the end");
+        // Writes elsewhere save nothing.
+        held.preserve(&disk, 0, B).unwrap();
+        held.preserve(&disk, 3 * B, B).unwrap();
+        assert_eq!(held.space_used(), 0);
+        held.preserve(&disk, 2 * B - 1, 2).unwrap();
+        assert_eq!(held.space_used(), B);
+        assert_eq!(held.protected_bytes(), B);
+    }
+
+    #[test]
+    fn a_failed_save_breaks_every_later_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, disk, _) = image(dir.path(), 4 * B);
+        let log = dir.path().join("d.img.00000001.hrl");
+        let held = HeldImage::create(&log, 4 * B, &[(0, 2 * B)]).unwrap();
+        // A disk opened write-only cannot be read for the save.
+        let unreadable = OpenOptions::new().write(true).open(&path).unwrap();
+        let e = held.preserve(&unreadable, 0, 10).unwrap_err();
+        assert!(e.to_string().contains("read a block to save"), "{e}");
+        let e = held.read(&disk, B, &mut [0u8; 10]).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::NeedsResync, "{e}");
+        assert!(e.to_string().contains("a save of its bytes failed"), "{e}");
+    }
+}
