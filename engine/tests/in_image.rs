@@ -29,6 +29,16 @@ async fn writes(engine: &Engine, at: u64, seed: u64) {
     engine.flush("vm", "a").await.unwrap();
 }
 
+/// A VM with one random disk `a` (seeded `seed`), protected, idle.
+async fn protected_vm(seed: u64) -> (tempfile::TempDir, std::path::PathBuf, Engine) {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = random_disk(tmp.path(), "a", SIZE, seed);
+    let engine = open_engine(config(tmp.path())).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    wait_idle(&engine).await;
+    (tmp, a, engine)
+}
+
 fn in_image_records(disk: &Path) -> usize {
     logs(disk)
         .iter()
@@ -62,11 +72,7 @@ async fn point_while_overwriting(engine: &Engine, a: &Path, overwrite: &[u64], s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_writes_replicate_as_of_their_rotation_across_failed_uploads_and_a_crash() {
-    let tmp = tempfile::tempdir().unwrap();
-    let a = random_disk(tmp.path(), "a", SIZE, 1);
-    let engine = open_engine(config(tmp.path())).await.unwrap();
-    protect(&engine, "vm", &[&a]).await;
-    wait_idle(&engine).await;
+    let (tmp, a, engine) = protected_vm(1).await;
 
     // A point while the guest overwrites what its log left in the image.
     writes(&engine, 0, 10).await;
@@ -115,11 +121,7 @@ async fn large_writes_replicate_as_of_their_rotation_across_failed_uploads_and_a
 /// disk holds them (the stop synced the image before it sealed the log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_writes_waiting_at_a_clean_stop_are_shipped_after_the_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let a = random_disk(tmp.path(), "a", SIZE, 2);
-    let engine = open_engine(config(tmp.path())).await.unwrap();
-    protect(&engine, "vm", &[&a]).await;
-    wait_idle(&engine).await;
+    let (tmp, a, engine) = protected_vm(2).await;
     writes(&engine, MIB, 50).await;
     engine.shutdown().await.unwrap();
     drop(engine);

@@ -46,7 +46,7 @@
 //! before it seals the active log (`vm::actor`), and an unclean reboot
 //! leaves the active log unsealed, which is not trusted (resync).
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -104,39 +104,21 @@ impl HeldImage {
     /// created empty (an old one is truncated).
     pub fn create(log: &Path, size: u64, ranges: &[(u64, u64)]) -> Result<Self> {
         let side_path = held_path(log);
-        let side = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&side_path)
-            .map_err(|e| Error::io(format!("create held side file {}", side_path.display()), e))?;
-        Ok(Self::with(log, side_path, side, size, ranges, BTreeSet::new()))
-    }
-
-    fn with(
-        log: &Path,
-        side_path: PathBuf,
-        side: File,
-        size: u64,
-        ranges: &[(u64, u64)],
-        saved: BTreeSet<u64>,
-    ) -> Self {
+        let side = super::snapshot::create_side_file(&side_path, "held side file")?;
         let protected = blocks_of(size, ranges);
-        let block_bytes = |b: u64| SNAPSHOT_BLOCK.min(size - b * SNAPSHOT_BLOCK);
-        let protected_bytes = protected.iter().flat_map(|&(f, e)| f..e).map(block_bytes).sum();
-        let saved_bytes = saved.iter().map(|&b| block_bytes(b)).sum();
-        HeldImage {
+        let protected_bytes =
+            protected.iter().flat_map(|&(f, e)| f..e).map(|b| SNAPSHOT_BLOCK.min(size - b * SNAPSHOT_BLOCK)).sum();
+        Ok(HeldImage {
             log: log.to_path_buf(),
             side_path,
             side,
             size,
             protected,
             protected_bytes,
-            saved: Mutex::new(saved),
-            saved_bytes: AtomicU64::new(saved_bytes),
+            saved: Mutex::new(BTreeSet::new()),
+            saved_bytes: AtomicU64::new(0),
             broken: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Whether a protected block would needs its rotation-time bytes saved
@@ -257,6 +239,7 @@ impl HeldImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
     use proptest::prelude::*;
 
     const B: u64 = SNAPSHOT_BLOCK;

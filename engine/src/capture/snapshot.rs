@@ -133,18 +133,24 @@ pub fn side_files(disk_path: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Creates (or truncates) a sparse side file for copy-before-write saves;
+/// `what` names it in the error.
+pub(crate) fn create_side_file(path: &Path, what: &str) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("create {what} {}", path.display()), e))
+}
+
 impl CowSnapshot {
     /// Starts a snapshot of a disk of `size` bytes; the caller holds the disk's
     /// write lock so that no write is in flight.
     pub fn create(disk_path: &Path, size: u64) -> Result<Self> {
         let side_path = side_path(disk_path);
-        let side = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&side_path)
-            .map_err(|e| Error::io(format!("create snapshot file {}", side_path.display()), e))?;
+        let side = create_side_file(&side_path, "snapshot file")?;
         let n = size.div_ceil(SNAPSHOT_BLOCK) as usize;
         Ok(CowSnapshot {
             side_path,

@@ -40,20 +40,22 @@ pub fn list_logs(disk_path: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(format!("listing HRL logs in {}", dir.display()), e))?;
         let name = entry.file_name();
-        let Some(seq) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|n| n.strip_suffix(".hrl")) else {
-            continue;
-        };
-        if !seq.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        // Only the canonical spelling, so each seq maps to one file.
-        match seq.parse::<u64>() {
-            Ok(n) if format!("{n:08}") == seq => logs.push((n, dir.join(&name))),
-            _ => continue,
+        if let Some(n) = name.to_str().and_then(|n| log_seq(n, &prefix)) {
+            logs.push((n, dir.join(&name)));
         }
     }
     logs.sort();
     Ok(logs)
+}
+
+/// The seq of a log file named `<prefix><seq:08>.hrl`; only the canonical
+/// spelling counts, so each seq maps to one file.
+fn log_seq(name: &str, prefix: &str) -> Option<u64> {
+    let seq = name.strip_prefix(prefix)?.strip_suffix(".hrl")?;
+    if !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    seq.parse::<u64>().ok().filter(|n| format!("{n:08}") == seq)
 }
 
 /// Deletes every log beside the disk at `disk_path` (the one owner of that
@@ -81,6 +83,8 @@ pub fn held_path(log: &Path) -> PathBuf {
 /// The held side files beside the disk at `disk_path`, sorted: those of
 /// its logs ([`held_path`] of a name [`list_logs`] would list).
 pub fn held_files(disk_path: &Path) -> Result<Vec<PathBuf>> {
+    let Some(disk_name) = disk_path.file_name().and_then(|n| n.to_str()) else { return Ok(Vec::new()) };
+    let prefix = format!("{disk_name}.");
     let dir = match disk_path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -91,28 +95,12 @@ pub fn held_files(disk_path: &Path) -> Result<Vec<PathBuf>> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(format!("listing held files in {}", dir.display()), e))?;
         let name = entry.file_name();
-        let Some(log) = name.to_str().and_then(|n| n.strip_suffix(".held")) else { continue };
-        let log = dir.join(log);
-        let is_log = list_logs_named(disk_path, &log);
-        if is_log {
+        if name.to_str().and_then(|n| n.strip_suffix(".held")).and_then(|n| log_seq(n, &prefix)).is_some() {
             out.push(dir.join(&name));
         }
     }
     out.sort();
     Ok(out)
-}
-
-/// Whether `log` is a name [`list_logs`] would list for the disk at `disk_path`.
-fn list_logs_named(disk_path: &Path, log: &Path) -> bool {
-    let (Some(disk), Some(name)) =
-        (disk_path.file_name().and_then(|n| n.to_str()), log.file_name().and_then(|n| n.to_str()))
-    else {
-        return false;
-    };
-    let seq = name.strip_prefix(disk).and_then(|n| n.strip_prefix('.')).and_then(|n| n.strip_suffix(".hrl"));
-    seq.is_some_and(|seq| {
-        seq.bytes().all(|b| b.is_ascii_digit()) && seq.parse::<u64>().is_ok_and(|n| format!("{n:08}") == seq)
-    })
 }
 
 /// Deletes a file; one that is already gone is not an error.

@@ -256,7 +256,8 @@ fn replay_onto_disk(logs: &[PathBuf], disk_path: &Path) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let (image, size) = disk::open_image(disk_path)?;
     let mut files = Vec::new();
-    let mut records = Vec::new();
+    // Every record in order, and the log (index into `files`) it is in.
+    let (mut records, mut owner) = (Vec::new(), Vec::new());
     for (i, log) in logs.iter().enumerate() {
         let found = changelog::scan(log)?;
         if let Some(r) = found.records.iter().find(|r| r.offset.checked_add(r.len).is_none_or(|end| end > size)) {
@@ -268,12 +269,12 @@ fn replay_onto_disk(logs: &[PathBuf], disk_path: &Path) -> Result<()> {
         tracing::info!(log = %log.display(), records = found.records.len(), torn_bytes = found.torn_bytes,
             "replaying a change log a crash left onto its disk");
         files.push(std::fs::File::open(log).map_err(|e| Error::io(format!("opening HRL log {}", log.display()), e))?);
-        records.extend(found.records.into_iter().map(|r| (i, r)));
+        owner.extend(std::iter::repeat_n(i, found.records.len()));
+        records.extend(found.records);
     }
-    let metas: Vec<changelog::RecordMeta> = records.iter().map(|(_, r)| *r).collect();
     let mut buf = Vec::new();
-    for (k, pieces) in replay_pieces(&metas) {
-        let (file, r) = (&files[records[k].0], &records[k].1);
+    for (k, pieces) in replay_pieces(&records) {
+        let (file, r) = (&files[owner[k]], &records[k]);
         for (offset, len) in pieces {
             match r.kind {
                 changelog::RecordKind::Write => {
