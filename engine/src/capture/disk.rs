@@ -633,7 +633,8 @@ impl Disk {
         let mut inner = self.lock();
         self.closed.store(true, Ordering::Release);
         inner.snapshot = None;
-        // The side files stay: a restart holds the sealed logs' bytes again.
+        // A closed disk takes no writes, so nothing more needs saving; a
+        // restart holds the sealed logs' bytes afresh (`capture::held`).
         inner.held.clear();
         inner.log.take()
     }
@@ -644,8 +645,9 @@ impl Disk {
         logs.iter().map(|l| inner.held.iter().find(|h| h.log() == l.as_path()).cloned()).collect()
     }
 
-    /// Every held image, oldest first (a clean stop syncs them).
-    pub fn held_images(&self) -> Vec<Arc<HeldImage>> {
+    /// Every held image, oldest first.
+    #[cfg(test)]
+    pub(crate) fn held_images(&self) -> Vec<Arc<HeldImage>> {
         self.lock().held.clone()
     }
 
@@ -719,8 +721,10 @@ impl Disk {
         self.sealed_bytes.load(Ordering::Relaxed) + self.held_bytes.load(Ordering::Relaxed)
     }
 
+    /// Bytes of the side files: the copy's snapshot and the blocks held for sealed logs.
     pub fn snapshot_bytes(&self) -> u64 {
-        self.lock().snapshot.as_ref().map_or(0, |s| s.space_used())
+        let inner = self.lock();
+        inner.snapshot.as_ref().map_or(0, |s| s.space_used()) + inner.held.iter().map(|h| h.space_used()).sum::<u64>()
     }
 
     /// Records in the active log (0: nothing to replicate since the last rotation).

@@ -239,8 +239,8 @@ impl HeldImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::OpenOptions;
     use proptest::prelude::*;
+    use std::fs::OpenOptions;
 
     const B: u64 = SNAPSHOT_BLOCK;
 
