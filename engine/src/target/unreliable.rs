@@ -12,7 +12,10 @@
 //!   `down` is an outage with no end;
 //! - `latency_ms`: added to every operation;
 //! - `auth_failure`: every operation fails with an authentication error
-//!   (non-recoverable: the VM goes to `Critical` until an operator resumes).
+//!   (non-recoverable: the VM goes to `Critical` until an operator resumes);
+//! - `only_keys_containing`: the faults above hit only the operations whose
+//!   key (or listed prefix) contains this text, e.g. `.manifest` for the
+//!   commit records alone.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,8 @@ pub struct Faults {
     pub auth_failure: bool,
     /// Seed of the error-rate dice (0: from the clock).
     pub seed: u64,
+    /// Faults hit only keys (or listed prefixes) containing this text (None: every key).
+    pub only_keys_containing: Option<String>,
 }
 
 impl Faults {
@@ -93,6 +98,9 @@ impl UnreliableTarget {
     /// Decides the fate of one operation; `Err` is the injected failure.
     async fn gate(&self, op: &'static str, key: &str) -> Result<()> {
         let f = self.faults.lock().expect("faults lock").clone();
+        if f.only_keys_containing.as_ref().is_some_and(|text| !key.contains(text.as_str())) {
+            return Ok(());
+        }
         if f.latency_ms > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(f.latency_ms)).await;
         }
@@ -216,5 +224,18 @@ mod tests {
         }
         assert!((200..400).contains(&failed), "{failed} of 1000 failed at a 30% rate");
         assert!(t.set_faults(Faults { error_rate: 1.5, ..Default::default() }).is_err());
+    }
+
+    #[tokio::test]
+    async fn faults_limited_to_some_keys_leave_the_others_alone() {
+        let (_d, inner) = local();
+        let only = Some(".manifest".to_string());
+        let t = UnreliableTarget::new(inner, Faults { down: true, only_keys_containing: only, ..Default::default() })
+            .unwrap();
+        t.put("vms/a/1/objects/x", Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(t.list("vms/a/1/").await.unwrap(), vec!["vms/a/1/objects/x"]);
+        let e = t.put("vms/a/1/points/0000000001.manifest", Bytes::new()).await.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Recoverable);
+        assert_eq!(t.injected(), 1);
     }
 }

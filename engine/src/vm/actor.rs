@@ -448,9 +448,10 @@ impl Handler<Stop> for VmActor {
         let state = self.core.state();
         let close = match state {
             _ if msg.unprotect => Close::Unprotect,
-            // A copy under way is kept for the restart to resume (`vm::restart`).
-            VmState::InitialReplication => Close::KeepCopy,
-            VmState::EnablingProtection | VmState::FinalizingProtection => Close::DropLogs,
+            // A copy under way (or ended, its point not committed) is kept
+            // for the restart to resume (`vm::restart`).
+            VmState::InitialReplication | VmState::FinalizingProtection | VmState::Resynchronizing => Close::KeepCopy,
+            VmState::EnablingProtection => Close::DropLogs,
             _ => Close::Seal,
         };
         let (disks, fence, epoch) = (self.io.disks.clone(), self.io.fence.clone(), self.core.epoch());
@@ -467,41 +468,46 @@ impl Handler<Stop> for VmActor {
 enum Close {
     /// Unprotect: logs, snapshot and side files removed.
     Unprotect,
-    /// A protection that has not committed its base and cannot resume
-    /// (Enabling, Finalizing): it starts over, the logs are not needed.
+    /// A protection that has not copied anything yet (Enabling): it starts
+    /// over, the logs are not needed.
     DropLogs,
-    /// An initial copy under way: the snapshot's side file and the disk are
-    /// synced and the log sealed, so a restart (even after a reboot) finds
-    /// a trusted chain and a durable side file, and resumes the copy.
+    /// A copy under way (initial copy or resync, or a base copied but not
+    /// committed): the snapshot's side file and the disk are synced and the
+    /// log sealed, so a restart (even after a reboot) finds a trusted chain
+    /// and a durable side file, and resumes the copy.
     KeepCopy,
     /// Seal the active log for the next cycle (the disk synced first: its
     /// image holds the bytes of the in-image records).
     Seal,
 }
 
+/// Closes every disk, even after one failed (the first error is returned).
 fn close_disks(disks: &[Arc<Disk>], close: Close) -> Result<()> {
-    for d in disks {
-        let snap = d.snapshot();
-        if close != Close::KeepCopy {
-            let _ = tasks::release_snapshot(d);
+    disks.iter().map(|d| close_disk(d, close)).fold(Ok(()), |first, r| first.and(r))
+}
+
+fn close_disk(d: &Arc<Disk>, close: Close) -> Result<()> {
+    let snap = d.snapshot();
+    if close != Close::KeepCopy {
+        let _ = tasks::release_snapshot(d);
+    }
+    let log = d.close(); // no change in flight from here on
+    match close {
+        Close::Unprotect => {
+            drop(log);
+            super::open::remove_local_files(&d.path)?;
         }
-        let log = d.close(); // no change in flight from here on
-        match close {
-            Close::Unprotect => {
-                drop(log);
-                super::open::remove_local_files(&d.path)?;
+        Close::DropLogs => drop(log),
+        Close::KeepCopy | Close::Seal => {
+            // Durable before the seal: after a reboot a sealed chain is
+            // trusted, and its in-image records' bytes are in the image.
+            // (A failed sync leaves the log unsealed: not trusted after a reboot.)
+            if let Some(s) = snap.filter(|_| close == Close::KeepCopy) {
+                s.sync()?;
             }
-            Close::DropLogs => drop(log),
-            Close::KeepCopy | Close::Seal => {
-                // Durable before the seal: after a reboot a sealed chain is
-                // trusted, and its in-image records' bytes are in the image.
-                if let Some(s) = snap.filter(|_| close == Close::KeepCopy) {
-                    s.sync()?;
-                }
-                d.file().sync_data().map_err(|e| Error::io(format!("sync {}", d.path.display()), e))?;
-                if let Some(log) = log {
-                    log.seal()?;
-                }
+            d.file().sync_data().map_err(|e| Error::io(format!("sync {}", d.path.display()), e))?;
+            if let Some(log) = log {
+                log.seal()?;
             }
         }
     }

@@ -357,7 +357,9 @@ impl VmCore {
                 }
             }
             Input::BaseCopied { epoch, result } => {
-                if !self.awaits(epoch, Step::InitialCopy) || self.lifecycle.state != VmState::InitialReplication {
+                let state = self.lifecycle.state;
+                let copying = matches!(state, VmState::InitialReplication | VmState::FinalizingProtection);
+                if !self.awaits(epoch, Step::InitialCopy) || !copying {
                     return out; // superseded (logs discarded for a resync, or stopped)
                 }
                 self.running = None;
@@ -365,7 +367,11 @@ impl VmCore {
                     Ok(base) => {
                         self.base = Some(base);
                         self.succeeded(&mut out);
-                        self.event(Event::InitialCopyDone, now, &mut out);
+                        match state {
+                            VmState::InitialReplication => self.event(Event::InitialCopyDone, now, &mut out),
+                            // The base rebuilt from the journal of a copy that had ended.
+                            _ => self.commit_base(&mut out),
+                        }
                     }
                     Err(f) => self.failed(f, now, &mut out),
                 }
@@ -444,7 +450,7 @@ impl VmCore {
                     self.next_seq = self.next_seq.max(seq);
                 }
                 match self.lifecycle.state {
-                    VmState::InitialReplication => self.copy_base(out),
+                    VmState::InitialReplication | VmState::FinalizingProtection => self.copy_base(out),
                     VmState::Resynchronizing => self.resume_resync(snapshot_ms, out),
                     _ => {}
                 }
@@ -538,11 +544,12 @@ impl VmCore {
         out.push(Command::CopyBase { epoch: self.epoch, seq });
     }
 
-    fn commit_base(&mut self, now: UnixMillis, out: &mut Vec<Command>) {
+    fn commit_base(&mut self, out: &mut Vec<Command>) {
         let Some(base) = self.base.clone() else {
-            // Never commit a base without its objects: it would restore as zeros.
-            let reason = "the initial copy's result was lost: unprotect and protect again".to_string();
-            return self.event(Event::Failed { class: ErrorClass::NonRecoverable, reason }, now, out);
+            // Never commit a base without its objects (it would restore as
+            // zeros): the copy's journal names them, a resumed copy reads it
+            // (its snapshot and journal stay until the base is committed).
+            return self.copy_base(out);
         };
         // Normally the number its objects were put under; a higher one if a
         // point took that number meanwhile (the manifest names the keys).
@@ -601,7 +608,7 @@ impl VmCore {
                     out.push(Command::TakeSnapshot { epoch: self.epoch });
                 }
                 Action::StartInitialCopy => self.copy_base(out),
-                Action::CommitBasePoint => self.commit_base(now, out),
+                Action::CommitBasePoint => self.commit_base(out),
                 Action::StartCycle => {
                     let waiters = std::mem::take(&mut self.waiting);
                     let seq = self.run(Step::Cycle, waiters);
@@ -647,7 +654,7 @@ impl VmCore {
                 self.run(Step::Snapshot, Vec::new());
                 out.push(Command::TakeSnapshot { epoch: self.epoch });
             }
-            S::FinalizingProtection => self.commit_base(now, out),
+            S::FinalizingProtection => self.commit_base(out),
             S::Resynchronizing => self.resync(out),
             S::Protected => self.event(Event::CycleDue, now, out),
             S::ResyncRequired => out.push(Command::ScheduleAutoResync),

@@ -89,12 +89,18 @@ pub fn open_vm(rec: &mut VmRecord, data_dir: &Path, now: UnixMillis) -> Result<O
     let scanned = rec.spec.disks.iter().map(|d| scan(&rec.spec.name, &d.name, &d.path)).collect::<Result<Vec<_>>>()?;
     let found: Vec<(String, LogsFound)> =
         rec.spec.disks.iter().zip(&scanned).map(|(d, s)| (d.name.clone(), s.found.clone())).collect();
-    let (copy, rebuilt) = match rec.lifecycle.state {
-        VmState::InitialReplication | VmState::Resynchronizing => match scan_copy(rec, data_dir, &scanned) {
+    // A base copied whose commit was not made resumes like a copy (with nothing left to put).
+    let copying = match rec.lifecycle.state {
+        VmState::InitialReplication | VmState::Resynchronizing => true,
+        VmState::FinalizingProtection => rec.last_point_seq == 0,
+        _ => false,
+    };
+    let (copy, rebuilt) = match copying {
+        true => match scan_copy(rec, data_dir, &scanned) {
             Ok((found, rebuilt)) => (found, rebuilt),
             Err(why) => (CopyFound::Unusable(why), Vec::new()),
         },
-        _ => (CopyFound::NotLooked, Vec::new()),
+        false => (CopyFound::NotLooked, Vec::new()),
     };
     let decision = restart::decide(&rec.lifecycle, rec.last_point_seq, &found, &copy);
     match (&copy, &decision.start) {
@@ -137,6 +143,10 @@ fn scan_copy(
         return Err("the copy progress names other disks".into());
     }
     let seq = found.seq();
+    if h.purpose == progress::CopyPurpose::Base && seq.is_some_and(|s| s <= rec.last_point_seq) {
+        // The base was committed (the state change was not stored): no copy goes on.
+        return Err("the initial copy's base point was already committed".into());
+    }
     if let progress::CopyPurpose::Resync { compared_with } = h.purpose {
         // A resync whose point was committed (the state change was not
         // stored), or that compared with a point other than the last: its
@@ -414,6 +424,12 @@ fn open(
                 changelog::remove_file_if_present(side)?;
             }
             d.resume_snapshot(Arc::new(CowSnapshot::reopen(&r.side, d.size(), r.blocks)?));
+        } else {
+            // No snapshot goes on: side files left by one (a crash after a
+            // commit, before its release) are removed.
+            for side in snapshot::side_files(&spec.path) {
+                changelog::remove_file_if_present(&side)?;
+            }
         }
         disks.push(d);
         let hpath = hashes::path(data_dir, vm, &spec.name);

@@ -26,8 +26,13 @@
 //!   not trusted (a reboot lost the page cache), start protection over.
 //!   A clean stop mid-copy syncs the side file and the disk and seals the
 //!   logs (`vm::actor`), so it resumes the same way, even after a reboot.
+//!   A copy that ended but whose base point was not committed
+//!   (FinalizingProtection with no point) resumes the same way: the
+//!   snapshot and the journal are released only after that commit, so its
+//!   journal lists every part and the resumed copy puts nothing before it
+//!   commits the base.
 //! - Any other protection that had not committed its base (Unprotected,
-//!   EnablingProtection, FinalizingProtection with no point, a Critical VM
+//!   EnablingProtection, a copy that cannot resume, a Critical VM
 //!   that failed in one of those or in InitialReplication) starts over
 //!   under a new generation. A Critical VM is judged by the state it failed
 //!   in (the one a resume returns to).
@@ -106,8 +111,13 @@ fn trusted(found: &[(String, LogsFound)]) -> std::result::Result<Vec<Vec<Pending
 pub fn decide(lifecycle: &Lifecycle, last_point: u64, found: &[(String, LogsFound)], copy: &CopyFound) -> Restart {
     use VmState as S;
     if let (CopyFound::Resumable { seq, snapshot_ms, resync }, Ok(pending)) = (copy, trusted(found)) {
-        let copying = if *resync { S::Resynchronizing } else { S::InitialReplication };
-        if lifecycle.state == copying {
+        let copying = match (lifecycle.state, *resync) {
+            (S::Resynchronizing, true) => true,
+            (S::InitialReplication, false) => true,
+            (S::FinalizingProtection, false) => last_point == 0,
+            _ => false,
+        };
+        if copying {
             let start = Start::ContinueCopy { pending, seq: *seq, snapshot_ms: *snapshot_ms };
             return Restart { start_over: false, base_committed: false, start };
         }
@@ -246,6 +256,11 @@ mod tests {
             (S::Resynchronizing, &ok, &unusable, plain(Start::ResyncAgain)),
             (S::Resynchronizing, &ok, &resumable, plain(Start::ResyncAgain)),
             (S::InitialReplication, &ok, &resync, protect.clone()),
+            // A copy that ended but whose base was not committed goes on with its journal.
+            (S::FinalizingProtection, &ok, &resumable, cont(&ok, Some(3))),
+            (S::FinalizingProtection, &unclean, &resumable, protect.clone()),
+            (S::FinalizingProtection, &ok, &unusable, protect.clone()),
+            (S::FinalizingProtection, &ok, &resync, protect.clone()),
         ];
         for (state, found, copy, want) in table {
             let lc = Lifecycle { state, ..Default::default() };
@@ -255,6 +270,12 @@ mod tests {
         }
         let critical = Lifecycle { state: S::Critical, resume_to: Some(S::InitialReplication), ..Default::default() };
         assert_eq!(decide(&critical, 0, &ok, &resumable), protect, "the operator's resume starts over");
+        // The base committed (the state change not stored): no copy goes on.
+        let finalizing = Lifecycle { state: S::FinalizingProtection, ..Default::default() };
+        assert_eq!(
+            decide(&finalizing, 1, &ok, &resumable),
+            Restart { base_committed: true, ..plain(Start::Resume { pending: pending(&ok) }) }
+        );
     }
 
     fn trusted_logs(found: &[(String, LogsFound)]) -> Vec<Vec<PendingLog>> {

@@ -230,18 +230,11 @@ impl VmIo {
         Input::BaseCopied { epoch, result: r.map_err(|e| failure("initial replication", &e)) }
     }
 
-    /// Releases the snapshot, then commits the base point.
+    /// Commits the base point, then releases the snapshot and the copy's
+    /// progress. In that order: until the point is committed, a crash finds
+    /// the journal and the side file and the copy resumes (`vm::restart`),
+    /// with nothing to put again.
     pub async fn commit_base(self, epoch: u64, seq: u64, time_ms: UnixMillis, base: BaseCopy) -> Input {
-        // Only if not superseded: a newer resync's snapshot must stay.
-        let (disks, fence) = (self.disks.clone(), self.fence.clone());
-        let released =
-            blocking(move || fence.change(epoch, || disks.iter().try_for_each(|d| release_snapshot(d)))).await;
-        if let Err(e) = released.as_ref() {
-            if e.class() == ErrorClass::Cancelled {
-                return Input::BaseCommitted { epoch, result: Err(failure("committing the base point", e)) };
-            }
-            tracing::warn!(vm = %self.vm, error = %e, "could not release the snapshot");
-        }
         let disks = self
             .disks
             .iter()
@@ -251,10 +244,20 @@ impl VmIo {
         let draft = PointDraft { seq, parent: None, kind: PointKind::Base, time_ms, disks };
         let r = self.commit_point(epoch, draft).await;
         if r.is_ok() {
-            // The base is committed: the copy's progress is no longer needed.
+            // The base is committed: its snapshot and the copy's progress are
+            // no longer needed. Only if not superseded: a newer resync's
+            // snapshot and journal must stay.
+            let (disks, fence) = (self.disks.clone(), self.fence.clone());
             let journal = self.host.config.paths().copy_progress(&self.vm);
-            if let Err(e) = blocking(move || progress::remove(&journal)).await {
-                tracing::warn!(vm = %self.vm, error = %e, "could not remove the copy progress");
+            let released = blocking(move || {
+                fence.change(epoch, || {
+                    disks.iter().try_for_each(|d| release_snapshot(d))?;
+                    progress::remove(&journal)
+                })
+            })
+            .await;
+            if let Err(e) = released {
+                tracing::warn!(vm = %self.vm, error = %e, "could not release the snapshot and the copy progress");
             }
             let block = self.host.config.resync_block_size;
             let changes = base
