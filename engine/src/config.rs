@@ -52,6 +52,16 @@ pub struct EngineConfig {
     pub zstd_level: i32,
     /// Downloads in flight during a restore. Default 8, 1..=64.
     pub restore_parallelism: usize,
+    /// CPU nice value (absolute) of the threads that compress the parts of
+    /// a point and hash disks for a resync (`runtime::background`): on a
+    /// busy host the guests' I/O is served first. Default 10, 0..=19;
+    /// process-wide; a thread already at a higher nice value (a daemon
+    /// started niced) keeps its own.
+    pub background_nice: i32,
+    /// Memory, host-wide, for the blocks a guest overwrites while their
+    /// recovery point is still uploading (`capture::held`); beyond it they
+    /// are saved in side files beside the disks. Default 256 MiB, 0..=64 GiB.
+    pub held_memory: u64,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +76,8 @@ impl Default for EngineConfig {
             chunk_size: 4 << 20,
             zstd_level: 3,
             restore_parallelism: 8,
+            background_nice: crate::runtime::DEFAULT_BACKGROUND_NICE,
+            held_memory: crate::capture::held::DEFAULT_MEMORY_BUDGET,
         }
     }
 }
@@ -121,6 +133,12 @@ impl EngineConfig {
         if !(1..=19).contains(&self.zstd_level) {
             return Err(Error::invalid("zstd_level", format!("{} is outside 1..=19", self.zstd_level)));
         }
+        if !(0..=19).contains(&self.background_nice) {
+            return Err(Error::invalid("background_nice", format!("{} is outside 0..=19", self.background_nice)));
+        }
+        if self.held_memory > 64 << 30 {
+            return Err(Error::invalid("held_memory", format!("{} is more than 64 GiB", self.held_memory)));
+        }
         if !(1..=64).contains(&self.restore_parallelism) {
             return Err(Error::invalid(
                 "restore_parallelism",
@@ -142,6 +160,8 @@ mod tests {
             (EngineConfig { chunk_size: 1, ..Default::default() }, "chunk_size"),
             (EngineConfig { chunk_size: 100 << 10, ..Default::default() }, "chunk_size"),
             (EngineConfig { zstd_level: 0, ..Default::default() }, "zstd_level"),
+            (EngineConfig { background_nice: 20, ..Default::default() }, "background_nice"),
+            (EngineConfig { held_memory: 65 << 30, ..Default::default() }, "held_memory"),
             (EngineConfig { restore_parallelism: 65, ..Default::default() }, "restore_parallelism"),
             (EngineConfig { bandwidth: BandwidthPolicy::flat(Some(10)), ..Default::default() }, "work limit"),
             (EngineConfig { resync_block_size: 5000, ..Default::default() }, "resync_block_size"),

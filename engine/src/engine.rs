@@ -56,6 +56,8 @@ impl Engine {
     /// policy time fast with [`crate::clock::AcceleratedClock`]).
     pub async fn open_with_clock(config: EngineConfig, clock: Arc<dyn crate::clock::Clock>) -> Result<Engine> {
         config.validate()?;
+        crate::runtime::set_background_nice(config.background_nice);
+        crate::capture::held::set_memory_budget(config.held_memory);
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| Error::io(format!("create data folder {}", data_dir.display()), e))?;

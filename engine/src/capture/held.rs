@@ -21,6 +21,15 @@
 //! When the point is committed the side file is deleted; a resync drops
 //! them all.
 //!
+//! Where a saved block goes: into memory while the host-wide budget
+//! ([`set_memory_budget`], `EngineConfig::held_memory`, default
+//! [`DEFAULT_MEMORY_BUDGET`]) has room, else into the side file. A save
+//! into memory is one copy out of the page cache; a save into a new file
+//! also allocates its pages and later writes them back, which on a guest
+//! that rewrites what it just wrote costs more than the guest's own write.
+//! Memory saves need no durability: a restart holds afresh, nothing saved
+//! (below).
+//!
 //! Consistency: the saved set lives under one mutex. `preserve` takes it,
 //! reads the image, writes the side file and marks the block saved, all
 //! before the change's own disk write begins; `read` takes it for each
@@ -45,7 +54,7 @@
 //! itself must be durable for that after a reboot: a clean stop syncs it
 //! before it seals the active log (`vm::actor`), and an unclean reboot
 //! leaves the active log unsealed, which is not trusted (resync).
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -57,6 +66,51 @@ use super::snapshot::SNAPSHOT_BLOCK;
 use crate::error::{Error, ErrorClass, Result};
 
 pub use crate::changelog::held_path;
+
+/// The host-wide memory for saved blocks unless configured: 256 MiB.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
+
+/// Bytes of saved blocks that may live in memory, host-wide, and how many do.
+pub struct MemoryBudget {
+    budget: AtomicU64,
+    used: AtomicU64,
+}
+
+impl MemoryBudget {
+    pub const fn new(budget: u64) -> Self {
+        MemoryBudget { budget: AtomicU64::new(budget), used: AtomicU64::new(0) }
+    }
+
+    /// Reserves `n` bytes if the budget has room.
+    fn take(&self, n: u64) -> bool {
+        let budget = self.budget.load(Ordering::Relaxed);
+        self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u + n <= budget).then_some(u + n)).is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes of saved blocks in memory now.
+    #[cfg(test)]
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+static HOST_MEMORY: MemoryBudget = MemoryBudget::new(DEFAULT_MEMORY_BUDGET);
+
+/// Sets the host-wide memory budget for saved blocks (saves already in
+/// memory stay until released).
+pub fn set_memory_budget(bytes: u64) {
+    HOST_MEMORY.budget.store(bytes, Ordering::Relaxed);
+}
+
+/// Where a saved block's rotation-time bytes are.
+enum Saved {
+    Memory(Box<[u8]>),
+    File,
+}
 
 /// The blocks that byte ranges touch on a disk of `size` bytes, as sorted,
 /// disjoint, non-adjacent block ranges `[first, end)` (pure). Ranges past
@@ -92,8 +146,12 @@ pub struct HeldImage {
     /// Protected blocks, as [`blocks_of`] gives them; fixed at creation.
     protected: Vec<(u64, u64)>,
     protected_bytes: u64,
-    saved: Mutex<BTreeSet<u64>>,
+    saved: Mutex<BTreeMap<u64, Saved>>,
+    /// Bytes saved in the side file.
     saved_bytes: AtomicU64,
+    memory: &'static MemoryBudget,
+    /// Bytes saved in memory (reserved from `memory`, given back on drop).
+    memory_bytes: AtomicU64,
     /// Why a save failed: the image may hold later bytes than the point's.
     broken: AtomicBool,
 }
@@ -103,6 +161,11 @@ impl HeldImage {
     /// `size` bytes; the caller holds the disk quiesced. The side file is
     /// created empty (an old one is truncated).
     pub fn create(log: &Path, size: u64, ranges: &[(u64, u64)]) -> Result<Self> {
+        Self::create_in(log, size, ranges, &HOST_MEMORY)
+    }
+
+    /// [`HeldImage::create`] saving into memory under `memory`'s budget.
+    fn create_in(log: &Path, size: u64, ranges: &[(u64, u64)], memory: &'static MemoryBudget) -> Result<Self> {
         let side_path = held_path(log);
         let side = super::snapshot::create_side_file(&side_path, "held side file")?;
         let protected = blocks_of(size, ranges);
@@ -115,8 +178,10 @@ impl HeldImage {
             size,
             protected,
             protected_bytes,
-            saved: Mutex::new(BTreeSet::new()),
+            saved: Mutex::new(BTreeMap::new()),
             saved_bytes: AtomicU64::new(0),
+            memory,
+            memory_bytes: AtomicU64::new(0),
             broken: AtomicBool::new(false),
         })
     }
@@ -137,38 +202,54 @@ impl HeldImage {
     /// reaches `disk`. A failure breaks the held image (see the module
     /// header) and is returned.
     pub fn preserve(&self, disk: &File, offset: u64, len: u64) -> Result<()> {
-        if !self.touches(offset, len) {
+        // A broken image is never read again: nothing to save for it.
+        if !self.touches(offset, len) || self.broken.load(Ordering::SeqCst) {
             return Ok(());
         }
         let first = offset / SNAPSHOT_BLOCK;
         let end = (offset.saturating_add(len).min(self.size) - 1) / SNAPSHOT_BLOCK + 1;
         let mut saved = self.saved.lock().expect("held lock is never poisoned");
-        let mut buf = Vec::new();
+        let mut scratch = Vec::new();
         for b in blocks_within(&self.protected, first, end) {
-            if saved.contains(&b) {
+            if saved.contains_key(&b) {
                 continue;
             }
             let start = b * SNAPSHOT_BLOCK;
             let n = SNAPSHOT_BLOCK.min(self.size - start);
-            buf.resize(n as usize, 0);
-            let copied = crate::failpoint::check("held.save", &self.side_path)
-                .map_err(|e| Error::io(format!("held: save a block to {}", self.side_path.display()), e))
-                .and_then(|()| {
-                    disk.read_exact_at(&mut buf, start).map_err(|e| Error::io("held: read a block to save", e))
-                })
-                .and_then(|()| {
-                    self.side
-                        .write_all_at(&buf, start)
-                        .map_err(|e| Error::io(format!("held: save a block to {}", self.side_path.display()), e))
-                });
-            if let Err(e) = copied {
-                self.broken.store(true, Ordering::SeqCst);
-                return Err(e);
-            }
-            saved.insert(b);
-            self.saved_bytes.fetch_add(n, Ordering::Relaxed);
+            match self.save(disk, start, n, &mut scratch) {
+                Ok(place) => saved.insert(b, place),
+                Err(e) => {
+                    self.broken.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            };
         }
         Ok(())
+    }
+
+    /// Copies the `n` bytes of the block at `start` out of `disk`: into
+    /// memory if the budget has room, else into the side file (through `scratch`).
+    fn save(&self, disk: &File, start: u64, n: u64, scratch: &mut Vec<u8>) -> Result<Saved> {
+        crate::failpoint::check("held.save", &self.side_path)
+            .map_err(|e| Error::io(format!("held: save a block to {}", self.side_path.display()), e))?;
+        let read =
+            |buf: &mut [u8]| disk.read_exact_at(buf, start).map_err(|e| Error::io("held: read a block to save", e));
+        if self.memory.take(n) {
+            let mut buf = vec![0u8; n as usize];
+            if let Err(e) = read(&mut buf) {
+                self.memory.give(n);
+                return Err(e);
+            }
+            self.memory_bytes.fetch_add(n, Ordering::Relaxed);
+            return Ok(Saved::Memory(buf.into_boxed_slice()));
+        }
+        scratch.resize(n as usize, 0);
+        read(scratch)?;
+        self.side
+            .write_all_at(scratch, start)
+            .map_err(|e| Error::io(format!("held: save a block to {}", self.side_path.display()), e))?;
+        self.saved_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(Saved::File)
     }
 
     /// Reads `buf.len()` bytes at `offset` as they were when the log was
@@ -185,10 +266,15 @@ impl HeldImage {
             let piece = &mut buf[pos..pos + n];
             {
                 let saved = self.saved.lock().expect("held lock is never poisoned");
-                if saved.contains(&b) {
-                    self.side.read_exact_at(piece, at).map_err(|e| self.lost(format!("read held bytes: {e}")))?;
-                } else {
-                    disk.read_exact_at(piece, at).map_err(|e| Error::io("held: read the disk", e))?;
+                match saved.get(&b) {
+                    Some(Saved::Memory(bytes)) => {
+                        let from = (at % SNAPSHOT_BLOCK) as usize;
+                        piece.copy_from_slice(&bytes[from..from + n]);
+                    }
+                    Some(Saved::File) => {
+                        self.side.read_exact_at(piece, at).map_err(|e| self.lost(format!("read held bytes: {e}")))?
+                    }
+                    None => disk.read_exact_at(piece, at).map_err(|e| Error::io("held: read the disk", e))?,
                 }
             }
             // After the read: a save that failed before a change reached
@@ -230,9 +316,21 @@ impl HeldImage {
         self.saved_bytes.load(Ordering::Relaxed)
     }
 
+    /// Bytes saved in memory so far.
+    pub fn memory_used(&self) -> u64 {
+        self.memory_bytes.load(Ordering::Relaxed)
+    }
+
     /// Deletes the side file (the point is committed, or the logs were dropped).
     pub fn release(&self) -> Result<()> {
         crate::changelog::remove_file_if_present(&self.side_path)
+    }
+}
+
+impl Drop for HeldImage {
+    /// Gives the memory saves' budget back.
+    fn drop(&mut self) {
+        self.memory.give(self.memory_bytes.load(Ordering::Relaxed));
     }
 }
 
@@ -288,13 +386,16 @@ mod tests {
         fn reads_see_the_rotation_time_bytes(
             ranges in proptest::collection::vec((0u64..600_000, 1u64..200_000), 1..6),
             after in proptest::collection::vec((0u64..600_000, 1u64..100_000, any::<u8>()), 0..20),
+            // Saves in memory up to this many blocks, the rest in the side file.
+            budget_blocks in 0u64..6,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let size = 600_000u64;
             let (_, disk, mut model) = image(dir.path(), size);
             let log = dir.path().join("d.img.00000001.hrl");
             let ranges: Vec<(u64, u64)> = ranges.into_iter().map(|(o, l)| (o, l.min(size - o))).collect();
-            let held = HeldImage::create(&log, size, &ranges).unwrap();
+            let memory: &'static MemoryBudget = Box::leak(Box::new(MemoryBudget::new(budget_blocks * B)));
+            let held = HeldImage::create_in(&log, size, &ranges, memory).unwrap();
             let at_rotation = model.clone();
             for (o, l, v) in after {
                 write(&disk, &mut model, &[&held], o, l.min(size - o), v);
@@ -304,9 +405,13 @@ mod tests {
                 held.read(&disk, o, &mut got).unwrap();
                 prop_assert!(got[..] == at_rotation[o as usize..(o + l) as usize], "range {o}+{l}");
             }
-            prop_assert!(held.space_used() <= held.protected_bytes());
+            prop_assert!(held.space_used() + held.memory_used() <= held.protected_bytes());
+            prop_assert!(held.memory_used() <= budget_blocks * B);
+            prop_assert_eq!(memory.used(), held.memory_used());
             held.release().unwrap();
             prop_assert!(!held_path(&log).exists());
+            drop(held);
+            prop_assert_eq!(memory.used(), 0, "the budget is given back");
         }
     }
 
@@ -315,7 +420,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, disk, _) = image(dir.path(), 4 * B);
         let log = dir.path().join("d.img.00000001.hrl");
-        let held = HeldImage::create(&log, 4 * B, &[(B + 10, 20)]).unwrap();
+        let no_memory: &'static MemoryBudget = Box::leak(Box::new(MemoryBudget::new(0)));
+        let held = HeldImage::create_in(&log, 4 * B, &[(B + 10, 20)], no_memory).unwrap();
         let mut buf = vec![0u8; 100];
         held.read(&disk, B, &mut buf).unwrap();
         let e = held.read(&disk, 2 * B - 50, &mut buf).unwrap_err().to_string();
@@ -326,8 +432,25 @@ mod tests {
         held.preserve(&disk, 3 * B, B).unwrap();
         assert_eq!(held.space_used(), 0);
         held.preserve(&disk, 2 * B - 1, 2).unwrap();
-        assert_eq!(held.space_used(), B);
+        assert_eq!((held.space_used(), held.memory_used()), (B, 0));
         assert_eq!(held.protected_bytes(), B);
+    }
+
+    #[test]
+    fn saves_go_to_memory_while_the_budget_lasts_then_to_the_side_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, disk, at_rotation) = image(dir.path(), 4 * B);
+        let log = dir.path().join("d.img.00000001.hrl");
+        let memory: &'static MemoryBudget = Box::leak(Box::new(MemoryBudget::new(B)));
+        let held = HeldImage::create_in(&log, 4 * B, &[(0, 4 * B)], memory).unwrap();
+        held.preserve(&disk, 0, 2 * B).unwrap();
+        assert_eq!((held.memory_used(), held.space_used(), memory.used()), (B, B, B));
+        disk.write_all_at(&vec![7u8; 2 * B as usize], 0).unwrap();
+        let mut got = vec![0u8; 2 * B as usize];
+        held.read(&disk, 0, &mut got).unwrap();
+        assert!(got == at_rotation[..2 * B as usize], "both saves read back as at the rotation");
+        drop(held);
+        assert_eq!(memory.used(), 0);
     }
 
     #[test]

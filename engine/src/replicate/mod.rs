@@ -39,7 +39,7 @@ use crate::changelog::{self, Coalescer, Extent, ExtentSource};
 use crate::error::{Error, Result};
 use crate::replica::bundle::{self, BundleExtent, ExtentData};
 use crate::replica::manifest::{object_key, ObjectRef};
-use crate::runtime::blocking;
+use crate::runtime::{background, blocking};
 use crate::schedule::throttle::Throttle;
 use crate::target::Target;
 
@@ -128,12 +128,14 @@ pub async fn put_parts<T: Send + 'static>(
             let key = object_key(&ctx.vm, ctx.generation, disk, seq, i);
             async move {
                 let level = ctx.zstd_level;
-                let (enc, covered, extra) = blocking(move || {
-                    let (extents, covered, extra) = build(i)?;
-                    let enc = if extents.is_empty() { None } else { Some(bundle::encode(&extents, level)?) };
-                    Ok((enc, covered, extra))
-                })
-                .await?;
+                // The reads take locks the guests' writes need (snapshot,
+                // held image): they run at the daemon's priority. Only the
+                // compression yields to the guests' I/O (`runtime::background`).
+                let (extents, covered, extra) = blocking(move || build(i)).await?;
+                let enc = match extents.is_empty() {
+                    true => None,
+                    false => Some(background(move || bundle::encode(&extents, level)).await?),
+                };
                 let object = match enc {
                     Some(enc) => Some(put_part(&ctx, key, enc).await?),
                     None => None,

@@ -180,9 +180,7 @@ pub async fn target_hashes(
         return Ok(Vec::new()); // the disk is new since that point
     };
     let path = img.path.clone();
-    let hashes = tokio::task::spawn_blocking(move || hash_file(&path, size.min(img.size), block))
-        .await
-        .map_err(|e| Error::Internal(format!("hash task failed: {e}")))??;
+    let hashes = crate::runtime::background(move || hash_file(&path, size.min(img.size), block)).await?;
     let _ = std::fs::remove_file(&img.path);
     Ok(hashes)
 }
