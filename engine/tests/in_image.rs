@@ -31,9 +31,14 @@ async fn writes(engine: &Engine, at: u64, seed: u64) {
 
 /// A VM with one random disk `a` (seeded `seed`), protected, idle.
 async fn protected_vm(seed: u64) -> (tempfile::TempDir, std::path::PathBuf, Engine) {
+    protected_vm_at(seed, POLICY_FACTOR).await
+}
+
+/// The same on a policy clock `factor` times faster than wall time.
+async fn protected_vm_at(seed: u64, factor: f64) -> (tempfile::TempDir, std::path::PathBuf, Engine) {
     let tmp = tempfile::tempdir().unwrap();
     let a = random_disk(tmp.path(), "a", SIZE, seed);
-    let engine = open_engine(config(tmp.path())).await.unwrap();
+    let engine = open_engine_at(config(tmp.path()), factor).await.unwrap();
     protect(&engine, "vm", &[&a]).await;
     wait_idle(&engine).await;
     (tmp, a, engine)
@@ -114,6 +119,41 @@ async fn large_writes_replicate_as_of_their_rotation_across_failed_uploads_and_a
     assert!(engine.jobs().await.unwrap().iter().all(|j| j.kind != JobKind::Resync), "no resync");
     let left: Vec<_> = changelog::held_files(&a).unwrap();
     assert!(left.is_empty(), "held side files are deleted once their point is committed: {left:?}");
+    engine.shutdown().await.unwrap();
+}
+
+/// A point whose upload read every held block, put every part and then
+/// failed at the commit, while the guest overwrote some of those blocks
+/// (which, read by that attempt, were not saved again): the next attempt
+/// rotates again and its point is exactly the disk at its own rotation,
+/// also when the guest writes into those blocks during that next upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_after_an_upload_that_read_the_held_bytes_is_the_disk_at_its_rotation() {
+    // Wall-time policy: the first retry is a minute away, only the test cuts points.
+    let (tmp, a, engine) = protected_vm_at(3, 1.0).await;
+    writes(&engine, 0, 10).await;
+    writes(&engine, 3 * MIB, 11).await;
+    let manifests_down = Faults { down: true, only_keys_containing: Some(".manifest".into()), ..Faults::default() };
+    engine.set_faults(manifests_down).unwrap();
+    assert!(engine.replicate_now("vm").await.is_err(), "the commit fails");
+    engine.set_faults(Faults::default()).unwrap();
+    // Into blocks the failed upload read: partly, wholly, and by a small write.
+    writes(&engine, 64 * KIB, 12).await;
+    writes(&engine, 3 * MIB + 200 * KIB, 13).await;
+    engine.write("vm", "a", 500 * KIB, random_bytes(1000, 14)).await.unwrap();
+    engine.flush("vm", "a").await.unwrap();
+    let now = std::fs::read(&a).unwrap();
+    let point = engine.replicate_now("vm").await.unwrap().expect("a point");
+    assert_point_equals(&engine, "vm", point.seq, &[("a", &now)], &tmp.path().join("p")).await;
+
+    // Once more, but the guest writes into those blocks while the next
+    // attempt uploads: what the failed attempt read is guarded again.
+    writes(&engine, 0, 20).await;
+    engine
+        .set_faults(Faults { down: true, only_keys_containing: Some(".manifest".into()), ..Faults::default() })
+        .unwrap();
+    assert!(engine.replicate_now("vm").await.is_err(), "the commit fails");
+    point_while_overwriting(&engine, &a, &[64 * KIB, 0], 300, &tmp.path().join("q")).await;
     engine.shutdown().await.unwrap();
 }
 

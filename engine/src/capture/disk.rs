@@ -894,6 +894,23 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64, 
     Ok((snaps, at, positions))
 }
 
+/// Starts a new upload attempt of the pending logs without a rotation, if
+/// no disk has logged a change since the last one (else returns false: the
+/// caller rotates, which starts the attempt). Under the quiesced gates, so
+/// every held image's marks of the attempt before are dropped before any
+/// new change (`capture::held`).
+pub fn new_attempt_if_unchanged(disks: &[Arc<Disk>]) -> bool {
+    let _quiet: Vec<_> = disks.iter().map(|d| d.quiesce()).collect();
+    let guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
+    if guards.iter().any(|g| g.log.as_ref().is_some_and(|l| l.records() > 0)) {
+        return false;
+    }
+    for h in guards.iter().flat_map(|g| g.held.iter()) {
+        h.next_attempt();
+    }
+    true
+}
+
 /// Swaps in the prepared logs of all disks at one instant, so a recovery
 /// point is crash-consistent across the VM's disks. Returns the old logs
 /// (still to be sealed) and the instant.
@@ -942,6 +959,10 @@ pub fn rotate_all(
     let at = now_millis();
     let mut old = Vec::new();
     for ((d, g), (n, h)) in disks.iter().zip(guards.iter_mut()).zip(next.into_iter().zip(held)) {
+        // A new upload attempt: what the last one read is guarded again.
+        for older in &g.held {
+            older.next_attempt();
+        }
         if let Some(h) = h {
             d.held_bytes.fetch_add(h.protected_bytes(), Ordering::Relaxed);
             g.held.push(Arc::new(h));

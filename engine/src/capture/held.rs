@@ -21,6 +21,20 @@
 //! When the point is committed the side file is deleted; a resync drops
 //! them all.
 //!
+//! A block the upload attempt under way has read needs no save while that
+//! attempt runs: the upload marks it *shipped* ([`HeldImage::shipped`])
+//! once every part of its point that reads it is built, and from then on
+//! a change saves nothing for it (a saved block's memory is given back).
+//! If that attempt fails, the next one starts with every change quiesced
+//! (its rotation, or `disk::new_attempt_if_unchanged` when nothing was
+//! logged since: [`HeldImage::next_attempt`]), which guards the shipped
+//! blocks again, from the image as it is then: the next attempt ships
+//! every sealed log up to its own rotation, coalesced (the rule the
+//! restart rests on, below), so it reads through this held image only
+//! bytes that no later logged change wrote, and in those ranges the image
+//! still holds the rotation's bytes. Marks carry their attempt: a build of
+//! a failed attempt that ends after the next rotation marks nothing.
+//!
 //! Where a saved block goes: into memory while the host-wide budget
 //! ([`set_memory_budget`], `EngineConfig::held_memory`, default
 //! [`DEFAULT_MEMORY_BUDGET`]) has room, else into the side file. A save
@@ -34,8 +48,10 @@
 //! reads the image, writes the side file and marks the block saved, all
 //! before the change's own disk write begins; `read` takes it for each
 //! block it reads. So a read that finds a block unsaved reads the image
-//! before any change since the rotation reached it, and one that finds it
-//! saved reads the side file, which holds the rotation-time bytes. A save
+//! before any change since the attempt's rotation reached it, and one that
+//! finds it saved reads the saved bytes (the rotation's). A shipped block
+//! is not read again by its attempt (the upload counts the parts that
+//! read each block). A save
 //! that fails breaks the held image (every later read fails, class
 //! `NeedsResync`) before the change goes on to the disk: the caller then
 //! asks for a resync instead of failing the guest's write, and no point
@@ -106,10 +122,22 @@ pub fn set_memory_budget(bytes: u64) {
     HOST_MEMORY.budget.store(bytes, Ordering::Relaxed);
 }
 
+/// The saved blocks, and the upload attempt marks are for.
+#[derive(Default)]
+struct SavedSet {
+    blocks: BTreeMap<u64, Saved>,
+    /// Bumped at every rotation: an upload attempt's marks count only
+    /// until the next attempt rotates ([`HeldImage::next_attempt`]).
+    attempt: u64,
+}
+
 /// Where a saved block's rotation-time bytes are.
 enum Saved {
     Memory(Box<[u8]>),
     File,
+    /// Read by the upload attempt under way: nothing to save until the next
+    /// attempt rotates (module header).
+    Shipped,
 }
 
 /// The blocks that byte ranges touch on a disk of `size` bytes, as sorted,
@@ -146,7 +174,7 @@ pub struct HeldImage {
     /// Protected blocks, as [`blocks_of`] gives them; fixed at creation.
     protected: Vec<(u64, u64)>,
     protected_bytes: u64,
-    saved: Mutex<BTreeMap<u64, Saved>>,
+    saved: Mutex<SavedSet>,
     /// Bytes saved in the side file.
     saved_bytes: AtomicU64,
     memory: &'static MemoryBudget,
@@ -178,7 +206,7 @@ impl HeldImage {
             size,
             protected,
             protected_bytes,
-            saved: Mutex::new(BTreeMap::new()),
+            saved: Mutex::new(SavedSet::default()),
             saved_bytes: AtomicU64::new(0),
             memory,
             memory_bytes: AtomicU64::new(0),
@@ -211,13 +239,13 @@ impl HeldImage {
         let mut saved = self.saved.lock().expect("held lock is never poisoned");
         let mut scratch = Vec::new();
         for b in blocks_within(&self.protected, first, end) {
-            if saved.contains_key(&b) {
+            if saved.blocks.contains_key(&b) {
                 continue;
             }
             let start = b * SNAPSHOT_BLOCK;
             let n = SNAPSHOT_BLOCK.min(self.size - start);
             match self.save(disk, start, n, &mut scratch) {
-                Ok(place) => saved.insert(b, place),
+                Ok(place) => saved.blocks.insert(b, place),
                 Err(e) => {
                     self.broken.store(true, Ordering::SeqCst);
                     return Err(e);
@@ -266,7 +294,7 @@ impl HeldImage {
             let piece = &mut buf[pos..pos + n];
             {
                 let saved = self.saved.lock().expect("held lock is never poisoned");
-                match saved.get(&b) {
+                match saved.blocks.get(&b) {
                     Some(Saved::Memory(bytes)) => {
                         let from = (at % SNAPSHOT_BLOCK) as usize;
                         piece.copy_from_slice(&bytes[from..from + n]);
@@ -274,7 +302,9 @@ impl HeldImage {
                     Some(Saved::File) => {
                         self.side.read_exact_at(piece, at).map_err(|e| self.lost(format!("read held bytes: {e}")))?
                     }
-                    None => disk.read_exact_at(piece, at).map_err(|e| Error::io("held: read the disk", e))?,
+                    Some(Saved::Shipped) | None => {
+                        disk.read_exact_at(piece, at).map_err(|e| Error::io("held: read the disk", e))?
+                    }
                 }
             }
             // After the read: a save that failed before a change reached
@@ -285,6 +315,50 @@ impl HeldImage {
             pos += n;
         }
         Ok(())
+    }
+
+    /// The upload attempt now under way (taken by the upload at its start,
+    /// after its rotation).
+    pub fn attempt(&self) -> u64 {
+        self.saved.lock().expect("held lock is never poisoned").attempt
+    }
+
+    /// Marks `blocks` (block numbers; those not protected are skipped) as
+    /// read by upload attempt `attempt`: until the next attempt rotates,
+    /// changes save nothing for them, and their memory saves are given
+    /// back (module header). Marks of an attempt that a newer one has
+    /// replaced (a build still running after its attempt failed) are dropped.
+    pub fn shipped(&self, attempt: u64, blocks: &[u64]) {
+        let mut saved = self.saved.lock().expect("held lock is never poisoned");
+        if saved.attempt != attempt {
+            return;
+        }
+        for &b in blocks {
+            if blocks_within(&self.protected, b, b + 1).next().is_none() {
+                continue;
+            }
+            match saved.blocks.get(&b) {
+                // The side file holds the rotation-time bytes: they stay good.
+                Some(Saved::File) | Some(Saved::Shipped) => {}
+                Some(Saved::Memory(_)) | None => {
+                    if let Some(Saved::Memory(bytes)) = saved.blocks.insert(b, Saved::Shipped) {
+                        let n = bytes.len() as u64;
+                        self.memory_bytes.fetch_sub(n, Ordering::Relaxed);
+                        self.memory.give(n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new upload attempt rotates (every change quiesced): the blocks
+    /// the last attempt read are guarded again, from the image as it is
+    /// now, whose bytes in the ranges the next point reads through this
+    /// image are still the rotation's (module header).
+    pub fn next_attempt(&self) {
+        let mut saved = self.saved.lock().expect("held lock is never poisoned");
+        saved.attempt += 1;
+        saved.blocks.retain(|_, s| !matches!(s, Saved::Shipped));
     }
 
     fn lost(&self, why: String) -> Error {
@@ -451,6 +525,43 @@ mod tests {
         assert!(got == at_rotation[..2 * B as usize], "both saves read back as at the rotation");
         drop(held);
         assert_eq!(memory.used(), 0);
+    }
+
+    #[test]
+    fn a_shipped_block_saves_nothing_more_and_gives_its_memory_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, disk, at_rotation) = image(dir.path(), 4 * B);
+        let log = dir.path().join("d.img.00000001.hrl");
+        let memory: &'static MemoryBudget = Box::leak(Box::new(MemoryBudget::new(4 * B)));
+        let held = HeldImage::create_in(&log, 4 * B, &[(0, 3 * B)], memory).unwrap();
+        held.preserve(&disk, 0, 10).unwrap();
+        assert_eq!(memory.used(), B);
+        // Blocks 0 and 1 read by this attempt; block 3 is not protected.
+        held.shipped(held.attempt(), &[0, 1, 3]);
+        assert_eq!((memory.used(), held.memory_used()), (0, 0), "block 0's save was given back");
+        held.preserve(&disk, 0, 2 * B).unwrap();
+        assert_eq!((held.memory_used(), held.space_used()), (0, 0), "nothing saved for shipped blocks");
+        // Block 2 is still held as before.
+        held.preserve(&disk, 2 * B, 1).unwrap();
+        assert_eq!(held.memory_used(), B);
+        disk.write_all_at(&vec![9u8; 10], B + 100).unwrap();
+        disk.write_all_at(&vec![9u8; 3 * B as usize], 0).unwrap();
+        let mut got = vec![0u8; B as usize];
+        held.read(&disk, 2 * B, &mut got).unwrap();
+        assert!(got == at_rotation[2 * B as usize..3 * B as usize], "block 2 as at the rotation");
+        // A shipped block reads the image as it is now (a later attempt reads only bytes no change wrote).
+        held.read(&disk, 0, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 9));
+        // The next attempt guards them again, from the image as it is then;
+        // marks of the attempt before are dropped.
+        let old = held.attempt();
+        held.next_attempt();
+        held.shipped(old, &[0]);
+        held.preserve(&disk, 0, 10).unwrap();
+        assert_eq!(held.memory_used(), 2 * B, "block 0 saved again for the new attempt");
+        disk.write_all_at(&vec![5u8; B as usize], 0).unwrap();
+        held.read(&disk, 0, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 9), "as at the new attempt's rotation");
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! in the progress journal, [`progress`]), so a copy interrupted by a crash
 //! of ferryd goes on with the parts the journal lacks (see `vm::restart`).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -314,6 +315,34 @@ pub fn plan_parts(logs: &[PathBuf], chunk_size: u64) -> Result<(Vec<Part>, u64)>
     Ok((cut_parts(extents, chunk_size), total))
 }
 
+/// The held blocks each part reads, as (log index, block) pairs, and how
+/// many parts read each (pure). A block is read for good once every part
+/// that reads it is built (`capture::held`, shipped blocks).
+fn held_reads(parts: &[Part]) -> (Vec<Vec<(usize, u64)>>, HashMap<(usize, u64), u32>) {
+    let block = crate::capture::snapshot::SNAPSHOT_BLOCK;
+    let mut readers: HashMap<(usize, u64), u32> = HashMap::new();
+    let per_part = parts
+        .iter()
+        .map(|part| {
+            let mut blocks: Vec<(usize, u64)> = part
+                .iter()
+                .filter_map(|e| match e.source {
+                    ExtentSource::Image { log_index } if e.len > 0 => Some((log_index, e)),
+                    _ => None,
+                })
+                .flat_map(|(log, e)| (e.offset / block..=(e.offset + e.len - 1) / block).map(move |b| (log, b)))
+                .collect();
+            blocks.sort_unstable();
+            blocks.dedup();
+            for b in &blocks {
+                *readers.entry(*b).or_default() += 1;
+            }
+            blocks
+        })
+        .collect();
+    (per_part, readers)
+}
+
 /// A sealed log that cannot be read (gone, damaged) breaks the chain: the
 /// replica can only catch up by a resync, whatever the OS error was.
 fn untrusted_log(e: Error) -> Error {
@@ -399,6 +428,10 @@ pub async fn upload_logs(
     );
     let block = ctx.hash_block;
     let count = parts.len() as u64;
+    let (part_blocks, readers) = held_reads(&parts);
+    // This attempt's: its marks count until the next rotation (`capture::held`).
+    let attempts: Vec<Option<u64>> = held.iter().map(|h| h.as_ref().map(|h| h.attempt())).collect();
+    let readers = std::sync::Mutex::new(readers);
     let parts = Arc::new(parts);
     let build: BuildPart<crate::replica::hashes::HashUpdates> = Arc::new(move |i| {
         let mut updates = Vec::new();
@@ -432,6 +465,25 @@ pub async fn upload_logs(
                 Ok(BundleExtent { offset: e.offset, data })
             })
             .collect::<Result<Vec<_>>>()?;
+        // Held blocks no other part of this point still has to read are
+        // read for good: the guest may change them without a save.
+        let mut done: Vec<Vec<u64>> = vec![Vec::new(); held.len()];
+        {
+            let mut readers = readers.lock().expect("held readers lock is never poisoned");
+            for key in &part_blocks[i as usize] {
+                if let Some(n) = readers.get_mut(key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        done[key.0].push(key.1);
+                    }
+                }
+            }
+        }
+        for ((h, attempt), blocks) in held.iter().zip(&attempts).zip(&done) {
+            if let (Some(h), Some(attempt), false) = (h, attempt, blocks.is_empty()) {
+                h.shipped(*attempt, blocks);
+            }
+        }
         let covered = extents.iter().map(|e| e.data.len()).sum();
         Ok((extents, covered, updates))
     });
@@ -450,6 +502,23 @@ mod tests {
 
     fn data(offset: u64, len: u64, pos: u64) -> Extent {
         Extent { offset, len, source: ExtentSource::Log { log_index: 0, pos } }
+    }
+
+    #[test]
+    fn held_blocks_are_counted_once_per_part_that_reads_them() {
+        const B: u64 = crate::capture::snapshot::SNAPSHOT_BLOCK;
+        let image = |offset, len, log_index| Extent { offset, len, source: ExtentSource::Image { log_index } };
+        let parts = vec![
+            // Block 0 twice in one part, block 1 shared with the next part.
+            vec![image(0, 100, 0), image(200, 100, 0), image(B + 10, 10, 0), data(5 * B, 10, 0)],
+            vec![image(B + 100, B, 0), image(0, 10, 1)],
+            vec![Extent { offset: 9 * B, len: B, source: ExtentSource::Zero }],
+        ];
+        let (per_part, readers) = held_reads(&parts);
+        assert_eq!(per_part, vec![vec![(0, 0), (0, 1)], vec![(0, 1), (0, 2), (1, 0)], vec![]]);
+        let mut counts: Vec<_> = readers.into_iter().collect();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![((0, 0), 1), ((0, 1), 2), ((0, 2), 1), ((1, 0), 1)]);
     }
 
     #[test]

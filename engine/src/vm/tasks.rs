@@ -695,7 +695,9 @@ fn rotate_and_seal(disks: &[Arc<Disk>]) -> Result<Vec<Vec<PendingLog>>> {
     if let Some(d) = disks.iter().find(|d| d.active_header().is_none()) {
         return Err(Error::corrupt(format!("change log of disk {}", d.name), "the disk is not logging"));
     }
-    if disks.iter().all(|d| d.active_records() == 0) {
+    // Nothing logged since the last rotation: the pending logs go again as
+    // they are (a new upload attempt all the same, `capture::held`).
+    if disk::new_attempt_if_unchanged(disks) {
         return Ok(vec![Vec::new(); disks.len()]);
     }
     // Nothing rotated yet on failure: remove what was prepared, so a retry starts clean.
