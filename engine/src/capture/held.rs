@@ -126,8 +126,8 @@ pub fn set_memory_budget(bytes: u64) {
 #[derive(Default)]
 struct SavedSet {
     blocks: BTreeMap<u64, Saved>,
-    /// Bumped at every rotation: an upload attempt's marks count only
-    /// until the next attempt rotates ([`HeldImage::next_attempt`]).
+    /// Bumped at the start of every upload attempt: an attempt's marks
+    /// count only until the next one starts ([`HeldImage::next_attempt`]).
     attempt: u64,
 }
 

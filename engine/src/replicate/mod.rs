@@ -406,6 +406,9 @@ pub struct SealedLogs {
     pub image: Arc<Disk>,
     /// Per log (same order), the bytes held for it since its rotation.
     pub held: Vec<Option<Arc<HeldImage>>>,
+    /// Per log, the upload attempt its held image is read for, taken with
+    /// it at the attempt's start (`capture::held`, shipped blocks).
+    pub attempts: Vec<Option<u64>>,
 }
 
 /// Uploads a disk's sealed logs as the parts of point `seq`. Also returns
@@ -416,7 +419,7 @@ pub async fn upload_logs(
     sealed: SealedLogs,
     seq: u64,
 ) -> Result<(Vec<ObjectRef>, crate::replica::hashes::HashUpdates)> {
-    let SealedLogs { logs, image, held } = sealed;
+    let SealedLogs { logs, image, held, attempts } = sealed;
     let chunk = ctx.chunk_size;
     let logs2 = logs.clone();
     let (parts, planned) = blocking(move || plan_parts(&logs2, chunk)).await?;
@@ -429,8 +432,6 @@ pub async fn upload_logs(
     let block = ctx.hash_block;
     let count = parts.len() as u64;
     let (part_blocks, readers) = held_reads(&parts);
-    // This attempt's: its marks count until the next rotation (`capture::held`).
-    let attempts: Vec<Option<u64>> = held.iter().map(|h| h.as_ref().map(|h| h.attempt())).collect();
     let readers = std::sync::Mutex::new(readers);
     let parts = Arc::new(parts);
     let build: BuildPart<crate::replica::hashes::HashUpdates> = Arc::new(move |i| {

@@ -23,6 +23,7 @@
 use std::sync::Arc;
 
 use crate::capture::disk::{self, Disk};
+use crate::capture::held::HeldImage;
 use crate::capture::snapshot::CowSnapshot;
 use crate::changelog;
 use crate::error::{Error, ErrorClass, Result};
@@ -274,28 +275,48 @@ impl VmIo {
     /// what was rotated out as point `seq` on top of `parent`, and commits.
     pub async fn run_cycle(self, epoch: u64, seq: u64, parent: u64, pending: Vec<Vec<PendingLog>>) -> Input {
         let (disks, fence) = (self.disks.clone(), self.fence.clone());
-        let sealed = match blocking(move || fence.change(epoch, || rotate_and_seal(&disks))).await {
+        // The attempt starts here: its rotation, and the held images it reads
+        // with the attempt they are read for, taken at once under the fence
+        // (a task this epoch no longer runs never reads a later attempt's).
+        let started = blocking(move || {
+            fence.change(epoch, || {
+                let sealed = rotate_and_seal(&disks)?;
+                let included: Vec<Vec<PendingLog>> = pending
+                    .into_iter()
+                    .zip(&sealed)
+                    .map(|(mut p, s)| {
+                        p.extend(s.iter().cloned());
+                        p
+                    })
+                    .collect();
+                let held: Vec<AttemptHeld> = disks
+                    .iter()
+                    .zip(&included)
+                    .map(|(d, logs)| {
+                        let paths: Vec<_> = logs.iter().map(|l| l.path.clone()).collect();
+                        let held = d.held_for(&paths);
+                        let attempts = held.iter().map(|h| h.as_ref().map(|h| h.attempt())).collect();
+                        (held, attempts)
+                    })
+                    .collect();
+                Ok((sealed, included, held))
+            })
+        })
+        .await;
+        let (sealed, included, held) = match started {
             Ok(s) => s,
             Err(e) => {
                 let result = Err(failure("replication", &e));
                 return Input::CycleEnded { epoch, sealed: vec![Vec::new(); self.disks.len()], result };
             }
         };
-        let included: Vec<Vec<PendingLog>> = pending
-            .into_iter()
-            .zip(&sealed)
-            .map(|(mut p, s)| {
-                p.extend(s.iter().cloned());
-                p
-            })
-            .collect();
         let io = self.clone();
         let result = self
             .job(
                 JobKind::DeltaReplication,
                 0,
                 format!("recovery point {seq}"),
-                |job| async move { io.upload_logs(&io.upload_ctx(&job), epoch, seq, parent, &included).await },
+                |job| async move { io.upload_logs(&io.upload_ctx(&job), epoch, seq, parent, &included, held).await },
                 |p| match p {
                     Some(p) => format!("recovery point {} ({} bytes stored)", p.seq, p.bytes_stored),
                     None => "nothing to replicate".into(),
@@ -305,7 +326,8 @@ impl VmIo {
         Input::CycleEnded { epoch, sealed, result: result.map_err(|e| failure("replication", &e)) }
     }
 
-    /// Uploads the included logs of every disk as point `seq` and commits it.
+    /// Uploads the included logs of every disk (with their held images, as
+    /// taken at the attempt's start) as point `seq` and commits it.
     async fn upload_logs(
         &self,
         uctx: &UploadCtx,
@@ -313,6 +335,7 @@ impl VmIo {
         seq: u64,
         parent: u64,
         included: &[Vec<PendingLog>],
+        held: Vec<AttemptHeld>,
     ) -> Result<Option<RecoveryPoint>> {
         if included.iter().all(|l| l.is_empty()) {
             return Ok(None);
@@ -320,10 +343,9 @@ impl VmIo {
         let time_ms = included.iter().flatten().map(|l| l.sealed_ms).max().unwrap_or_else(now_millis);
         let mut disks = Vec::new();
         let mut all_updates = Vec::new();
-        for (d, logs) in self.disks.iter().zip(included) {
+        for ((d, logs), (held, attempts)) in self.disks.iter().zip(included).zip(held) {
             let paths: Vec<_> = logs.iter().map(|l| l.path.clone()).collect();
-            let held = d.held_for(&paths);
-            let sealed = replicate::SealedLogs { logs: paths, image: d.clone(), held };
+            let sealed = replicate::SealedLogs { logs: paths, image: d.clone(), held, attempts };
             let (objects, updates) = replicate::upload_logs(uctx, &d.name, sealed, seq).await?;
             disks.push(DiskManifest { name: d.name.clone(), size: d.size(), objects });
             all_updates.push(updates);
@@ -690,6 +712,10 @@ fn keep_hashes(host: &Host, vm: &str, disk: &str, cache: &HashCache, change: Has
 
 /// Rotates every disk's active log at one instant (if any was written) and
 /// seals the old ones. Returns the sealed logs per disk.
+/// A disk's held images for the logs of one upload attempt (per log, in
+/// order), and the attempt each is read for (`capture::held`).
+type AttemptHeld = (Vec<Option<Arc<HeldImage>>>, Vec<Option<u64>>);
+
 fn rotate_and_seal(disks: &[Arc<Disk>]) -> Result<Vec<Vec<PendingLog>>> {
     // A protected disk that is not logging cannot describe its changes.
     if let Some(d) = disks.iter().find(|d| d.active_header().is_none()) {
