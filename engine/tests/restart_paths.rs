@@ -195,6 +195,14 @@ async fn a_crash_during_initial_replication_starts_over_when_what_a_resume_needs
     }
 }
 
+/// How many objects of `first` are still the same files in `second` (not put again).
+fn kept_objects(
+    first: &std::collections::BTreeMap<String, u64>,
+    second: &std::collections::BTreeMap<String, u64>,
+) -> usize {
+    first.iter().filter(|(k, ino)| second.get(*k) == Some(ino)).count()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stopped {
     Crash,
@@ -252,7 +260,7 @@ async fn initial_copy_resumes_after(stopped: Stopped) {
     let second_run = stored_inodes(&root, &vm_prefix("vm", generation));
     let base: Vec<_> = second_run.keys().filter(|k| k.contains("/p0000000001/")).collect();
     assert_eq!(base.len(), PARTS, "{second_run:?}");
-    let kept = first_run.iter().filter(|(k, ino)| second_run.get(*k) == Some(ino)).count();
+    let kept = kept_objects(&first_run, &second_run);
     let put_again = base.len() - kept;
     eprintln!("{stopped:?}: base objects: {} put before, {kept} of them kept, {put_again} put after", first_run.len());
     assert!(kept >= first_run.len() - 4, "at most the 4 parts in flight are put again: kept {kept} of {first_run:?}");
@@ -323,15 +331,16 @@ async fn a_stop_between_the_copy_and_the_base_commit_commits_the_base_without_co
         assert_eq!(info.transitions.iter().filter(|t| t.to == VmState::InitialReplication).count(), 1, "{info:?}");
         assert!(info.transitions.iter().all(|t| t.to != VmState::ResyncRequired), "{info:?}");
         let second_run = stored_inodes(&root, &vm_prefix("vm", generation));
-        let kept = first_run.iter().filter(|(k, ino)| second_run.get(*k) == Some(ino)).count();
+        let kept = kept_objects(&first_run, &second_run);
         assert_eq!(kept, PARTS, "{stopped:?}: no part put again");
         let points = engine.recovery_points("vm").await.unwrap();
         assert_eq!((points[0].seq, points[0].kind), (1, PointKind::Base), "{points:?}");
         assert_point_equals(&engine, "vm", 1, &[("a", &at_protection)], &tmp.path().join("base")).await;
         assert!(snapshot::side_files(&a).is_empty(), "{stopped:?}: the snapshot's space was reclaimed");
         assert!(!tmp.path().join("data").join("progress").join("vm.copy").exists(), "the copy progress was removed");
-        // The write made before the stop shipped with the cycle after the base.
-        wait_idle(&engine).await;
+        // The write made before the stop ships with the cycle after the base
+        // (a point asked for now comes after it, or is that cycle).
+        engine.replicate_now("vm").await.unwrap();
         assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;
         engine.shutdown().await.unwrap();
     }
@@ -385,13 +394,14 @@ async fn a_shutdown_mid_resync_goes_on_with_the_same_resync() {
     let info = engine.wait_protected("vm", Duration::from_secs(60)).await.unwrap();
     assert_eq!(info.transitions.iter().filter(|t| t.to == VmState::Resynchronizing).count(), 1, "{info:?}");
     let second_run = resync_objects(stored_inodes(&root, &vm_prefix("vm", generation)));
-    let kept = first_run.iter().filter(|(k, ino)| second_run.get(*k) == Some(ino)).count();
+    let kept = kept_objects(&first_run, &second_run);
     // Puts in flight at the stop (made, not yet recorded) may go again: at most the 4 upload workers'.
     assert!(kept + 4 >= first_run.len(), "parts put before the stop put again: kept {kept} of {first_run:?}");
     assert!(kept >= 1, "the resync went on, it did not run again: {first_run:?} {second_run:?}");
     assert!(snapshot::side_files(&a).is_empty(), "the snapshot's space was reclaimed");
-    // The write made during the resync shipped with the cycle after it.
-    wait_idle(&engine).await;
+    // The write made during the resync ships with the cycle after it (a
+    // point asked for now comes after it, or is that cycle).
+    engine.replicate_now("vm").await.unwrap();
     assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;
     engine.shutdown().await.unwrap();
 }
