@@ -900,12 +900,14 @@ pub fn begin_resync(disks: &[Arc<Disk>]) -> Result<(Vec<Arc<CowSnapshot>>, u64, 
 /// every held image's marks of the attempt before are dropped before any
 /// new change (`capture::held`).
 pub fn new_attempt_if_unchanged(disks: &[Arc<Disk>]) -> bool {
+    let logged =
+        |guards: &[MutexGuard<'_, Inner>]| guards.iter().any(|g| g.log.as_ref().is_some_and(|l| l.records() > 0));
     {
         // Most cycles: something was logged (a rotation follows), or nothing
         // is held (nothing to guard again). Only rotations add held images,
         // and they come from the caller's cycles, one at a time.
         let guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
-        if guards.iter().any(|g| g.log.as_ref().is_some_and(|l| l.records() > 0)) {
+        if logged(&guards) {
             return false;
         }
         if guards.iter().all(|g| g.held.is_empty()) {
@@ -914,7 +916,7 @@ pub fn new_attempt_if_unchanged(disks: &[Arc<Disk>]) -> bool {
     }
     let _quiet: Vec<_> = disks.iter().map(|d| d.quiesce()).collect();
     let guards: Vec<_> = disks.iter().map(|d| d.lock()).collect();
-    if guards.iter().any(|g| g.log.as_ref().is_some_and(|l| l.records() > 0)) {
+    if logged(&guards) {
         return false;
     }
     for h in guards.iter().flat_map(|g| g.held.iter()) {

@@ -337,21 +337,19 @@ impl HeldImage {
             if blocks_within(&self.protected, b, b + 1).next().is_none() {
                 continue;
             }
-            match saved.blocks.get(&b) {
-                // The side file holds the rotation-time bytes: they stay good.
-                Some(Saved::File) | Some(Saved::Shipped) => {}
-                Some(Saved::Memory(_)) | None => {
-                    if let Some(Saved::Memory(bytes)) = saved.blocks.insert(b, Saved::Shipped) {
-                        let n = bytes.len() as u64;
-                        self.memory_bytes.fetch_sub(n, Ordering::Relaxed);
-                        self.memory.give(n);
-                    }
-                }
+            // The side file holds the rotation-time bytes: they stay good.
+            if matches!(saved.blocks.get(&b), Some(Saved::File)) {
+                continue;
+            }
+            if let Some(Saved::Memory(bytes)) = saved.blocks.insert(b, Saved::Shipped) {
+                let n = bytes.len() as u64;
+                self.memory_bytes.fetch_sub(n, Ordering::Relaxed);
+                self.memory.give(n);
             }
         }
     }
 
-    /// A new upload attempt rotates (every change quiesced): the blocks
+    /// A new upload attempt starts (every change quiesced): the blocks
     /// the last attempt read are guarded again, from the image as it is
     /// now, whose bytes in the ranges the next point reads through this
     /// image are still the rotation's (module header).
