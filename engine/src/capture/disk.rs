@@ -57,9 +57,12 @@
 //! # Durability
 //!
 //! [`Disk::flush`] is a group commit: a caller takes a ticket and either
-//! waits for a sync that started after it, or runs one, which fdatasyncs
-//! the log and the disk at once (two threads) for every ticket taken so far.
-//! FUA is the change, then a flush. A reply to FLUSH therefore means every
+//! waits for a sync that started after it, or runs one for every ticket
+//! taken so far: the log's bytes written out, then one fdatasync of the
+//! disk whose device cache flush covers both, where that is safe
+//! ([`shared_flush`]: ext4, same device, the records over bytes a finished
+//! fdatasync prepared), otherwise an fdatasync of the log and one of the
+//! disk at once (two threads). FUA is the change, then a flush. A reply to FLUSH therefore means every
 //! acknowledged write is durable in the log and in the disk image: the
 //! image alone is right after a power loss, even if the daemon never runs
 //! again.
@@ -96,8 +99,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::capture::extents;
 use crate::capture::held::HeldImage;
 use crate::capture::ranges::{self, RangeLocks};
+use crate::capture::shared_flush::{self, ImageDevice, SyncMode};
 use crate::capture::snapshot::CowSnapshot;
-use crate::changelog::{self, LogHeader, LogWriter, Record};
+use crate::changelog::{self, LogHeader, LogSync, LogWriter, Record};
 use crate::error::{Error, Result};
 use crate::model::now_millis;
 
@@ -127,6 +131,8 @@ pub struct Disk {
     pub path: PathBuf,
     size: u64,
     file: File,
+    /// Where the image is, for the group commit's [`SyncMode`].
+    device: ImageDevice,
     /// Shared by every change while it runs; exclusive for what must see
     /// none in flight (rotation, snapshot and resync start, close).
     gate: RwLock<()>,
@@ -288,6 +294,7 @@ impl Disk {
             name: name.to_string(),
             path: path.to_path_buf(),
             size,
+            device: ImageDevice::of(&file, path),
             file,
             gate: RwLock::new(()),
             ranges: RangeLocks::new(),
@@ -581,35 +588,38 @@ impl Disk {
         }
     }
 
-    /// fdatasyncs the active log and the disk at once.
+    /// Makes the active log and the disk durable: one device cache flush
+    /// for both where it is safe, else two fdatasyncs at once
+    /// ([`shared_flush`]).
     fn sync_now(&self) -> Result<()> {
-        let log = self.lock().log.as_ref().map(|l| (l.sync_handle(), l.path().to_path_buf()));
-        let sync_log = |(handle, path): (Result<Arc<File>>, PathBuf)| {
-            handle.and_then(|f| {
-                f.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", path.display()), e))
-            })
-        };
+        let plan = self.lock().log.as_ref().map(|l| l.sync_plan());
         let sync_disk = || crate::failpoint::check("disk.sync", &self.path).and_then(|()| self.file.sync_data());
-        let has_log = log.is_some();
-        let log = std::sync::Mutex::new(log);
-        let (log_synced, disk_synced) = std::thread::scope(|s| match has_log {
-            false => (None, sync_disk()),
-            true => {
-                // The log's sync on a thread of its own, beside the disk's;
-                // one after the other if no thread can be made.
-                let spawned = std::thread::Builder::new()
-                    .name("ferry-log-sync".into())
-                    .spawn_scoped(s, || log.lock().expect("taken once").take().map(sync_log));
-                let disk = sync_disk();
-                let logged = match spawned {
-                    Ok(t) => t
-                        .join()
-                        .unwrap_or_else(|_| Some(Err(Error::Internal("the change-log sync thread panicked".into())))),
-                    Err(_) => log.lock().expect("taken once").take().map(sync_log),
-                };
-                (logged, disk)
-            }
-        });
+        let (log_synced, disk_synced) = match plan {
+            None => (None, sync_disk()),
+            Some(Err(e)) => (Some(Err(e)), sync_disk()),
+            Some(Ok(plan)) => match shared_flush::mode(self.device, plan.device, plan.data_only) {
+                SyncMode::OneFlush => {
+                    shared_flush::start_writing(&plan.file);
+                    shared_flush::start_writing(&self.file);
+                    match shared_flush::write_out(&plan.file, plan.upto) {
+                        Ok(()) => (Some(Ok(())), sync_disk()),
+                        Err(e) => {
+                            let e = Error::io(format!("writing out HRL log {}", plan.path.display()), e);
+                            (Some(Err(e)), sync_disk())
+                        }
+                    }
+                }
+                SyncMode::TwoSyncs => {
+                    let (logged, disk) = self.sync_log_beside_disk(&plan, sync_disk);
+                    if logged.is_ok() {
+                        if let Some(log) = self.lock().log.as_mut() {
+                            log.synced(&plan);
+                        }
+                    }
+                    (Some(logged), disk)
+                }
+            },
+        };
         if let Some(Err(e)) = log_synced {
             let mut inner = self.lock();
             self.after_append(&mut inner, Some(Err(e)));
@@ -623,6 +633,28 @@ impl Disk {
             return Err(err);
         }
         Ok(())
+    }
+
+    /// fdatasyncs the log on a thread of its own while the disk's runs
+    /// (one after the other if no thread can be made).
+    fn sync_log_beside_disk(
+        &self,
+        plan: &LogSync,
+        sync_disk: impl FnOnce() -> std::io::Result<()>,
+    ) -> (Result<()>, std::io::Result<()>) {
+        let sync_log =
+            || plan.file.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", plan.path.display()), e));
+        std::thread::scope(|s| {
+            let spawned = std::thread::Builder::new().name("ferry-log-sync".into()).spawn_scoped(s, sync_log);
+            let disk = sync_disk();
+            let logged = match spawned {
+                Ok(t) => {
+                    t.join().unwrap_or_else(|_| Err(Error::Internal("the change-log sync thread panicked".into())))
+                }
+                Err(_) => sync_log(),
+            };
+            (logged, disk)
+        })
     }
 
     /// Closes the disk for good (the VM stops or is unprotected): every later

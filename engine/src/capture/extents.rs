@@ -138,22 +138,27 @@ fn unsupported(e: &io::Error) -> bool {
 /// Btrfs, tmpfs. Elsewhere zeroing may fall back to writing zero buffers,
 /// so NBD `FAST_ZERO` is refused and the client writes them itself.
 pub fn zeroing_is_fast(file: &File) -> bool {
-    const EXT4: i64 = 0xef53;
-    const XFS: i64 = 0x5846_5342;
-    const BTRFS: i64 = 0x9123_683e;
-    const TMPFS: i64 = 0x0102_1994;
+    fs_magic(file).is_some_and(|m| matches!(m, EXT4_MAGIC | XFS_MAGIC | BTRFS_MAGIC | TMPFS_MAGIC))
+}
+
+pub(crate) const EXT4_MAGIC: i64 = 0xef53;
+const XFS_MAGIC: i64 = 0x5846_5342;
+const BTRFS_MAGIC: i64 = 0x9123_683e;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// The file system type of `file` (`statfs.f_type`), if it can be told.
+pub(crate) fn fs_magic(file: &File) -> Option<i64> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: fstatfs fills the struct we pass on success, and we read it only then.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
     if rc != 0 {
-        return false;
+        return None;
     }
     // SAFETY: initialized by the successful fstatfs above.
     let st = unsafe { st.assume_init() };
     // f_type is 32 or 64 bits wide depending on the target.
     #[allow(clippy::unnecessary_cast)]
-    let f_type = st.f_type as i64;
-    matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
+    Some(st.f_type as i64)
 }
 
 #[cfg(test)]

@@ -4,10 +4,12 @@
 //! ([`snapshot`]); the same for the bytes a sealed log leaves in the image
 //! until its point is committed ([`held`]). [`extents`] finds the holes of
 //! a disk file (NBD block status) and zeroes ranges that must stay
-//! allocated.
+//! allocated. [`shared_flush`] lets one device cache flush make a
+//! FLUSH durable in both the log and the image.
 
 pub mod disk;
 pub mod extents;
 pub mod held;
 pub mod ranges;
+pub mod shared_flush;
 pub mod snapshot;

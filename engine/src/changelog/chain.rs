@@ -185,10 +185,11 @@ pub fn check_logs(disk: &str, logs: &[(u64, PathBuf)], boot_id: u128) -> std::re
                     scan.header.boot_id
                 ));
             }
-            let only_prepared_after =
-                scans[i + 1..].iter().all(|later| !later.clean && later.records.is_empty() && later.tail == Tail::None);
+            let only_prepared_after = scans[i + 1..].iter().all(|later| {
+                !later.clean && later.records.is_empty() && matches!(later.tail, Tail::None | Tail::Filler)
+            });
             match &scan.tail {
-                Tail::None => {}
+                Tail::None | Tail::Filler => {}
                 Tail::Torn if only_prepared_after => {}
                 Tail::Torn => {
                     return Err(format!(
@@ -329,10 +330,15 @@ mod tests {
         list_logs(disk).unwrap()
     }
 
+    /// Tears the last record of an open log: its last `by` bytes become
+    /// the filler its writer wrote ahead (what a kill mid-append leaves).
     fn cut(path: &Path, by: u64) {
+        use std::os::unix::fs::FileExt;
+        let s = crate::changelog::scan(path).unwrap();
+        let mut filler = vec![0u8; by as usize];
+        crate::changelog::format::fill_at(s.header.log_id, s.valid_len - by, &mut filler);
         let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        let len = f.metadata().unwrap().len();
-        f.set_len(len - by).unwrap();
+        f.write_all_at(&filler, s.valid_len - by).unwrap();
     }
 
     #[test]
@@ -389,7 +395,16 @@ mod tests {
         let disk = dir.path().join("a.img");
         let logs = chain_of(&disk, &[3], 0);
         let path = &logs[0].1;
-        let whole = std::fs::read(path).unwrap();
+        // The records alone, without the filler the writer wrote ahead of them.
+        let mut whole = std::fs::read(path).unwrap();
+        let log_id = scan(path).unwrap().header.log_id;
+        whole.truncate(scan(path).unwrap().valid_len as usize);
+        let filler_to = |mut bytes: Vec<u8>, len: usize| {
+            let at = bytes.len();
+            bytes.resize(len, 0);
+            crate::changelog::format::fill_at(log_id, at as u64, &mut bytes[at..]);
+            bytes
+        };
         let rec = RECORD_HEADER_SIZE + 100;
         let third = HEADER_SIZE + 2 * rec;
         let tail_of = |bytes: &[u8]| {
@@ -397,6 +412,9 @@ mod tests {
             scan(path).unwrap().tail
         };
         assert_eq!(tail_of(&whole), Tail::None);
+        assert_eq!(tail_of(&filler_to(whole.clone(), whole.len() + 5000)), Tail::Filler, "filler written ahead");
+        let torn_over_filler = filler_to(whole[..(third + 60) as usize].to_vec(), whole.len() + 5000);
+        assert_eq!(tail_of(&torn_over_filler), Tail::Torn, "a payload cut short over the filler written ahead");
         assert_eq!(tail_of(&whole[..(third + 20) as usize]), Tail::Torn, "a header cut short");
         assert_eq!(tail_of(&whole[..(third + 60) as usize]), Tail::Torn, "a payload cut short");
         // A complete last record that fails its check is damage.

@@ -331,6 +331,30 @@ pub(crate) fn record_crc_seed(log_id: u64) -> u32 {
     crc32c::crc32c(&log_id.to_le_bytes())
 }
 
+/// The 8-byte pattern an open log's writer writes ahead of its records
+/// (`writer`): byte `o` of the file is `filler(log_id)[o % 8]`. Derived from
+/// the log id and without zero bytes, so neither zeros (a record's own
+/// zero bytes, a zeroed block) nor another log's filler pass for it; it
+/// cannot pass for a record either (a record verifies only with the log's
+/// crc seed and the next seq).
+pub(crate) fn filler(log_id: u64) -> [u8; 8] {
+    let mut b = (log_id.rotate_left(23) ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+    for x in &mut b {
+        if *x == 0 {
+            *x = 0x5a;
+        }
+    }
+    b
+}
+
+/// Fills `buf` with the filler of `log_id` as it lies at file offset `at`.
+pub(crate) fn fill_at(log_id: u64, at: u64, buf: &mut [u8]) {
+    let pat = filler(log_id);
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = pat[((at + i as u64) % 8) as usize];
+    }
+}
+
 /// Encodes a record header and returns it with its crc filled in.
 pub(crate) fn encode_record_header(
     seed: u32,

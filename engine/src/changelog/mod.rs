@@ -81,19 +81,23 @@
 //!   When an append returns, the record is in the kernel: a crash of the
 //!   daemon with the host up loses none of it. Durable against power loss
 //!   after [`LogWriter::sync`] or a group commit through
-//!   [`LogWriter::sync_handle`]; the engine acknowledges a guest FLUSH/FUA
-//!   only after that. After a crash, the file is every appended record,
-//!   then at most one partial record ([`Tail::Torn`]); after a power loss,
-//!   a durable prefix (every synced record) then anything: the boot id in
-//!   the header tells the two apart, and only the first is trusted.
+//!   [`LogWriter::sync_plan`]; the engine acknowledges a guest FLUSH/FUA
+//!   only after that. The file is kept longer than its records, filler
+//!   ahead of them (so that appends overwrite and a sync needs no
+//!   metadata, see `writer`). After a crash, the file is every appended
+//!   record, then at most one partial record ([`Tail::Torn`]), then filler
+//!   ([`Tail::Filler`] if there is no partial record);
+//!   after a power loss, a durable prefix (every synced record) then
+//!   anything: the boot id in the header tells the two apart, and only the
+//!   first is trusted.
 //! - **Scan** accepts records while each has the record magic, a known kind,
 //!   the next seq and a matching crc, and stops at the first that does not.
 //!   Because records are contiguous and the synced prefix is intact, the
 //!   accepted records include every synced one; the rest is the torn tail,
-//!   which [`recover`] truncates (and fsyncs). It can never accept a record
+//!   which [`recover`] truncates (and fsyncs) with the filler after it. It can never accept a record
 //!   out of place: seq must be exactly the next one and the crc is tied to
 //!   this log.
-//! - **Seal** flushes and fdatasyncs the records *before* writing the close
+//! - **Seal** cuts the filler ahead, then fdatasyncs the records *before* writing the close
 //!   block, then fdatasyncs again. So a valid close block only ever describes
 //!   records already durable: a sealed log must verify completely and match
 //!   the block's record count, last seq and end offset, or it is corrupt
@@ -111,7 +115,7 @@
 
 mod chain;
 mod coalesce;
-mod format;
+pub(crate) mod format;
 mod reader;
 mod writer;
 
@@ -125,4 +129,4 @@ pub use format::{
     MAX_ID_LEN, RECORD_HEADER_SIZE, RECORD_MAGIC,
 };
 pub use reader::{read_payload, read_payload_into, recover, scan, LogScan, Tail};
-pub use writer::{seal_found, LogWriter, Record, SealedLog, MAX_BATCH};
+pub use writer::{seal_found, LogSync, LogWriter, Record, SealedLog, MAX_BATCH, PREALLOC_MIN, PREALLOC_STEP_MAX};

@@ -37,9 +37,14 @@ pub struct LogScan {
 pub enum Tail {
     /// Nothing: the file ends with the last intact record.
     None,
-    /// One partial record at the end of the file: what an append cut short
-    /// by a crash leaves (a record is written front to back, appends are
-    /// made one after the other, and the file grows only as bytes land).
+    /// Only the filler an open log's writer writes ahead of its records
+    /// after the last intact record (`writer`). The records are whole, as
+    /// with [`Tail::None`].
+    Filler,
+    /// One partial record, then only filler (if anything) to the end of the
+    /// file: what an append cut short by a crash leaves (a record is written
+    /// front to back, appends are made one after the other, over filler
+    /// written ahead or growing the file).
     Torn,
     /// Anything else (a bad record followed by data): damage, not a crash.
     /// The reason names where the walk stopped.
@@ -174,7 +179,7 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
         None => Tail::None,
         Some(why) => {
             let next = records.len() as u64 + 1;
-            classify_tail(file, valid_len, file_len, why.clone(), next)
+            classify_tail(file, header.log_id, valid_len, file_len, why.clone(), next)
                 .map_err(|e| Error::io(io_ctx("reading tail"), e))?
         }
     };
@@ -206,15 +211,29 @@ fn scan_file(file: &File, path: &Path) -> Result<LogScan> {
 }
 
 /// Whether what follows the intact records at `pos` is what a crash
-/// mid-append leaves ([`Tail::Torn`]): the file only grows as bytes are
-/// written, so the last record is cut short at the end of the file, with
-/// nothing after it. That is a piece shorter than a record header, or a
-/// header that reads as the next record (seq `expected_seq`) of a write no
-/// larger than the write path accepts, whose payload runs past the end.
-/// Anything else (a complete record that fails its check, a wrong seq,
-/// garbage) is damage.
-fn classify_tail(file: &File, pos: u64, file_len: u64, why: String, expected_seq: u64) -> std::io::Result<Tail> {
-    if file_len - pos < RECORD_HEADER_SIZE {
+/// mid-append leaves ([`Tail::Torn`], or [`Tail::Filler`] when nothing of a
+/// record is there). Appends are made one after the other, front to back,
+/// over the log's filler written ahead of them (or growing the file), so
+/// the last record is cut short: after its last written byte the file holds
+/// only filler, to its end. So with `data_end` where the trailing filler
+/// starts (no earlier than `pos`): a piece shorter than a record header, or
+/// a header that reads as the next record (seq `expected_seq`) of a write
+/// no larger than the write path accepts, whose last byte is not there
+/// (past `data_end`). Anything else (a complete record that fails its
+/// check, a wrong seq, garbage) is damage.
+fn classify_tail(
+    file: &File,
+    log_id: u64,
+    pos: u64,
+    file_len: u64,
+    why: String,
+    expected_seq: u64,
+) -> std::io::Result<Tail> {
+    let data_end = filler_start(file, log_id, pos, file_len)?;
+    if data_end == pos {
+        return Ok(Tail::Filler);
+    }
+    if data_end - pos < RECORD_HEADER_SIZE {
         return Ok(Tail::Torn);
     }
     let mut rbuf = [0u8; RECORD_HEADER_SIZE as usize];
@@ -223,14 +242,14 @@ fn classify_tail(file: &File, pos: u64, file_len: u64, why: String, expected_seq
         rec.seq == expected_seq
             && rec.kind == RecordKind::Write
             && rec.len <= crate::capture::disk::MAX_IO
-            && pos + RECORD_HEADER_SIZE + rec.len > file_len
+            && pos + RECORD_HEADER_SIZE + rec.len > data_end
     });
     if !cut_short {
         return Ok(Tail::Damaged(why));
     }
     // A damaged length can pass for a payload cut short: the record after
     // it, intact, tells them apart.
-    let mut rest = vec![0u8; (file_len - pos - RECORD_HEADER_SIZE) as usize];
+    let mut rest = vec![0u8; (data_end - pos - RECORD_HEADER_SIZE) as usize];
     file.read_exact_at(&mut rest, pos + RECORD_HEADER_SIZE)?;
     let magic = super::format::RECORD_MAGIC.to_le_bytes();
     for at in 0..rest.len().saturating_sub(RECORD_HEADER_SIZE as usize - 1) {
@@ -245,6 +264,25 @@ fn classify_tail(file: &File, pos: u64, file_len: u64, why: String, expected_seq
         }
     }
     Ok(Tail::Torn)
+}
+
+/// Where the filler of log `log_id` that ends the file starts, searching
+/// back from `file_len` no further than `pos`.
+fn filler_start(file: &File, log_id: u64, pos: u64, file_len: u64) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; READ_BUFFER_SIZE];
+    let mut want = vec![0u8; READ_BUFFER_SIZE];
+    let mut end = file_len;
+    while end > pos {
+        let n = (end - pos).min(READ_BUFFER_SIZE as u64) as usize;
+        let from = end - n as u64;
+        file.read_exact_at(&mut buf[..n], from)?;
+        super::format::fill_at(log_id, from, &mut want[..n]);
+        if let Some(last) = buf[..n].iter().zip(&want[..n]).rposition(|(b, w)| b != w) {
+            return Ok(from + last as u64 + 1);
+        }
+        end = from;
+    }
+    Ok(pos)
 }
 
 #[cfg(test)]
@@ -319,8 +357,40 @@ mod tests {
             .collect();
         let mut w = write_log(&path, &ops);
         w.sync().unwrap();
+        let end = w.len();
         drop(w);
+        // Without the filler written ahead, as a log that grew with its appends.
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(end).unwrap();
         (path, ops)
+    }
+
+    /// The log's filler for `len` bytes from file offset `at`.
+    fn filler_of(bytes: &[u8], at: usize, len: usize) -> Vec<u8> {
+        let log_id = LogHeader::decode(&bytes[..HEADER_SIZE as usize]).unwrap().log_id;
+        let mut b = vec![0u8; len];
+        crate::changelog::format::fill_at(log_id, at as u64, &mut b);
+        b
+    }
+
+    /// What the scan of `bytes` concludes, as a log that grew with its
+    /// appends, and again with the log's filler after them (what its writer
+    /// writes ahead): the records kept, where they end, the tail's kind
+    /// (Filler counted as None).
+    fn scan_both_ways(path: &Path, bytes: &[u8]) -> [(Vec<RecordMeta>, u64, Tail); 2] {
+        let mut seen = Vec::new();
+        for filler in [0usize, 3 * 4096 + 5] {
+            std::fs::write(path, [bytes, &filler_of(bytes, bytes.len(), filler)[..]].concat()).unwrap();
+            let s = scan(path).unwrap();
+            assert_eq!(s.file_len, (bytes.len() + filler) as u64);
+            assert_eq!(s.torn_bytes, s.file_len - s.valid_len);
+            let tail = match s.tail {
+                Tail::Filler => Tail::None,
+                Tail::Damaged(_) => Tail::Damaged(String::new()),
+                t => t,
+            };
+            seen.push((s.records, s.valid_len, tail));
+        }
+        [seen[0].clone(), seen[1].clone()]
     }
 
     #[test]
@@ -406,6 +476,64 @@ mod tests {
             let after = scan(&path).unwrap();
             assert_eq!((after.torn_bytes, after.records.len()), (0, keep));
         }
+    }
+
+    #[test]
+    fn filler_after_the_records_reads_like_the_end_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = unclean_log(dir.path(), 4);
+        let full = std::fs::read(&path).unwrap();
+        let records = scan(&path).unwrap().records;
+        let first = (records[0].payload_pos - RECORD_HEADER_SIZE) as usize;
+        let probe = dir.path().join("probe.hrl");
+        // Whole records then filler: every record kept, nothing damaged.
+        let [grown, filled] = scan_both_ways(&probe, &full);
+        assert_eq!(filled, (records.clone(), full.len() as u64, Tail::None));
+        assert_eq!(grown, filled);
+        // Cut anywhere (a crash mid-append over the filler), or any byte of
+        // the records damaged (into zeros too): the same records kept,
+        // ending at the same place, torn or damaged alike, with or without
+        // the filler.
+        for at in first..full.len() {
+            let [grown, filled] = scan_both_ways(&probe, &full[..at]);
+            assert_eq!(grown, filled, "cut at {at}");
+            assert!(filled.2 != Tail::Damaged(String::new()), "a cut is a torn tail, at {at}");
+            for flip in [0x01u8, 0x80] {
+                let mut bad = full.clone();
+                bad[at] ^= flip;
+                let [grown, filled] = scan_both_ways(&probe, &bad);
+                assert_eq!(grown, filled, "damage at {at}");
+            }
+            let mut zeroed = full.clone();
+            zeroed[at] = 0;
+            let [grown, filled] = scan_both_ways(&probe, &zeroed);
+            assert_eq!(grown, filled, "zeroed at {at}");
+        }
+        // A last record whose bytes end in zeros, damaged: damage, not a tail.
+        let zero_tailed = dir.path().join("z.hrl");
+        let ops = [Op::Write(0, vec![1; 30]), Op::Write(0, [[9u8; 10], [0u8; 10]].concat())];
+        let w = write_log(&zero_tailed, &ops);
+        let end = w.len();
+        drop(w);
+        let mut with_zero_tail = std::fs::read(&zero_tailed).unwrap();
+        with_zero_tail.truncate(end as usize);
+        with_zero_tail[end as usize - 15] ^= 0x40;
+        let [grown, filled] = scan_both_ways(&probe, &with_zero_tail);
+        assert_eq!((grown.0.len(), &grown.2), (1, &Tail::Damaged(String::new())));
+        assert_eq!(grown, filled, "its zeros are not taken for filler");
+        // A record damaged mid-log with filler after the log: damage, not a tail.
+        let mut bad = full.clone();
+        bad[records[1].payload_pos as usize] ^= 0x10;
+        let [_, (kept, _, tail)] = scan_both_ways(&probe, &bad);
+        assert_eq!((kept.len(), tail), (1, Tail::Damaged(String::new())));
+        // Zeros after the records are not filler: 40 of them read as damage.
+        std::fs::write(&probe, [&full[..], &[0u8; 40][..]].concat()).unwrap();
+        assert!(matches!(scan(&probe).unwrap().tail, Tail::Damaged(_)));
+        // recover cuts the filler with the torn tail.
+        std::fs::write(&probe, [&full[..], &filler_of(&full, full.len(), 9000)[..]].concat()).unwrap();
+        let r = recover(&probe).unwrap();
+        assert_eq!((r.records.len(), r.torn_bytes, r.tail), (4, 9000, Tail::Filler));
+        assert_eq!(std::fs::read(&probe).unwrap(), full);
     }
 
     #[test]

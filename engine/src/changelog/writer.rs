@@ -8,8 +8,27 @@
 //! file is always whole records followed by at most one partial record (the
 //! one being written when the process died). Appends are made one at a time
 //! by the caller (the writer is `&mut`), which is what keeps that shape.
-//! Durability against power loss is [`LogWriter::sync`], or an fdatasync of
-//! [`LogWriter::sync_handle`] outside the caller's lock (group commit).
+//! Durability against power loss is [`LogWriter::sync`], or a
+//! [`LogWriter::sync_plan`] carried out outside the caller's lock (group
+//! commit).
+//!
+//! # Filler ahead of the records
+//!
+//! The file is kept longer than its records: the writer writes filler (an
+//! 8-byte pattern derived from the log id, [`super::format::filler`])
+//! ahead of `end`, about [`PREALLOC_MIN`] at first, then steps as large as
+//! the log up to [`PREALLOC_STEP_MAX`], so an append overwrites bytes the
+//! file already has instead of growing it. Once one fdatasync has covered
+//! the filler (its blocks allocated and written, the file size committed),
+//! a record appended over it needs no metadata to be read back after a
+//! power loss: writing its bytes to the device is enough. The disk's group
+//! commit uses that to make one device cache flush serve both the log and
+//! the image (`capture::shared_flush`). After a crash the file is the
+//! records, at most one partial record, then filler: the scan takes the
+//! filler after the last record as the end ([`super::Tail::Filler`],
+//! [`super::Tail::Torn`]); a seal cuts it off, so a sealed log is exactly
+//! its records. Filler, unlike zeros, cannot be mistaken for the zero bytes
+//! a damaged last record ends with, so that damage is still found.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -30,6 +49,18 @@ pub const UNTRUSTED_MAGIC: &[u8; 8] = b"FERRYBAD";
 /// Most records in one [`LogWriter::append_all`]: two iovecs each stay
 /// far below the kernel's `IOV_MAX` (1024).
 pub const MAX_BATCH: usize = 256;
+
+/// Filler written ahead of the records at first ([module docs](self)).
+pub const PREALLOC_MIN: u64 = 1 << 20;
+
+/// Largest step of filler written ahead at once: an append that needs more
+/// room writes at most about this much extra under the disk's lock (a few
+/// milliseconds of page-cache copying), and a log holds at most this
+/// much and one [`PREALLOC_MIN`] beyond its records.
+pub const PREALLOC_STEP_MAX: u64 = 8 << 20;
+
+/// Bytes of filler written by one `pwrite` call.
+const FILLER_CHUNK: usize = 64 << 10;
 
 /// One change to log: a write and its bytes, or a zeroed range.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +86,7 @@ impl<'a> Record<'a> {
 }
 
 /// The writer of one open log. Not thread safe by itself: the caller holds it
-/// under a lock and may fdatasync a [`LogWriter::sync_handle`] outside that
+/// under a lock and may carry out a [`LogWriter::sync_plan`] outside that
 /// lock.
 #[derive(Debug)]
 pub struct LogWriter {
@@ -79,6 +110,34 @@ pub struct LogWriter {
     /// the kernel may have dropped) after that point, so nothing more may be
     /// appended and the caller must resync.
     poisoned: Option<String>,
+    /// File length: the records, then filler written ahead (never less than `end`).
+    capacity: u64,
+    /// The file up to here is covered by a finished fdatasync: its blocks
+    /// are allocated and its length committed, so a record that ends here
+    /// or before is readable after a power loss once its bytes reach the
+    /// device.
+    prepared: u64,
+    /// The device the file is on (`st_dev`).
+    device: u64,
+}
+
+/// What a group commit syncs ([`LogWriter::sync_plan`]), taken under the
+/// caller's lock and carried out outside it.
+#[derive(Debug, Clone)]
+pub struct LogSync {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    /// Records end here: syncing `0..upto` covers every append made before the plan.
+    pub upto: u64,
+    /// The records need only their bytes written to the device: no
+    /// metadata (allocation, file size) of the log changed since a
+    /// finished fdatasync ([module docs](self)).
+    pub data_only: bool,
+    /// The device the log is on (`st_dev`).
+    pub device: u64,
+    /// File length when the plan was taken: what a full fdatasync of the
+    /// plan makes prepared ([`LogWriter::synced`]).
+    capacity: u64,
 }
 
 /// A log that was cleanly closed: everything in it is durable.
@@ -108,16 +167,21 @@ impl LogWriter {
         let made = (|| {
             file.write_all_at(&bytes, 0).map_err(|e| Error::io(format!("writing header of {}", path.display()), e))?;
             file.sync_all().map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
-            sync_parent_dir(path)
+            sync_parent_dir(path)?;
+            let meta = file.metadata().map_err(|e| Error::io(format!("stat of {}", path.display()), e))?;
+            Ok(std::os::unix::fs::MetadataExt::dev(&meta))
         })();
-        if let Err(e) = made {
-            drop(file);
-            // Best effort: a leftover header-only file would be an unclean,
-            // empty log, which recovery handles anyway.
-            let _ = std::fs::remove_file(path);
-            let _ = sync_parent_dir(path);
-            return Err(e);
-        }
+        let device = match made {
+            Ok(device) => device,
+            Err(e) => {
+                drop(file);
+                // Best effort: a leftover header-only file would be an unclean,
+                // empty log, which recovery handles anyway.
+                let _ = std::fs::remove_file(path);
+                let _ = sync_parent_dir(path);
+                return Err(e);
+            }
+        };
         Ok(LogWriter {
             path: path.to_path_buf(),
             file: Arc::new(file),
@@ -129,6 +193,9 @@ impl LogWriter {
             in_image: Vec::new(),
             in_image_bytes: 0,
             poisoned: None,
+            capacity: HEADER_SIZE,
+            prepared: HEADER_SIZE,
+            device,
         })
     }
 
@@ -177,9 +244,13 @@ impl LogWriter {
             }
         }
         let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if self.end + bytes > self.capacity {
+            self.write_filler_ahead(self.end + bytes);
+        }
         let w = write_all_vectored_at(&self.file, &parts, self.end).map_err(|e| self.io_err("appending records", e));
         self.poison_on_err(w)?;
         self.end += bytes;
+        self.capacity = self.capacity.max(self.end);
         self.last_seq += records.len() as u64;
         self.records += records.len() as u64;
         for r in records.iter().filter(|r| r.kind == RecordKind::InImage) {
@@ -192,22 +263,67 @@ impl LogWriter {
         Ok(())
     }
 
+    /// Writes filler from `needed` (where the coming append ends; it
+    /// writes the bytes before) to a step past it (see the [module
+    /// docs](self)). Best effort: if it fails (a full volume), appends grow
+    /// the file as they go, and syncs stay full fdatasyncs.
+    fn write_filler_ahead(&mut self, needed: u64) {
+        let step = (self.capacity - HEADER_SIZE).clamp(PREALLOC_MIN, PREALLOC_STEP_MAX);
+        let target = (needed + step).div_ceil(PREALLOC_MIN) * PREALLOC_MIN;
+        let mut chunk = vec![0u8; FILLER_CHUNK.min((target - needed) as usize)];
+        let mut at = needed;
+        while at < target {
+            let n = (target - at).min(chunk.len() as u64) as usize;
+            super::format::fill_at(self.header.log_id, at, &mut chunk[..n]);
+            let written = crate::failpoint::check("log.filler", &self.path)
+                .and_then(|()| self.file.write_all_at(&chunk[..n], at));
+            if let Err(e) = written {
+                tracing::debug!(log = %self.path.display(), error = %e, "could not write filler ahead of the records");
+                return;
+            }
+            at += n as u64;
+            // Counted once the append's own bytes fill the gap before `needed`.
+            self.capacity = self.capacity.max(at);
+        }
+    }
+
     /// fdatasync: every record appended so far is durable. This is the
     /// durability point for an NBD FLUSH or FUA.
     pub fn sync(&mut self) -> Result<()> {
         self.check_usable()?;
+        let capacity = self.capacity;
         let r = self.file.sync_data().map_err(|e| self.io_err("fdatasync", e));
-        self.poison_on_err(r)
+        self.poison_on_err(r)?;
+        self.prepared = self.prepared.max(capacity);
+        Ok(())
     }
 
-    /// The log file, for group commit: `sync_data()` on it outside the lock
-    /// that guards the writer makes durable every record appended before the
-    /// call. A failed `sync_data()` must be treated like a failed
-    /// [`sync`](Self::sync) (stop using the log, resync). Shares the
-    /// writer's descriptor: no new descriptor is needed to sync.
-    pub fn sync_handle(&self) -> Result<Arc<File>> {
+    /// What a group commit must sync to make every record appended so far
+    /// durable, to be carried out outside the lock that guards the writer:
+    /// an fdatasync of `file` (then [`synced`](Self::synced)), or, when
+    /// `data_only`, writing `0..upto` of it to the device followed by a
+    /// device cache flush (which an fdatasync of another file on the same
+    /// device makes, see `capture::disk`). A failure carrying it out must be
+    /// treated like a failed [`sync`](Self::sync) (stop using the log,
+    /// resync). Shares the writer's descriptor: no new one is needed.
+    pub fn sync_plan(&self) -> Result<LogSync> {
         self.check_usable()?;
-        Ok(self.file.clone())
+        Ok(LogSync {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            upto: self.end,
+            data_only: self.end <= self.prepared,
+            device: self.device,
+            capacity: self.capacity,
+        })
+    }
+
+    /// A full fdatasync of `plan` finished: the file as it was then is
+    /// prepared. A plan of another log (rotated meanwhile) changes nothing.
+    pub fn synced(&mut self, plan: &LogSync) {
+        if Arc::ptr_eq(&self.file, &plan.file) {
+            self.prepared = self.prepared.max(plan.capacity);
+        }
     }
 
     /// Total bytes of the log, header included. This is what the
@@ -257,8 +373,10 @@ impl LogWriter {
     /// is consumed, and a retry after a restart could succeed on pages the
     /// kernel dropped.
     pub fn seal(mut self) -> Result<SealedLog> {
-        let sealed =
-            self.sync().and_then(|()| write_close_block(&self.file, &self.path, self.records, self.end, self.last_seq));
+        let sealed = self
+            .cut_filler_ahead()
+            .and_then(|()| self.sync())
+            .and_then(|()| write_close_block(&self.file, &self.path, self.records, self.end, self.last_seq));
         if let Err(e) = sealed {
             self.mark_untrusted();
             return Err(e);
@@ -275,6 +393,18 @@ impl LogWriter {
         if let Err(e) = marked {
             tracing::warn!(log = %self.path.display(), error = %e, "could not mark a failed change log untrusted");
         }
+    }
+
+    /// Cuts the filler written ahead: the file becomes exactly its records.
+    fn cut_filler_ahead(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.capacity > self.end {
+            let cut = self.file.set_len(self.end).map_err(|e| self.io_err("cutting the filler ahead", e));
+            self.poison_on_err(cut)?;
+            self.capacity = self.end;
+            self.prepared = self.prepared.min(self.end);
+        }
+        Ok(())
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -438,11 +568,11 @@ mod tests {
         assert_eq!(w.records(), 2);
         assert_eq!(w.len(), HEADER_SIZE + 2 * RECORD_HEADER_SIZE + 100);
         // In the kernel as soon as appended: nothing waits in a user-space buffer.
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), w.len());
+        assert_eq!(scan(&path).unwrap().valid_len, w.len(), "in the kernel on return");
         let big = vec![7u8; (4 << 20) + 3];
         w.append_write(10, &[2; 10]).unwrap();
         w.append_write(1 << 20, &big).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), w.len());
+        assert_eq!(scan(&path).unwrap().valid_len, w.len(), "in the kernel on return");
         let sealed = w.seal().unwrap();
         assert_eq!(sealed.records, 4);
         let s = scan(&path).unwrap();
@@ -462,7 +592,7 @@ mod tests {
         w.append_all(&batch).unwrap();
         assert_eq!(w.records(), 4);
         assert_eq!(w.len(), HEADER_SIZE + 4 * RECORD_HEADER_SIZE + 5 + 4096 + 512);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), w.len(), "in the kernel on return");
+        assert_eq!(scan(&path).unwrap().valid_len, w.len(), "in the kernel on return");
         w.append_all(&[]).unwrap();
         assert_eq!(w.records(), 4, "an empty batch logs nothing");
         w.seal().unwrap();
@@ -525,7 +655,7 @@ mod tests {
             w.append_write(0, b"y").unwrap_err(),
             w.append_zero(0, 1).unwrap_err(),
             w.sync().unwrap_err(),
-            w.sync_handle().unwrap_err(),
+            w.sync_plan().unwrap_err(),
         ] {
             assert_eq!(err.class(), ErrorClass::NeedsResync);
             assert!(err.to_string().contains("unusable"), "{err}");
@@ -551,17 +681,64 @@ mod tests {
     }
 
     #[test]
-    fn the_sync_handle_shares_the_descriptor_and_syncs_appended_records() {
+    fn a_sync_plan_is_data_only_once_a_full_sync_covered_the_filler_ahead() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.hrl");
         let mut w = LogWriter::create(&path, &header()).unwrap();
-        let f = w.sync_handle().unwrap();
-        assert_eq!(f.as_raw_fd(), w.file.as_raw_fd(), "no descriptor is duplicated to sync");
+        assert!(w.sync_plan().unwrap().data_only, "no records: nothing to write out");
         w.append_write(0, b"abc").unwrap();
-        f.sync_data().unwrap();
+        let file_len = std::fs::metadata(&path).unwrap().len();
+        assert!(file_len >= w.len() + PREALLOC_MIN, "filler ahead of the records: {file_len} for {}", w.len());
+        let plan = w.sync_plan().unwrap();
+        assert_eq!(plan.file.as_raw_fd(), w.file.as_raw_fd(), "no descriptor is duplicated to sync");
+        assert_eq!(plan.upto, w.len());
+        assert!(!plan.data_only, "the filler was never synced: its allocation is not durable");
+        plan.file.sync_data().unwrap();
+        w.synced(&plan);
+        w.append_write(10, b"def").unwrap();
+        assert!(w.sync_plan().unwrap().data_only, "over prepared filler");
+        // A record past the filler grows the file again.
+        w.append_write(0, &vec![7; (w.capacity - w.end) as usize]).unwrap();
+        let grown = w.sync_plan().unwrap();
+        assert!(!grown.data_only);
+        w.sync().unwrap();
+        assert!(w.sync_plan().unwrap().data_only, "a full sync prepares everything written ahead");
+        // A plan of another log prepares nothing here.
+        let mut other = LogWriter::create(&dir.path().join("o.hrl"), &header()).unwrap();
+        other.append_write(0, b"x").unwrap();
+        let foreign = w.sync_plan().unwrap();
+        other.synced(&foreign);
+        assert!(!other.sync_plan().unwrap().data_only);
+        // The scan of the open log ends at the filler: every record.
         let s = scan(&path).unwrap();
-        assert_eq!(s.records.len(), 1);
-        assert!(!s.clean);
+        assert_eq!((s.records.len(), s.valid_len, s.tail.clone()), (3, w.len(), crate::changelog::Tail::Filler));
+        // A seal cuts the filler: the sealed log is exactly its records.
+        let sealed = w.seal().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), sealed.end_offset);
+        let s = scan(&path).unwrap();
+        assert!(s.clean && s.records.len() == 3 && s.file_len == sealed.end_offset);
+    }
+
+    #[test]
+    fn filler_that_cannot_be_written_leaves_appends_growing_the_file_and_never_covers_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.hrl");
+        let mut w = LogWriter::create(&path, &header()).unwrap();
+        crate::failpoint::arm("log.filler", &path, 1, libc::ENOSPC);
+        w.append_write(0, b"first").unwrap();
+        crate::failpoint::disarm(&path);
+        assert!(!w.is_poisoned(), "filler is best effort");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), w.len(), "no filler: the append grew the file");
+        assert!(!w.sync_plan().unwrap().data_only);
+        // The next append that needs room writes filler after itself, never over a record.
+        w.append_write(8, &[3u8; 4000]).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > w.len());
+        w.append_write(16, b"third").unwrap();
+        let s = scan(&path).unwrap();
+        assert_eq!((s.records.len(), s.valid_len, s.tail), (3, w.len(), crate::changelog::Tail::Filler));
+        let file = File::open(&path).unwrap();
+        assert_eq!(read_payload(&file, &s.records[0]).unwrap(), b"first");
+        assert_eq!(read_payload(&file, &s.records[1]).unwrap(), vec![3u8; 4000]);
     }
 
     #[test]
