@@ -88,6 +88,15 @@ pub struct Args {
     /// latency_ms, auth_failure, seed), re-read every second while ferryd runs.
     #[arg(long)]
     pub faults: Option<PathBuf>,
+    /// Host-wide memory for the image bytes held for sealed change logs until
+    /// their recovery point commits (0..=64GiB; beyond it they go to a side
+    /// file beside the disk).
+    #[arg(long, env = "FERRY_HELD_MEMORY", default_value = "256MiB")]
+    pub held_memory: String,
+    /// Nice value (0..=19) of the threads that compress uploads and hash disks
+    /// for a resync, so they yield to the guests' write path.
+    #[arg(long, env = "FERRY_BACKGROUND_NICE", default_value_t = ferry_engine::runtime::DEFAULT_BACKGROUND_NICE)]
+    pub background_nice: i32,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -101,6 +110,18 @@ fn default_data_dir() -> PathBuf {
         Some(h) => PathBuf::from(h).join(".local/share/ferry"),
         None => PathBuf::from("ferry-data"),
     }
+}
+
+/// `--held-memory` and `--background-nice` into `config`, checked with the
+/// engine's own bounds; an error names the flag.
+fn apply_tuning(args: &Args, config: &mut EngineConfig) -> anyhow::Result<()> {
+    config.held_memory = units::parse_bytes(&args.held_memory).map_err(|e| anyhow::anyhow!("--held-memory: {e}"))?;
+    config.background_nice = args.background_nice;
+    config.validate().map_err(|e| {
+        let message =
+            e.to_string().replace("held_memory", "--held-memory").replace("background_nice", "--background-nice");
+        anyhow::anyhow!("{message}")
+    })
 }
 
 fn loopback_only(addr: &SocketAddr, flag: &str) -> anyhow::Result<()> {
@@ -186,6 +207,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.faults {
         config.faults = Some(read_faults(path)?);
     }
+    apply_tuning(&args, &mut config)?;
     loopback_only(&args.listen, "--listen")?;
     let nbd_limits = nbd_limits(&args)?;
 
@@ -297,6 +319,23 @@ mod tests {
         let a = args(&["--nbd-max-connections", "8", "--nbd-idle-timeout", "90s", "--nbd-handshake-timeout", "2s"]);
         let l = nbd_limits(&a).unwrap();
         assert_eq!((l.max_connections, l.idle_timeout.as_secs(), l.handshake_timeout.as_secs()), (8, 90, 2));
+    }
+
+    #[test]
+    fn held_memory_and_background_nice_are_applied_or_refused_naming_their_flag() {
+        let mut config = EngineConfig::new(std::path::Path::new("/tmp/x"));
+        apply_tuning(&args(&[]), &mut config).unwrap();
+        assert_eq!((config.held_memory, config.background_nice), (256 << 20, 10), "the documented defaults");
+        apply_tuning(&args(&["--held-memory", "1GiB", "--background-nice", "15"]), &mut config).unwrap();
+        assert_eq!((config.held_memory, config.background_nice), (1 << 30, 15));
+        for (flags, flag) in [
+            (&["--held-memory", "65GiB"][..], "--held-memory"),
+            (&["--held-memory", "lots"][..], "--held-memory"),
+            (&["--background-nice", "20"][..], "--background-nice"),
+        ] {
+            let err = apply_tuning(&args(flags), &mut config).unwrap_err().to_string();
+            assert!(err.contains(flag), "{flags:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Parsing what operators type: durations ("30s", "5m"), bandwidth
-//! ("100Mbps", "512Kbps", "unlimited").
+//! ("100Mbps", "512Kbps", "unlimited"), sizes ("256MiB", "1GiB").
 
 /// Parses a duration like `30s`, `5m`, `1h 30m`, `1500ms`.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -37,6 +37,31 @@ pub fn format_bandwidth(bps: Option<u64>) -> String {
     }
 }
 
+/// Parses a size in bytes: `256MiB`, `1GiB`, `64KiB`, `2TiB` (binary), `1MB`,
+/// `1GB` (decimal), `0`, or a plain number of bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let units: [(&str, u64); 9] = [
+        ("tib", 1 << 40),
+        ("gib", 1 << 30),
+        ("mib", 1 << 20),
+        ("kib", 1 << 10),
+        ("tb", 1_000_000_000_000),
+        ("gb", 1_000_000_000),
+        ("mb", 1_000_000),
+        ("kb", 1_000),
+        ("b", 1),
+    ];
+    let (num, mult) =
+        units.iter().find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim(), *m))).unwrap_or((t.as_str(), 1));
+    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a size; try 256MiB, 1GiB or 0"))?;
+    let bytes = value * mult as f64;
+    if !(value.is_finite() && value >= 0.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{s:?} must be a size of zero bytes or more"));
+    }
+    Ok(bytes.round() as u64)
+}
+
 pub fn format_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -67,6 +92,26 @@ mod tests {
         assert!(parse_bandwidth("-1Mbps").is_err());
         assert_eq!(format_bandwidth(Some(100_000_000)), "100Mbps");
         assert_eq!(format_bandwidth(None), "unlimited");
+    }
+
+    #[test]
+    fn sizes() {
+        let table = [
+            ("256MiB", Ok(256 << 20)),
+            ("1GiB", Ok(1 << 30)),
+            (" 64 KiB ", Ok(64 << 10)),
+            ("1.5GiB", Ok(3 << 29)),
+            ("1MB", Ok(1_000_000)),
+            ("0", Ok(0)),
+            ("4096", Ok(4096)),
+            ("12B", Ok(12)),
+        ];
+        for (text, want) in table {
+            assert_eq!(parse_bytes(text), want, "{text:?}");
+        }
+        for bad in ["lots", "-1MiB", "1QiB", "", "NaNGiB", "99999999999TiB"] {
+            assert!(parse_bytes(bad).unwrap_err().contains(bad.trim()), "{bad:?}");
+        }
     }
 
     #[test]

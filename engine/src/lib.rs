@@ -80,7 +80,7 @@ pub mod replica;
 mod replicate;
 pub mod restore;
 pub mod resync;
-mod runtime;
+pub mod runtime;
 pub mod schedule;
 mod state;
 mod supervisor;
