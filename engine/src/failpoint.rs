@@ -7,8 +7,11 @@
 //! process only hit their own disks.
 //!
 //! Points: `disk.write` (a disk write or zeroing, before it reaches the
-//! image), `disk.sync` (a disk fdatasync) and `held.save` (a save of a
-//! block a sealed log holds, `capture::held`; scoped by its side file).
+//! image), `disk.sync` (a disk fdatasync), `log.sync` (a group commit's
+//! fdatasync or write-out of the change log; scoped by the log file),
+//! `log.filler` (the filler a log writes ahead of its records) and
+//! `held.save` (a save of a block a sealed log holds, `capture::held`;
+//! scoped by its side file).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -601,7 +601,9 @@ impl Disk {
                 SyncMode::OneFlush => {
                     shared_flush::start_writing(&plan.file);
                     shared_flush::start_writing(&self.file);
-                    match shared_flush::write_out(&plan.file, plan.upto) {
+                    let written = crate::failpoint::check("log.sync", &plan.path)
+                        .and_then(|()| shared_flush::write_out(&plan.file, plan.upto));
+                    match written {
                         Ok(()) => (Some(Ok(())), sync_disk()),
                         Err(e) => {
                             let e = Error::io(format!("writing out HRL log {}", plan.path.display()), e);
@@ -642,8 +644,11 @@ impl Disk {
         plan: &LogSync,
         sync_disk: impl FnOnce() -> std::io::Result<()>,
     ) -> (Result<()>, std::io::Result<()>) {
-        let sync_log =
-            || plan.file.sync_data().map_err(|e| Error::io(format!("fdatasync of HRL log {}", plan.path.display()), e));
+        let sync_log = || {
+            crate::failpoint::check("log.sync", &plan.path)
+                .and_then(|()| plan.file.sync_data())
+                .map_err(|e| Error::io(format!("fdatasync of HRL log {}", plan.path.display()), e))
+        };
         std::thread::scope(|s| {
             let spawned = std::thread::Builder::new().name("ferry-log-sync".into()).spawn_scoped(s, sync_log);
             let disk = sync_disk();
@@ -1061,6 +1066,41 @@ mod tests {
             replayed[r.offset as usize..][..p.len()].copy_from_slice(&p);
         }
         assert!(replayed == image, "the log replays to the image");
+    }
+
+    #[test]
+    fn flushes_use_the_mode_the_log_allows_and_a_failed_log_sync_gives_the_log_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let log = new_log(&path, "vm", "d", 1, 0).unwrap();
+        let log_path = log.path().to_path_buf();
+        let d = Disk::new("vm", "d", &path, log, 0, tx).unwrap();
+        let plan = || d.lock().log.as_ref().unwrap().sync_plan().unwrap();
+        let mode = || shared_flush::mode(d.device, plan().device, plan().data_only);
+        d.write_at(0, &[1u8; 4096], false).unwrap();
+        assert_eq!(mode(), SyncMode::TwoSyncs, "the filler ahead was never synced");
+        d.flush().unwrap();
+        d.write_at(4096, &[2u8; 4096], false).unwrap();
+        let expected = if d.device.flush_on_every_sync { SyncMode::OneFlush } else { SyncMode::TwoSyncs };
+        assert_eq!(mode(), expected, "over prepared filler: one flush where the image's file system allows it");
+        d.flush().unwrap();
+        // A log sync that fails (in either mode): the image is synced and the
+        // flush succeeds (the write is durable there), the log is given up
+        // and the VM told to resync.
+        d.write_at(8192, &[3u8; 4096], true).unwrap();
+        crate::failpoint::arm("log.sync", &log_path, 1, libc::EIO);
+        d.write_at(12288, &[4u8; 4096], false).unwrap();
+        let flushed = d.flush();
+        crate::failpoint::disarm(&log_path);
+        flushed.unwrap();
+        assert!(matches!(rx.try_recv(), Ok(DiskSignal::ResyncNeeded { .. })), "the VM is told to resync");
+        assert!(d.lock().log.is_none(), "the log is no longer written");
+        assert!(changelog::scan(&log_path).unwrap_err().to_string().contains("bad magic"), "marked untrusted");
+        let mut image = vec![0u8; 16384];
+        d.file().read_exact_at(&mut image, 0).unwrap();
+        assert!(image[12288..] == [4u8; 4096], "the write reached the image");
     }
 
     /// What shipping `logs` (oldest first) puts on the replica: the
