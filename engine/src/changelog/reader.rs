@@ -639,5 +639,51 @@ mod tests {
             }
             prop_assert!(replay(&path, &s) == expected);
         }
+
+        /// What a kill leaves in an open log (its records cut anywhere,
+        /// then the filler written ahead, or nothing) keeps exactly the
+        /// records that were whole and is never damage; one damaged byte in
+        /// a record that has another after it is always damage, with the
+        /// records before it kept.
+        #[test]
+        fn a_cut_over_filler_keeps_the_whole_records_and_damage_before_the_last_is_found(
+            ops in prop::collection::vec(op(), 2..12),
+            cut_at in any::<prop::sample::Index>(),
+            filler in prop_oneof![Just(0usize), 1usize..20_000],
+            damage_at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("p.hrl");
+            let w = write_log(&path, &ops);
+            let end = w.len() as usize;
+            drop(w);
+            let mut full = std::fs::read(&path).unwrap();
+            full.truncate(end);
+            std::fs::write(&path, &full).unwrap();
+            let records = scan(&path).unwrap().records;
+            let ends: Vec<usize> = records.iter().map(|r| (r.payload_pos + r.payload_len()) as usize).collect();
+            let probe = dir.path().join("probe.hrl");
+
+            let cut = HEADER_SIZE as usize + cut_at.index(end - HEADER_SIZE as usize + 1);
+            let bytes = [&full[..cut], &filler_of(&full, cut, filler)[..]].concat();
+            std::fs::write(&probe, &bytes).unwrap();
+            let s = scan(&probe).unwrap();
+            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            prop_assert_eq!(&s.records[..], &records[..whole], "cut at {}", cut);
+            prop_assert!(!matches!(s.tail, Tail::Damaged(_)), "cut at {}: {:?}", cut, s.tail);
+
+            // A damaged byte in any record but the last.
+            let last_start = (records.last().unwrap().payload_pos - RECORD_HEADER_SIZE) as usize;
+            let at = HEADER_SIZE as usize + damage_at.index(last_start - HEADER_SIZE as usize);
+            let mut bad = full.clone();
+            bad[at] ^= flip;
+            let bytes = [&bad[..], &filler_of(&full, end, filler)[..]].concat();
+            std::fs::write(&probe, &bytes).unwrap();
+            let s = scan(&probe).unwrap();
+            let before = ends.iter().filter(|&&e| e <= at).count();
+            prop_assert_eq!(&s.records[..], &records[..before], "damage at {}", at);
+            prop_assert!(matches!(s.tail, Tail::Damaged(_)), "damage at {}: {:?}", at, s.tail);
+        }
     }
 }
