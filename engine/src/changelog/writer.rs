@@ -244,13 +244,17 @@ impl LogWriter {
             }
         }
         let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        if self.end + bytes > self.capacity {
-            self.write_filler_ahead(self.end + bytes);
-        }
-        let w = write_all_vectored_at(&self.file, &parts, self.end).map_err(|e| self.io_err("appending records", e));
+        let w = crate::failpoint::check("log.append", &self.path)
+            .and_then(|()| write_all_vectored_at(&self.file, &parts, self.end))
+            .map_err(|e| self.io_err("appending records", e));
         self.poison_on_err(w)?;
         self.end += bytes;
-        self.capacity = self.capacity.max(self.end);
+        if self.end > self.capacity {
+            // After the records, never before them: a kill between the two
+            // leaves records then nothing, not a gap then filler.
+            self.capacity = self.end;
+            self.write_filler_ahead();
+        }
         self.last_seq += records.len() as u64;
         self.records += records.len() as u64;
         for r in records.iter().filter(|r| r.kind == RecordKind::InImage) {
@@ -263,15 +267,15 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Writes filler from `needed` (where the coming append ends; it
-    /// writes the bytes before) to a step past it (see the [module
-    /// docs](self)). Best effort: if it fails (a full volume), appends grow
-    /// the file as they go, and syncs stay full fdatasyncs.
-    fn write_filler_ahead(&mut self, needed: u64) {
-        let step = (self.capacity - HEADER_SIZE).clamp(PREALLOC_MIN, PREALLOC_STEP_MAX);
-        let target = (needed + step).div_ceil(PREALLOC_MIN) * PREALLOC_MIN;
-        let mut chunk = vec![0u8; FILLER_CHUNK.min((target - needed) as usize)];
-        let mut at = needed;
+    /// Writes filler from `end` to a step past it (see the [module
+    /// docs](self)), after an append grew the file. Best effort: if it
+    /// fails (a full volume), appends grow the file as they go, and syncs
+    /// stay full fdatasyncs.
+    fn write_filler_ahead(&mut self) {
+        let step = (self.end - HEADER_SIZE).clamp(PREALLOC_MIN, PREALLOC_STEP_MAX);
+        let target = (self.end + step).div_ceil(PREALLOC_MIN) * PREALLOC_MIN;
+        let mut chunk = vec![0u8; FILLER_CHUNK.min((target - self.end) as usize)];
+        let mut at = self.end;
         while at < target {
             let n = (target - at).min(chunk.len() as u64) as usize;
             super::format::fill_at(self.header.log_id, at, &mut chunk[..n]);
@@ -282,8 +286,7 @@ impl LogWriter {
                 return;
             }
             at += n as u64;
-            // Counted once the append's own bytes fill the gap before `needed`.
-            self.capacity = self.capacity.max(at);
+            self.capacity = at;
         }
     }
 
@@ -717,6 +720,31 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), sealed.end_offset);
         let s = scan(&path).unwrap();
         assert!(s.clean && s.records.len() == 3 && s.file_len == sealed.end_offset);
+    }
+
+    #[test]
+    fn an_append_cut_short_leaves_no_gap_before_the_filler() {
+        // A kill after the filler was written but before the records landed
+        // left zeros (a hole) then filler: a damaged log and a resync. The
+        // filler now follows the records; an append that fails leaves the
+        // log as it was.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.hrl");
+        let mut w = LogWriter::create(&path, &header()).unwrap();
+        crate::failpoint::arm("log.append", &path, 1, libc::EIO);
+        assert!(w.append_write(0, b"lost").is_err());
+        crate::failpoint::disarm(&path);
+        let s = scan(&path).unwrap();
+        assert!(s.records.is_empty() && matches!(s.tail, crate::changelog::Tail::None), "{s:?}");
+        // The same past the filler of a log with records.
+        let mut w = LogWriter::create(&dir.path().join("m.hrl"), &header()).unwrap();
+        w.append_write(0, b"kept").unwrap();
+        let room = w.capacity - w.end;
+        crate::failpoint::arm("log.append", w.path(), 1, libc::EIO);
+        assert!(w.append_write(0, &vec![1u8; room as usize + 1]).is_err());
+        crate::failpoint::disarm(w.path());
+        let s = scan(w.path()).unwrap();
+        assert_eq!((s.records.len(), s.tail), (1, crate::changelog::Tail::Filler));
     }
 
     #[test]
