@@ -9,7 +9,8 @@
 //! Points: `disk.write` (a disk write or zeroing, before it reaches the
 //! image), `disk.sync` (a disk fdatasync), `log.sync` (a group commit's
 //! fdatasync or write-out of the change log; scoped by the log file),
-//! `log.filler` (the filler a log writes ahead of its records) and
+//! `log.append` (the write of a log's records), `log.filler` (the filler
+//! a log writes ahead of its records) and
 //! `held.save` (a save of a block a sealed log holds, `capture::held`;
 //! scoped by its side file).
 

@@ -5,7 +5,7 @@
 //! device's volatile cache, the slow part of a sync on most devices (and
 //! twice as slow as qemu-nbd, which has only the image to sync). When the
 //! log's records need no metadata to be read back (their blocks allocated
-//! and written, the file size committed: `changelog`'s zeros ahead, the
+//! and written, the file size committed: `changelog`'s filler ahead, the
 //! plan's `data_only`) and the log is on the image's device, the records
 //! need only reach the device and then one cache flush, which the image's
 //! fdatasync makes. So a sync is:

@@ -399,9 +399,13 @@ impl LogWriter {
     }
 
     /// Cuts the filler written ahead: the file becomes exactly its records.
+    /// The file's own length decides, not `capacity`: a filler write cut
+    /// short (a full volume) may have left bytes past what was counted.
     fn cut_filler_ahead(&mut self) -> Result<()> {
         self.check_usable()?;
-        if self.capacity > self.end {
+        let len = self.file.metadata().map(|m| m.len()).map_err(|e| self.io_err("stat", e));
+        let len = self.poison_on_err(len)?;
+        if len > self.end {
             let cut = self.file.set_len(self.end).map_err(|e| self.io_err("cutting the filler ahead", e));
             self.poison_on_err(cut)?;
             self.capacity = self.end;
@@ -720,6 +724,24 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), sealed.end_offset);
         let s = scan(&path).unwrap();
         assert!(s.clean && s.records.len() == 3 && s.file_len == sealed.end_offset);
+    }
+
+    #[test]
+    fn a_seal_cuts_filler_left_past_the_counted_capacity_by_a_write_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.hrl");
+        let mut w = LogWriter::create(&path, &header()).unwrap();
+        crate::failpoint::arm("log.filler", &path, 1, libc::ENOSPC);
+        w.append_write(0, b"only").unwrap();
+        crate::failpoint::disarm(&path);
+        assert_eq!(w.capacity, w.end, "no filler counted");
+        // What a filler write cut short by a full volume leaves: some filler past it.
+        let mut part = vec![0u8; 1000];
+        crate::changelog::format::fill_at(w.header.log_id, w.end, &mut part);
+        w.file.write_all_at(&part, w.end).unwrap();
+        let sealed = w.seal().unwrap();
+        let s = scan(&path).unwrap();
+        assert!(s.clean && s.records.len() == 1 && s.file_len == sealed.end_offset, "{s:?}");
     }
 
     #[test]
