@@ -421,7 +421,9 @@ async fn unprotecting_a_protected_vm_removes_its_logs_keeps_its_replica_and_allo
     engine.write("vm", "a", 128 * KIB, random_bytes(4096, 8)).await.unwrap();
     assert!(engine.replicate_now("vm").await.is_err());
     engine.write("vm", "a", 256 * KIB, random_bytes(4096, 9)).await.unwrap();
-    assert_eq!(logs(&a).len(), 2);
+    // At least the sealed log and the active one: the failed cycle's retries
+    // (30 ms apart in policy time here) seal one more log each.
+    assert!(logs(&a).len() >= 2, "{:?}", logs(&a));
     engine.set_faults(Default::default()).unwrap();
 
     engine.unprotect("vm").await.unwrap();

@@ -602,14 +602,15 @@ impl Disk {
                     shared_flush::start_writing(&plan.file);
                     shared_flush::start_writing(&self.file);
                     let written = crate::failpoint::check("log.sync", &plan.path)
-                        .and_then(|()| shared_flush::write_out(&plan.file, plan.upto));
-                    match written {
-                        Ok(()) => (Some(Ok(())), sync_disk()),
-                        Err(e) => {
-                            let e = Error::io(format!("writing out HRL log {}", plan.path.display()), e);
-                            (Some(Err(e)), sync_disk())
+                        .and_then(|()| shared_flush::write_out(&plan.file, plan.upto))
+                        .map_err(|e| Error::io(format!("writing out HRL log {}", plan.path.display()), e));
+                    let disk = sync_disk();
+                    if written.is_ok() && disk.is_ok() {
+                        if let Some(log) = self.lock().log.as_mut() {
+                            log.written_out(&plan);
                         }
                     }
+                    (Some(written), disk)
                 }
                 SyncMode::TwoSyncs => {
                     let (logged, disk) = self.sync_log_beside_disk(&plan, sync_disk);

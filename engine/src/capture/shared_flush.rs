@@ -128,38 +128,35 @@ impl Ext4Facts {
             },
         };
         let options = name.as_ref().and_then(|n| std::fs::read_to_string(format!("/proc/fs/ext4/{n}/options")).ok());
-        let mount = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| {
-            m.lines().find(|l| l.split(' ').nth(2) == Some(&format!("{major}:{minor}"))).map(|l| l.to_string())
-        });
-        let has = |text: &Option<String>, word: &str| {
-            text.as_ref().is_none_or(|t| t.split([',', ' ', '\n']).any(|o| o.trim() == word))
+        let dev = format!("{major}:{minor}");
+        let mount = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|m| m.lines().find(|l| l.split(' ').nth(2) == Some(dev.as_str())).map(str::to_string));
+        // A text that cannot be read names every option: it counts against.
+        let names = |text: &Option<String>, option: &str| {
+            text.as_ref().is_none_or(|t| t.split([',', ' ', '\n']).any(|o| o.trim() == option))
         };
-        let folder = path.parent().and_then(|p| File::open(p).ok());
+        let journal_data = |f: &File| journal_data_flag(f).unwrap_or(true);
         Ext4Facts {
             journal,
-            data_journal: has(&mount, "data=journal") || has(&options, "data=journal"),
-            fast_commit: options.as_ref().is_some_and(|o| o.split([',', ' ', '\n']).any(|w| w.trim() == "fast_commit")),
-            inode_journal_data: ExtFlags::journal_data(image).unwrap_or(true)
-                || folder.is_none_or(|f| ExtFlags::journal_data(&f).unwrap_or(true)),
+            data_journal: names(&mount, "data=journal") || names(&options, "data=journal"),
+            fast_commit: options.is_some() && names(&options, "fast_commit"),
+            inode_journal_data: journal_data(image)
+                || path.parent().and_then(|p| File::open(p).ok()).is_none_or(|f| journal_data(&f)),
         }
     }
 }
 
-/// The inode flags of ext2/3/4 (`FS_IOC_GETFLAGS`).
-struct ExtFlags;
-
-impl ExtFlags {
-    /// `FS_JOURNAL_DATA_FL` (`chattr +j`).
-    fn journal_data(file: &File) -> io::Result<bool> {
-        const FS_JOURNAL_DATA_FL: libc::c_long = 0x0000_4000;
-        let mut flags: libc::c_long = 0;
-        // SAFETY: FS_IOC_GETFLAGS writes one long into the pointed-to value.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(flags & FS_JOURNAL_DATA_FL != 0)
+/// Whether an ext2/3/4 inode has `FS_JOURNAL_DATA_FL` (`chattr +j`), from `FS_IOC_GETFLAGS`.
+fn journal_data_flag(file: &File) -> io::Result<bool> {
+    const FS_JOURNAL_DATA_FL: libc::c_long = 0x0000_4000;
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one long into the pointed-to value.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(flags & FS_JOURNAL_DATA_FL != 0)
 }
 
 /// The sync for a log on `log_device` whose records are all over prepared

@@ -335,8 +335,7 @@ mod tests {
     fn cut(path: &Path, by: u64) {
         use std::os::unix::fs::FileExt;
         let s = crate::changelog::scan(path).unwrap();
-        let mut filler = vec![0u8; by as usize];
-        crate::changelog::format::fill_at(s.header.log_id, s.valid_len - by, &mut filler);
+        let filler = crate::changelog::format::filler_bytes(s.header.log_id, s.valid_len - by, by as usize);
         let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         f.write_all_at(&filler, s.valid_len - by).unwrap();
     }
@@ -399,11 +398,9 @@ mod tests {
         let mut whole = std::fs::read(path).unwrap();
         let log_id = scan(path).unwrap().header.log_id;
         whole.truncate(scan(path).unwrap().valid_len as usize);
-        let filler_to = |mut bytes: Vec<u8>, len: usize| {
+        let filler_to = |bytes: Vec<u8>, len: usize| {
             let at = bytes.len();
-            bytes.resize(len, 0);
-            crate::changelog::format::fill_at(log_id, at as u64, &mut bytes[at..]);
-            bytes
+            [bytes, crate::changelog::format::filler_bytes(log_id, at as u64, len - at)].concat()
         };
         let rec = RECORD_HEADER_SIZE + 100;
         let third = HEADER_SIZE + 2 * rec;

@@ -347,6 +347,15 @@ pub(crate) fn filler(log_id: u64) -> [u8; 8] {
     b
 }
 
+/// `len` bytes of the filler of `log_id` as they lie from file offset `at`
+/// (tests: what a writer leaves ahead of its records).
+#[cfg(test)]
+pub(crate) fn filler_bytes(log_id: u64, at: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    fill_at(log_id, at, &mut b);
+    b
+}
+
 /// Fills `buf` with the filler of `log_id` as it lies at file offset `at`.
 pub(crate) fn fill_at(log_id: u64, at: u64, buf: &mut [u8]) {
     let pat = filler(log_id);

@@ -367,9 +367,7 @@ mod tests {
     /// The log's filler for `len` bytes from file offset `at`.
     fn filler_of(bytes: &[u8], at: usize, len: usize) -> Vec<u8> {
         let log_id = LogHeader::decode(&bytes[..HEADER_SIZE as usize]).unwrap().log_id;
-        let mut b = vec![0u8; len];
-        crate::changelog::format::fill_at(log_id, at as u64, &mut b);
-        b
+        crate::changelog::format::filler_bytes(log_id, at as u64, len)
     }
 
     /// What the scan of `bytes` concludes, as a log that grew with its

@@ -29,6 +29,13 @@
 //! [`super::Tail::Torn`]); a seal cuts it off, so a sealed log is exactly
 //! its records. Filler, unlike zeros, cannot be mistaken for the zero bytes
 //! a damaged last record ends with, so that damage is still found.
+//!
+//! Filler pays only while the records between two syncs fit in it. A stream
+//! that appends more than [`PREALLOC_STEP_MAX`] between syncs (large
+//! sequential writes, or writes with no FLUSH at all) outruns any step, so
+//! every sync of it is a full fdatasync anyway, and the filler would only
+//! write each byte twice: the writer then writes none until the next sync
+//! ([`LogWriter::wants_filler`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -119,6 +126,9 @@ pub struct LogWriter {
     prepared: u64,
     /// The device the file is on (`st_dev`).
     device: u64,
+    /// `end` when the last finished sync was planned: the appends since are
+    /// what the next sync must cover.
+    synced_end: u64,
 }
 
 /// What a group commit syncs ([`LogWriter::sync_plan`]), taken under the
@@ -196,6 +206,7 @@ impl LogWriter {
             capacity: HEADER_SIZE,
             prepared: HEADER_SIZE,
             device,
+            synced_end: HEADER_SIZE,
         })
     }
 
@@ -253,7 +264,9 @@ impl LogWriter {
             // After the records, never before them: a kill between the two
             // leaves records then nothing, not a gap then filler.
             self.capacity = self.end;
-            self.write_filler_ahead();
+            if self.wants_filler() {
+                self.write_filler_ahead();
+            }
         }
         self.last_seq += records.len() as u64;
         self.records += records.len() as u64;
@@ -265,6 +278,13 @@ impl LogWriter {
             }
         }
         Ok(())
+    }
+
+    /// Whether filler ahead would pay off: the records appended since the
+    /// last sync fit in one step, so the next sync can find them over
+    /// prepared filler ([module docs](self)).
+    fn wants_filler(&self) -> bool {
+        self.end - self.synced_end <= PREALLOC_STEP_MAX
     }
 
     /// Writes filler from `end` to a step past it (see the [module
@@ -294,10 +314,11 @@ impl LogWriter {
     /// durability point for an NBD FLUSH or FUA.
     pub fn sync(&mut self) -> Result<()> {
         self.check_usable()?;
-        let capacity = self.capacity;
+        let (capacity, end) = (self.capacity, self.end);
         let r = self.file.sync_data().map_err(|e| self.io_err("fdatasync", e));
         self.poison_on_err(r)?;
         self.prepared = self.prepared.max(capacity);
+        self.synced_end = self.synced_end.max(end);
         Ok(())
     }
 
@@ -326,6 +347,16 @@ impl LogWriter {
     pub fn synced(&mut self, plan: &LogSync) {
         if Arc::ptr_eq(&self.file, &plan.file) {
             self.prepared = self.prepared.max(plan.capacity);
+            self.synced_end = self.synced_end.max(plan.upto);
+        }
+    }
+
+    /// A `data_only` plan was carried out: its records were written to the
+    /// device and a device cache flush issued after that finished. The
+    /// filler written since the plan's last full sync stays unprepared.
+    pub fn written_out(&mut self, plan: &LogSync) {
+        if Arc::ptr_eq(&self.file, &plan.file) && plan.data_only {
+            self.synced_end = self.synced_end.max(plan.upto);
         }
     }
 
@@ -727,6 +758,58 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_that_outruns_the_filler_between_syncs_writes_none_until_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.hrl");
+        let mut w = LogWriter::create(&path, &header()).unwrap();
+        let mib = vec![3u8; 1 << 20];
+        for i in 0..2 * PREALLOC_STEP_MAX / (1 << 20) {
+            w.append_write(i << 20, &mib).unwrap();
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), w.len(), "no filler once the records outran a step");
+        assert!(w.len() - HEADER_SIZE > PREALLOC_STEP_MAX + PREALLOC_MIN);
+        w.sync().unwrap();
+        w.append_write(0, b"abc").unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() >= w.len() + PREALLOC_MIN, "filler again after a sync");
+        let s = scan(&path).unwrap();
+        assert_eq!(
+            (s.records.len(), s.tail),
+            (2 * PREALLOC_STEP_MAX as usize / (1 << 20) + 1, crate::changelog::Tail::Filler)
+        );
+    }
+
+    #[test]
+    fn flushes_written_out_over_prepared_filler_keep_the_filler_coming() {
+        // The one-flush path carries out data-only plans: each counts as a
+        // sync, so small appends between them keep landing over filler.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.hrl");
+        let mut w = LogWriter::create(&path, &header()).unwrap();
+        let chunk = vec![5u8; 512 << 10];
+        let rounds = 4 * PREALLOC_STEP_MAX / chunk.len() as u64;
+        let mut data_only = 0;
+        for i in 0..rounds {
+            w.append_write(i * chunk.len() as u64, &chunk).unwrap();
+            let plan = w.sync_plan().unwrap();
+            if plan.data_only {
+                data_only += 1;
+                plan.file.sync_data().unwrap(); // stands in for the shared device flush
+                w.written_out(&plan);
+            } else {
+                plan.file.sync_data().unwrap();
+                w.synced(&plan);
+            }
+        }
+        assert!(data_only >= rounds - rounds / 4, "{data_only} of {rounds} syncs over prepared filler");
+        // A full sync's plan taken as data-only marks nothing prepared.
+        w.append_write(0, &vec![1; (w.capacity - w.end + 1) as usize]).unwrap();
+        let grown = w.sync_plan().unwrap();
+        assert!(!grown.data_only);
+        w.written_out(&grown);
+        assert!(!w.sync_plan().unwrap().data_only, "written out is not a full sync");
+    }
+
+    #[test]
     fn a_seal_cuts_filler_left_past_the_counted_capacity_by_a_write_cut_short() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.hrl");
@@ -736,8 +819,7 @@ mod tests {
         crate::failpoint::disarm(&path);
         assert_eq!(w.capacity, w.end, "no filler counted");
         // What a filler write cut short by a full volume leaves: some filler past it.
-        let mut part = vec![0u8; 1000];
-        crate::changelog::format::fill_at(w.header.log_id, w.end, &mut part);
+        let part = crate::changelog::format::filler_bytes(w.header.log_id, w.end, 1000);
         w.file.write_all_at(&part, w.end).unwrap();
         let sealed = w.seal().unwrap();
         let s = scan(&path).unwrap();
