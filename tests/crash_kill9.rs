@@ -420,7 +420,7 @@ fn kill9_loses_no_acknowledged_write_and_every_point_restores() {
             let (socket, stop, model, s) = (d.socket.clone(), stop.clone(), model.clone(), rng.random());
             std::thread::spawn(move || writer(socket, stop, model, s))
         };
-        let vm_root = d.target_dir().join("vms").join(VM);
+        let vm_root = d.replica_dir().join("vms").join(VM);
         let delay = Duration::from_millis(if t == 0 { rng.random_range(0..600) } else { rng.random_range(300..2500) });
         std::thread::sleep(delay);
         let state = state_now(&d);

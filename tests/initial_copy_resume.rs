@@ -42,7 +42,7 @@ fn a_kill9_half_way_through_the_initial_copy_resumes_it_and_fails_over_byte_iden
     });
     assert_eq!(d.state(VM), "InitialReplication");
     d.kill9();
-    let vm_root = d.target_dir().join("vms").join(VM);
+    let vm_root = d.replica_dir().join("vms").join(VM);
     let before = target_objects(&vm_root);
     let sent_before: u64 = before.values().map(|(_, len)| len).sum();
 

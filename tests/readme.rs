@@ -146,6 +146,7 @@ impl Drop for Group {
 fn bash_at_root(script: &str) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(script).current_dir(repo_root()).stdin(Stdio::null()).env_remove("CARGO_TARGET_DIR");
+    ferry::harness::process::scrub_cargo_env(&mut cmd);
     for var in [
         "FERRY_DATA_DIR",
         "FERRY_TARGET",

@@ -58,7 +58,7 @@ fn a_kill9_half_way_through_a_resync_resumes_it_and_fails_over_byte_identical() 
     });
     assert_eq!(d.state(VM), "Resynchronizing");
     d.kill9();
-    let vm_root = d.target_dir().join("vms").join(VM);
+    let vm_root = d.replica_dir().join("vms").join(VM);
     let before = target_objects(&vm_root);
 
     d.start_again();

@@ -134,7 +134,7 @@ fn time(ms: u64) -> String {
 fn vm_json(v: &pb::Vm) -> serde_json::Value {
     json!({
         "name": v.name, "state": v.state, "reason": v.reason, "frequency": v.frequency,
-        "upload_workers": v.upload_workers, "last_recovery_point": v.last_recovery_point,
+        "upload_workers": v.upload_workers, "last_recovery_point": v.last_recovery_point, "target": v.target,
         "disks": v.disks.iter().map(|d| json!({
             "name": d.name, "path": d.path, "size": d.size, "export": d.export,
             "active_log_bytes": d.active_log_bytes, "pending_log_bytes": d.pending_log_bytes,
@@ -167,6 +167,7 @@ fn print_vm(v: &pb::Vm) {
         "  frequency: {}, upload workers: {}, last recovery point: {}",
         v.frequency, v.upload_workers, v.last_recovery_point
     );
+    println!("  target: {}", v.target);
     for d in &v.disks {
         println!(
             "  disk {} ({}) {}: export {}, active log {}, pending logs {}, snapshot {}",
@@ -258,6 +259,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             } else if vms.is_empty() {
                 println!("no protected VMs");
             } else {
+                println!("target: {}", vms[0].target);
                 println!("{:<24} {:<22} {:>6} {:>10}  REASON", "VM", "STATE", "DISKS", "LAST POINT");
                 for v in &vms {
                     println!(

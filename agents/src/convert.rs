@@ -50,6 +50,8 @@ pub fn vm(v: VmInfo) -> pb::Vm {
             .collect(),
         last_recovery_point: v.last_point_seq,
         transitions: v.transitions.into_iter().map(transition).collect(),
+        // The service fills it in (the engine knows its target, a VmInfo does not).
+        target: String::new(),
     }
 }
 

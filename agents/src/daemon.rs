@@ -31,9 +31,21 @@ pub struct Args {
     /// State folder (state store, default NBD socket). Default: $XDG_DATA_HOME/ferry or ~/.local/share/ferry.
     #[arg(long, env = "FERRY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Local target folder that receives the replicas. Default: <data-dir>/target.
+    /// Where the replicas go: a folder (a path or file:///path), az://CONTAINER[/PREFIX] (Azure
+    /// Blob) or s3://BUCKET[/PREFIX] (S3 and S3-compatible stores). Blob stores read the standard
+    /// AZURE_STORAGE_* / AWS_* environment variables; a missing container or bucket is created.
+    /// Default: the folder <data-dir>/target.
     #[arg(long, env = "FERRY_TARGET")]
-    pub target: Option<PathBuf>,
+    pub target: Option<String>,
+    /// A blob store setting, KEY=VALUE with object_store's configuration keys (e.g.
+    /// aws_endpoint=http://127.0.0.1:9000, azure_storage_account_key=...); repeatable; overrides
+    /// the environment. Values are never printed.
+    #[arg(long = "target-option", value_name = "KEY=VALUE")]
+    pub target_options: Vec<String>,
+    /// This host's name in the target: its replicas go under hosts/<ID>/, so daemons on many
+    /// hosts can share one container or bucket. Letters, digits, '.', '_', '-'. Default: the hostname.
+    #[arg(long, env = "FERRY_HOST_ID")]
+    pub host_id: Option<String>,
     /// gRPC listen address (loopback by default; port 0 picks a free port).
     #[arg(long, env = "FERRY_LISTEN", default_value = crate::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -112,6 +124,30 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
+/// `--target` and `--target-option` into the engine's target; an error
+/// names the flag (and never a value: it may be a secret).
+fn target_config(args: &Args) -> anyhow::Result<Option<ferry_engine::config::TargetConfig>> {
+    let mut options = ferry_engine::target::BlobOptions::default();
+    for o in &args.target_options {
+        let Some((k, v)) = o.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
+            anyhow::bail!("--target-option: expected KEY=VALUE, got a value without a key");
+        };
+        options = options.with(k.trim(), v);
+    }
+    match &args.target {
+        None if !args.target_options.is_empty() => anyhow::bail!("--target-option needs a blob store --target"),
+        None => Ok(None),
+        Some(url) => {
+            let t = ferry_engine::config::TargetConfig::from_url(url, options)
+                .map_err(|e| anyhow::anyhow!("--target: {e}"))?;
+            if matches!(t, ferry_engine::config::TargetConfig::Local { .. }) && !args.target_options.is_empty() {
+                anyhow::bail!("--target-option applies to az:// and s3:// targets, not to a folder");
+            }
+            Ok(Some(t))
+        }
+    }
+}
+
 /// `--held-memory` and `--background-nice` into `config`, checked with the
 /// engine's own bounds; an error names the flag.
 fn apply_tuning(args: &Args, config: &mut EngineConfig) -> anyhow::Result<()> {
@@ -183,9 +219,8 @@ fn watch_faults(engine: Arc<Engine>, path: PathBuf, stop: CancellationToken) {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let mut config = EngineConfig::new(&data_dir);
-    if let Some(t) = &args.target {
-        config = config.with_local_target(t);
-    }
+    config.target = target_config(&args)?;
+    config.host_id = args.host_id.clone();
     let flat = units::parse_bandwidth(&args.bandwidth_limit).map_err(|e| anyhow::anyhow!("--bandwidth-limit: {e}"))?;
     let limit = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
         match v {

@@ -23,6 +23,11 @@ impl FerryService {
         FerryService { engine }
     }
 
+    /// A VM on the wire, with the target its replica goes to.
+    fn vm(&self, info: ferry_engine::VmInfo) -> pb::Vm {
+        pb::Vm { target: self.engine.target_description(), ..convert::vm(info) }
+    }
+
     fn throttle(&self) -> pb::Throttle {
         let p = self.engine.bandwidth_policy();
         pb::Throttle {
@@ -71,7 +76,7 @@ impl Ferry for FerryService {
     async fn protect_vm(&self, req: Request<pb::ProtectVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let spec = spec_from(req.into_inner())?;
         let info = self.engine.protect(spec).await.map_err(status)?;
-        Ok(Response::new(convert::vm(info)))
+        Ok(Response::new(self.vm(info)))
     }
 
     async fn unprotect_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::UnprotectVmResponse>, Status> {
@@ -81,22 +86,22 @@ impl Ferry for FerryService {
 
     async fn get_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let info = self.engine.vm(&req.into_inner().name).await.map_err(status)?;
-        Ok(Response::new(convert::vm(info)))
+        Ok(Response::new(self.vm(info)))
     }
 
     async fn list_vms(&self, _req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
         let vms = self.engine.list().await.map_err(status)?;
-        Ok(Response::new(pb::ListVmsResponse { vms: vms.into_iter().map(convert::vm).collect() }))
+        Ok(Response::new(pb::ListVmsResponse { vms: vms.into_iter().map(|i| self.vm(i)).collect() }))
     }
 
     async fn pause_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let info = self.engine.pause(&req.into_inner().name).await.map_err(status)?;
-        Ok(Response::new(convert::vm(info)))
+        Ok(Response::new(self.vm(info)))
     }
 
     async fn resume_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let info = self.engine.resume(&req.into_inner().name).await.map_err(status)?;
-        Ok(Response::new(convert::vm(info)))
+        Ok(Response::new(self.vm(info)))
     }
 
     async fn replicate_now(&self, req: Request<pb::VmRef>) -> Result<Response<pb::ReplicateNowResponse>, Status> {
@@ -134,7 +139,7 @@ impl Ferry for FerryService {
 
     async fn resync_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let info = self.engine.resync(&req.into_inner().name).await.map_err(status)?;
-        Ok(Response::new(convert::vm(info)))
+        Ok(Response::new(self.vm(info)))
     }
 
     async fn get_throttle(&self, _req: Request<pb::GetThrottleRequest>) -> Result<Response<pb::Throttle>, Status> {

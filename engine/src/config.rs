@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::resync::DEFAULT_RESYNC_BLOCK;
 use crate::schedule::throttle::BandwidthPolicy;
+use crate::target::blob::BlobOptions;
 use crate::target::unreliable::Faults;
+use crate::target::url::TargetUrl;
 
 /// When a VM in `ResyncRequired` starts its resync by itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +30,33 @@ pub enum AutoResync {
 pub enum TargetConfig {
     /// A folder on this host (the embedded default: `<data_dir>/target`).
     Local { path: PathBuf },
+    /// A blob store: `az://CONTAINER[/PREFIX]` or `s3://BUCKET[/PREFIX]`
+    /// ([`crate::target::url`]), configured by the standard environment
+    /// variables and then `options` (object_store keys; values never
+    /// printed). `create` (default true): a missing container or bucket is
+    /// created when the target opens.
+    Blob {
+        url: String,
+        #[serde(default)]
+        options: BlobOptions,
+        #[serde(default = "yes")]
+        create: bool,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl TargetConfig {
+    /// The target a URL names ([`TargetUrl`]): a path or `file://` is a
+    /// local folder, `az://` and `s3://` a blob store with `options`.
+    pub fn from_url(url: &str, options: BlobOptions) -> Result<TargetConfig> {
+        Ok(match url.parse::<TargetUrl>()? {
+            TargetUrl::Local(path) => TargetConfig::Local { path },
+            blob => TargetConfig::Blob { url: blob.to_string(), options, create: true },
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +66,11 @@ pub struct EngineConfig {
     pub data_dir: PathBuf,
     /// Where replicas go. Default: local folder `<data_dir>/target`.
     pub target: Option<TargetConfig>,
+    /// This host's name in the target: its replicas live under
+    /// `hosts/<host_id>/`, so many hosts share one store without touching
+    /// each other's objects. Validated like VM names. Default (`None`): the
+    /// machine's hostname.
+    pub host_id: Option<String>,
     /// Host-wide upload limits (work hours / off hours), each 512 Kbps..=1023 Mbps
     /// or unlimited. Default: unlimited; work hours 08:00-18:00 Monday to Friday.
     pub bandwidth: BandwidthPolicy,
@@ -69,6 +103,7 @@ impl Default for EngineConfig {
         EngineConfig {
             data_dir: PathBuf::from("ferry-data"),
             target: None,
+            host_id: None,
             bandwidth: BandwidthPolicy::default(),
             auto_resync: AutoResync::OffHours,
             resync_block_size: DEFAULT_RESYNC_BLOCK,
@@ -101,10 +136,24 @@ impl EngineConfig {
         self.target.clone().unwrap_or_else(|| TargetConfig::Local { path: self.paths().default_target() })
     }
 
+    /// The host id in force: the configured one, else the hostname.
+    pub fn host_id(&self) -> Result<String> {
+        let id = match &self.host_id {
+            Some(id) => id.clone(),
+            None => hostname()?,
+        };
+        crate::model::validate_name("host_id", &id).map_err(|e| match self.host_id {
+            Some(_) => e,
+            None => Error::invalid("host_id", format!("the hostname is not a valid host id ({e}): set one")),
+        })?;
+        Ok(id)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(Error::invalid("data_dir", "must not be empty"));
         }
+        self.host_id()?;
         self.bandwidth.validate()?;
         if !self.resync_block_size.is_power_of_two() || !(4 << 10..=4 << 20).contains(&self.resync_block_size) {
             return Err(Error::invalid(
@@ -172,4 +221,16 @@ mod tests {
             assert!(matches!(e, Error::InvalidArgument { field: f, .. } if f == field), "{field}: {e}");
         }
     }
+}
+
+/// The machine's hostname (`gethostname(2)`).
+fn hostname() -> Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; the kernel NUL-terminates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return Err(Error::io("gethostname", std::io::Error::last_os_error()));
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).map_err(|_| Error::invalid("host_id", "the hostname is not UTF-8: set one"))
 }

@@ -23,7 +23,7 @@ use crate::state::jobs::Jobs;
 use crate::state::{StateStore, VmRecord};
 use crate::supervisor::{All, Lookup, StartVm, StopVm, Supervisor};
 use crate::target::unreliable::{Faults, UnreliableTarget};
-use crate::target::{LocalTarget, Target};
+use crate::target::{BlobTarget, HostTarget, LocalTarget, Target};
 use crate::vm::lifecycle::{Event, Lifecycle, VmState};
 use crate::vm::{self, GetInfo, Operator, ReplicateNow, VmActor, VmInfo};
 
@@ -77,7 +77,11 @@ impl Engine {
         };
         let mut target: Target = match config.target() {
             TargetConfig::Local { path } => Arc::new(LocalTarget::open(path)?),
+            TargetConfig::Blob { url, options, create } => {
+                Arc::new(BlobTarget::open(&url.parse()?, &options, create).await?)
+            }
         };
+        target = HostTarget::new(target, &config.host_id()?)?;
         let unreliable = match &config.faults {
             Some(f) => {
                 let u = UnreliableTarget::new(target, f.clone())?;

@@ -36,6 +36,7 @@ pub fn binaries() -> &'static Binaries {
         let dir = profile_dir();
         let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
         let mut cmd = Command::new(env!("CARGO"));
+        crate::harness::process::scrub_cargo_env(&mut cmd);
         cmd.args(["build", "--bins", "-p", "ferry-agents"]).current_dir(env!("CARGO_MANIFEST_DIR"));
         match profile.as_str() {
             "debug" => {}

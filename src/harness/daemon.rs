@@ -22,6 +22,9 @@ use super::binaries::binaries;
 use super::process::Proc;
 use super::{READY_TIMEOUT, STOP_TIMEOUT};
 
+/// The host id the harness gives every daemon (unless its flags name one).
+pub const HOST_ID: &str = "e2e-host";
+
 /// A process's stdout, read line by line on a thread.
 pub struct Lines {
     rx: mpsc::Receiver<String>,
@@ -188,6 +191,12 @@ impl Daemon {
         self.dir().join("data")
     }
 
+    /// This daemon's objects in its local target: `<target>/hosts/<host id>`
+    /// (the default [`HOST_ID`]).
+    pub fn replica_dir(&self) -> PathBuf {
+        self.target_dir().join("hosts").join(HOST_ID)
+    }
+
     pub fn target_dir(&self) -> PathBuf {
         self.dir().join("target")
     }
@@ -217,11 +226,16 @@ impl Daemon {
         let stderr =
             std::fs::OpenOptions::new().create(true).append(true).open(self.stderr_path()).expect("stderr file");
         let mut cmd = Command::new(ferryd);
-        cmd.arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--target")
-            .arg(self.target_dir())
-            .args(["--listen", "127.0.0.1:0", "--log", &self.log])
+        cmd.arg("--data-dir").arg(self.data_dir());
+        // The local target folder and host id, unless the extra flags name them.
+        let given = |flag: &str| self.args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        if !given("--target") {
+            cmd.arg("--target").arg(self.target_dir());
+        }
+        if !given("--host-id") {
+            cmd.args(["--host-id", HOST_ID]);
+        }
+        cmd.args(["--listen", "127.0.0.1:0", "--log", &self.log])
             .arg("--nbd-socket")
             .arg(&self.socket)
             .args(&self.args)

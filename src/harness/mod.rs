@@ -14,12 +14,15 @@
 //! - [`nbd`]: a minimal NBD client with exact control of what was acknowledged.
 //! - [`images`]: random disk images and byte-for-byte comparison.
 //! - [`bench`]: what only the benchmarks need (tables, sizes, temp folders).
+//! - [`blob_servers`]: Azurite and moto, started on loopback for the blob
+//!   target tests.
 //!
 //! Nothing here skips a test: a missing tool or a daemon that does not come
 //! up fails with what to install or what it printed.
 
 pub mod bench;
 pub mod binaries;
+pub mod blob_servers;
 pub mod ctl;
 pub mod daemon;
 pub mod images;
@@ -30,6 +33,7 @@ pub mod tools;
 use std::time::Duration;
 
 pub use binaries::{binaries, Binaries};
+pub use blob_servers::{BlobKind, BlobServer};
 pub use ctl::ResyncDetail;
 pub use daemon::Daemon;
 pub use images::{

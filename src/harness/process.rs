@@ -152,3 +152,21 @@ pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Ran {
     assert!(r.ok(), "{shown} failed ({}):\nstdout:\n{}\nstderr:\n{}", r.status, r.stdout, r.stderr);
     r
 }
+
+/// Removes from `cmd` what cargo sets for the test or benchmark being run
+/// (`CARGO_PKG_*`, `CARGO_MANIFEST_*`, `CARGO_CRATE_*`, `OUT_DIR`, ...), so a
+/// cargo started from it sees the environment of a plain build. Build
+/// scripts watch some of them (ring's: `rerun-if-env-changed=CARGO_PKG_NAME`),
+/// and a nested build that inherits them rebuilds ring, rustls and
+/// everything above them each time it follows a build without them.
+pub fn scrub_cargo_env(cmd: &mut Command) -> &mut Command {
+    const SET_FOR_THE_CRATE: [&str; 5] =
+        ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_TARGET_TMPDIR"];
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if SET_FOR_THE_CRATE.iter().any(|p| k.starts_with(p)) || k == "CARGO_PRIMARY_PACKAGE" || k == "OUT_DIR" {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}

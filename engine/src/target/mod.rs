@@ -1,16 +1,22 @@
 //! The target store: where replicas live.
 //!
 //! One small trait, [`TargetStore`], with a local-folder backend (the
-//! embedded default); blob stores (Azure Blob, S3 through `object_store`)
-//! implement the same five methods. One contract suite
-//! ([`contract::run_contract`]) is run against every backend.
+//! embedded default) and a blob store backend ([`blob::BlobTarget`]: Azure
+//! Blob, S3 and S3-compatible stores through `object_store`), chosen by a
+//! URL ([`url::TargetUrl`]). One contract suite ([`contract::run_contract`])
+//! is run against every backend (the blob ones against Azurite and moto,
+//! in the root crate's `tests/target_backends.rs`).
 //!
-//! Object layout under the store root (all keys are relative, `/`-separated):
+//! Object layout under the store root (all keys are relative, `/`-separated;
+//! for a blob store the root is the URL's container and prefix):
 //!
 //! ```text
-//! vms/<vm>/<generation>/points/<seq:010>.manifest      recovery point manifest (JSON), the commit record
-//! vms/<vm>/<generation>/disks/<disk>/p<seq:010>/<part:06>  extent bundles of that point (zstd)
+//! hosts/<host>/vms/<vm>/<generation>/points/<seq:010>.manifest      recovery point manifest (JSON), the commit record
+//! hosts/<host>/vms/<vm>/<generation>/disks/<disk>/p<seq:010>/<part:06>  extent bundles of that point (zstd)
 //! ```
+//!
+//! `<host>` is the daemon's host id ([`HostTarget`]): every host that
+//! shares a store has its own tree, and the engine sees keys from `vms/` on.
 //!
 //! `generation` is the protection's start time in ms, so protecting a VM
 //! again never mixes with an older replica. Keys depend only on the point
@@ -19,7 +25,12 @@
 //! was put; a put is durable when it returns (local: file and directory
 //! fsynced, then renamed into place).
 
+pub mod blob;
 pub mod unreliable;
+pub mod url;
+
+pub use blob::{BlobOptions, BlobTarget};
+pub use url::TargetUrl;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -188,6 +199,53 @@ impl TargetStore for LocalTarget {
     }
 }
 
+/// One host's part of a shared store: every key goes under
+/// `hosts/<host_id>/`, and listings come back without it. Hosts that share
+/// a store (one container, N daemons) see only their own objects, so one
+/// host's retention or unprotect never touches another's.
+pub struct HostTarget {
+    inner: Target,
+    prefix: String,
+}
+
+impl HostTarget {
+    pub fn new(inner: Target, host_id: &str) -> Result<Arc<HostTarget>> {
+        crate::model::validate_name("host_id", host_id)?;
+        Ok(Arc::new(HostTarget { inner, prefix: host_prefix(host_id) }))
+    }
+
+    fn full(&self, key: &str) -> Result<String> {
+        check_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+}
+
+/// Where a host's objects live in a store: `hosts/<host_id>/`.
+pub fn host_prefix(host_id: &str) -> String {
+    format!("hosts/{host_id}/")
+}
+
+impl TargetStore for HostTarget {
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { self.inner.put(&self.full(key)?, data).await })
+    }
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Bytes>> {
+        Box::pin(async move { self.inner.get(&self.full(key)?).await })
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(async move {
+            let keys = self.inner.list(&format!("{}{prefix}", self.prefix)).await?;
+            Ok(keys.into_iter().filter_map(|k| k.strip_prefix(&self.prefix).map(str::to_string)).collect())
+        })
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { self.inner.delete(&self.full(key)?).await })
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 /// A missing remote object: the replica cannot be trusted any more.
 pub fn missing(key: &str) -> Error {
     Error::Corrupt {
@@ -240,6 +298,23 @@ pub mod contract {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn hosts_sharing_a_store_see_only_their_own_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared: Target = Arc::new(LocalTarget::open(dir.path().join("t")).unwrap());
+        let (h1, h2) = (HostTarget::new(shared.clone(), "h1").unwrap(), HostTarget::new(shared.clone(), "h2").unwrap());
+        contract::run_contract(h1.as_ref()).await;
+        h2.put("vms/a/1/points/0000000001.manifest", Bytes::from_static(b"h2's")).await.unwrap();
+        assert_eq!(&h1.get("vms/a/1/points/0000000001.manifest").await.unwrap()[..], b"second");
+        assert_eq!(h2.list("vms/").await.unwrap(), vec!["vms/a/1/points/0000000001.manifest"]);
+        h2.delete("vms/a/1/points/0000000001.manifest").await.unwrap();
+        assert_eq!(&h1.get("vms/a/1/points/0000000001.manifest").await.unwrap()[..], b"second");
+        assert!(shared.get("hosts/h1/vms/a/1/points/0000000001.manifest").await.is_ok(), "layout: hosts/<id>/...");
+        for bad in ["", "../x", "a/b", ".h"] {
+            assert!(HostTarget::new(shared.clone(), bad).is_err(), "{bad}");
+        }
+    }
 
     #[tokio::test]
     async fn local_target_meets_the_contract() {

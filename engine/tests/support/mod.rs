@@ -68,12 +68,17 @@ pub fn config(dir: &Path) -> EngineConfig {
     c.auto_resync = AutoResync::Manual;
     c.chunk_size = 64 * KIB;
     c.faults = Some(Faults::default());
+    c.host_id = Some(HOST_ID.into());
     c
 }
 
-/// The local target folder of [`config`].
+/// The host id of [`config`].
+pub const HOST_ID: &str = "test-host";
+
+/// Where [`config`]'s engine keeps its objects: its host's folder in the
+/// local target (`<target>/hosts/<host>`).
 pub fn target_root(dir: &Path) -> PathBuf {
-    dir.join("data").join("target")
+    dir.join("data").join("target").join("hosts").join(HOST_ID)
 }
 
 /// Protects `vm` with one disk per path (named after the file stem) and a
