@@ -46,6 +46,12 @@ pub struct Args {
     /// hosts can share one container or bucket. Letters, digits, '.', '_', '-'. Default: the hostname.
     #[arg(long, env = "FERRY_HOST_ID")]
     pub host_id: Option<String>,
+    /// Encryption at rest: a file of 32 random bytes (e.g. `head -c 32 /dev/urandom`) or 64 hex
+    /// digits. Every object and manifest is sealed with AES-256-GCM; a replica written without
+    /// encryption is refused, and so is an encrypted one when no key is given. Keep the key
+    /// elsewhere too: without it the replica cannot be restored.
+    #[arg(long, env = "FERRY_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
     /// gRPC listen address (loopback by default; port 0 picks a free port).
     #[arg(long, env = "FERRY_LISTEN", default_value = crate::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -148,6 +154,22 @@ fn target_config(args: &Args) -> anyhow::Result<Option<ferry_engine::config::Tar
     }
 }
 
+/// The key from `--encryption-key-file`, else from `FERRY_ENCRYPTION_KEY`
+/// (64 hex digits); none if neither is set. An error names where it came
+/// from, never the key.
+pub fn encryption_key(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<ferry_engine::target::sealed::EncryptionKey>> {
+    use ferry_engine::target::sealed::EncryptionKey;
+    if let Some(path) = file {
+        return Ok(Some(EncryptionKey::from_file(path).map_err(|e| anyhow::anyhow!("--encryption-key-file: {e}"))?));
+    }
+    match std::env::var("FERRY_ENCRYPTION_KEY") {
+        Ok(text) => Ok(Some(EncryptionKey::from_hex(&text).map_err(|e| anyhow::anyhow!("FERRY_ENCRYPTION_KEY: {e}"))?)),
+        Err(_) => Ok(None),
+    }
+}
+
 /// `--held-memory` and `--background-nice` into `config`, checked with the
 /// engine's own bounds; an error names the flag.
 fn apply_tuning(args: &Args, config: &mut EngineConfig) -> anyhow::Result<()> {
@@ -221,6 +243,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = EngineConfig::new(&data_dir);
     config.target = target_config(&args)?;
     config.host_id = args.host_id.clone();
+    config.encryption_key = encryption_key(args.encryption_key_file.as_deref())?;
     let flat = units::parse_bandwidth(&args.bandwidth_limit).map_err(|e| anyhow::anyhow!("--bandwidth-limit: {e}"))?;
     let limit = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
         match v {

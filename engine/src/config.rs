@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::resync::DEFAULT_RESYNC_BLOCK;
 use crate::schedule::throttle::BandwidthPolicy;
 use crate::target::blob::BlobOptions;
+use crate::target::sealed::EncryptionKey;
 use crate::target::unreliable::Faults;
 use crate::target::url::TargetUrl;
 
@@ -71,6 +72,12 @@ pub struct EngineConfig {
     /// each other's objects. Validated like VM names. Default (`None`): the
     /// machine's hostname.
     pub host_id: Option<String>,
+    /// Encryption at rest: every object is sealed with this key
+    /// (AES-256-GCM, `target::sealed`). Default none: objects are stored
+    /// compressed but in clear, and an encrypted replica is refused. Never
+    /// serialized (give it from a key file).
+    #[serde(skip)]
+    pub encryption_key: Option<EncryptionKey>,
     /// Host-wide upload limits (work hours / off hours), each 512 Kbps..=1023 Mbps
     /// or unlimited. Default: unlimited; work hours 08:00-18:00 Monday to Friday.
     pub bandwidth: BandwidthPolicy,
@@ -104,6 +111,7 @@ impl Default for EngineConfig {
             data_dir: PathBuf::from("ferry-data"),
             target: None,
             host_id: None,
+            encryption_key: None,
             bandwidth: BandwidthPolicy::default(),
             auto_resync: AutoResync::OffHours,
             resync_block_size: DEFAULT_RESYNC_BLOCK,

@@ -23,7 +23,7 @@ use crate::state::jobs::Jobs;
 use crate::state::{StateStore, VmRecord};
 use crate::supervisor::{All, Lookup, StartVm, StopVm, Supervisor};
 use crate::target::unreliable::{Faults, UnreliableTarget};
-use crate::target::{BlobTarget, HostTarget, LocalTarget, Target};
+use crate::target::{BlobTarget, LocalTarget, Target};
 use crate::vm::lifecycle::{Event, Lifecycle, VmState};
 use crate::vm::{self, GetInfo, Operator, ReplicateNow, VmActor, VmInfo};
 
@@ -81,7 +81,7 @@ impl Engine {
                 Arc::new(BlobTarget::open(&url.parse()?, &options, create).await?)
             }
         };
-        target = HostTarget::new(target, &config.host_id()?)?;
+        target = crate::target::for_host(target, config.encryption_key.as_ref(), &config.host_id()?)?;
         let unreliable = match &config.faults {
             Some(f) => {
                 let u = UnreliableTarget::new(target, f.clone())?;

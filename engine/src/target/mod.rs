@@ -26,6 +26,7 @@
 //! fsynced, then renamed into place).
 
 pub mod blob;
+pub mod sealed;
 pub mod unreliable;
 pub mod url;
 
@@ -218,6 +219,14 @@ impl HostTarget {
         check_key(key)?;
         Ok(format!("{}{key}", self.prefix))
     }
+}
+
+/// A store as one host's engine (or a restore on its behalf) uses it: the
+/// whole store, then encryption ([`sealed::SealedTarget`], which refuses
+/// encrypted objects when `key` is `None`) over the full keys, then the
+/// host's part ([`HostTarget`]).
+pub fn for_host(store: Target, key: Option<&sealed::EncryptionKey>, host_id: &str) -> Result<Target> {
+    Ok(HostTarget::new(sealed::SealedTarget::new(store, key), host_id)?)
 }
 
 /// Where a host's objects live in a store: `hosts/<host_id>/`.

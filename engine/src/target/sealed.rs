@@ -1,0 +1,324 @@
+//! Encryption at rest: [`SealedTarget`] seals every object (bundles and
+//! manifests alike) with AES-256-GCM (ring, the tree's one crypto stack)
+//! before it reaches the store, and opens and verifies it on the way back.
+//!
+//! Object format:
+//!
+//! ```text
+//! "FRYE" | version 1 | key id (8) | nonce (12) | ciphertext | tag (16)
+//! ```
+//!
+//! - The nonce is fresh from the OS random source for every put (a retried
+//!   put of the same key seals again with a new one). With 96-bit random
+//!   nonces a key is good for far more than 2^32 objects before a repeat
+//!   becomes likely enough to matter (NIST SP 800-38D's bound).
+//! - The associated data is the header and the object's full key (host
+//!   prefix included), so an object copied or moved to another key, or to
+//!   another host's tree, fails to open.
+//! - The key id (8 bytes of SHA-256 over a label and the key) tells a wrong
+//!   key apart from a damaged object without revealing the key: a wrong key
+//!   is non-recoverable with that message, a failed tag is corruption
+//!   naming the object.
+//! - Bundles are compressed before they are put, so before they are sealed.
+//!
+//! The same wrapper runs with no key: it then refuses sealed objects ("the
+//! replica is encrypted: configure its key") instead of handing ciphertext
+//! on as a corrupt bundle, and with a key it refuses plain objects ("the
+//! replica was written without encryption").
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use super::{Target, TargetStore};
+use crate::error::{Error, ErrorClass, Result};
+
+const MAGIC: &[u8; 4] = b"FRYE";
+const VERSION: u8 = 1;
+const KEY_ID_LEN: usize = 8;
+/// Magic, version, key id, nonce.
+pub const HEADER_LEN: usize = 4 + 1 + KEY_ID_LEN + NONCE_LEN;
+pub const TAG_LEN: usize = 16;
+
+/// A 256-bit key. `Debug` shows only its id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncryptionKey([u8; 32]);
+
+impl fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EncryptionKey(id {})", hex(&self.id()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl EncryptionKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        EncryptionKey(bytes)
+    }
+
+    /// A key as text: 64 hex digits (surrounding white space ignored).
+    pub fn from_hex(text: &str) -> Result<Self> {
+        let t = text.trim();
+        let bad = || Error::invalid("encryption key", "expected 32 bytes, or 64 hex digits");
+        if t.len() != 64 || !t.is_ascii() {
+            return Err(bad());
+        }
+        let mut key = [0u8; 32];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(EncryptionKey(key))
+    }
+
+    /// A key file: exactly 32 bytes (e.g. `head -c 32 /dev/urandom`), or 64
+    /// hex digits and an optional newline.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::io(format!("reading encryption key file {}", path.display()), e))?;
+        if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Ok(EncryptionKey(raw));
+        }
+        let text = std::str::from_utf8(&bytes).unwrap_or("");
+        EncryptionKey::from_hex(text).map_err(|_| {
+            Error::invalid(
+                "encryption key file",
+                format!("{}: {} bytes; expected 32 bytes, or 64 hex digits", path.display(), bytes.len()),
+            )
+        })
+    }
+
+    /// What objects carry to name their key without revealing it.
+    pub fn id(&self) -> [u8; KEY_ID_LEN] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"ferry encryption key id v1\0");
+        ctx.update(&self.0);
+        let digest = ctx.finish();
+        digest.as_ref()[..KEY_ID_LEN].try_into().expect("SHA-256 is longer than a key id")
+    }
+}
+
+struct Sealer {
+    key: LessSafeKey,
+    id: [u8; KEY_ID_LEN],
+}
+
+/// Encrypts on the way in, opens and verifies on the way out ([module
+/// docs](self)); with no key, refuses encrypted objects.
+pub struct SealedTarget {
+    inner: Target,
+    sealer: Option<Sealer>,
+    rng: SystemRandom,
+}
+
+impl SealedTarget {
+    pub fn new(inner: Target, key: Option<&EncryptionKey>) -> Arc<SealedTarget> {
+        let sealer = key.map(|k| Sealer {
+            key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k.0).expect("a 32-byte AES-256 key")),
+            id: k.id(),
+        });
+        Arc::new(SealedTarget { inner, sealer, rng: SystemRandom::new() })
+    }
+
+    fn seal(&self, sealer: &Sealer, key: &str, plain: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).map_err(|_| Error::Internal("the OS random source failed".into()))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + TAG_LEN);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&sealer.id);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let aad = [&out[..HEADER_LEN], key.as_bytes()].concat();
+        let tag = sealer
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[HEADER_LEN..])
+            .map_err(|_| Error::Internal(format!("sealing {key} failed")))?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(out)
+    }
+
+    fn open(&self, key: &str, stored: Bytes) -> Result<Bytes> {
+        let sealed = stored.len() >= 5 && &stored[..4] == MAGIC;
+        let refuse = |why: String| Error::Corrupt {
+            what: format!("target object {key}"),
+            reason: why,
+            class: ErrorClass::NonRecoverable,
+        };
+        let Some(sealer) = &self.sealer else {
+            if sealed {
+                return Err(refuse(
+                    "it is encrypted, and no encryption key is configured: give the replica's key".into(),
+                ));
+            }
+            return Ok(stored);
+        };
+        if !sealed {
+            return Err(refuse(
+                "it is not encrypted: the replica was written without encryption, and an encryption key is configured"
+                    .into(),
+            ));
+        }
+        if stored[4] != VERSION {
+            return Err(refuse(format!("unknown encryption format version {}", stored[4])));
+        }
+        if stored.len() < HEADER_LEN + TAG_LEN {
+            return Err(Error::corrupt(format!("target object {key}"), "cut short: no room for its tag"));
+        }
+        let id = &stored[5..5 + KEY_ID_LEN];
+        if id != sealer.id {
+            return Err(refuse(format!(
+                "wrong encryption key: the object was sealed with key id {}, the configured key is {}",
+                hex(id),
+                hex(&sealer.id)
+            )));
+        }
+        let nonce = Nonce::try_assume_unique_for_key(&stored[5 + KEY_ID_LEN..HEADER_LEN]).expect("a 12-byte nonce");
+        let aad = [&stored[..HEADER_LEN], key.as_bytes()].concat();
+        let mut body = stored[HEADER_LEN..].to_vec();
+        let plain_len = sealer
+            .key
+            .open_in_place(nonce, Aad::from(aad), &mut body)
+            .map_err(|_| {
+                Error::corrupt(
+                    format!("target object {key}"),
+                    "authentication failed: the object was tampered with, damaged, or moved from another key",
+                )
+            })?
+            .len();
+        body.truncate(plain_len);
+        Ok(Bytes::from(body))
+    }
+}
+
+impl TargetStore for SealedTarget {
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let data = match &self.sealer {
+                Some(s) => {
+                    super::check_key(key)?;
+                    Bytes::from(self.seal(s, key, &data)?)
+                }
+                None => data,
+            };
+            self.inner.put(key, data).await
+        })
+    }
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Bytes>> {
+        Box::pin(async move {
+            let stored = self.inner.get(key).await?;
+            self.open(key, stored)
+        })
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        self.inner.list(prefix)
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        self.inner.delete(key)
+    }
+    fn describe(&self) -> String {
+        match &self.sealer {
+            Some(_) => format!("{} (encrypted)", self.inner.describe()),
+            None => self.inner.describe(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::{contract, LocalTarget};
+
+    fn key(b: u8) -> EncryptionKey {
+        EncryptionKey::from_bytes([b; 32])
+    }
+
+    fn local(dir: &Path) -> Target {
+        Arc::new(LocalTarget::open(dir.join("t")).unwrap())
+    }
+
+    #[tokio::test]
+    async fn sealed_targets_meet_the_contract_and_store_no_plaintext() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = local(dir.path());
+        let sealed = SealedTarget::new(raw.clone(), Some(&key(7)));
+        contract::run_contract(sealed.as_ref()).await;
+        let secret = b"a block of the guest's data that must never reach the store in clear".repeat(20);
+        sealed.put("vms/a/1/disks/d/p0000000002/000000", Bytes::from(secret.clone())).await.unwrap();
+        let stored = raw.get("vms/a/1/disks/d/p0000000002/000000").await.unwrap();
+        assert_eq!(stored.len(), secret.len() + HEADER_LEN + TAG_LEN);
+        assert!(!stored.windows(32).any(|w| secret.windows(32).any(|s| s == w)), "plaintext in the stored object");
+        // Same bytes, same key: a fresh nonce each time.
+        sealed.put("vms/a/1/disks/d/p0000000002/000001", Bytes::from(secret.clone())).await.unwrap();
+        assert_ne!(stored, raw.get("vms/a/1/disks/d/p0000000002/000001").await.unwrap());
+        assert!(sealed.describe().ends_with("(encrypted)"));
+    }
+
+    #[tokio::test]
+    async fn tampering_moving_a_wrong_key_and_a_mismatched_replica_are_each_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = local(dir.path());
+        let sealed = SealedTarget::new(raw.clone(), Some(&key(7)));
+        let k = "vms/a/1/points/0000000001.manifest";
+        sealed.put(k, Bytes::from_static(b"{\"manifest\": 1}")).await.unwrap();
+        let stored = raw.get(k).await.unwrap();
+
+        // One flipped byte anywhere after the header: corrupt, naming the object.
+        for at in [HEADER_LEN, stored.len() - 1, HEADER_LEN - 1] {
+            let mut bad = stored.to_vec();
+            bad[at] ^= 0x40;
+            raw.put(k, Bytes::from(bad)).await.unwrap();
+            let e = sealed.get(k).await.unwrap_err();
+            assert!(e.to_string().contains(k) && e.to_string().contains("authentication failed"), "{at}: {e}");
+        }
+        // Moved to another key: fails to open.
+        raw.put("vms/a/1/points/0000000002.manifest", stored.clone()).await.unwrap();
+        let e = sealed.get("vms/a/1/points/0000000002.manifest").await.unwrap_err();
+        assert!(e.to_string().contains("authentication failed"), "{e}");
+        raw.put(k, stored.clone()).await.unwrap();
+        assert_eq!(&sealed.get(k).await.unwrap()[..], b"{\"manifest\": 1}");
+
+        // A wrong key: non-recoverable, says so, shows ids only.
+        let wrong = SealedTarget::new(raw.clone(), Some(&key(8)));
+        let e = wrong.get(k).await.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::NonRecoverable, "{e}");
+        assert!(e.to_string().contains("wrong encryption key") && e.to_string().contains(&hex(&key(7).id())), "{e}");
+        // No key for an encrypted replica, a key for a plain one.
+        let plain = SealedTarget::new(raw.clone(), None);
+        let e = plain.get(k).await.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::NonRecoverable);
+        assert!(e.to_string().contains("is encrypted"), "{e}");
+        plain.put("vms/b/1/x", Bytes::from_static(b"{}")).await.unwrap();
+        let e = sealed.get("vms/b/1/x").await.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::NonRecoverable);
+        assert!(e.to_string().contains("written without encryption"), "{e}");
+        // Cut short.
+        raw.put(k, stored.slice(..HEADER_LEN + 3)).await.unwrap();
+        assert!(sealed.get(k).await.unwrap_err().to_string().contains("cut short"));
+    }
+
+    #[test]
+    fn keys_load_from_raw_or_hex_files_and_print_only_their_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, [9u8; 32]).unwrap();
+        assert_eq!(EncryptionKey::from_file(&raw).unwrap(), key(9));
+        let hexed = dir.path().join("hex");
+        std::fs::write(&hexed, format!("{}\n", "09".repeat(32))).unwrap();
+        assert_eq!(EncryptionKey::from_file(&hexed).unwrap(), key(9));
+        let short = dir.path().join("short");
+        std::fs::write(&short, [1u8; 16]).unwrap();
+        let e = EncryptionKey::from_file(&short).unwrap_err();
+        assert!(e.to_string().contains("16 bytes"), "{e}");
+        assert!(EncryptionKey::from_file(&dir.path().join("none")).is_err());
+        assert!(!format!("{:?}", key(9)).contains("0909"), "{:?}", key(9));
+        assert!(EncryptionKey::from_hex("zz".repeat(32).as_str()).is_err());
+    }
+}
