@@ -84,6 +84,141 @@ pub enum Command {
     },
     /// Show one job.
     Job { id: u64 },
+    /// List what can be restored of a VM, reading only the store (no daemon needed).
+    Points {
+        vm: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Rebuild a recovery point's disks as sparse <out>/<disk>.img from the store alone, in this
+    /// process (no daemon needed: on any machine with the URL, the host id and the key).
+    Restore {
+        vm: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Recovery point number, or "latest".
+        #[arg(long, default_value = "latest")]
+        recovery_point: String,
+        /// Output folder (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Downloads in flight (1..=64).
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Replace images that already exist in the output folder.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Where the standalone commands read a replica.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// The target the daemon wrote to: a folder, az://CONTAINER[/PREFIX] or s3://BUCKET[/PREFIX]
+    /// (credentials from the standard AZURE_STORAGE_* / AWS_* environment variables).
+    #[arg(long)]
+    pub target: String,
+    /// Blob store setting KEY=VALUE (object_store keys), repeatable.
+    #[arg(long = "target-option", value_name = "KEY=VALUE")]
+    pub target_options: Vec<String>,
+    /// The host whose replica to read (its ferryd --host-id). Default: this machine's hostname.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// The replica's key, if it was written encrypted (32 bytes or 64 hex digits).
+    #[arg(long, env = "FERRY_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    async fn open(&self) -> anyhow::Result<ferry_engine::target::Target> {
+        let options = crate::daemon::target_options(&self.target_options)?;
+        let key = crate::daemon::encryption_key(self.encryption_key_file.as_deref())?;
+        let host = match &self.host {
+            Some(h) => h.clone(),
+            None => ferry_engine::config::hostname()?,
+        };
+        Ok(ferry_engine::target::open_url(&self.target, &options, key.as_ref(), &host).await?)
+    }
+}
+
+fn stored_point_json(p: &ferry_engine::restore::StoredPoint) -> serde_json::Value {
+    json!({
+        "seq": p.seq, "generation": p.generation, "time_ms": p.time_ms, "kind": crate::convert::point_kind(p.kind),
+        "bytes_logical": p.bytes_logical, "bytes_stored": p.bytes_stored, "disks": p.disks,
+    })
+}
+
+/// `points` and `restore`: the store alone, no daemon.
+async fn standalone(command: Command, json: bool) -> anyhow::Result<()> {
+    match command {
+        Command::Points { vm, store } => {
+            let points = ferry_engine::restore::stored_points(&store.open().await?, &vm).await?;
+            if json {
+                println!("{}", json!(points.iter().map(stored_point_json).collect::<Vec<_>>()));
+            } else {
+                println!("{:>6}  {:<26} {:<6} {:>12} {:>12}  DISKS", "ID", "TIME", "KIND", "CHANGED", "STORED");
+                for p in &points {
+                    println!(
+                        "{:>6}  {:<26} {:<6} {:>12} {:>12}  {}",
+                        p.seq,
+                        time(p.time_ms),
+                        crate::convert::point_kind(p.kind),
+                        format_bytes(p.bytes_logical),
+                        format_bytes(p.bytes_stored),
+                        p.disks.join(",")
+                    );
+                }
+            }
+        }
+        Command::Restore { vm, store, recovery_point, out, workers, force } => {
+            if !(1..=64).contains(&workers) {
+                bail!("--workers {workers}: outside 1..=64");
+            }
+            let target = store.open().await?;
+            let points = ferry_engine::restore::stored_points(&target, &vm).await?;
+            let point = match recovery_point.as_str() {
+                "latest" => points.last(),
+                s => {
+                    let seq: u64 = s.parse().map_err(|_| {
+                        anyhow::anyhow!("--recovery-point {s:?}: expected a recovery point number or \"latest\"")
+                    })?;
+                    points.iter().find(|p| p.seq == seq)
+                }
+            };
+            let Some(point) = point else {
+                bail!("recovery point {recovery_point} of {vm} is not in the store (ferryctl points lists them)");
+            };
+            let started = std::time::Instant::now();
+            let opts =
+                ferry_engine::restore::RestoreOpts { parallelism: workers, only: None, durable: true, replace: force };
+            let disks = ferry_engine::restore::restore_point(
+                &target,
+                &vm,
+                point.generation,
+                point.seq,
+                &out,
+                opts,
+                Default::default(),
+                Default::default(),
+            )
+            .await?;
+            let secs = started.elapsed().as_secs_f64();
+            if json {
+                let disks: Vec<_> = disks
+                    .iter()
+                    .map(|d| json!({"name": d.name, "path": d.path.display().to_string(), "size": d.size}))
+                    .collect();
+                println!("{}", json!({"vm": vm, "recovery_point": point.seq, "disks": disks, "seconds": secs}));
+            } else {
+                println!("restored {vm} at recovery point {} in {secs:.1}s:", point.seq);
+                for d in &disks {
+                    println!("  {} {} ({})", d.name, d.path.display(), format_bytes(d.size));
+                }
+            }
+        }
+        _ => unreachable!("only the standalone commands come here"),
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,6 +359,9 @@ fn rpc(s: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if matches!(args.command, Command::Points { .. } | Command::Restore { .. }) {
+        return standalone(args.command, args.json).await;
+    }
     let mut c = connect(&args.endpoint).await?;
     let json = args.json;
     match args.command {
@@ -405,6 +543,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Points { .. } | Command::Restore { .. } => unreachable!("run without a daemon above"),
         Command::Job { id } => {
             let j = c.get_job(pb::GetJobRequest { id }).await.map_err(rpc)?.into_inner();
             if json {

@@ -59,15 +59,19 @@ fn transition(t: Transition) -> pb::Transition {
     pb::Transition { from: t.from.to_string(), to: t.to.to_string(), reason: t.reason, at_ms: t.at_ms }
 }
 
+/// "base" or "delta", as the API and ferryctl name them.
+pub fn point_kind(k: PointKind) -> &'static str {
+    match k {
+        PointKind::Base => "base",
+        PointKind::Delta => "delta",
+    }
+}
+
 pub fn point(p: RecoveryPoint) -> pb::RecoveryPoint {
     pb::RecoveryPoint {
         seq: p.seq,
         time_ms: p.time_ms,
-        kind: match p.kind {
-            PointKind::Base => "base",
-            PointKind::Delta => "delta",
-        }
-        .into(),
+        kind: point_kind(p.kind).into(),
         bytes_logical: p.bytes_logical,
         bytes_stored: p.bytes_stored,
     }

@@ -38,8 +38,9 @@ pub struct Args {
     #[arg(long, env = "FERRY_TARGET")]
     pub target: Option<String>,
     /// A blob store setting, KEY=VALUE with object_store's configuration keys (e.g.
-    /// aws_endpoint=http://127.0.0.1:9000, azure_storage_account_key=...); repeatable; overrides
-    /// the environment. Values are never printed.
+    /// aws_endpoint=http://127.0.0.1:9000); repeatable; overrides the environment. Values are never
+    /// printed, but the command line is visible to other users (ps): give secrets in the
+    /// environment (AWS_SECRET_ACCESS_KEY, AZURE_STORAGE_ACCOUNT_KEY).
     #[arg(long = "target-option", value_name = "KEY=VALUE")]
     pub target_options: Vec<String>,
     /// This host's name in the target: its replicas go under hosts/<ID>/, so daemons on many
@@ -133,13 +134,7 @@ fn default_data_dir() -> PathBuf {
 /// `--target` and `--target-option` into the engine's target; an error
 /// names the flag (and never a value: it may be a secret).
 fn target_config(args: &Args) -> anyhow::Result<Option<ferry_engine::config::TargetConfig>> {
-    let mut options = ferry_engine::target::BlobOptions::default();
-    for o in &args.target_options {
-        let Some((k, v)) = o.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
-            anyhow::bail!("--target-option: expected KEY=VALUE, got a value without a key");
-        };
-        options = options.with(k.trim(), v);
-    }
+    let options = target_options(&args.target_options)?;
     match &args.target {
         None if !args.target_options.is_empty() => anyhow::bail!("--target-option needs a blob store --target"),
         None => Ok(None),
@@ -154,6 +149,19 @@ fn target_config(args: &Args) -> anyhow::Result<Option<ferry_engine::config::Tar
     }
 }
 
+/// `--target-option KEY=VALUE` flags as blob store options; an error never
+/// shows a value.
+pub fn target_options(flags: &[String]) -> anyhow::Result<ferry_engine::target::BlobOptions> {
+    let mut options = ferry_engine::target::BlobOptions::default();
+    for o in flags {
+        let Some((k, v)) = o.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
+            anyhow::bail!("--target-option: expected KEY=VALUE, got a value without a key");
+        };
+        options = options.with(k.trim(), v);
+    }
+    Ok(options)
+}
+
 /// The key from `--encryption-key-file`, else from `FERRY_ENCRYPTION_KEY`
 /// (64 hex digits); none if neither is set. An error names where it came
 /// from, never the key.
@@ -166,7 +174,9 @@ pub fn encryption_key(
     }
     match std::env::var("FERRY_ENCRYPTION_KEY") {
         Ok(text) => Ok(Some(EncryptionKey::from_hex(&text).map_err(|e| anyhow::anyhow!("FERRY_ENCRYPTION_KEY: {e}"))?)),
-        Err(_) => Ok(None),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        // Never "no key" for a key that is set but unreadable: that would store in clear.
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("FERRY_ENCRYPTION_KEY: not 64 hex digits"),
     }
 }
 

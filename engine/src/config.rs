@@ -70,7 +70,8 @@ pub struct EngineConfig {
     /// This host's name in the target: its replicas live under
     /// `hosts/<host_id>/`, so many hosts share one store without touching
     /// each other's objects. Validated like VM names. Default (`None`): the
-    /// machine's hostname.
+    /// one kept in `<data_dir>/host-id`, else the machine's hostname; see
+    /// [`EngineConfig::resolve_host_id`].
     pub host_id: Option<String>,
     /// Encryption at rest: every object is sealed with this key
     /// (AES-256-GCM, `target::sealed`). Default none: objects are stored
@@ -144,16 +145,51 @@ impl EngineConfig {
         self.target.clone().unwrap_or_else(|| TargetConfig::Local { path: self.paths().default_target() })
     }
 
-    /// The host id in force: the configured one, else the hostname.
-    pub fn host_id(&self) -> Result<String> {
-        let id = match &self.host_id {
-            Some(id) => id.clone(),
-            None => hostname()?,
+    /// The host id in force, kept in `<data_dir>/host-id` from the first
+    /// start on: a configured id must match the kept one (a different one
+    /// would start a new, empty tree in the target while the state store
+    /// names points in the old one); with none configured the kept one is
+    /// used, else the hostname (or, for a hostname that cannot tell hosts
+    /// apart, like `localhost`, a generated `host-<random>`).
+    pub fn resolve_host_id(&self) -> Result<String> {
+        let file = self.data_dir.join("host-id");
+        let kept = match std::fs::read_to_string(&file) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(format!("reading {}", file.display()), e)),
         };
-        crate::model::validate_name("host_id", &id).map_err(|e| match self.host_id {
-            Some(_) => e,
-            None => Error::invalid("host_id", format!("the hostname is not a valid host id ({e}): set one")),
-        })?;
+        let id = match (&self.host_id, &kept) {
+            (Some(given), Some(k)) if given != k => {
+                return Err(Error::FailedPrecondition(format!(
+                    "this data folder's replicas are under host id {k:?}, not {given:?}: pass --host-id {k} \
+                     (a new id needs a new data folder)"
+                )))
+            }
+            (Some(given), _) => given.clone(),
+            (None, Some(k)) => k.clone(),
+            (None, None) => {
+                let h = hostname()?;
+                // Clones and containers share "localhost": a random id, kept, instead.
+                let unique = !h.starts_with("localhost") && crate::model::validate_name("host_id", &h).is_ok();
+                if unique {
+                    h
+                } else {
+                    let id = format!("host-{:016x}", rand::random::<u64>());
+                    tracing::warn!(hostname = %h, host_id = %id, "the hostname cannot name this host in the target; using a generated host id");
+                    id
+                }
+            }
+        };
+        crate::model::validate_name("host_id", &id)?;
+        if kept.is_none() {
+            let write = (|| {
+                let mut f = crate::paths::create_private(&file)?;
+                std::io::Write::write_all(&mut f, format!("{id}\n").as_bytes())?;
+                f.sync_all()?;
+                std::fs::File::open(&self.data_dir)?.sync_all()
+            })();
+            write.map_err(|e| Error::io(format!("writing {}", file.display()), e))?;
+        }
         Ok(id)
     }
 
@@ -161,7 +197,9 @@ impl EngineConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(Error::invalid("data_dir", "must not be empty"));
         }
-        self.host_id()?;
+        if let Some(id) = &self.host_id {
+            crate::model::validate_name("host_id", id)?;
+        }
         self.bandwidth.validate()?;
         if !self.resync_block_size.is_power_of_two() || !(4 << 10..=4 << 20).contains(&self.resync_block_size) {
             return Err(Error::invalid(
@@ -211,6 +249,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_host_id_is_kept_by_the_data_folder_and_a_different_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |id: Option<&str>| EngineConfig { host_id: id.map(Into::into), ..EngineConfig::new(dir.path()) };
+        assert_eq!(with(Some("h1")).resolve_host_id().unwrap(), "h1");
+        assert_eq!(std::fs::read_to_string(dir.path().join("host-id")).unwrap(), "h1\n");
+        assert_eq!(with(None).resolve_host_id().unwrap(), "h1", "the kept id, not the hostname");
+        assert_eq!(with(Some("h1")).resolve_host_id().unwrap(), "h1");
+        let e = with(Some("h2")).resolve_host_id().unwrap_err();
+        assert!(e.to_string().contains("\"h1\"") && e.to_string().contains("--host-id h1"), "{e}");
+        assert!(with(Some("../x")).validate().is_err());
+    }
+
+    #[test]
     fn defaults_are_valid_and_bad_fields_are_named() {
         EngineConfig::default().validate().unwrap();
         let bad = [
@@ -232,7 +283,7 @@ mod tests {
 }
 
 /// The machine's hostname (`gethostname(2)`).
-fn hostname() -> Result<String> {
+pub fn hostname() -> Result<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; the kernel NUL-terminates within it.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

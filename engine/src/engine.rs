@@ -59,7 +59,7 @@ impl Engine {
         crate::runtime::set_background_nice(config.background_nice);
         crate::capture::held::set_memory_budget(config.held_memory);
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
+        crate::paths::create_private_dirs(&data_dir)
             .map_err(|e| Error::io(format!("create data folder {}", data_dir.display()), e))?;
         // An engine of this process that was just dropped may still be
         // letting go of the store: give it a moment before refusing.
@@ -81,7 +81,7 @@ impl Engine {
                 Arc::new(BlobTarget::open(&url.parse()?, &options, create).await?)
             }
         };
-        target = crate::target::for_host(target, config.encryption_key.as_ref(), &config.host_id()?)?;
+        target = crate::target::for_host(target, config.encryption_key.as_ref(), &config.resolve_host_id()?)?;
         let unreliable = match &config.faults {
             Some(f) => {
                 let u = UnreliableTarget::new(target, f.clone())?;
@@ -365,7 +365,12 @@ impl Engine {
                 rec.generation,
                 point.seq,
                 &out_dir,
-                restore::RestoreOpts { parallelism: host.config.restore_parallelism, only: None, durable: true },
+                restore::RestoreOpts {
+                    parallelism: host.config.restore_parallelism,
+                    only: None,
+                    durable: true,
+                    replace: true,
+                },
                 job.done.clone(),
                 job.total.clone(),
             )
@@ -400,7 +405,12 @@ impl Engine {
             rec.generation,
             point.seq,
             &out_dir,
-            restore::RestoreOpts { parallelism: self.host.config.restore_parallelism, only: None, durable: true },
+            restore::RestoreOpts {
+                parallelism: self.host.config.restore_parallelism,
+                only: None,
+                durable: true,
+                replace: true,
+            },
             Default::default(),
             Default::default(),
         )

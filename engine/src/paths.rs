@@ -14,7 +14,33 @@
 //! disk name in a path was validated ([`crate::model::validate_name`]), so no
 //! path leaves its folder.
 
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// Mode of every file Ferry creates (change logs, side files, hashes, the
+/// state store, local target objects, restored images): they hold guest
+/// data or what points at it, so the daemon's user only, whatever the umask.
+pub const PRIVATE_FILE: u32 = 0o600;
+/// Mode of every folder Ferry creates.
+pub const PRIVATE_DIR: u32 = 0o700;
+
+/// `create_dir_all` with [`PRIVATE_DIR`] for the folders it makes.
+pub fn create_private_dirs(path: &Path) -> std::io::Result<()> {
+    DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(path)
+}
+
+/// Options that create files [`PRIVATE_FILE`].
+pub fn private_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(PRIVATE_FILE);
+    o
+}
+
+/// Creates or truncates `path` ([`PRIVATE_FILE`]) for writing.
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    private_options().write(true).create(true).truncate(true).open(path)
+}
 
 /// The data folder and the paths under it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,6 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 
-use ferry_engine::restore::RestoreOpts;
 use ferry_engine::target::sealed::EncryptionKey;
 use ferry_engine::target::{self, LocalTarget, Target};
 use ferry_engine::ErrorClass;
@@ -51,19 +50,7 @@ fn store_for(dir: &Path, key: Option<u8>) -> Target {
 }
 
 async fn restore(store: &Target, generation: u64, seq: u64, out: &Path) -> ferry_engine::Result<()> {
-    let opts = RestoreOpts { parallelism: 4, only: None, durable: false };
-    ferry_engine::restore::restore_point(
-        store,
-        "vm",
-        generation,
-        seq,
-        out,
-        opts,
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .map(|_| ())
+    restore_from(store, generation, seq, out, false).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -439,7 +439,7 @@ async fn unprotecting_a_protected_vm_removes_its_logs_keeps_its_replica_and_allo
     // The replica stays on the target and restores with the target alone.
     let target: ferry_engine::target::Target = std::sync::Arc::new(LocalTarget::open(target_root(tmp.path())).unwrap());
     let out = tmp.path().join("kept");
-    let opts = ferry_engine::restore::RestoreOpts { parallelism: 4, only: None, durable: true };
+    let opts = ferry_engine::restore::RestoreOpts { parallelism: 4, only: None, durable: true, replace: false };
     ferry_engine::restore::restore_point(
         &target,
         "vm",

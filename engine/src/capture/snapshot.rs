@@ -136,7 +136,7 @@ pub fn side_files(disk_path: &Path) -> Vec<PathBuf> {
 /// Creates (or truncates) a sparse side file for copy-before-write saves;
 /// `what` names it in the error.
 pub(crate) fn create_side_file(path: &Path, what: &str) -> Result<File> {
-    OpenOptions::new()
+    crate::paths::private_options()
         .read(true)
         .write(true)
         .create(true)

@@ -167,7 +167,7 @@ impl LogWriter {
     /// error the half-made file is removed, so the call can be retried.
     pub fn create(path: &Path, header: &LogHeader) -> Result<LogWriter> {
         let bytes = header.encode()?;
-        let file = match OpenOptions::new().read(true).write(true).create_new(true).open(path) {
+        let file = match crate::paths::private_options().read(true).write(true).create_new(true).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(Error::AlreadyExists { what: "HRL log", name: path.display().to_string() })

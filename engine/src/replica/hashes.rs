@@ -112,7 +112,7 @@ impl BlockHashes {
     /// file only costs a fallback hash pass, never a wrong answer.
     pub fn save(&self, path: &Path) -> Result<()> {
         let dir = path.parent().expect("hash files live in a folder");
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        crate::paths::create_private_dirs(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let mut out = Vec::with_capacity(40 + self.hashes.len() * 8);
         out.extend_from_slice(MAGIC);
         for v in [self.generation, self.seq, self.block, self.hashes.len() as u64] {
@@ -122,7 +122,9 @@ impl BlockHashes {
             out.extend_from_slice(&h.to_le_bytes());
         }
         let tmp = path.with_extension("hashes.tmp");
-        std::fs::write(&tmp, &out).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+        crate::paths::create_private(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &out))
+            .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename {}", path.display()), e))
     }
 }

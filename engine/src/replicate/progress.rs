@@ -167,12 +167,12 @@ impl ProgressJournal {
     pub fn create(path: &Path, header: &ProgressHeader) -> Result<Self> {
         let io = |what: &str, e| Error::io(format!("{what} copy progress {}", path.display()), e);
         let dir = path.parent().ok_or_else(|| Error::Internal(format!("{} has no folder", path.display())))?;
-        std::fs::create_dir_all(dir).map_err(|e| io("create the folder of", e))?;
+        crate::paths::create_private_dirs(dir).map_err(|e| io("create the folder of", e))?;
         let tmp = path.with_extension("copy.tmp");
         let mut line = serde_json::to_vec(header).map_err(|e| Error::Internal(format!("encode progress: {e}")))?;
         line.push(b'\n');
         {
-            let mut f = File::create(&tmp).map_err(|e| io("create", e))?;
+            let mut f = crate::paths::create_private(&tmp).map_err(|e| io("create", e))?;
             f.write_all(&line).map_err(|e| io("write", e))?;
             f.sync_all().map_err(|e| io("sync", e))?;
         }

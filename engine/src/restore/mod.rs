@@ -11,6 +11,15 @@
 //! Crash safety: images are built as `<disk>.img.partial`, fsynced, then
 //! renamed to `<disk>.img`; an interrupted restore leaves no image that looks
 //! complete.
+//!
+//! Safe to point anywhere: disk names read from a manifest are validated
+//! like names a user gives (a `../x` in a tampered manifest is an error
+//! naming the manifest, never a path); the partial file is created with
+//! `O_EXCL | O_NOFOLLOW` after any leftover is unlinked (a planted symlink
+//! is removed, never followed); and an existing `<disk>.img` is replaced
+//! only when [`RestoreOpts::replace`] says so (the final rename is
+//! `RENAME_NOREPLACE` otherwise). Decompression is bounded by the largest
+//! valid bundle (`replica::bundle`), so a zstd bomb is an error, not an OOM.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -36,6 +45,14 @@ pub async fn load_chain(target: &Target, vm: &str, generation: u64, seq: u64) ->
         if m.seq != s || m.vm != vm {
             return Err(Error::corrupt(format!("manifest {key}"), "names another point"));
         }
+        // Names become file names: checked exactly like names a user gives.
+        for d in &m.disks {
+            crate::model::validate_name("disk name", &d.name).map_err(|e| Error::Corrupt {
+                what: format!("manifest {key}"),
+                reason: format!("bad disk name: {e}"),
+                class: crate::ErrorClass::NonRecoverable,
+            })?;
+        }
         next =
             match m.kind {
                 PointKind::Base => None,
@@ -47,6 +64,63 @@ pub async fn load_chain(target: &Target, vm: &str, generation: u64, seq: u64) ->
     }
     chain.reverse();
     Ok(chain)
+}
+
+/// A recovery point as the store alone shows it (no daemon, no state store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPoint {
+    pub generation: u64,
+    pub seq: u64,
+    pub kind: PointKind,
+    pub time_ms: crate::model::UnixMillis,
+    pub bytes_logical: u64,
+    pub bytes_stored: u64,
+    pub disks: Vec<String>,
+}
+
+/// The recovery points of `vm`'s latest replica (its newest protection
+/// generation) in `target`, oldest first, each read and checked from its
+/// manifest. A VM with no replica there is `NotFound`.
+pub async fn stored_points(target: &Target, vm: &str) -> Result<Vec<StoredPoint>> {
+    crate::model::validate_name("VM name", vm)?;
+    let prefix = format!("vms/{vm}/");
+    let mut points: Vec<(u64, u64)> = Vec::new();
+    for key in target.list(&prefix).await? {
+        let rest = &key[prefix.len()..];
+        let mut parts = rest.split('/');
+        let (Some(generation), Some("points"), Some(file), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue; // a bundle
+        };
+        let parsed = (generation.parse::<u64>(), file.strip_suffix(".manifest").map(str::parse::<u64>));
+        if let (Ok(g), Some(Ok(seq))) = parsed {
+            points.push((g, seq));
+        }
+    }
+    let Some(latest) = points.iter().map(|(g, _)| *g).max() else {
+        return Err(Error::not_found("replica of VM", format!("{vm} in {}", target.describe())));
+    };
+    points.retain(|(g, _)| *g == latest);
+    points.sort();
+    let mut out = Vec::with_capacity(points.len());
+    for (generation, seq) in points {
+        let key = manifest_key(vm, generation, seq);
+        let m = Manifest::decode(&key, &get_with_retries(target, &key).await?)?;
+        if m.seq != seq || m.vm != vm || m.generation != generation {
+            return Err(Error::corrupt(format!("manifest {key}"), "names another point"));
+        }
+        out.push(StoredPoint {
+            generation,
+            seq,
+            kind: m.kind,
+            time_ms: m.time_ms,
+            bytes_logical: m.bytes_logical(),
+            bytes_stored: m.bytes_stored(),
+            disks: m.disks.iter().map(|d| d.name.clone()).collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// Tries of one download before a restore gives up on a recoverable error.
@@ -86,6 +160,9 @@ pub struct RestoreOpts<'a> {
     /// fsync the images before renaming them into place. Off only for
     /// scratch copies that are read once and deleted.
     pub durable: bool,
+    /// An existing `<disk>.img` is replaced; else the restore refuses it
+    /// (before downloading anything) and never overwrites it.
+    pub replace: bool,
 }
 
 /// Rebuilds every disk of point `seq` (or only `opts.only`) as `<out_dir>/<disk>.img`.
@@ -103,17 +180,18 @@ pub async fn restore_point(
     let chain = load_chain(target, vm, generation, seq).await?;
     let last = chain.last().expect("a chain has at least its own point");
     total.store(chain.iter().map(|m| m.bytes_logical()).sum(), Ordering::Relaxed);
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(format!("create {}", out_dir.display()), e))?;
+    crate::paths::create_private_dirs(out_dir).map_err(|e| Error::io(format!("create {}", out_dir.display()), e))?;
+    let wanted: Vec<_> = last.disks.iter().filter(|d| opts.only.is_none_or(|o| o == d.name)).collect();
+    for d in &wanted {
+        let image = out_dir.join(format!("{}.img", d.name));
+        if !opts.replace && std::fs::symlink_metadata(&image).is_ok() {
+            return Err(Error::AlreadyExists { what: "restored image", name: image.display().to_string() });
+        }
+    }
     let mut files = Vec::new();
-    for d in last.disks.iter().filter(|d| opts.only.is_none_or(|o| o == d.name)) {
+    for d in wanted {
         let partial = out_dir.join(format!("{}.img.partial", d.name));
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&partial)
-            .map_err(|e| Error::io(format!("create {}", partial.display()), e))?;
+        let f = create_private_new(&partial)?;
         f.set_len(d.size).map_err(|e| Error::io(format!("size {}", partial.display()), e))?;
         files.push((d.name.clone(), partial, Arc::new(f), d.size));
     }
@@ -148,13 +226,57 @@ pub async fn restore_point(
             f.sync_all().map_err(|e| Error::io(format!("sync {}", partial.display()), e))?;
         }
         let path = out_dir.join(format!("{name}.img"));
-        std::fs::rename(&partial, &path).map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
+        rename_into_place(&partial, &path, opts.replace)?;
         out.push(RestoredDisk { name, path, size });
     }
     if opts.durable {
         File::open(out_dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync restore folder", e))?;
     }
     Ok(out)
+}
+
+/// Creates `path` anew, mode 0600, never through a symlink: a leftover
+/// (an interrupted restore's, or a planted link) is unlinked first, then
+/// `O_CREAT | O_EXCL | O_NOFOLLOW` fails rather than follow anything that
+/// appears meanwhile.
+fn create_private_new(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("remove leftover {}", path.display()), e)),
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))
+}
+
+/// Renames `from` to `to`; unless `replace`, fails if `to` exists
+/// (`renameat2(RENAME_NOREPLACE)`), whatever it is.
+fn rename_into_place(from: &Path, to: &Path, replace: bool) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let err = |e| Error::io(format!("rename to {}", to.display()), e);
+    if replace {
+        return std::fs::rename(from, to).map_err(err);
+    }
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::invalid("path", "contains NUL"));
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Err(Error::AlreadyExists { what: "restored image", name: to.display().to_string() });
+        }
+        return Err(err(e));
+    }
+    Ok(())
 }
 
 fn apply_object(f: &File, size: u64, o: &ObjectRef, bytes: &[u8]) -> Result<()> {

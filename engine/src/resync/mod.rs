@@ -171,7 +171,7 @@ pub async fn target_hashes(
         generation,
         seq,
         scratch,
-        crate::restore::RestoreOpts { parallelism, only: Some(disk), durable: false },
+        crate::restore::RestoreOpts { parallelism, only: Some(disk), durable: false, replace: true },
         Default::default(),
         Default::default(),
     )

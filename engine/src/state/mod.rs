@@ -66,6 +66,15 @@ fn from_json<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T
 impl StateStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        // redb creates its file with the umask's mode: make it private first.
+        if !path.exists() {
+            crate::paths::private_options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| Error::io(format!("create state store {}", path.display()), e))?;
+        }
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => Error::FailedPrecondition(format!(
                 "state store {} is in use by another process (is ferryd already running?)",

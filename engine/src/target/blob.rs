@@ -180,9 +180,20 @@ impl BlobTarget {
             }
         };
         if create {
-            create_container(&creator)
-                .await
-                .map_err(|e| classify("create the container or bucket of", &url.to_string(), e))?;
+            if let Err(e) = create_container(&creator).await {
+                let e = classify("create the container or bucket of", &url.to_string(), e);
+                // Credentials that may use objects but not create containers
+                // (403 on the create) are fine if the container is there; a
+                // network blip is reported by the first real request instead.
+                let there = store.list_with_delimiter(None).await.is_ok();
+                match e.class() {
+                    _ if there => tracing::debug!(target = %url, error = %e, "container not created; it exists"),
+                    ErrorClass::Recoverable => {
+                        tracing::warn!(target = %url, error = %e, "could not check or create the container; going on")
+                    }
+                    _ => return Err(e),
+                }
+            }
         }
         let (_, _, prefix) = url.blob().expect("a blob URL");
         let store: Arc<dyn ObjectStore> = match prefix {
@@ -312,8 +323,11 @@ fn classify(op: &str, key: &str, e: object_store::Error) -> Error {
         E::NotFound { .. } if text.contains("NoSuchBucket") || text.contains("ContainerNotFound") => {
             Error::FailedPrecondition(format!("target {op} {key}: the container or bucket does not exist: {text}"))
         }
-        E::NotFound { .. } => missing(key),
+        // Only a read says an object is missing; a 404 while putting (S3's
+        // NoSuchUpload of a multipart upload) is a failed put, retried.
+        E::NotFound { .. } if op == "get" => missing(key),
         E::Unauthenticated { .. } | E::PermissionDenied { .. } => Error::Unauthenticated(format!("{op} {key}: {text}")),
+        _ if DENIED.iter().any(|c| text.contains(c)) => Error::Unauthenticated(format!("{op} {key}: {text}")),
         _ => Error::Io {
             context: format!("target {op} {key}"),
             class: class_of(&e, &text),
@@ -322,8 +336,19 @@ fn classify(op: &str, key: &str, e: object_store::Error) -> Error {
     }
 }
 
+/// Error codes in a response body that mean "not allowed", for requests
+/// whose status object_store does not map (a batch delete's per-key results).
+const DENIED: [&str; 4] = ["AccessDenied", "AuthorizationFailure", "AuthorizationPermissionMismatch", "(code: 403)"];
+
+/// Error codes stores send with a 4xx (or a conflict) for what a retry cures.
+const TRANSIENT: [&str; 6] =
+    ["RequestTimeout", "IncompleteBody", "OperationAborted", "SlowDown", "ServerBusy", "OperationTimedOut"];
+
 fn class_of(e: &object_store::Error, text: &str) -> ErrorClass {
     use object_store::Error as E;
+    if TRANSIENT.iter().any(|c| text.contains(c)) {
+        return ErrorClass::Recoverable;
+    }
     if matches!(
         e,
         E::InvalidPath { .. }
@@ -418,7 +443,15 @@ impl TargetStore for BlobTarget {
             let path = store_path(key)?;
             let mut deleted = self.store.delete_stream(futures::stream::iter([Ok(path)]).boxed());
             match deleted.try_next().await {
-                Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Ok(_) => Ok(()),
+                Err(e @ object_store::Error::NotFound { .. }) => {
+                    // Deleting a missing object is fine; a missing container is not.
+                    let text = e.to_string();
+                    if text.contains("NoSuchBucket") || text.contains("ContainerNotFound") {
+                        return Err(classify("delete", key, e));
+                    }
+                    Ok(())
+                }
                 Err(e) => Err(classify("delete", key, e)),
             }
         })
@@ -448,6 +481,14 @@ mod tests {
             ("Server returned non-2xx status code: 408 Request Timeout", ErrorClass::Recoverable),
             ("Server returned non-2xx status code: 400 Bad Request: InvalidArgument", ErrorClass::NonRecoverable),
             ("Server returned non-2xx status code: 413 Payload Too Large", ErrorClass::NonRecoverable),
+            (
+                "Server returned non-2xx status code: 400 Bad Request: <Code>RequestTimeout</Code>",
+                ErrorClass::Recoverable,
+            ),
+            (
+                "Server returned non-2xx status code: 409 Conflict: <Code>OperationAborted</Code>",
+                ErrorClass::Recoverable,
+            ),
             ("something without a status", ErrorClass::Recoverable),
         ];
         for (text, want) in table {
@@ -458,6 +499,10 @@ mod tests {
         assert_eq!(classify("put", "k", denied).class(), ErrorClass::NonRecoverable);
         let gone = object_store::Error::NotFound { path: "k".into(), source: "NoSuchKey".into() };
         assert_eq!(classify("get", "k", gone).class(), ErrorClass::NeedsResync);
+        let upload_gone = object_store::Error::NotFound { path: "k".into(), source: "NoSuchUpload".into() };
+        assert_eq!(classify("put (multipart)", "k", upload_gone).class(), ErrorClass::Recoverable);
+        let batch = generic("S3", std::io::Error::other("DeleteFailed: k: AccessDenied: Access Denied"));
+        assert_eq!(classify("delete", "k", batch).kind(), crate::error::ErrorKind::Unauthenticated);
         let no_bucket = object_store::Error::NotFound { path: "k".into(), source: "NoSuchBucket".into() };
         let e = classify("get", "k", no_bucket);
         assert_eq!((e.class(), e.kind()), (ErrorClass::NonRecoverable, crate::error::ErrorKind::FailedPrecondition));

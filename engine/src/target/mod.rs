@@ -78,7 +78,8 @@ pub struct LocalTarget {
 impl LocalTarget {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("create target folder {}", root.display()), e))?;
+        crate::paths::create_private_dirs(&root)
+            .map_err(|e| Error::io(format!("create target folder {}", root.display()), e))?;
         Ok(LocalTarget { root })
     }
 
@@ -107,14 +108,14 @@ impl TargetStore for LocalTarget {
             let path = path?;
             let dir = path.parent().expect("a checked key has a parent under the root").to_path_buf();
             let ctx = |what: &str| format!("target {what} {}", path.display());
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(ctx("mkdir for"), e))?;
+            crate::paths::create_private_dirs(&dir).map_err(|e| Error::io(ctx("mkdir for"), e))?;
             let tmp = dir.join(format!(
                 ".{}.tmp-{:016x}",
                 path.file_name().expect("checked key").to_string_lossy(),
                 rand::random::<u64>()
             ));
             let result = (|| {
-                let mut f = std::fs::File::create(&tmp)?;
+                let mut f = crate::paths::create_private(&tmp)?;
                 f.write_all(&data)?;
                 f.sync_all()?;
                 std::fs::rename(&tmp, &path)?;
@@ -227,6 +228,27 @@ impl HostTarget {
 /// host's part ([`HostTarget`]).
 pub fn for_host(store: Target, key: Option<&sealed::EncryptionKey>, host_id: &str) -> Result<Target> {
     Ok(HostTarget::new(sealed::SealedTarget::new(store, key), host_id)?)
+}
+
+/// Opens the store a URL names for `host_id`, as a restore on another
+/// machine does: a local folder or a blob store (never created: a restore
+/// only reads), then [`for_host`].
+pub async fn open_url(
+    url: &str,
+    options: &BlobOptions,
+    key: Option<&sealed::EncryptionKey>,
+    host_id: &str,
+) -> Result<Target> {
+    let store: Target = match url.parse::<TargetUrl>()? {
+        TargetUrl::Local(path) => {
+            if !path.is_dir() {
+                return Err(Error::not_found("target folder", path.display().to_string()));
+            }
+            Arc::new(LocalTarget::open(path)?)
+        }
+        blob => Arc::new(BlobTarget::open(&blob, options, false).await?),
+    };
+    for_host(store, key, host_id)
 }
 
 /// Where a host's objects live in a store: `hosts/<host_id>/`.

@@ -68,7 +68,7 @@ impl EncryptionKey {
     pub fn from_hex(text: &str) -> Result<Self> {
         let t = text.trim();
         let bad = || Error::invalid("encryption key", "expected 32 bytes, or 64 hex digits");
-        if t.len() != 64 || !t.is_ascii() {
+        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         let mut key = [0u8; 32];
@@ -84,6 +84,16 @@ impl EncryptionKey {
         let bytes =
             std::fs::read(path).map_err(|e| Error::io(format!("reading encryption key file {}", path.display()), e))?;
         if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            if raw.iter().all(|b| b.is_ascii_hexdigit()) {
+                // `openssl rand -hex 16`: 16 bytes of key, not 32.
+                return Err(Error::invalid(
+                    "encryption key file",
+                    format!(
+                        "{}: 32 hex digits are only 16 bytes; give 32 random bytes or 64 hex digits",
+                        path.display()
+                    ),
+                ));
+            }
             return Ok(EncryptionKey(raw));
         }
         let text = std::str::from_utf8(&bytes).unwrap_or("");
@@ -320,5 +330,9 @@ mod tests {
         assert!(EncryptionKey::from_file(&dir.path().join("none")).is_err());
         assert!(!format!("{:?}", key(9)).contains("0909"), "{:?}", key(9));
         assert!(EncryptionKey::from_hex("zz".repeat(32).as_str()).is_err());
+        assert!(EncryptionKey::from_hex(&format!("+9{}", "09".repeat(31))).is_err());
+        let half = dir.path().join("half");
+        std::fs::write(&half, "0123456789abcdef0123456789abcdef").unwrap();
+        assert!(EncryptionKey::from_file(&half).unwrap_err().to_string().contains("only 16 bytes"));
     }
 }

@@ -60,7 +60,7 @@ impl FromStr for TargetUrl {
             }
             return Ok(TargetUrl::Local(PathBuf::from(rest)));
         }
-        if let Some(c) = rest.chars().find(|c| matches!(c, '@' | '?' | '#' | '%')) {
+        if let Some(c) = rest.chars().find(|c| matches!(c, '@' | ':' | '?' | '#' | '%')) {
             // Not echoed: what follows may be a secret.
             return Err(Error::invalid(
                 "target URL",
@@ -181,6 +181,7 @@ mod tests {
             ("s3://bkt/a//b", "prefix"),
             ("s3://bkt/a b", "prefix"),
             ("az://user:secret@acct/c", "credentials"),
+            ("s3://AKIAKEY:secretkey/x", "credentials"),
             ("s3://bkt/p?X-Amz-Signature=1", "credentials"),
             ("az://c0ntainer/p#frag", "credentials"),
         ];

@@ -256,3 +256,27 @@ pub async fn wait_failed_attempts(engine: &Engine, seq: u64, n: usize) {
     })
     .await
 }
+
+/// Restores point `seq` of VM `vm` (generation `generation`) from `store`
+/// alone into `out`, as a restore on another machine does.
+pub async fn restore_from(
+    store: &ferry_engine::target::Target,
+    generation: u64,
+    seq: u64,
+    out: &Path,
+    replace: bool,
+) -> ferry_engine::Result<()> {
+    let opts = ferry_engine::restore::RestoreOpts { parallelism: 4, only: None, durable: true, replace };
+    ferry_engine::restore::restore_point(
+        store,
+        "vm",
+        generation,
+        seq,
+        out,
+        opts,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .map(|_| ())
+}
