@@ -8,10 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-test-deps.sh
+# One build, kept lean on disk: no incremental caches (gigabytes for a tree
+# built once), and the benchmarks compiled in the test profile, not release.
+export CARGO_INCREMENTAL=0
 # End-to-end tests start the real binaries: build them in the test profile first.
 cargo build --workspace --bins --locked
 # Benchmarks are never run here (minutes of 1 GiB I/O), but they must compile.
-cargo build --workspace --benches --locked
+cargo test --workspace --benches --no-run --locked
 cargo test --workspace --doc --locked
 cargo nextest run --workspace --locked --no-fail-fast
 # After the suite: parsers of untrusted bytes (NBD, HRL logs) under libFuzzer.
