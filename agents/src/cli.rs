@@ -67,15 +67,21 @@ pub enum Command {
     /// Rebuild a recovery point's disks as <out>/<disk>.img; replication keeps running.
     TestFailover {
         vm: String,
-        /// Recovery point number, or "latest".
-        #[arg(long, default_value = "latest")]
-        recovery_point: String,
-        /// Output folder (on the daemon's host).
+        #[command(flatten)]
+        to: RestoreTo,
+    },
+    /// Fail a VM over into <out>/<disk>.img. Planned (the default, a migration): stop its writes,
+    /// cut a final point with every acknowledged write, restore it. --unplanned (the source is
+    /// lost): restore a committed point at once. The VM is FailedOver afterwards: replication
+    /// stops and its exports refuse writes until it is unprotected or protected again.
+    Failover {
+        vm: String,
+        /// The source is lost: no final point, restore the chosen committed one
+        /// (--recovery-point only with it: a planned failover restores its final point).
         #[arg(long)]
-        out: PathBuf,
-        /// Return the job at once instead of waiting for it.
-        #[arg(long)]
-        no_wait: bool,
+        unplanned: bool,
+        #[command(flatten)]
+        to: RestoreTo,
     },
     /// List jobs (initial replication, cycles, failovers).
     Jobs {
@@ -109,6 +115,20 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// Which point a (test) failover restores, and where.
+#[derive(Debug, clap::Args)]
+pub struct RestoreTo {
+    /// Recovery point number, or "latest".
+    #[arg(long, default_value = "latest")]
+    recovery_point: String,
+    /// Output folder (on the daemon's host).
+    #[arg(long)]
+    out: PathBuf,
+    /// Return the job at once instead of waiting for it.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// Where the standalone commands read a replica.
@@ -270,6 +290,9 @@ fn vm_json(v: &pb::Vm) -> serde_json::Value {
     json!({
         "name": v.name, "state": v.state, "reason": v.reason, "frequency": v.frequency,
         "upload_workers": v.upload_workers, "last_recovery_point": v.last_recovery_point, "target": v.target,
+        "failover": v.failover.as_ref().map(|f| json!({
+            "planned": f.planned, "recovery_point": f.recovery_point, "out_dir": f.out_dir, "at_ms": f.at_ms,
+        })),
         "disks": v.disks.iter().map(|d| json!({
             "name": d.name, "path": d.path, "size": d.size, "export": d.export,
             "active_log_bytes": d.active_log_bytes, "pending_log_bytes": d.pending_log_bytes,
@@ -298,6 +321,15 @@ fn print_vm(v: &pb::Vm) {
     if !v.reason.is_empty() {
         println!("  reason: {}", v.reason);
     }
+    if let Some(f) = &v.failover {
+        println!(
+            "  failed over ({}) at {} to recovery point {}, restored into {}",
+            if f.planned { "planned" } else { "unplanned" },
+            time(f.at_ms),
+            f.recovery_point,
+            f.out_dir
+        );
+    }
     println!(
         "  frequency: {}, upload workers: {}, last recovery point: {}",
         v.frequency, v.upload_workers, v.last_recovery_point
@@ -318,6 +350,46 @@ fn print_vm(v: &pb::Vm) {
     for t in v.transitions.iter().rev().take(10) {
         println!("  {} {} -> {}: {}", time(t.at_ms), t.from, t.to, t.reason);
     }
+}
+
+/// A `--recovery-point` value: a number, or "latest" (0).
+fn point_number(s: &str) -> anyhow::Result<u64> {
+    match s {
+        "latest" => Ok(0),
+        s => match s.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("--recovery-point {s:?}: expected a recovery point number or \"latest\""),
+        },
+    }
+}
+
+/// An output folder for the daemon, which resolves paths on its own.
+fn absolute(out: &std::path::Path) -> anyhow::Result<String> {
+    let out = std::path::absolute(out).with_context(|| format!("resolving {}", out.display()))?;
+    Ok(out.display().to_string())
+}
+
+/// Waits for a job to end (unless `no_wait`), prints it, and fails if it did.
+async fn follow_job(
+    c: &mut FerryClient<Channel>,
+    mut j: pb::Job,
+    no_wait: bool,
+    json: bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    while !no_wait && j.status == "Running" {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        j = c.get_job(pb::GetJobRequest { id: j.id }).await.map_err(rpc)?.into_inner();
+    }
+    if json {
+        println!("{}", job_json(&j));
+    } else {
+        print_job(&j);
+    }
+    if j.status == "Failed" {
+        bail!("{what} failed: {}", j.error);
+    }
+    Ok(())
 }
 
 fn print_job(j: &pb::Job) {
@@ -505,32 +577,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::TestFailover { vm, recovery_point, out, no_wait } => {
-            let seq = match recovery_point.as_str() {
-                "latest" => 0,
-                s => match s.parse::<u64>() {
-                    Ok(n) if n > 0 => n,
-                    _ => bail!("--recovery-point {s:?}: expected a recovery point number or \"latest\""),
-                },
-            };
-            let out = std::path::absolute(&out).with_context(|| format!("resolving {}", out.display()))?;
-            let mut j = c
-                .test_failover(pb::TestFailoverRequest { vm, recovery_point: seq, out_dir: out.display().to_string() })
+        Command::TestFailover { vm, to: RestoreTo { recovery_point, out, no_wait } } => {
+            let (seq, out) = (point_number(&recovery_point)?, absolute(&out)?);
+            let j = c
+                .test_failover(pb::TestFailoverRequest { vm, recovery_point: seq, out_dir: out })
                 .await
                 .map_err(rpc)?
                 .into_inner();
-            while !no_wait && j.status == "Running" {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                j = c.get_job(pb::GetJobRequest { id: j.id }).await.map_err(rpc)?.into_inner();
+            follow_job(&mut c, j, no_wait, json, "test failover").await?;
+        }
+        Command::Failover { vm, unplanned, to: RestoreTo { recovery_point, out, no_wait } } => {
+            let (seq, out) = (point_number(&recovery_point)?, absolute(&out)?);
+            if seq != 0 && !unplanned {
+                bail!("--recovery-point: a planned failover restores the final point it cuts; add --unplanned to choose one");
             }
-            if json {
-                println!("{}", job_json(&j));
-            } else {
-                print_job(&j);
-            }
-            if j.status == "Failed" {
-                bail!("test failover failed: {}", j.error);
-            }
+            let j = c
+                .failover(pb::FailoverRequest { vm, recovery_point: seq, out_dir: out, unplanned })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            follow_job(&mut c, j, no_wait, json, "failover").await?;
         }
         Command::Jobs { vm } => {
             let jobs =

@@ -52,6 +52,12 @@ pub fn vm(v: VmInfo) -> pb::Vm {
         transitions: v.transitions.into_iter().map(transition).collect(),
         // The service fills it in (the engine knows its target, a VmInfo does not).
         target: String::new(),
+        failover: v.failover.map(|f| pb::FailoverInfo {
+            planned: f.planned,
+            recovery_point: f.point,
+            out_dir: f.out_dir.display().to_string(),
+            at_ms: f.at_ms,
+        }),
     }
 }
 

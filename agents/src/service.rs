@@ -125,15 +125,17 @@ impl Ferry for FerryService {
 
     async fn test_failover(&self, req: Request<pb::TestFailoverRequest>) -> Result<Response<pb::Job>, Status> {
         let req = req.into_inner();
-        if req.out_dir.is_empty() {
-            return Err(invalid("out_dir", "an output folder is required"));
-        }
-        let out = PathBuf::from(&req.out_dir);
-        if !out.is_absolute() {
-            return Err(invalid("out_dir", format!("{} must be absolute (the daemon resolves it)", req.out_dir)));
-        }
+        let out = absolute_out_dir(&req.out_dir)?;
         let sel = if req.recovery_point == 0 { PointSelector::Latest } else { PointSelector::Seq(req.recovery_point) };
         let id = self.engine.test_failover(&req.vm, sel, &out).await.map_err(status)?;
+        Ok(Response::new(convert::job(self.engine.job(id).await.map_err(status)?)))
+    }
+
+    async fn failover(&self, req: Request<pb::FailoverRequest>) -> Result<Response<pb::Job>, Status> {
+        let req = req.into_inner();
+        let out = absolute_out_dir(&req.out_dir)?;
+        let sel = if req.recovery_point == 0 { PointSelector::Latest } else { PointSelector::Seq(req.recovery_point) };
+        let id = self.engine.failover(&req.vm, sel, &out, !req.unplanned).await.map_err(status)?;
         Ok(Response::new(convert::job(self.engine.job(id).await.map_err(status)?)))
     }
 
@@ -175,4 +177,16 @@ impl Ferry for FerryService {
             jobs: jobs.into_iter().filter(|j| vm.is_empty() || j.vm == vm).map(convert::job).collect(),
         }))
     }
+}
+
+/// The output folder of a (test) failover: given, and absolute (the daemon resolves it).
+fn absolute_out_dir(out_dir: &str) -> Result<PathBuf, Status> {
+    if out_dir.is_empty() {
+        return Err(invalid("out_dir", "an output folder is required"));
+    }
+    let out = PathBuf::from(out_dir);
+    if !out.is_absolute() {
+        return Err(invalid("out_dir", format!("{out_dir} must be absolute (the daemon resolves it)")));
+    }
+    Ok(out)
 }

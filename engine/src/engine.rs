@@ -168,6 +168,13 @@ impl Engine {
             crate::capture::disk::open_image(&d.path)?;
         }
         spec.validate()?; // again: two spellings of one file are now the same path
+                          // A VM that failed over is protected anew (its old replica is kept,
+                          // as after unprotect): typically from the disks it failed over to.
+        let (state, n) = (self.host.state.clone(), spec.name.clone());
+        if blocking(move || state.get_vm(&n)).await?.is_some_and(|r| r.lifecycle.state == VmState::FailedOver) {
+            tracing::info!(vm = %spec.name, "protecting a failed-over VM again: its earlier protection ends");
+            self.unprotect(&spec.name).await?;
+        }
         let (state, s) = (self.host.state.clone(), spec.clone());
         blocking(move || {
             if state.get_vm(&s.name)?.is_some() {
@@ -222,7 +229,16 @@ impl Engine {
     /// target is kept (it can still be restored with the target's tools).
     pub async fn unprotect(&self, name: &str) -> Result<()> {
         crate::model::validate_name("vm name", name)?;
-        mailbox(self.supervisor.send(StopVm { name: name.to_string(), unprotect: true }).await)??;
+        match mailbox(self.supervisor.send(StopVm { name: name.to_string(), unprotect: true }).await)? {
+            // Known but not running (its disks could not be opened): only its record goes.
+            Err(Error::NotFound { .. }) => {
+                let (state, n) = (self.host.state.clone(), name.to_string());
+                if blocking(move || state.get_vm(&n)).await?.is_none() {
+                    return Err(Error::not_found("VM", name));
+                }
+            }
+            r => r?,
+        }
         let (state, n) = (self.host.state.clone(), name.to_string());
         let kept_hashes = self.host.config.paths().vm_hashes(name);
         let progress = self.host.config.paths().copy_progress(name);
@@ -352,10 +368,76 @@ impl Engine {
         let (rec, point) = self.resolve_point(vm, point).await?;
         let out_dir = absolute(out_dir)?;
         let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
-        let (host, name) = (self.host.clone(), vm.to_string());
+        self.start_restore_job(JobKind::TestFailover, rec, point, out_dir).await
+    }
+
+    /// Fails a VM over into `out_dir` and returns the restore's job.
+    ///
+    /// Planned (a migration, the source still up): the disks stop taking
+    /// writes, a final recovery point with every acknowledged write is cut,
+    /// the VM goes `FailedOver` and that point is restored; `point` must be
+    /// `Latest`. If the final point cannot be cut, the failover is called
+    /// off and writes go on. Unplanned (the source lost): the VM goes
+    /// `FailedOver` at once on the chosen committed point, which is
+    /// restored; this also works for a VM whose disks are gone (not
+    /// running). Either way replication stops and the disks' exports refuse
+    /// writes until the VM is unprotected or protected again. A failover of
+    /// a `FailedOver` VM restores again (another folder, or after a failed
+    /// restore).
+    pub async fn failover(&self, vm: &str, point: PointSelector, out_dir: &Path, planned: bool) -> Result<JobId> {
+        if planned && point != PointSelector::Latest {
+            return Err(Error::invalid(
+                "recovery_point",
+                "a planned failover restores the final point it cuts; choose a point only for an unplanned one",
+            ));
+        }
+        crate::model::validate_name("vm name", vm)?;
+        let (state, n) = (self.host.state.clone(), vm.to_string());
+        let rec = blocking(move || state.get_vm(&n)?.ok_or_else(|| Error::not_found("VM", n))).await?;
+        let out_dir = absolute(out_dir)?;
+        let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
+        let chosen = match (planned, point) {
+            (false, PointSelector::Seq(_)) => Some(self.resolve_point(vm, point).await?.1.seq),
+            _ => None,
+        };
+        let seq = match mailbox(self.supervisor.send(Lookup(vm.to_string())).await)? {
+            Some(actor) => {
+                let msg = vm::FailOver { planned, point: chosen, out_dir: out_dir.clone() };
+                let rx = mailbox(actor.send(msg).await)?;
+                rx.await.map_err(|_| Error::Cancelled("the VM stopped".into()))??
+            }
+            // Known but not running (its disks could not be opened): only an unplanned failover makes sense.
+            None if planned => {
+                return Err(Error::FailedPrecondition(format!(
+                    "VM {vm} is not running ({}): a planned failover needs its disks; an unplanned one restores its latest point",
+                    rec.lifecycle.state
+                )))
+            }
+            None => {
+                let (_, latest) = self.resolve_point(vm, point).await?;
+                let (state, n, now, dir) = (self.host.state.clone(), vm.to_string(), self.host.clock.now_ms(), out_dir.clone());
+                let f = crate::vm::lifecycle::Failover { planned: false, point: latest.seq, out_dir: dir, at_ms: now };
+                blocking(move || state.update_vm(&n, |r| drop(r.lifecycle.on_event(Event::FailedOver(f), now)))).await?;
+                latest.seq
+            }
+        };
+        let (rec, point) = self.resolve_point(vm, PointSelector::Seq(seq)).await?;
+        tracing::info!(vm, point = seq, planned, out = %out_dir.display(), "failed over; restoring");
+        self.start_restore_job(JobKind::Failover, rec, point, out_dir).await
+    }
+
+    /// Restores `point` into `out_dir` as a job (test failover, failover).
+    async fn start_restore_job(
+        &self,
+        kind: JobKind,
+        rec: VmRecord,
+        point: RecoveryPoint,
+        out_dir: PathBuf,
+    ) -> Result<JobId> {
+        let (host, name) = (self.host.clone(), rec.spec.name.clone());
         let detail = format!("recovery point {} -> {}", point.seq, out_dir.display());
         let total = point.bytes_logical;
-        let job = blocking(move || host.jobs.start(&name, JobKind::TestFailover, total, detail)).await?;
+        let job = blocking(move || host.jobs.start(&name, kind, total, detail)).await?;
         let (host, supervisor) = (self.host.clone(), self.supervisor.clone());
         let id = job.id;
         self.host.runtime.spawn(async move {
@@ -547,6 +629,7 @@ fn offline_info(rec: VmRecord) -> VmInfo {
         state: rec.lifecycle.state,
         reason: rec.lifecycle.reason.clone(),
         transitions: rec.lifecycle.transitions.clone(),
+        failover: rec.lifecycle.failover.clone(),
         generation: rec.generation,
         last_point_seq: rec.last_point_seq,
         disks: rec

@@ -48,6 +48,10 @@ pub enum Error {
     /// The operation does not fit the current state (e.g. restore with no recovery point).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A write to a disk that takes none (its VM failed over): a
+    /// FailedPrecondition that NBD answers with EPERM.
+    #[error("{0}")]
+    WritesRefused(String),
     /// A file or device operation failed; `context` says which one.
     #[error("{context}: {source}")]
     Io {
@@ -95,6 +99,7 @@ impl Error {
             | Error::NotFound { .. }
             | Error::AlreadyExists { .. }
             | Error::FailedPrecondition(_)
+            | Error::WritesRefused(_)
             | Error::Unauthenticated(_)
             | Error::Internal(_) => ErrorClass::NonRecoverable,
             Error::Io { class, .. } | Error::Corrupt { class, .. } => *class,
@@ -107,7 +112,7 @@ impl Error {
             Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-            Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            Error::FailedPrecondition(_) | Error::WritesRefused(_) => ErrorKind::FailedPrecondition,
             Error::Io { .. } => ErrorKind::Io,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Unauthenticated(_) => ErrorKind::Unauthenticated,

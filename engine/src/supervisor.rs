@@ -43,6 +43,10 @@ impl Handler<StartVm> for Supervisor {
             return Err(Error::AlreadyExists { what: "VM", name });
         }
         for d in &msg.opened.disks {
+            // A failed-over VM's disks take no writes, from their first request on.
+            if msg.rec.lifecycle.state == crate::vm::lifecycle::VmState::FailedOver {
+                d.stop_writes();
+            }
             self.host.disks.insert(d.clone());
         }
         let addr = VmActor::new(self.host.clone(), msg.rec, msg.opened).start();

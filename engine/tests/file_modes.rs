@@ -49,9 +49,15 @@ async fn everything_the_engine_creates_is_private_under_umask_022() {
     assert!(made.iter().any(|p| p.extension().is_some_and(|e| e == "hashes")), "{made:?}");
     let mut wrong = Vec::new();
     for p in &made {
-        let want = if std::fs::symlink_metadata(p).unwrap().is_dir() { 0o700 } else { 0o600 };
-        if mode(p) != want {
-            wrong.push(format!("{} {:o}", p.display(), mode(p)));
+        // The cycle deletes the logs its point holds in the background: one
+        // listed above may be gone by now (nothing left to be private).
+        let meta = match std::fs::symlink_metadata(p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && p.extension().is_some_and(|e| e == "hrl") => continue,
+            m => m.unwrap(),
+        };
+        let (want, got) = (if meta.is_dir() { 0o700 } else { 0o600 }, meta.permissions().mode() & 0o777);
+        if got != want {
+            wrong.push(format!("{} {got:o}", p.display()));
         }
     }
     engine.shutdown().await.unwrap();

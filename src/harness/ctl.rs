@@ -206,6 +206,21 @@ impl Daemon {
         job
     }
 
+    /// `failover VM --out OUT [--unplanned --recovery-point POINT]` (waits
+    /// for the job); asserts it succeeded for this VM and returns the job.
+    pub fn failover(&self, vm: &str, unplanned: Option<&str>, out: &Path) -> Value {
+        let out_s = out.to_str().expect("utf-8 path");
+        let mut args = vec!["failover", vm, "--out", out_s];
+        if let Some(point) = unplanned {
+            args.extend(["--unplanned", "--recovery-point", point]);
+        }
+        let job = self.ctl_json_timeout(&args, Duration::from_secs(180));
+        assert_eq!(job["kind"], "Failover", "{job}");
+        assert_eq!(job["status"], "Succeeded", "failover of {vm}: {job}");
+        assert_eq!(job["vm"], vm, "{job}");
+        job
+    }
+
     /// Test failover at latest into `out`, compared byte for byte with the
     /// source disk files `(name, path)`.
     /// Cuts a point with every write so far ([`Self::replicate_now_retry`]),

@@ -83,6 +83,15 @@
 //! overwritten (best effort, no new space needed) so that a restart before
 //! the VM's new state is stored still finds the log untrustworthy.
 //!
+//! # Writes stopped (failover)
+//!
+//! [`Disk::stop_writes`] makes every change that has not yet looked at the
+//! flag fail; one that already passed it holds the gate, so the next
+//! rotation waits for it and its record lands in the log that rotation
+//! seals. A planned failover stops writes, then rotates for its final
+//! point: every acknowledged write is in that point, and none is
+//! acknowledged after it. Reads and flushes go on.
+//!
 //! Zero-length requests are legal (NBD and the embedded API): they succeed
 //! and log nothing. A closed disk (its VM was unprotected or stopped)
 //! refuses every request, so an NBD connection that outlives its VM can
@@ -149,6 +158,9 @@ pub struct Disk {
     /// gate held exclusively, so no change is in flight when it is set and
     /// every later one sees it; reads check it without any lock.
     closed: AtomicBool,
+    /// Changes are refused (the VM failed over, or is failing over); reads
+    /// and flushes go on. Checked under the gate (see the module header).
+    writes_stopped: AtomicBool,
 }
 
 struct Inner {
@@ -310,6 +322,7 @@ impl Disk {
             sealed_bytes: AtomicU64::new(sealed_bytes),
             held_bytes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            writes_stopped: AtomicBool::new(false),
             signals,
         })
     }
@@ -346,6 +359,39 @@ impl Disk {
             "disk {} of VM {} is no longer protected (the VM was unprotected or stopped)",
             self.name, self.vm
         ))
+    }
+
+    fn stopped_error(&self) -> Error {
+        Error::WritesRefused(format!(
+            "VM {} has failed over: disk {} takes no writes (unprotect the VM or protect it again to write here)",
+            self.vm, self.name
+        ))
+    }
+
+    /// Refuses every change from now on; a change already past the check
+    /// finishes (the next rotation waits for it). Reads and flushes go on.
+    pub fn stop_writes(&self) {
+        self.writes_stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes changes again (a planned failover was called off).
+    pub fn resume_writes(&self) {
+        self.writes_stopped.store(false, Ordering::SeqCst);
+    }
+
+    pub fn writes_stopped(&self) -> bool {
+        self.writes_stopped.load(Ordering::SeqCst)
+    }
+
+    /// Why a change cannot run now, if it cannot.
+    fn refusal(&self) -> Option<Error> {
+        if self.closed.load(Ordering::Acquire) {
+            Some(self.closed_error())
+        } else if self.writes_stopped.load(Ordering::SeqCst) {
+            Some(self.stopped_error())
+        } else {
+            None
+        }
     }
 
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -400,8 +446,7 @@ impl Disk {
             let (offset, len) = c.range();
             results.push(match self.check_range(offset, len) {
                 Err(e) => Some(Err(e)),
-                Ok(()) if len == 0 && self.closed.load(Ordering::Acquire) => Some(Err(self.closed_error())),
-                Ok(()) if len == 0 => Some(Ok(())),
+                Ok(()) if len == 0 => Some(self.refusal().map_or(Ok(()), Err)),
                 Ok(()) => {
                     live.push(i);
                     None
@@ -427,9 +472,9 @@ impl Disk {
     /// saved, one log append for all, then each disk write.
     fn apply_group(&self, changes: &[Change<'_>], group: &[usize], results: &mut [Option<Result<()>>]) {
         let _gate = self.gate.read().expect("disk gate is never poisoned: no panics under it");
-        if self.closed.load(Ordering::Acquire) {
+        if self.refusal().is_some() {
             for &i in group {
-                results[i] = Some(Err(self.closed_error()));
+                results[i] = self.refusal().map(Err);
             }
             return;
         }

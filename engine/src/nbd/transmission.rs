@@ -569,6 +569,8 @@ pub(crate) fn errno_for(e: &Error) -> u32 {
             }
         }
         Error::InvalidArgument { .. } => proto::EINVAL,
+        // A disk that takes no writes: its VM failed over.
+        Error::WritesRefused(_) => proto::EPERM,
         _ => proto::EIO,
     }
 }
@@ -629,5 +631,11 @@ mod tests {
         assert!(is_unsupported(&Error::io("zero", io::Error::from_raw_os_error(libc::EOPNOTSUPP))));
         assert!(!is_unsupported(&Error::io("zero", io::Error::from_raw_os_error(libc::EIO))));
         assert_eq!(errno_for(&unsupported), proto::EIO, "outside FAST_ZERO the spec wants no ENOTSUP");
+    }
+
+    #[test]
+    fn writes_to_a_failed_over_disk_are_eperm_as_on_a_read_only_export() {
+        assert_eq!(errno_for(&Error::WritesRefused("failed over".into())), proto::EPERM);
+        assert_eq!(errno_for(&Error::FailedPrecondition("no longer protected".into())), proto::EIO);
     }
 }

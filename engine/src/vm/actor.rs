@@ -30,7 +30,7 @@ use crate::host::Host;
 use crate::model::{RecoveryPoint, VmSpec};
 use crate::runtime::blocking;
 use crate::state::VmRecord;
-use crate::vm::lifecycle::{Event, Lifecycle, Transition, VmState};
+use crate::vm::lifecycle::{Event, Failover, Lifecycle, Transition, VmState};
 
 use super::core::{Answer, Command, Input, Start, VmCore, WaiterId};
 use super::open::OpenedDisks;
@@ -44,6 +44,8 @@ pub struct VmInfo {
     pub state: VmState,
     pub reason: Option<String>,
     pub transitions: Vec<Transition>,
+    /// The failover of a `FailedOver` VM.
+    pub failover: Option<Failover>,
     pub generation: u64,
     pub last_point_seq: u64,
     pub disks: Vec<DiskInfo>,
@@ -61,7 +63,13 @@ pub struct DiskInfo {
     pub snapshot_bytes: u64,
 }
 
-type Reply = oneshot::Sender<Result<Option<RecoveryPoint>>>;
+/// Where the answer to a waiting caller goes.
+enum Reply {
+    /// `replicate_now`: the point that holds the caller's writes.
+    Point(oneshot::Sender<Result<Option<RecoveryPoint>>>),
+    /// A failover: the number of the point failed over to.
+    Failover(oneshot::Sender<Result<u64>>),
+}
 
 pub struct VmActor {
     host: Arc<Host>,
@@ -235,14 +243,21 @@ impl VmActor {
                     ctx.cancel_future(h);
                 }
             }
+            Command::StopWrites => self.io.disks.iter().for_each(|d| d.stop_writes()),
+            Command::ResumeWrites => self.io.disks.iter().for_each(|d| d.resume_writes()),
             Command::Answer { waiter, answer } => {
-                if let Some(reply) = self.replies.remove(&waiter) {
-                    let _ = reply.send(match answer {
-                        Answer::Point(p) => Ok(p),
-                        Answer::Refused(why) => Err(Error::FailedPrecondition(why)),
-                        Answer::Failed(f) if f.class == ErrorClass::Cancelled => Err(Error::Cancelled(f.reason)),
-                        Answer::Failed(f) => Err(Error::Internal(f.reason)),
-                    });
+                let refused = |answer: Answer| match answer {
+                    Answer::Refused(why) => Error::FailedPrecondition(why),
+                    Answer::Failed(f) if f.class == ErrorClass::Cancelled => Error::Cancelled(f.reason),
+                    Answer::Failed(f) => Error::Internal(f.reason),
+                    other => Error::Internal(format!("unexpected answer {other:?}")),
+                };
+                match (self.replies.remove(&waiter), answer) {
+                    (None, _) => {}
+                    (Some(Reply::Point(tx)), Answer::Point(p)) => drop(tx.send(Ok(p))),
+                    (Some(Reply::Point(tx)), a) => drop(tx.send(Err(refused(a)))),
+                    (Some(Reply::Failover(tx)), Answer::FailedOver(seq)) => drop(tx.send(Ok(seq))),
+                    (Some(Reply::Failover(tx)), a) => drop(tx.send(Err(refused(a)))),
                 }
             }
         }
@@ -282,6 +297,7 @@ impl VmActor {
             state: lc.state,
             reason: lc.reason.clone(),
             transitions: lc.transitions.clone(),
+            failover: lc.failover.clone(),
             generation: self.rec.generation,
             last_point_seq: self.core.last_point(),
             disks: self
@@ -401,8 +417,32 @@ impl Handler<ReplicateNow> for VmActor {
         let (tx, rx) = oneshot::channel();
         self.next_waiter += 1;
         let id = self.next_waiter;
-        self.replies.insert(id, tx);
+        self.replies.insert(id, Reply::Point(tx));
         self.apply(Input::ReplicateNow(id), ctx);
+        MessageResult(rx)
+    }
+}
+
+/// Fails the VM over: planned (cut a final point with every acknowledged
+/// write, with the disks' writes stopped) or unplanned (onto `point`,
+/// default the latest). The receiver fires with the point's number once
+/// the VM is `FailedOver`; the restore is the caller's.
+#[derive(Message)]
+#[rtype(result = "oneshot::Receiver<Result<u64>>")]
+pub struct FailOver {
+    pub planned: bool,
+    pub point: Option<u64>,
+    pub out_dir: std::path::PathBuf,
+}
+
+impl Handler<FailOver> for VmActor {
+    type Result = MessageResult<FailOver>;
+    fn handle(&mut self, msg: FailOver, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.next_waiter += 1;
+        let waiter = self.next_waiter;
+        self.replies.insert(waiter, Reply::Failover(tx));
+        self.apply(Input::Failover { waiter, planned: msg.planned, point: msg.point, out_dir: msg.out_dir }, ctx);
         MessageResult(rx)
     }
 }

@@ -26,6 +26,17 @@
 //! at once when the VM cannot cut a point (Paused, Critical,
 //! ResyncRequired), and when it stops being able to.
 //!
+//! Failover: a planned one stops the disks' writes at once, then waits for
+//! a cycle that starts after that (the final point: every write
+//! acknowledged before the stop is in a log it rotates, since rotation
+//! waits for the writes in flight), and only when that point commits goes
+//! `FailedOver`. If the final cycle fails or is superseded, or the VM stops
+//! being Protected first, the failover is called off and writes resume.
+//! An unplanned one supersedes whatever runs and goes `FailedOver` at once
+//! on a committed point. Writes stay stopped in `FailedOver`; the commands
+//! that stop and resume them are ordered so that a stop always comes
+//! before the cycle it protects (see [`VmCore::on`]).
+//!
 //! About 620 lines, kept together: every rule above touches the same few
 //! fields, and splitting the state machine would scatter its invariants.
 //! Its tests are in `core/tests.rs`.
@@ -36,7 +47,7 @@ use crate::error::ErrorClass;
 use crate::model::{RecoveryPoint, UnixMillis};
 use crate::replica::manifest::ObjectRef;
 use crate::schedule::retry::RetryState;
-use crate::vm::lifecycle::{Action, Event, Lifecycle, VmState};
+use crate::vm::lifecycle::{Action, Event, Failover, Lifecycle, VmState};
 
 /// Names a `replicate_now` caller; the actor keeps its reply channel.
 pub type WaiterId = u64;
@@ -115,6 +126,14 @@ pub enum Input {
     RetryDue,
     /// The VM is stopping: nothing running may commit any more.
     Stop,
+    /// Fail over into `out_dir`: planned (a final point first, `point`
+    /// ignored) or unplanned (onto `point`, default the latest committed).
+    Failover {
+        waiter: WaiterId,
+        planned: bool,
+        point: Option<u64>,
+        out_dir: PathBuf,
+    },
     SnapshotTaken {
         epoch: u64,
         result: Result<UnixMillis, Failure>,
@@ -152,6 +171,8 @@ pub enum Answer {
     /// The VM cannot cut a point now (its state says why).
     Refused(String),
     Failed(Failure),
+    /// The VM failed over to this recovery point.
+    FailedOver(u64),
 }
 
 /// What the actor must do.
@@ -205,6 +226,10 @@ pub enum Command {
         at_ms: UnixMillis,
     },
     CancelRetry,
+    /// Every disk refuses writes from now on (those in flight finish).
+    StopWrites,
+    /// The disks take writes again (a planned failover was called off).
+    ResumeWrites,
     /// Start a resync when the auto-resync policy allows (the actor knows the window).
     ScheduleAutoResync,
     CancelAutoResync,
@@ -221,6 +246,8 @@ struct Running {
     seq: u64,
     /// The `replicate_now` callers a cycle answers.
     waiters: Vec<WaiterId>,
+    /// The final cycle of a planned failover: its caller and folder.
+    final_for: Option<(WaiterId, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +275,10 @@ pub struct VmCore {
     retry_scheduled: bool,
     /// Callers waiting for the next cycle to start.
     waiting: Vec<WaiterId>,
+    /// A planned failover waiting for its final cycle to start.
+    final_cycle: Option<(WaiterId, PathBuf)>,
+    /// Whether the last write command sent was StopWrites.
+    writes_stopped: bool,
 }
 
 impl VmCore {
@@ -255,6 +286,7 @@ impl VmCore {
     pub fn new(name: &str, disks: usize, mut lifecycle: Lifecycle, last_point: u64) -> Self {
         // Nothing runs yet: a cycle persisted as in flight was cut short by the stop.
         lifecycle.cycle_in_flight = false;
+        let writes_stopped = lifecycle.state == VmState::FailedOver; // the opener stopped them
         VmCore {
             name: name.to_string(),
             disks,
@@ -270,6 +302,8 @@ impl VmCore {
             retry: RetryState::default(),
             retry_scheduled: false,
             waiting: Vec::new(),
+            final_cycle: None,
+            writes_stopped,
         }
     }
 
@@ -300,7 +334,24 @@ impl VmCore {
         self.retry.retries()
     }
 
+    /// Handles one input. Writes are stopped while the VM is `FailedOver`
+    /// or a planned failover is under way: a StopWrites goes first among the
+    /// commands (before the final cycle it protects), a ResumeWrites last.
     pub fn on(&mut self, input: Input, now: UnixMillis) -> Vec<Command> {
+        let mut out = self.handle(input, now);
+        let stop = self.lifecycle.state == VmState::FailedOver
+            || self.final_cycle.is_some()
+            || self.running.as_ref().is_some_and(|r| r.final_for.is_some());
+        if stop && !self.writes_stopped {
+            out.insert(0, Command::StopWrites);
+        } else if !stop && self.writes_stopped {
+            out.push(Command::ResumeWrites);
+        }
+        self.writes_stopped = stop;
+        out
+    }
+
+    fn handle(&mut self, input: Input, now: UnixMillis) -> Vec<Command> {
         let mut out = Vec::new();
         match input {
             Input::Start(start) => self.start(start, now, &mut out),
@@ -311,7 +362,7 @@ impl VmCore {
                 }
             }
             Input::ReplicateNow(waiter) => match self.lifecycle.state {
-                VmState::Critical | VmState::ResyncRequired | VmState::Paused => {
+                VmState::Critical | VmState::ResyncRequired | VmState::Paused | VmState::FailedOver => {
                     out.push(Command::Answer { waiter, answer: Answer::Refused(self.why_not()) })
                 }
                 _ => {
@@ -334,9 +385,13 @@ impl VmCore {
             }
             Input::Stop => {
                 self.supersede(&mut out);
-                for waiter in std::mem::take(&mut self.waiting) {
+                let waiters = std::mem::take(&mut self.waiting).into_iter().chain(self.final_cycle.take().map(|f| f.0));
+                for waiter in waiters {
                     out.push(Command::Answer { waiter, answer: Answer::Refused("the VM is stopping".into()) });
                 }
+            }
+            Input::Failover { waiter, planned, point, out_dir } => {
+                self.failover(waiter, planned, point, out_dir, now, &mut out)
             }
             Input::SnapshotTaken { epoch, result } => {
                 if !self.awaits(epoch, Step::Snapshot) {
@@ -475,7 +530,7 @@ impl VmCore {
         if !self.awaits(epoch, Step::Cycle) {
             return; // its logs were discarded; its callers were answered then
         }
-        let waiters = self.running.take().map(|r| r.waiters).unwrap_or_default();
+        let (waiters, final_for) = self.running.take().map(|r| (r.waiters, r.final_for)).unwrap_or_default();
         // Newly sealed logs join the backlog whatever happened.
         for (pending, new) in self.pending.iter_mut().zip(sealed) {
             for l in new {
@@ -499,12 +554,78 @@ impl VmCore {
                     out.push(Command::DeleteLogs { logs });
                 }
                 self.event(Event::PointCommitted, now, out);
+                if let Some((waiter, out_dir)) = final_for {
+                    // The final point: the last committed one holds every acknowledged write.
+                    let point = self.last_point;
+                    self.event(Event::FailedOver(Failover { planned: true, point, out_dir, at_ms: now }), now, out);
+                    out.push(Command::Answer { waiter, answer: Answer::FailedOver(point) });
+                }
             }
-            Err(f) => self.failed(f, now, out),
+            Err(f) => {
+                if let Some((waiter, _)) = final_for {
+                    let why =
+                        Failure { class: f.class, reason: format!("the final recovery point failed: {}", f.reason) };
+                    out.push(Command::Answer { waiter, answer: Answer::Failed(why) });
+                }
+                self.failed(f, now, out)
+            }
         }
-        if !self.waiting.is_empty() {
+        if !self.waiting.is_empty() || self.final_cycle.is_some() {
             self.event(Event::CycleDue, now, out);
         }
+    }
+
+    /// A planned failover waits for a final cycle; an unplanned one (or a
+    /// repeated one) goes `FailedOver` at once.
+    fn failover(
+        &mut self,
+        waiter: WaiterId,
+        planned: bool,
+        point: Option<u64>,
+        out_dir: PathBuf,
+        now: UnixMillis,
+        out: &mut Vec<Command>,
+    ) {
+        let refuse =
+            |out: &mut Vec<Command>, why: String| out.push(Command::Answer { waiter, answer: Answer::Refused(why) });
+        if self.lifecycle.state == VmState::FailedOver {
+            // Again (the restore failed, or another folder): the same point
+            // for a planned one, the chosen one for an unplanned one.
+            let before = self.lifecycle.failover.clone();
+            let point = point.or(before.as_ref().map(|f| f.point)).unwrap_or(self.last_point);
+            let planned = planned && before.is_some_and(|f| f.planned);
+            self.event(Event::FailedOver(Failover { planned, point, out_dir, at_ms: now }), now, out);
+            return out.push(Command::Answer { waiter, answer: Answer::FailedOver(point) });
+        }
+        if planned {
+            if self.lifecycle.state != VmState::Protected {
+                return refuse(
+                    out,
+                    format!(
+                        "{}: a planned failover needs a Protected VM (an unplanned one restores its latest point)",
+                        self.why_not()
+                    ),
+                );
+            }
+            if self.final_cycle.is_some() || self.running.as_ref().is_some_and(|r| r.final_for.is_some()) {
+                return refuse(out, format!("a planned failover of VM {} is already under way", self.name));
+            }
+            self.final_cycle = Some((waiter, out_dir));
+            // Starts now, or when the cycle in flight ends (`cycle_ended`).
+            return self.event(Event::CycleDue, now, out);
+        }
+        let Some(point) = point.or((self.last_point > 0).then_some(self.last_point)) else {
+            return refuse(out, format!("VM {} has no recovery point to fail over to", self.name));
+        };
+        self.supersede(out);
+        if let Some((w, _)) = self.final_cycle.take() {
+            let answer = Answer::Refused(format!("an unplanned failover of VM {} came first", self.name));
+            out.push(Command::Answer { waiter: w, answer });
+        }
+        self.retry_scheduled = false;
+        out.extend([Command::CancelRetry, Command::CancelAutoResync]);
+        self.event(Event::FailedOver(Failover { planned: false, point, out_dir, at_ms: now }), now, out);
+        out.push(Command::Answer { waiter, answer: Answer::FailedOver(point) });
     }
 
     /// Whether a result of `step` started in `epoch` is the one awaited: a
@@ -529,13 +650,14 @@ impl VmCore {
                 self.next_seq = self.next_seq.max(r.seq + 1);
             }
             let answer = Answer::Refused(format!("VM {} needs a resync: its cycle was superseded", self.name));
-            out.extend(r.waiters.into_iter().map(|waiter| Command::Answer { waiter, answer: answer.clone() }));
+            let waiters = r.waiters.into_iter().chain(r.final_for.map(|f| f.0));
+            out.extend(waiters.map(|waiter| Command::Answer { waiter, answer: answer.clone() }));
         }
     }
 
     fn run(&mut self, step: Step, waiters: Vec<WaiterId>) -> u64 {
         let seq = self.next_seq;
-        self.running = Some(Running { step, seq, waiters });
+        self.running = Some(Running { step, seq, waiters, final_for: None });
         seq
     }
 
@@ -612,6 +734,9 @@ impl VmCore {
                 Action::StartCycle => {
                     let waiters = std::mem::take(&mut self.waiting);
                     let seq = self.run(Step::Cycle, waiters);
+                    if let Some(r) = self.running.as_mut() {
+                        r.final_for = self.final_cycle.take();
+                    }
                     let pending = self.pending.clone();
                     out.push(Command::RunCycle { epoch: self.epoch, seq, parent: self.last_point, pending });
                 }
@@ -630,10 +755,17 @@ impl VmCore {
                 Action::StartResync => self.resync(out),
             }
         }
-        if matches!(self.lifecycle.state, VmState::Critical | VmState::ResyncRequired) {
+        if matches!(self.lifecycle.state, VmState::Critical | VmState::ResyncRequired | VmState::FailedOver) {
             let answer = Answer::Refused(self.why_not());
             for waiter in std::mem::take(&mut self.waiting) {
                 out.push(Command::Answer { waiter, answer: answer.clone() });
+            }
+        }
+        // A planned failover waits only while the VM stays Protected.
+        if self.lifecycle.state != VmState::Protected {
+            if let Some((waiter, _)) = self.final_cycle.take() {
+                let answer = Answer::Refused(format!("{}: the planned failover was called off", self.why_not()));
+                out.push(Command::Answer { waiter, answer });
             }
         }
     }
@@ -658,7 +790,7 @@ impl VmCore {
             S::Resynchronizing => self.resync(out),
             S::Protected => self.event(Event::CycleDue, now, out),
             S::ResyncRequired => out.push(Command::ScheduleAutoResync),
-            S::Unprotected | S::Paused | S::Critical => {} // the retry no longer applies
+            S::Unprotected | S::Paused | S::Critical | S::FailedOver => {} // the retry no longer applies
         }
     }
 }

@@ -3,13 +3,16 @@
 //! `Unprotected -> EnablingProtection -> InitialReplication ->
 //! FinalizingProtection -> Protected`, then delta cycles. From `Protected`:
 //! `ResyncRequired -> Resynchronizing -> Protected`, `Paused` (operator) and
-//! `Critical` (operator needed). The VM actor feeds it events and carries out
+//! `Critical` (operator needed). From any state with a recovery point:
+//! `FailedOver` (the VM now runs from a restored copy; nothing leaves it but
+//! unprotect or a new protection). The VM actor feeds it events and carries out
 //! the [`Action`]s it returns; nothing here does I/O or reads a clock, so
 //! every transition is covered by table tests.
 //!
 //! Invariants (tested): nothing leaves `Critical` or `Paused` on its own (only
-//! operator events do); at most one replication cycle is in flight; every
-//! failure yields a state change or a retry.
+//! operator events do); nothing at all leaves `FailedOver`; at most one
+//! replication cycle is in flight; every failure yields a state change or a
+//! retry.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +30,9 @@ pub enum VmState {
     Resynchronizing,
     Paused,
     Critical,
+    /// Failed over (planned or not): replication has stopped and the disks
+    /// take no writes; the VM runs from the restored copy.
+    FailedOver,
 }
 
 impl VmState {
@@ -41,6 +47,7 @@ impl VmState {
             VmState::Resynchronizing => "Resynchronizing",
             VmState::Paused => "Paused",
             VmState::Critical => "Critical",
+            VmState::FailedOver => "FailedOver",
         }
     }
 }
@@ -78,6 +85,18 @@ pub enum Event {
     ResyncDone,
     Pause,
     Resume,
+    /// The VM failed over to recovery point `point`, restored into `out_dir`
+    /// (planned: after a final point with every acknowledged write).
+    FailedOver(Failover),
+}
+
+/// The failover a `FailedOver` VM went through, for `show`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    pub planned: bool,
+    pub point: u64,
+    pub out_dir: std::path::PathBuf,
+    pub at_ms: UnixMillis,
 }
 
 /// What the VM actor must do next.
@@ -121,6 +140,9 @@ pub struct Lifecycle {
     #[serde(default)]
     pub resume_to: Option<VmState>,
     pub transitions: Vec<Transition>,
+    /// The failover of a `FailedOver` VM (the latest, when it was repeated).
+    #[serde(default)]
+    pub failover: Option<Failover>,
 }
 
 impl Default for Lifecycle {
@@ -131,6 +153,7 @@ impl Default for Lifecycle {
             reason: None,
             resume_to: None,
             transitions: Vec::new(),
+            failover: None,
         }
     }
 }
@@ -142,6 +165,20 @@ impl Lifecycle {
         use Event as E;
         use VmState as S;
         match (self.state, event) {
+            (S::Unprotected, E::FailedOver(_)) => vec![],
+            (S::FailedOver, E::FailedOver(f)) => {
+                // Failed over again (another point or folder): the record says which.
+                self.failover = Some(f);
+                vec![]
+            }
+            (_, E::FailedOver(f)) => {
+                self.cycle_in_flight = false;
+                self.resume_to = None;
+                let how = if f.planned { "planned failover" } else { "unplanned failover" };
+                self.go(S::FailedOver, &format!("{how} to recovery point {}", f.point), now);
+                self.failover = Some(f);
+                vec![]
+            }
             (S::Unprotected, E::Protect) => {
                 self.go(S::EnablingProtection, "protection requested", now);
                 vec![Action::TakeSnapshot]
@@ -209,28 +246,30 @@ impl Lifecycle {
                 self.transitions.push(Transition { from: S::Critical, to: S::Critical, reason, at_ms: now });
                 vec![Action::DiscardLogs]
             }
-            (state, E::Failed { class, reason }) if state != S::Unprotected && state != S::Critical => match class {
-                ErrorClass::Recoverable => {
-                    self.cycle_in_flight = false;
-                    self.reason = Some(reason);
-                    vec![Action::ScheduleRetry]
+            (state, E::Failed { class, reason }) if !matches!(state, S::Unprotected | S::Critical | S::FailedOver) => {
+                match class {
+                    ErrorClass::Recoverable => {
+                        self.cycle_in_flight = false;
+                        self.reason = Some(reason);
+                        vec![Action::ScheduleRetry]
+                    }
+                    ErrorClass::NeedsResync if state == S::ResyncRequired => vec![],
+                    ErrorClass::NeedsResync => {
+                        self.cycle_in_flight = false;
+                        self.go(S::ResyncRequired, &reason, now);
+                        vec![Action::DiscardLogs]
+                    }
+                    ErrorClass::NonRecoverable => {
+                        self.cycle_in_flight = false;
+                        self.go(S::Critical, &reason, now);
+                        vec![]
+                    }
+                    ErrorClass::Cancelled => {
+                        self.cycle_in_flight = false;
+                        vec![]
+                    }
                 }
-                ErrorClass::NeedsResync if state == S::ResyncRequired => vec![],
-                ErrorClass::NeedsResync => {
-                    self.cycle_in_flight = false;
-                    self.go(S::ResyncRequired, &reason, now);
-                    vec![Action::DiscardLogs]
-                }
-                ErrorClass::NonRecoverable => {
-                    self.cycle_in_flight = false;
-                    self.go(S::Critical, &reason, now);
-                    vec![]
-                }
-                ErrorClass::Cancelled => {
-                    self.cycle_in_flight = false;
-                    vec![]
-                }
-            },
+            }
             _ => vec![],
         }
     }
@@ -312,6 +351,44 @@ mod tests {
                 assert_eq!((t.from, t.to, t.at_ms), (from, to, 7));
             }
         }
+    }
+
+    fn failover(planned: bool) -> Event {
+        E::FailedOver(Failover { planned, point: 3, out_dir: "/out".into(), at_ms: 7 })
+    }
+
+    #[test]
+    fn a_failed_over_vm_stays_failed_over() {
+        for from in [S::Protected, S::Paused, S::Critical, S::ResyncRequired, S::Resynchronizing] {
+            let mut lc = at(from);
+            assert_eq!(lc.on_event(failover(from == S::Protected), 7), vec![]);
+            assert_eq!(lc.state, S::FailedOver, "from {from:?}");
+            assert_eq!(lc.failover.as_ref().map(|f| f.point), Some(3));
+            assert_eq!(lc.resume_to, None);
+            for e in [
+                E::CycleDue,
+                E::PointCommitted,
+                E::Resume,
+                E::Pause,
+                E::StartResync,
+                E::Protect,
+                E::ResyncNeeded { reason: "x".into() },
+                failed(ErrorClass::NonRecoverable),
+                failed(ErrorClass::NeedsResync),
+                failed(ErrorClass::Recoverable),
+            ] {
+                assert_eq!(lc.on_event(e.clone(), 8), vec![], "{e:?}");
+                assert_eq!(lc.state, S::FailedOver, "{e:?}");
+            }
+        }
+        // Failing over again records the newer failover.
+        let mut lc = at(S::FailedOver);
+        lc.on_event(E::FailedOver(Failover { planned: false, point: 9, out_dir: "/b".into(), at_ms: 9 }), 9);
+        assert_eq!(lc.failover.map(|f| (f.point, f.planned)), Some((9, false)));
+        // A VM never protected has nothing to fail over to.
+        let mut lc = at(S::Unprotected);
+        lc.on_event(failover(true), 1);
+        assert_eq!((lc.state, lc.failover), (S::Unprotected, None));
     }
 
     #[test]

@@ -21,6 +21,6 @@ pub(crate) mod restart;
 mod tasks;
 
 pub use actor::{DiskInfo, VmInfo};
-pub(crate) use actor::{GetInfo, Operator, ReplicaDamaged, ReplicateNow, Stop, VmActor};
+pub(crate) use actor::{FailOver, GetInfo, Operator, ReplicaDamaged, ReplicateNow, Stop, VmActor};
 pub(crate) use fence::ChainFence;
 pub(crate) use open::{open_vm, OpenedDisks};

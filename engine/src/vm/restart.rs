@@ -198,6 +198,9 @@ mod tests {
             ),
             (S::ResyncRequired, 4, &unclean, plain(Start::DiscardLogs)),
             (S::Resynchronizing, 4, &ok, plain(Start::ResyncAgain)),
+            // FailedOver goes on as it was: the core ignores what the logs say (and cuts no points).
+            (S::FailedOver, 4, &ok, plain(resume(&ok))),
+            (S::FailedOver, 4, &unclean, plain(Start::ResyncNeeded { reason: "b unclean".into() })),
         ];
         for (state, last, found, want) in table {
             let lc = Lifecycle { state, ..Default::default() };

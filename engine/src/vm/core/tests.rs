@@ -49,6 +49,8 @@ fn kinds(cmds: &[Command]) -> Vec<&'static str> {
             Command::CancelRetry => "cancel-retry",
             Command::ScheduleAutoResync => "auto-resync",
             Command::CancelAutoResync => "cancel-auto-resync",
+            Command::StopWrites => "stop-writes",
+            Command::ResumeWrites => "resume-writes",
             Command::Answer { .. } => "answer",
         })
         .collect()
@@ -79,6 +81,144 @@ fn answers(cmds: &[Command]) -> Vec<(WaiterId, Answer)> {
             _ => None,
         })
         .collect()
+}
+
+fn failover(waiter: WaiterId, planned: bool, point: Option<u64>) -> Input {
+    Input::Failover { waiter, planned, point, out_dir: PathBuf::from("/out") }
+}
+
+#[test]
+fn a_planned_failover_stops_writes_before_its_final_cycle_and_fails_over_on_its_point() {
+    let mut c = at(S::Protected, 4);
+    let cmds = c.on(failover(1, true, None), T);
+    // Writes stop first: the final cycle's rotation waits for those in flight.
+    assert_eq!(kinds(&cmds), ["stop-writes", "cycle"]);
+    let (epoch, seq, parent, _) = run_cycle(&cmds);
+    assert_eq!((seq, parent), (5, 4));
+    assert_eq!(c.state(), S::Protected);
+    // Ticks and other callers meanwhile change nothing about it.
+    assert_eq!(kinds(&c.on(Input::Tick, T)), Vec::<&str>::new());
+    let cmds = c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Ok(Some(point(5))) }, T);
+    assert_eq!(answers(&cmds), vec![(1, Answer::FailedOver(5))]);
+    assert!(!kinds(&cmds).contains(&"resume-writes"), "writes stay stopped");
+    assert_eq!(c.state(), S::FailedOver);
+    let f = c.lifecycle().failover.clone().expect("the failover is recorded");
+    assert_eq!((f.planned, f.point, f.out_dir), (true, 5, PathBuf::from("/out")));
+    // Nothing replicates any more; callers are refused.
+    assert_eq!(kinds(&c.on(Input::Tick, T)), Vec::<&str>::new());
+    assert!(matches!(answers(&c.on(Input::ReplicateNow(2), T))[..], [(2, Answer::Refused(_))]));
+    assert_eq!(kinds(&c.on(Input::Resync, T)), Vec::<&str>::new());
+    assert_eq!(kinds(&c.on(Input::NeedsResync { reason: "x".into() }, T)), Vec::<&str>::new());
+    assert_eq!(c.state(), S::FailedOver);
+    // Failing over again restores the same point.
+    assert_eq!(answers(&c.on(failover(3, true, None), T)), vec![(3, Answer::FailedOver(5))]);
+    // A restart keeps writes stopped without a command (the opener stopped them).
+    let mut again = VmCore::new("vm", 2, c.lifecycle().clone(), 5);
+    assert_eq!(kinds(&again.on(Input::Start(Start::Resume { pending: vec![vec![], vec![]] }), T)), Vec::<&str>::new());
+    assert_eq!(kinds(&again.on(Input::Tick, T)), Vec::<&str>::new());
+}
+
+#[test]
+fn a_planned_failover_with_nothing_new_fails_over_on_the_last_point() {
+    let mut c = at(S::Protected, 4);
+    let (epoch, ..) = run_cycle(&c.on(failover(1, true, None), T));
+    let cmds = c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Ok(None) }, T);
+    assert_eq!(answers(&cmds), vec![(1, Answer::FailedOver(4))]);
+    assert_eq!(c.state(), S::FailedOver);
+}
+
+#[test]
+fn a_planned_failover_waits_for_the_cycle_in_flight_then_cuts_its_own() {
+    let mut c = at(S::Protected, 4);
+    let (first, ..) = run_cycle(&c.on(Input::Tick, T));
+    // Asked mid-cycle: writes stop now, the final cycle starts after this one.
+    assert_eq!(kinds(&c.on(failover(1, true, None), T)), ["stop-writes"]);
+    let cmds = c.on(Input::CycleEnded { epoch: first, sealed: vec![vec![], vec![]], result: Ok(Some(point(5))) }, T);
+    assert!(answers(&cmds).is_empty(), "the cycle in flight is not the final one");
+    let (epoch, seq, ..) = run_cycle(&cmds);
+    assert_eq!(seq, 6);
+    let cmds = c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Ok(Some(point(6))) }, T);
+    assert_eq!(answers(&cmds), vec![(1, Answer::FailedOver(6))]);
+}
+
+#[test]
+fn a_planned_failover_that_cannot_cut_its_point_is_called_off_and_writes_resume() {
+    // The final cycle fails: the caller hears why, writes resume, the cycle is retried as usual.
+    let mut c = at(S::Protected, 4);
+    let (epoch, ..) = run_cycle(&c.on(failover(1, true, None), T));
+    let cmds =
+        c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Err(fail(ErrorClass::Recoverable)) }, T);
+    assert!(matches!(&answers(&cmds)[..], [(1, Answer::Failed(f))] if f.reason.contains("final recovery point")));
+    assert_eq!(kinds(&cmds).last(), Some(&"resume-writes"));
+    assert_eq!(c.state(), S::Protected);
+    // A resync needed mid-cycle supersedes it: called off too.
+    let mut c = at(S::Protected, 4);
+    c.on(failover(1, true, None), T);
+    let cmds = c.on(Input::NeedsResync { reason: "log write failed".into() }, T);
+    assert!(matches!(answers(&cmds)[..], [(1, Answer::Refused(_))]));
+    assert_eq!(kinds(&cmds).last(), Some(&"resume-writes"));
+    // Paused while waiting for the cycle in flight: called off.
+    let mut c = at(S::Protected, 4);
+    c.on(Input::Tick, T);
+    c.on(failover(1, true, None), T);
+    let cmds = c.on(Input::Pause, T);
+    assert!(matches!(answers(&cmds)[..], [(1, Answer::Refused(_))]));
+    assert_eq!(kinds(&cmds).last(), Some(&"resume-writes"));
+    // Stopping the VM answers it.
+    let mut c = at(S::Protected, 4);
+    c.on(failover(1, true, None), T);
+    assert!(matches!(answers(&c.on(Input::Stop, T))[..], [(1, Answer::Refused(_))]));
+}
+
+#[test]
+fn a_planned_failover_needs_a_protected_vm_and_only_one_at_a_time() {
+    for state in [S::Paused, S::Critical, S::ResyncRequired, S::Resynchronizing, S::InitialReplication] {
+        let mut c = at(state, 4);
+        let cmds = c.on(failover(1, true, None), T);
+        assert!(
+            matches!(&answers(&cmds)[..], [(1, Answer::Refused(why))] if why.contains("planned failover")),
+            "{state}"
+        );
+        assert_eq!(kinds(&cmds), ["answer"], "{state}: writes go on");
+        assert_eq!(c.state(), state);
+    }
+    let mut c = at(S::Protected, 4);
+    c.on(failover(1, true, None), T);
+    assert!(
+        matches!(&answers(&c.on(failover(2, true, None), T))[..], [(2, Answer::Refused(why))] if why.contains("under way"))
+    );
+}
+
+#[test]
+fn an_unplanned_failover_goes_failed_over_at_once_from_any_state_with_a_point() {
+    for state in [S::Protected, S::Paused, S::Critical, S::ResyncRequired, S::Resynchronizing] {
+        let mut c = at(state, 4);
+        let cmds = c.on(failover(1, false, Some(2)), T);
+        assert_eq!(kinds(&cmds)[0], "stop-writes", "{state}");
+        assert_eq!(answers(&cmds), vec![(1, Answer::FailedOver(2))], "{state}");
+        assert_eq!(c.state(), S::FailedOver);
+        assert_eq!(c.lifecycle().failover.as_ref().map(|f| (f.planned, f.point)), Some((false, 2)));
+    }
+    // The latest committed point by default; a running cycle is superseded and cannot commit.
+    let mut c = at(S::Protected, 4);
+    let (epoch, ..) = run_cycle(&c.on(Input::Tick, T));
+    assert_eq!(answers(&c.on(failover(1, false, None), T)), vec![(1, Answer::FailedOver(4))]);
+    assert!(c.epoch() > epoch);
+    let cmds = c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Ok(Some(point(5))) }, T);
+    assert_eq!(kinds(&cmds), Vec::<&str>::new());
+    assert_eq!(c.state(), S::FailedOver);
+    // An unplanned failover overtakes a planned one waiting for its cycle.
+    let mut c = at(S::Protected, 4);
+    c.on(Input::Tick, T);
+    c.on(failover(1, true, None), T);
+    let cmds = c.on(failover(2, false, None), T);
+    assert!(matches!(answers(&cmds)[..], [(1, Answer::Refused(_)), (2, Answer::FailedOver(4))]));
+    assert!(!kinds(&cmds).contains(&"resume-writes"));
+    // Nothing committed yet: nothing to fail over to.
+    let mut c = at(S::InitialReplication, 0);
+    let cmds = c.on(failover(1, false, None), T);
+    assert!(matches!(&answers(&cmds)[..], [(1, Answer::Refused(why))] if why.contains("no recovery point")));
+    assert_eq!(c.state(), S::InitialReplication);
 }
 
 #[test]
