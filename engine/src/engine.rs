@@ -127,7 +127,9 @@ impl Engine {
         for rec in blocking(move || state.list_vms()).await? {
             let name = rec.spec.name.clone();
             let (dd, now) = (self.host.config.data_dir.clone(), self.host.clock.now_ms());
+            let key = self.host.config.encryption_key.as_ref().map(|k| k.id_hex());
             let opened = blocking(move || {
+                check_sealing(&rec, key.as_deref())?;
                 let mut r = rec.clone();
                 let opened = vm::open_vm(&mut r, &dd, now)?;
                 Ok((r, opened))
@@ -199,6 +201,7 @@ impl Engine {
             lifecycle: Lifecycle::default(),
             last_point_seq: 0,
             protected_since_ms: 0,
+            key_id: self.host.config.encryption_key.as_ref().map(|k| k.id_hex()),
         };
         let (mut r, dd, now) = (rec.clone(), self.host.config.data_dir.clone(), self.host.clock.now_ms());
         let opened = match blocking(move || vm::open_vm(&mut r, &dd, now)).await {
@@ -622,6 +625,28 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop_system();
     }
+}
+
+/// Refuses to go on with a replica under another key than the daemon's:
+/// its points would be unreadable together (names in keys and sealing
+/// both depend on the key).
+fn check_sealing(rec: &VmRecord, key_id: Option<&str>) -> Result<()> {
+    let vm = &rec.spec.name;
+    let why = match (rec.key_id.as_deref(), key_id) {
+        (a, b) if a == b => return Ok(()),
+        (None, Some(_)) => format!(
+            "the replica of VM {vm} was written without encryption, and an encryption key is configured: \
+             start ferryd without the key, or unprotect the VM and protect it again"
+        ),
+        (Some(id), None) => format!(
+            "the replica of VM {vm} is encrypted (key id {id}): configure its key (--encryption-key-file)"
+        ),
+        (Some(id), Some(ours)) => format!(
+            "wrong encryption key for the replica of VM {vm}: it is encrypted with key id {id}, the configured key is {ours}"
+        ),
+        (None, None) => unreachable!("equal"),
+    };
+    Err(Error::FailedPrecondition(why))
 }
 
 fn offline_info(rec: VmRecord) -> VmInfo {

@@ -99,7 +99,7 @@ async fn an_encrypted_replica_hides_guest_data_and_restores_only_with_its_key_an
     assert!(e.to_string().contains("is encrypted"), "{e}");
 
     // One flipped byte in one bundle: the restore fails naming that object.
-    let bundle = objects.iter().find(|p| p.to_string_lossy().contains("/disks/a/")).expect("a bundle").clone();
+    let bundle = objects.iter().find(|p| p.to_string_lossy().contains("/disks/")).expect("a bundle").clone();
     let mut bytes = std::fs::read(&bundle).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
@@ -123,4 +123,80 @@ async fn a_plain_replica_is_refused_by_an_engine_with_a_key() {
     assert_eq!(e.class(), ErrorClass::NonRecoverable, "{e}");
     assert!(e.to_string().contains("written without encryption"), "{e}");
     restore(&store_for(tmp.path(), None), generation, seq, &tmp.path().join("ok")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_of_an_encrypted_replica_reveal_only_ids_and_a_restore_still_finds_the_vm_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = random_disk(tmp.path(), "ledger", MIB, 5);
+    let engine = open_engine(keyed(tmp.path(), 7)).await.unwrap();
+    protect(&engine, "payroll-db", &[&disk]).await;
+    engine.write("payroll-db", "ledger", 0, random_bytes(4096, 6)).await.unwrap();
+    let seq = replicate(&engine, "payroll-db").await;
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    let root = tmp.path().join("data").join("target");
+    let keys: Vec<String> =
+        files(&root).iter().map(|p| p.strip_prefix(&root).unwrap().to_string_lossy().into_owned()).collect();
+    assert!(keys.len() >= 3, "{keys:?}");
+    for k in &keys {
+        assert!(!k.contains("payroll") && !k.contains("ledger"), "a name in a key: {k}");
+    }
+    // A restore with the key finds the VM by its name.
+    let points = ferry_engine::restore::stored_points(&store_for(tmp.path(), Some(7)), "payroll-db").await.unwrap();
+    assert_eq!(points.last().map(|p| (p.seq, p.disks.clone())), Some((seq, vec!["ledger".to_string()])));
+    // Without it, or with another, the name finds nothing: the error says why.
+    let e = ferry_engine::restore::stored_points(&store_for(tmp.path(), Some(8)), "payroll-db").await.unwrap_err();
+    assert!(e.to_string().contains("wrong encryption key"), "{e}");
+    assert_eq!(e.class(), ErrorClass::NonRecoverable);
+    let e = ferry_engine::restore::stored_points(&store_for(tmp.path(), None), "payroll-db").await.unwrap_err();
+    assert!(e.to_string().contains("is encrypted"), "{e}");
+    // And a VM that is not there is just not found.
+    let e = ferry_engine::restore::stored_points(&store_for(tmp.path(), Some(7)), "other").await.unwrap_err();
+    assert!(e.to_string().contains("other") && e.to_string().contains("not found"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_refuses_to_go_on_with_a_replica_under_another_key_and_says_which() {
+    async fn reopen(dir: &Path, key: Option<u8>) -> (ferry_engine::Engine, ferry_engine::VmInfo) {
+        let c = match key {
+            Some(k) => keyed(dir, k),
+            None => config(dir),
+        };
+        let engine = open_engine(c).await.unwrap();
+        let info = engine.vm("vm").await.unwrap();
+        (engine, info)
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let a = random_disk(tmp.path(), "a", MIB, 3);
+    let engine = open_engine(keyed(tmp.path(), 7)).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    for (key, says) in [(Some(8), "wrong encryption key"), (None, "is encrypted")] {
+        let (engine, info) = reopen(tmp.path(), key).await;
+        assert_eq!(info.state, ferry_engine::lifecycle::VmState::Critical, "{info:?}");
+        assert!(info.reason.as_deref().is_some_and(|r| r.contains(says)), "{key:?}: {:?}", info.reason);
+        assert!(engine.replicate_now("vm").await.is_err(), "no cycle under the wrong key");
+        engine.shutdown().await.unwrap();
+    }
+    // With its key again: the operator resumes it and it goes on.
+    let (engine, _) = reopen(tmp.path(), Some(7)).await;
+    engine.resume("vm").await.unwrap();
+    engine.write("vm", "a", 0, random_bytes(4096, 4)).await.unwrap();
+    replicate(&engine, "vm").await;
+    assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+    drop(engine);
+
+    // A plain replica, then a key.
+    let plain = tempfile::tempdir().unwrap();
+    let b = random_disk(plain.path(), "b", MIB, 5);
+    let engine = open_engine(config(plain.path())).await.unwrap();
+    protect(&engine, "vm", &[&b]).await;
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    let (engine, info) = reopen(plain.path(), Some(7)).await;
+    assert!(info.reason.as_deref().is_some_and(|r| r.contains("written without encryption")), "{:?}", info.reason);
+    engine.shutdown().await.unwrap();
 }

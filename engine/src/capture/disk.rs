@@ -86,9 +86,9 @@
 //! # Writes stopped (failover)
 //!
 //! [`Disk::stop_writes`] makes every change that has not yet looked at the
-//! flag fail; one that already passed it holds the gate, so the next
-//! rotation waits for it and its record lands in the log that rotation
-//! seals. A planned failover stops writes, then rotates for its final
+//! flag fail, then waits (gate taken exclusively) for those that already
+//! passed it, so when it returns every acknowledged change has its record
+//! in the active log and the next rotation seals it. A planned failover stops writes, then rotates for its final
 //! point: every acknowledged write is in that point, and none is
 //! acknowledged after it. Reads and flushes go on.
 //!
@@ -372,6 +372,10 @@ impl Disk {
     /// finishes (the next rotation waits for it). Reads and flushes go on.
     pub fn stop_writes(&self) {
         self.writes_stopped.store(true, Ordering::SeqCst);
+        // Wait for the changes already past the check: once this returns,
+        // every acknowledged change has its record in the active log (a
+        // final cycle that finds no record then rightly ships nothing).
+        drop(self.quiesce());
     }
 
     /// Takes changes again (a planned failover was called off).
@@ -472,9 +476,12 @@ impl Disk {
     /// saved, one log append for all, then each disk write.
     fn apply_group(&self, changes: &[Change<'_>], group: &[usize], results: &mut [Option<Result<()>>]) {
         let _gate = self.gate.read().expect("disk gate is never poisoned: no panics under it");
-        if self.refusal().is_some() {
+        if let Some(e) = self.refusal() {
+            let refused = matches!(e, Error::WritesRefused(_));
             for &i in group {
-                results[i] = self.refusal().map(Err);
+                let why = e.to_string();
+                results[i] =
+                    Some(Err(if refused { Error::WritesRefused(why) } else { Error::FailedPrecondition(why) }));
             }
             return;
         }

@@ -68,6 +68,15 @@ impl Manifest {
     }
 }
 
+// The keys below take a VM's and a disk's *key segments*: what the target
+// makes of their names (`TargetStore::name_segment`: the names themselves,
+// or ids in an encrypted store). `Keys` applies it.
+
+/// Every generation of a VM: `vms/<vm>/`.
+pub fn vm_root(vm: &str) -> String {
+    format!("vms/{vm}/")
+}
+
 pub fn vm_prefix(vm: &str, generation: u64) -> String {
     format!("vms/{vm}/{generation}")
 }
@@ -79,4 +88,28 @@ pub fn manifest_key(vm: &str, generation: u64, seq: u64) -> String {
 /// Key of part `part` of disk `disk` in point `seq`: stable across retries.
 pub fn object_key(vm: &str, generation: u64, disk: &str, seq: u64, part: u64) -> String {
     format!("{}/disks/{disk}/p{seq:010}/{part:06}", vm_prefix(vm, generation))
+}
+
+/// The keys of one VM's replica in one target, from names.
+pub struct Keys<'a> {
+    target: &'a dyn crate::target::TargetStore,
+    vm: String,
+}
+
+impl<'a> Keys<'a> {
+    pub fn new(target: &'a dyn crate::target::TargetStore, vm: &str) -> Self {
+        Keys { target, vm: target.name_segment(vm) }
+    }
+    pub fn root(&self) -> String {
+        vm_root(&self.vm)
+    }
+    pub fn prefix(&self, generation: u64) -> String {
+        vm_prefix(&self.vm, generation)
+    }
+    pub fn manifest(&self, generation: u64, seq: u64) -> String {
+        manifest_key(&self.vm, generation, seq)
+    }
+    pub fn object(&self, generation: u64, disk: &str, seq: u64, part: u64) -> String {
+        object_key(&self.vm, generation, &self.target.name_segment(disk), seq, part)
+    }
 }

@@ -39,7 +39,7 @@ use crate::capture::snapshot::CowSnapshot;
 use crate::changelog::{self, Coalescer, Extent, ExtentSource};
 use crate::error::{Error, Result};
 use crate::replica::bundle::{self, BundleExtent, ExtentData};
-use crate::replica::manifest::{object_key, ObjectRef};
+use crate::replica::manifest::{Keys, ObjectRef};
 use crate::runtime::{background, blocking};
 use crate::schedule::throttle::Throttle;
 use crate::target::Target;
@@ -126,7 +126,7 @@ pub async fn put_parts<T: Send + 'static>(
     futures::stream::iter(parts)
         .map(|i| {
             let (ctx, build, after) = (ctx.clone(), build.clone(), after.clone());
-            let key = object_key(&ctx.vm, ctx.generation, disk, seq, i);
+            let key = Keys::new(&*ctx.target, &ctx.vm).object(ctx.generation, disk, seq, i);
             async move {
                 let level = ctx.zstd_level;
                 // The reads take locks the guests' writes need (snapshot,

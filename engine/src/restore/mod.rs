@@ -32,7 +32,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::error::{Error, Result};
 use crate::model::PointKind;
 use crate::replica::bundle::{self, ExtentData};
-use crate::replica::manifest::{manifest_key, Manifest, ObjectRef};
+use crate::replica::manifest::{Keys, Manifest, ObjectRef};
 use crate::target::Target;
 
 /// Loads the manifests from the nearest base up to `seq`, oldest first.
@@ -40,8 +40,16 @@ pub async fn load_chain(target: &Target, vm: &str, generation: u64, seq: u64) ->
     let mut chain = Vec::new();
     let mut next = Some(seq);
     while let Some(s) = next {
-        let key = manifest_key(vm, generation, s);
-        let m = Manifest::decode(&key, &get_with_retries(target, &key).await?)?;
+        let key = Keys::new(&**target, vm).manifest(generation, s);
+        let bytes = match get_with_retries(target, &key).await {
+            // Under another key (or none) the name finds nothing: say why, if that is why.
+            Err(e) if e.class() == crate::error::ErrorClass::NeedsResync => {
+                explain_no_replica(target).await?;
+                return Err(e);
+            }
+            r => r?,
+        };
+        let m = Manifest::decode(&key, &bytes)?;
         if m.seq != s || m.vm != vm {
             return Err(Error::corrupt(format!("manifest {key}"), "names another point"));
         }
@@ -78,12 +86,29 @@ pub struct StoredPoint {
     pub disks: Vec<String>,
 }
 
+/// Why a VM's name finds nothing, when the reason is the key: an
+/// encrypted store keys VMs by ids derived from its key, so without the key
+/// (or with another) no name is found. Opening any manifest of the host
+/// says which ("the replica is encrypted", "wrong encryption key", "written
+/// without encryption"); Ok when the manifests open (the VM is not there).
+async fn explain_no_replica(target: &Target) -> Result<()> {
+    // A few manifests: one host's store may hold replicas of both kinds.
+    for key in target.list("vms/").await?.iter().filter(|k| k.ends_with(".manifest")).take(16) {
+        match get_with_retries(target, key).await {
+            Err(e) if e.class() == crate::error::ErrorClass::NonRecoverable => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The recovery points of `vm`'s latest replica (its newest protection
 /// generation) in `target`, oldest first, each read and checked from its
 /// manifest. A VM with no replica there is `NotFound`.
 pub async fn stored_points(target: &Target, vm: &str) -> Result<Vec<StoredPoint>> {
     crate::model::validate_name("VM name", vm)?;
-    let prefix = format!("vms/{vm}/");
+    let keys = Keys::new(&**target, vm);
+    let prefix = keys.root();
     let mut points: Vec<(u64, u64)> = Vec::new();
     for key in target.list(&prefix).await? {
         let rest = &key[prefix.len()..];
@@ -99,13 +124,14 @@ pub async fn stored_points(target: &Target, vm: &str) -> Result<Vec<StoredPoint>
         }
     }
     let Some(latest) = points.iter().map(|(g, _)| *g).max() else {
+        explain_no_replica(target).await?;
         return Err(Error::not_found("replica of VM", format!("{vm} in {}", target.describe())));
     };
     points.retain(|(g, _)| *g == latest);
     points.sort();
     let mut out = Vec::with_capacity(points.len());
     for (generation, seq) in points {
-        let key = manifest_key(vm, generation, seq);
+        let key = keys.manifest(generation, seq);
         let m = Manifest::decode(&key, &get_with_retries(target, &key).await?)?;
         if m.seq != seq || m.vm != vm || m.generation != generation {
             return Err(Error::corrupt(format!("manifest {key}"), "names another point"));

@@ -136,7 +136,7 @@ pub async fn resync_disk(
 /// unrestorable). A gap is `NeedsResync`, naming the object.
 pub async fn replica_intact(target: &Target, vm: &str, generation: u64, seq: u64) -> Result<()> {
     let chain = crate::restore::load_chain(target, vm, generation, seq).await?;
-    let prefix = format!("{}/disks/", crate::replica::manifest::vm_prefix(vm, generation));
+    let prefix = format!("{}/disks/", crate::replica::manifest::Keys::new(&**target, vm).prefix(generation));
     let present: std::collections::HashSet<String> = target.list(&prefix).await?.into_iter().collect();
     for m in &chain {
         for o in m.disks.iter().flat_map(|d| &d.objects) {

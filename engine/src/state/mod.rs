@@ -40,6 +40,11 @@ pub struct VmRecord {
     pub last_point_seq: u64,
     /// Snapshot time of the base (first) point.
     pub protected_since_ms: UnixMillis,
+    /// The id of the key the replica is encrypted with (hex); `None`:
+    /// written without encryption. A daemon started with another key (or
+    /// none, or one where there was none) refuses to go on with it.
+    #[serde(default)]
+    pub key_id: Option<String>,
 }
 
 #[derive(Clone)]
@@ -257,6 +262,7 @@ mod tests {
             lifecycle: Lifecycle::default(),
             last_point_seq: 0,
             protected_since_ms: 0,
+            key_id: None,
         }
     }
 

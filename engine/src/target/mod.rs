@@ -17,6 +17,9 @@
 //!
 //! `<host>` is the daemon's host id ([`HostTarget`]): every host that
 //! shares a store has its own tree, and the engine sees keys from `vms/` on.
+//! `<vm>` and `<disk>` are [`TargetStore::name_segment`]s: the names, or in
+//! an encrypted store ids derived from them and the key
+//! ([`sealed::SealedTarget`]), so keys and listings reveal only ids.
 //!
 //! `generation` is the protection's start time in ms, so protecting a VM
 //! again never mixes with an older replica. Keys depend only on the point
@@ -55,6 +58,12 @@ pub trait TargetStore: Send + Sync + 'static {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>>;
     /// For logs and `show`: e.g. `local:/srv/ferry-target`.
     fn describe(&self) -> String;
+    /// How a VM's or disk's name appears in keys: the name itself, or, in
+    /// an encrypted store, an id derived from it and the key that reveals
+    /// nothing of it ([`sealed::SealedTarget`]). Wrappers pass it on.
+    fn name_segment(&self, name: &str) -> String {
+        name.to_string()
+    }
 }
 
 pub type Target = Arc<dyn TargetStore>;
@@ -274,6 +283,9 @@ impl TargetStore for HostTarget {
     }
     fn describe(&self) -> String {
         self.inner.describe()
+    }
+    fn name_segment(&self, name: &str) -> String {
+        self.inner.name_segment(name)
     }
 }
 

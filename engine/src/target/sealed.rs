@@ -20,6 +20,12 @@
 //!   is non-recoverable with that message, a failed tag is corruption
 //!   naming the object.
 //! - Bundles are compressed before they are put, so before they are sealed.
+//! - Keys reveal only ids: a VM's and a disk's name appear in keys as
+//!   [`TargetStore::name_segment`], `i` and 32 hex digits of HMAC-SHA256
+//!   under a key derived from the encryption key. The same name gives the
+//!   same id (a restore finds a VM by name), another key another id, and
+//!   the id says nothing of the name. The names themselves are only in
+//!   the sealed manifests.
 //!
 //! The same wrapper runs with no key: it then refuses sealed objects ("the
 //! replica is encrypted: configure its key") instead of handing ciphertext
@@ -105,6 +111,11 @@ impl EncryptionKey {
         })
     }
 
+    /// [`EncryptionKey::id`] in hex, as the state store and messages show it.
+    pub fn id_hex(&self) -> String {
+        hex(&self.id())
+    }
+
     /// What objects carry to name their key without revealing it.
     pub fn id(&self) -> [u8; KEY_ID_LEN] {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -118,6 +129,8 @@ impl EncryptionKey {
 struct Sealer {
     key: LessSafeKey,
     id: [u8; KEY_ID_LEN],
+    /// Names to key segments (derived from the key, never the key itself).
+    names: ring::hmac::Key,
 }
 
 /// Encrypts on the way in, opens and verifies on the way out ([module
@@ -130,9 +143,14 @@ pub struct SealedTarget {
 
 impl SealedTarget {
     pub fn new(inner: Target, key: Option<&EncryptionKey>) -> Arc<SealedTarget> {
-        let sealer = key.map(|k| Sealer {
-            key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k.0).expect("a 32-byte AES-256 key")),
-            id: k.id(),
+        let sealer = key.map(|k| {
+            let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k.0);
+            let names = ring::hmac::sign(&derive, b"ferry object key names v1");
+            Sealer {
+                key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k.0).expect("a 32-byte AES-256 key")),
+                id: k.id(),
+                names: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, names.as_ref()),
+            }
         });
         Arc::new(SealedTarget { inner, sealer, rng: SystemRandom::new() })
     }
@@ -239,6 +257,12 @@ impl TargetStore for SealedTarget {
             None => self.inner.describe(),
         }
     }
+    fn name_segment(&self, name: &str) -> String {
+        match &self.sealer {
+            Some(s) => format!("i{}", hex(&ring::hmac::sign(&s.names, name.as_bytes()).as_ref()[..16])),
+            None => self.inner.name_segment(name),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +276,21 @@ mod tests {
 
     fn local(dir: &Path) -> Target {
         Arc::new(LocalTarget::open(dir.join("t")).unwrap())
+    }
+
+    #[test]
+    fn names_become_ids_that_depend_on_the_key_and_reveal_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw: Target = Arc::new(LocalTarget::open(dir.path()).unwrap());
+        let (a, b) = (SealedTarget::new(raw.clone(), Some(&key(1))), SealedTarget::new(raw.clone(), Some(&key(2))));
+        let id = a.name_segment("payroll");
+        assert_eq!(id, a.name_segment("payroll"), "the same name, the same id: a restore finds it");
+        assert_ne!(id, a.name_segment("payroll2"));
+        assert_ne!(id, b.name_segment("payroll"), "another key, another id");
+        assert!(id.len() == 33 && id.starts_with('i') && id[1..].bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+        super::super::check_key(&format!("vms/{id}/1")).unwrap();
+        // Without a key, names are keys.
+        assert_eq!(SealedTarget::new(raw, None).name_segment("payroll"), "payroll");
     }
 
     #[tokio::test]

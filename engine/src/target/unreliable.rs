@@ -167,6 +167,9 @@ impl TargetStore for UnreliableTarget {
     fn describe(&self) -> String {
         format!("unreliable({})", self.inner.describe())
     }
+    fn name_segment(&self, name: &str) -> String {
+        self.inner.name_segment(name)
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use crate::error::{Error, ErrorClass, Result};
 use crate::host::Host;
 use crate::model::{now_millis, JobKind, JobStatus, PointKind, RecoveryPoint, UnixMillis};
 use crate::replica::hashes::{self, BlockHashes, HashUpdates};
-use crate::replica::manifest::{manifest_key, DiskManifest, Manifest, MANIFEST_FORMAT};
+use crate::replica::manifest::{DiskManifest, Keys, Manifest, MANIFEST_FORMAT};
 use crate::replicate::progress::{self, CopyPurpose, DiskAtSnapshot, ProgressHeader, ProgressJournal};
 use crate::replicate::{self, UploadCtx};
 use crate::resync::{self, ResyncStats};
@@ -642,7 +642,7 @@ impl VmIo {
         };
         // Everything this task read came before this check (module header of the fence).
         self.fence.check(epoch)?;
-        let key = manifest_key(&manifest.vm, manifest.generation, manifest.seq);
+        let key = Keys::new(&*self.host.target, &manifest.vm).manifest(manifest.generation, manifest.seq);
         replicate::put_retrying(&self.host.target, &key, manifest.encode()?.into()).await?;
         let point = RecoveryPoint {
             vm: manifest.vm.clone(),
