@@ -256,7 +256,18 @@ impl VmActor {
                     (None, _) => {}
                     (Some(Reply::Point(tx)), Answer::Point(p)) => drop(tx.send(Ok(p))),
                     (Some(Reply::Point(tx)), a) => drop(tx.send(Err(refused(a)))),
-                    (Some(Reply::Failover(tx)), Answer::FailedOver(seq)) => drop(tx.send(Ok(seq))),
+                    (Some(Reply::Failover(tx)), Answer::FailedOver(seq)) => {
+                        // FailedOver must be stored before anyone acts on it: a
+                        // restart before that would take writes again.
+                        let (mut stored, need) = (self.persisted.clone(), self.version);
+                        self.spawn_detached(async move {
+                            let r = match stored.wait_for(|v| *v >= need).await {
+                                Ok(_) => Ok(seq),
+                                Err(_) => Err(Error::Internal("the VM's state could not be stored".into())),
+                            };
+                            let _ = tx.send(r);
+                        });
+                    }
                     (Some(Reply::Failover(tx)), a) => drop(tx.send(Err(refused(a)))),
                 }
             }
