@@ -147,6 +147,13 @@ impl VmActor {
         }
     }
 
+    /// Names a caller waiting for the core's answer, kept with its reply channel.
+    fn waiter(&mut self, reply: Reply) -> WaiterId {
+        self.next_waiter += 1;
+        self.replies.insert(self.next_waiter, reply);
+        self.next_waiter
+    }
+
     fn name(&self) -> &str {
         &self.rec.spec.name
     }
@@ -426,9 +433,7 @@ impl Handler<ReplicateNow> for VmActor {
     type Result = MessageResult<ReplicateNow>;
     fn handle(&mut self, _: ReplicateNow, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        self.next_waiter += 1;
-        let id = self.next_waiter;
-        self.replies.insert(id, Reply::Point(tx));
+        let id = self.waiter(Reply::Point(tx));
         self.apply(Input::ReplicateNow(id), ctx);
         MessageResult(rx)
     }
@@ -450,9 +455,7 @@ impl Handler<FailOver> for VmActor {
     type Result = MessageResult<FailOver>;
     fn handle(&mut self, msg: FailOver, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        self.next_waiter += 1;
-        let waiter = self.next_waiter;
-        self.replies.insert(waiter, Reply::Failover(tx));
+        let waiter = self.waiter(Reply::Failover(tx));
         self.apply(Input::Failover { waiter, planned: msg.planned, point: msg.point, out_dir: msg.out_dir }, ctx);
         MessageResult(rx)
     }
