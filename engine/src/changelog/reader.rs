@@ -238,11 +238,19 @@ fn classify_tail(
     }
     let mut rbuf = [0u8; RECORD_HEADER_SIZE as usize];
     file.read_exact_at(&mut rbuf, pos)?;
+    // A record that fits in the file but ends in a few bytes that happen to
+    // match the filler at their place (1 in 256 for one byte) is damage,
+    // not a cut: a cut over filler leaves at least `MIN_FILLER_AFTER_CUT`
+    // bytes of it (a false match is 1 in 2^64), and a cut that grew the
+    // file leaves the record running past its end.
+    let filler_after = file_len - data_end;
     let cut_short = decode_record_header(&rbuf).is_ok_and(|rec| {
+        let record_end = pos + RECORD_HEADER_SIZE + rec.len;
         rec.seq == expected_seq
             && rec.kind == RecordKind::Write
             && rec.len <= crate::capture::disk::MAX_IO
-            && pos + RECORD_HEADER_SIZE + rec.len > data_end
+            && record_end > data_end
+            && (record_end > file_len || filler_after >= MIN_FILLER_AFTER_CUT)
     });
     if !cut_short {
         return Ok(Tail::Damaged(why));
@@ -265,6 +273,14 @@ fn classify_tail(
     }
     Ok(Tail::Torn)
 }
+
+/// Fewest bytes of filler a cut over filler leaves after a record that
+/// would otherwise fit in the file (see [`classify_tail`]). A kill cuts a
+/// `pwritev` at a page or a segment, not within 8 bytes of where the
+/// filler ends; should it, the log reads as damaged and the disk resyncs,
+/// which is safe, where a damaged record taken for a cut would be a lost
+/// acknowledged write.
+const MIN_FILLER_AFTER_CUT: u64 = 8;
 
 /// Where the filler of log `log_id` that ends the file starts, searching
 /// back from `file_len` no further than `pos`.
@@ -532,6 +548,34 @@ mod tests {
         let r = recover(&probe).unwrap();
         assert_eq!((r.records.len(), r.torn_bytes, r.tail), (4, 9000, Tail::Filler));
         assert_eq!(std::fs::read(&probe).unwrap(), full);
+    }
+
+    #[test]
+    fn a_damaged_last_record_whose_last_bytes_match_the_filler_is_damage() {
+        // Flaked 1 run in ~256 before: the last payload byte matched the
+        // filler at its place, so the complete record read as cut short.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.hrl");
+        let log_id = 0x5eed_0f_f111e4_u64;
+        let payload_at = HEADER_SIZE + RECORD_HEADER_SIZE;
+        for matching in [1usize, 7] {
+            let mut payload = vec![3u8; 100];
+            let tail_at = payload_at + 100 - matching as u64;
+            payload[100 - matching..]
+                .copy_from_slice(&crate::changelog::format::filler_bytes(log_id, tail_at, matching));
+            let mut w =
+                LogWriter::create(&path, &LogHeader { log_id, ..LogHeader::new("vm-a", "disk-0", 1, 0, 5) }).unwrap();
+            w.append_write(0, &payload).unwrap();
+            let end = w.len();
+            drop(w);
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes.truncate(end as usize);
+            bytes[payload_at as usize + 10] ^= 1;
+            std::fs::write(&path, &bytes).unwrap();
+            let s = scan(&path).unwrap();
+            assert!(matches!(s.tail, Tail::Damaged(_)), "{matching} matching bytes: {:?}", s.tail);
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 
     #[test]
