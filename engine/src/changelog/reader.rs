@@ -238,19 +238,11 @@ fn classify_tail(
     }
     let mut rbuf = [0u8; RECORD_HEADER_SIZE as usize];
     file.read_exact_at(&mut rbuf, pos)?;
-    // A record that fits in the file but ends in a few bytes that happen to
-    // match the filler at their place (1 in 256 for one byte) is damage,
-    // not a cut: a cut over filler leaves at least `MIN_FILLER_AFTER_CUT`
-    // bytes of it (a false match is 1 in 2^64), and a cut that grew the
-    // file leaves the record running past its end.
-    let filler_after = file_len - data_end;
     let cut_short = decode_record_header(&rbuf).is_ok_and(|rec| {
-        let record_end = pos + RECORD_HEADER_SIZE + rec.len;
         rec.seq == expected_seq
             && rec.kind == RecordKind::Write
             && rec.len <= crate::capture::disk::MAX_IO
-            && record_end > data_end
-            && (record_end > file_len || filler_after >= MIN_FILLER_AFTER_CUT)
+            && pos + RECORD_HEADER_SIZE + rec.len > data_end
     });
     if !cut_short {
         return Ok(Tail::Damaged(why));
@@ -274,16 +266,19 @@ fn classify_tail(
     Ok(Tail::Torn)
 }
 
-/// Fewest bytes of filler a cut over filler leaves after a record that
-/// would otherwise fit in the file (see [`classify_tail`]). A kill cuts a
-/// `pwritev` at a page or a segment, not within 8 bytes of where the
-/// filler ends; should it, the log reads as damaged and the disk resyncs,
-/// which is safe, where a damaged record taken for a cut would be a lost
-/// acknowledged write.
-const MIN_FILLER_AFTER_CUT: u64 = 8;
+/// Fewest bytes that count as filler at the end of a file. Bytes of a
+/// record (or garbage) match the filler at their place by chance, 1 in 256
+/// for one byte: counted as filler, a complete record damaged in its
+/// middle would read as cut short and be dropped, a lost acknowledged
+/// write. A run of 8 matches by chance 1 in 2^64. A real filler run is
+/// shorter only where a filler write, or a record write over the filler,
+/// was cut within 8 bytes of the filler's end; that log reads as damaged
+/// or torn and at worst resyncs, which is safe.
+const MIN_FILLER_RUN: u64 = 8;
 
 /// Where the filler of log `log_id` that ends the file starts, searching
-/// back from `file_len` no further than `pos`.
+/// back from `file_len` no further than `pos`; `file_len` when fewer than
+/// [`MIN_FILLER_RUN`] bytes of it end the file.
 fn filler_start(file: &File, log_id: u64, pos: u64, file_len: u64) -> std::io::Result<u64> {
     let mut buf = vec![0u8; READ_BUFFER_SIZE];
     let mut want = vec![0u8; READ_BUFFER_SIZE];
@@ -294,11 +289,12 @@ fn filler_start(file: &File, log_id: u64, pos: u64, file_len: u64) -> std::io::R
         file.read_exact_at(&mut buf[..n], from)?;
         super::format::fill_at(log_id, from, &mut want[..n]);
         if let Some(last) = buf[..n].iter().zip(&want[..n]).rposition(|(b, w)| b != w) {
-            return Ok(from + last as u64 + 1);
+            let start = from + last as u64 + 1;
+            return Ok(if file_len - start < MIN_FILLER_RUN { file_len } else { start });
         }
         end = from;
     }
-    Ok(pos)
+    Ok(if file_len - pos < MIN_FILLER_RUN { file_len } else { pos })
 }
 
 #[cfg(test)]
@@ -340,8 +336,16 @@ mod tests {
         }
     }
 
+    /// The log id of every test log: a random one (as the writer makes)
+    /// makes the filler match the test's bytes by chance, 1 in 256 per
+    /// byte, and a cut then reads one byte longer than it is. Those chance
+    /// matches have a test of their own
+    /// (`a_damaged_last_record_whose_last_bytes_match_the_filler_is_damage`).
+    const TEST_LOG_ID: u64 = 0x0123_4567_89ab_cdef;
+
     fn write_log(path: &Path, ops: &[Op]) -> LogWriter {
-        let mut w = LogWriter::create(path, &LogHeader::new("vm-a", "disk-0", 1, 0, 5)).unwrap();
+        let header = LogHeader { log_id: TEST_LOG_ID, ..LogHeader::new("vm-a", "disk-0", 1, 0, 5) };
+        let mut w = LogWriter::create(path, &header).unwrap();
         for op in ops {
             match op {
                 Op::Write(off, data) => w.append_write(*off, data).unwrap(),
@@ -556,7 +560,7 @@ mod tests {
         // filler at its place, so the complete record read as cut short.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.hrl");
-        let log_id = 0x5eed_0f_f111e4_u64;
+        let log_id = TEST_LOG_ID;
         let payload_at = HEADER_SIZE + RECORD_HEADER_SIZE;
         for matching in [1usize, 7] {
             let mut payload = vec![3u8; 100];
@@ -574,6 +578,19 @@ mod tests {
             std::fs::write(&path, &bytes).unwrap();
             let s = scan(&path).unwrap();
             assert!(matches!(s.tail, Tail::Damaged(_)), "{matching} matching bytes: {:?}", s.tail);
+            // 40 bytes of garbage after the records, ending in bytes that
+            // match the filler: damage, not a record header cut short.
+            bytes[payload_at as usize + 10] ^= 1;
+            let garbage_at = bytes.len() as u64;
+            let mut garbage = vec![0xAB; 40];
+            garbage[40 - matching..].copy_from_slice(&crate::changelog::format::filler_bytes(
+                log_id,
+                garbage_at + 40 - matching as u64,
+                matching,
+            ));
+            std::fs::write(&path, [bytes, garbage].concat()).unwrap();
+            let s = scan(&path).unwrap();
+            assert!(matches!(s.tail, Tail::Damaged(_)), "garbage, {matching} matching: {:?}", s.tail);
             std::fs::remove_file(&path).unwrap();
         }
     }
@@ -606,7 +623,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, _) = unclean_log(dir.path(), 2);
         let b = dir.path().join("b.hrl");
-        drop(write_log(&b, &[]));
+        drop(LogWriter::create(
+            &b,
+            &LogHeader { log_id: TEST_LOG_ID ^ 1, ..LogHeader::new("vm-a", "disk-0", 1, 0, 5) },
+        ));
         // Graft a's records onto b's header (same vm/disk, different log_id).
         let mut bytes = std::fs::read(&b).unwrap();
         bytes.extend_from_slice(&std::fs::read(&a).unwrap()[HEADER_SIZE as usize..]);
