@@ -4,6 +4,7 @@
 //! actors need an arbiter; the caller's tokio runtime runs the I/O tasks)
 //! and resumes every VM found in the state store.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,6 +39,29 @@ pub struct Engine {
     host: Arc<Host>,
     supervisor: Addr<Supervisor>,
     system: std::sync::Mutex<Option<(actix_rt::System, std::thread::JoinHandle<()>)>>,
+    /// One lock per VM name (one entry per name ever used), held by
+    /// protect, unprotect and failover: each
+    /// reads the VM's record, decides, then changes the record, the actor
+    /// and the files beside the disks, so two at once could undo each other
+    /// (an unprotect deleting what a protect just made).
+    vm_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held by protect from its disk check to its record: two VMs never
+    /// protect one disk.
+    membership: tokio::sync::Mutex<()>,
+    /// Output folders a restore is writing into now.
+    outputs: Arc<std::sync::Mutex<HashSet<PathBuf>>>,
+}
+
+/// An output folder claimed by one restore until it is dropped.
+struct OutputClaim {
+    outputs: Arc<std::sync::Mutex<HashSet<PathBuf>>>,
+    dir: PathBuf,
+}
+
+impl Drop for OutputClaim {
+    fn drop(&mut self) {
+        self.outputs.lock().expect("outputs lock").remove(&self.dir);
+    }
 }
 
 fn mailbox<T>(r: std::result::Result<T, MailboxError>) -> Result<T> {
@@ -76,7 +100,11 @@ impl Engine {
             }
         };
         let mut target: Target = match config.target() {
-            TargetConfig::Local { path } => Arc::new(LocalTarget::open(path)?),
+            TargetConfig::Local { path } => {
+                let local = LocalTarget::open(path)?;
+                local.adopt_unhosted_replicas(&config.resolve_host_id()?)?;
+                Arc::new(local)
+            }
             TargetConfig::Blob { url, options, create } => {
                 Arc::new(BlobTarget::open(&url.parse()?, &options, create).await?)
             }
@@ -117,7 +145,14 @@ impl Engine {
             })
             .map_err(|e| Error::io("start actor thread", e))?;
         let (supervisor, system) = rx.recv().map_err(|_| Error::Internal("actor system did not start".into()))?;
-        let engine = Engine { host, supervisor, system: std::sync::Mutex::new(Some((system, thread))) };
+        let engine = Engine {
+            host,
+            supervisor,
+            system: std::sync::Mutex::new(Some((system, thread))),
+            vm_locks: Default::default(),
+            membership: Default::default(),
+            outputs: Default::default(),
+        };
         engine.resume_all().await?;
         Ok(engine)
     }
@@ -159,7 +194,11 @@ impl Engine {
     }
 
     /// Starts protecting a VM: validates it, opens its disks, records it and
-    /// starts initial replication. Nothing is created when it fails.
+    /// starts initial replication. Nothing is created when it fails. A VM
+    /// that is `FailedOver` is protected anew: its earlier protection ends
+    /// first (as by unprotect; its replica is kept), once the new disks
+    /// are found and free, so it is gone even if the new protection then
+    /// fails.
     pub async fn protect(&self, mut spec: VmSpec) -> Result<VmInfo> {
         spec.validate()?;
         for d in &mut spec.disks {
@@ -170,19 +209,18 @@ impl Engine {
             crate::capture::disk::open_image(&d.path)?;
         }
         spec.validate()?; // again: two spellings of one file are now the same path
-                          // A VM that failed over is protected anew (its old replica is kept,
-                          // as after unprotect): typically from the disks it failed over to.
-        let (state, n) = (self.host.state.clone(), spec.name.clone());
-        if blocking(move || state.get_vm(&n)).await?.is_some_and(|r| r.lifecycle.state == VmState::FailedOver) {
-            tracing::info!(vm = %spec.name, "protecting a failed-over VM again: its earlier protection ends");
-            self.unprotect(&spec.name).await?;
-        }
+        let _vm = self.lock_vm(&spec.name).await;
+        let _membership = self.membership.lock().await;
         let (state, s) = (self.host.state.clone(), spec.clone());
-        blocking(move || {
-            if state.get_vm(&s.name)?.is_some() {
-                return Err(Error::AlreadyExists { what: "VM", name: s.name.clone() });
-            }
-            for other in state.list_vms()? {
+        let replaces_failed_over = blocking(move || {
+            // A VM that failed over is protected anew (its old replica is kept,
+            // as after unprotect): typically from the disks it failed over to.
+            let replaces = match state.get_vm(&s.name)? {
+                Some(r) if r.lifecycle.state == VmState::FailedOver => true,
+                Some(_) => return Err(Error::AlreadyExists { what: "VM", name: s.name.clone() }),
+                None => false,
+            };
+            for other in state.list_vms()?.into_iter().filter(|o| !(replaces && o.spec.name == s.name)) {
                 for d in &s.disks {
                     if other.spec.disks.iter().any(|o| o.path == d.path) {
                         return Err(Error::AlreadyExists {
@@ -192,9 +230,13 @@ impl Engine {
                     }
                 }
             }
-            Ok(())
+            Ok(replaces)
         })
         .await?;
+        if replaces_failed_over {
+            tracing::info!(vm = %spec.name, "protecting a failed-over VM again: its earlier protection ends");
+            self.unprotect_locked(&spec.name).await?;
+        }
         let rec = VmRecord {
             spec: spec.clone(),
             generation: now_millis(),
@@ -202,6 +244,7 @@ impl Engine {
             last_point_seq: 0,
             protected_since_ms: 0,
             key_id: self.host.config.encryption_key.as_ref().map(|k| k.id_hex()),
+            failover_restored: Vec::new(),
         };
         let (mut r, dd, now) = (rec.clone(), self.host.config.data_dir.clone(), self.host.clock.now_ms());
         let opened = match blocking(move || vm::open_vm(&mut r, &dd, now)).await {
@@ -232,6 +275,12 @@ impl Engine {
     /// target is kept (it can still be restored with the target's tools).
     pub async fn unprotect(&self, name: &str) -> Result<()> {
         crate::model::validate_name("vm name", name)?;
+        let _vm = self.lock_vm(name).await;
+        self.unprotect_locked(name).await
+    }
+
+    /// [`Engine::unprotect`], under the VM's lock.
+    async fn unprotect_locked(&self, name: &str) -> Result<()> {
         match mailbox(self.supervisor.send(StopVm { name: name.to_string(), unprotect: true }).await)? {
             // Known but not running (its disks could not be opened): only its record goes.
             Err(Error::NotFound { .. }) => {
@@ -369,9 +418,8 @@ impl Engine {
     /// `<out_dir>/<disk>.img` while replication keeps running. Returns the job.
     pub async fn test_failover(&self, vm: &str, point: PointSelector, out_dir: &Path) -> Result<JobId> {
         let (rec, point) = self.resolve_point(vm, point).await?;
-        let out_dir = absolute(out_dir)?;
-        let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
-        self.start_restore_job(JobKind::TestFailover, rec, point, out_dir).await
+        let claim = self.claim_output(&rec, out_dir).await?;
+        self.start_restore_job(JobKind::TestFailover, rec, point, claim).await
     }
 
     /// Fails a VM over into `out_dir` and returns the restore's job.
@@ -395,10 +443,11 @@ impl Engine {
             ));
         }
         crate::model::validate_name("vm name", vm)?;
+        let _vm = self.lock_vm(vm).await;
         let (state, n) = (self.host.state.clone(), vm.to_string());
         let rec = blocking(move || state.get_vm(&n)?.ok_or_else(|| Error::not_found("VM", n))).await?;
-        let out_dir = absolute(out_dir)?;
-        let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
+        let claim = self.claim_output(&rec, out_dir).await?;
+        let out_dir = claim.dir.clone();
         let chosen = match (planned, point) {
             (false, PointSelector::Seq(_)) => Some(self.resolve_point(vm, point).await?.1.seq),
             _ => None,
@@ -426,7 +475,7 @@ impl Engine {
         };
         let (rec, point) = self.resolve_point(vm, PointSelector::Seq(seq)).await?;
         tracing::info!(vm, point = seq, planned, out = %out_dir.display(), "failed over; restoring");
-        self.start_restore_job(JobKind::Failover, rec, point, out_dir).await
+        self.start_restore_job(JobKind::Failover, rec, point, claim).await
     }
 
     /// Restores `point` into `out_dir` as a job (test failover, failover).
@@ -435,8 +484,9 @@ impl Engine {
         kind: JobKind,
         rec: VmRecord,
         point: RecoveryPoint,
-        out_dir: PathBuf,
+        claim: OutputClaim,
     ) -> Result<JobId> {
+        let out_dir = claim.dir.clone();
         let (host, name) = (self.host.clone(), rec.spec.name.clone());
         let detail = format!("recovery point {} -> {}", point.seq, out_dir.display());
         let total = point.bytes_logical;
@@ -460,6 +510,28 @@ impl Engine {
                 job.total.clone(),
             )
             .await;
+            // The failed-over VM may run from these disks from now on: no
+            // other restore may write there (`claim_output`). Recorded before
+            // the claim is let go.
+            let r = match r {
+                Ok(disks) if kind == JobKind::Failover => {
+                    let (state, vm, generation, dir) =
+                        (host.state.clone(), rec.spec.name.clone(), rec.generation, out_dir.clone());
+                    let recorded = blocking(move || {
+                        state.update_vm(&vm, |r| {
+                            if r.generation == generation && !r.failover_restored.contains(&dir) {
+                                r.failover_restored.push(dir);
+                            }
+                        })
+                    })
+                    .await;
+                    recorded.map(|_| disks).map_err(|e| {
+                        Error::Internal(format!("restored, but the failover folder could not be recorded: {e}"))
+                    })
+                }
+                r => r,
+            };
+            drop(claim);
             report_damage(&supervisor, &rec.spec.name, &r).await;
             job.done.store(job.total.load(Ordering::Relaxed).max(job.done.load(Ordering::Relaxed)), Ordering::Relaxed);
             let outcome = match r {
@@ -482,8 +554,8 @@ impl Engine {
     /// Restores a point and waits for it (the embedded form of test failover).
     pub async fn restore(&self, vm: &str, point: PointSelector, out_dir: &Path) -> Result<Vec<RestoredDisk>> {
         let (rec, point) = self.resolve_point(vm, point).await?;
-        let out_dir = absolute(out_dir)?;
-        let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
+        let claim = self.claim_output(&rec, out_dir).await?;
+        let out_dir = claim.dir.clone();
         let r = restore::restore_point(
             &self.host.target,
             vm,
@@ -502,6 +574,40 @@ impl Engine {
         .await;
         report_damage(&self.supervisor, vm, &r).await;
         r
+    }
+
+    async fn lock_vm(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.vm_locks.lock().expect("vm locks").entry(name.to_string()).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Resolves a restore's output folder, checks that nothing live is
+    /// there, and claims it for this restore. Refused: a folder where an
+    /// image would replace a protected disk; a folder another restore is
+    /// writing into; a folder a `FailedOver` VM's disks were restored
+    /// into (the VM may run from them). A failover whose restore failed
+    /// may be tried again into its folder.
+    async fn claim_output(&self, rec: &VmRecord, out_dir: &Path) -> Result<OutputClaim> {
+        let out_dir = absolute(out_dir)?;
+        let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
+        let state = self.host.state.clone();
+        let vms = blocking(move || state.list_vms()).await?;
+        for v in vms.iter().filter(|v| v.lifecycle.state == VmState::FailedOver) {
+            if v.failover_restored.contains(&out_dir) {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds the disks VM {} failed over to: restore into another folder",
+                    out_dir.display(),
+                    v.spec.name,
+                )));
+            }
+        }
+        if !self.outputs.lock().expect("outputs lock").insert(out_dir.clone()) {
+            return Err(Error::FailedPrecondition(format!(
+                "a restore is already writing into {}: wait for it, or choose another folder",
+                out_dir.display()
+            )));
+        }
+        Ok(OutputClaim { outputs: self.outputs.clone(), dir: out_dir })
     }
 
     /// Every disk path of every protected VM.

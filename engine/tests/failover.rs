@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ferry_engine::lifecycle::VmState;
 use ferry_engine::model::{JobKind, JobStatus};
-use ferry_engine::{Engine, PointSelector};
+use ferry_engine::{DiskSpec, Engine, PointSelector, VmSpec};
 use support::*;
 
 const MIB: u64 = 1 << 20;
@@ -136,4 +136,97 @@ async fn a_planned_failover_of_a_vm_that_is_not_protected_is_refused_and_writes_
     assert_eq!(engine.vm("vm").await.unwrap().state, VmState::Protected);
     engine.write("vm", "a", 0, random_bytes(4096, 13)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(60), engine.shutdown()).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_folder_a_restore_writes_into_or_a_failed_over_vm_lives_in_is_refused_to_every_other_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, w) = (random_disk(tmp.path(), "a", MIB, 14), random_disk(tmp.path(), "w", 4 * MIB, 15));
+    let engine = open_engine(config(tmp.path())).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    protect(&engine, "w", &[&w]).await;
+    let out = tmp.path().join("dr");
+    failover(&engine, "vm", PointSelector::Latest, &out, false).await;
+    // The failed-over VM may run from `dr` now: nothing else is restored there.
+    let refusals = [
+        engine.test_failover("vm", PointSelector::Latest, &out).await.map(drop),
+        engine.failover("vm", PointSelector::Latest, &out, false).await.map(drop),
+        engine.restore("vm", PointSelector::Latest, &out).await.map(drop),
+        engine.test_failover("w", PointSelector::Latest, &out).await.map(drop),
+    ];
+    for r in refusals {
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("holds the disks VM vm failed over to"), "{e}");
+    }
+    let image = std::fs::read(out.join("a.img")).unwrap();
+    assert_eq!(image, std::fs::read(&a).unwrap());
+    // Failed over again elsewhere: both folders stay guarded.
+    let elsewhere = tmp.path().join("elsewhere");
+    failover(&engine, "vm", PointSelector::Latest, &elsewhere, false).await;
+    for dir in [&out, &elsewhere] {
+        let e = engine.test_failover("vm", PointSelector::Latest, dir).await.unwrap_err();
+        assert!(e.to_string().contains("holds the disks VM vm failed over to"), "{e}");
+    }
+
+    // A restore under way holds its folder until its job ends.
+    engine.set_faults(ferry_engine::target::unreliable::Faults { latency_ms: 100, ..Default::default() }).unwrap();
+    let busy = tmp.path().join("busy");
+    let first = engine.test_failover("w", PointSelector::Latest, &busy).await.unwrap();
+    let e = engine.test_failover("w", PointSelector::Latest, &busy).await.unwrap_err();
+    assert!(e.to_string().contains("already writing into"), "{e}");
+    let e = engine.failover("w", PointSelector::Latest, &busy, false).await.unwrap_err();
+    assert!(e.to_string().contains("already writing into"), "{e}");
+    assert_eq!(engine.vm("w").await.unwrap().state, VmState::Protected, "a refused failover changes nothing");
+    assert_eq!(engine.wait_job(first).await.unwrap().status, JobStatus::Succeeded);
+    engine.set_faults(ferry_engine::target::unreliable::Faults::default()).unwrap();
+    let again = engine.test_failover("w", PointSelector::Latest, &busy).await.unwrap();
+    assert_eq!(engine.wait_job(again).await.unwrap().status, JobStatus::Succeeded);
+    assert_eq!(std::fs::read(busy.join("w.img")).unwrap(), std::fs::read(&w).unwrap());
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_unprotects_and_protects_of_one_vm_leave_one_consistent_outcome() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = random_disk(tmp.path(), "a", MIB, 16);
+    let engine = std::sync::Arc::new(open_engine(config(tmp.path())).await.unwrap());
+    for round in 0..4u64 {
+        protect(&engine, "vm", &[&a]).await;
+        if round % 2 == 1 {
+            // Protect over a failed-over VM unprotects it first.
+            failover(&engine, "vm", PointSelector::Latest, &tmp.path().join(format!("dr{round}")), false).await;
+        }
+        // Two unprotects and a protect of the same VM at once.
+        let (e1, e2, e3) = (engine.clone(), engine.clone(), engine.clone());
+        let spec = VmSpec::new("vm", vec![DiskSpec { name: "a".into(), path: a.clone() }])
+            .with_frequency(Duration::from_secs(3600));
+        let u1 = tokio::spawn(async move { e1.unprotect("vm").await });
+        let u2 = tokio::spawn(async move { e2.unprotect("vm").await });
+        let p = tokio::spawn(async move { e3.protect(spec).await });
+        let (u1, u2, p) = (u1.await.unwrap(), u2.await.unwrap(), p.await.unwrap());
+        assert!(u1.is_ok() || u2.is_ok(), "round {round}: {u1:?} {u2:?}");
+        for e in [u1.err(), u2.err()].into_iter().flatten() {
+            assert!(e.to_string().contains("not found"), "round {round}: {e}");
+        }
+        if let Err(e) = &p {
+            assert!(e.to_string().contains("already exists"), "round {round}: {e}");
+        }
+        // Whatever the order, the VM is either gone with nothing left beside
+        // its disk, or whole: protected, replicating, and unprotected cleanly.
+        if engine.vm("vm").await.is_ok() {
+            engine.wait_protected("vm", Duration::from_secs(60)).await.unwrap();
+            engine.write("vm", "a", 0, random_bytes(4096, 20 + round)).await.unwrap();
+            replicate(&engine, "vm").await;
+            engine.unprotect("vm").await.unwrap();
+        }
+        assert!(engine.vm("vm").await.is_err(), "round {round}: gone");
+        // No job of a stopped VM is left running (its tasks were cancelled).
+        eventually("the stopped VM's jobs to end", Duration::from_secs(10), || async {
+            engine.jobs().await.unwrap().iter().all(|j| j.status != JobStatus::Running).then_some(())
+        })
+        .await;
+        let logs = ferry_engine::changelog::list_logs(&a).unwrap();
+        assert!(logs.is_empty(), "round {round}: logs left beside the disk: {logs:?}");
+    }
+    engine.shutdown().await.unwrap();
 }

@@ -540,3 +540,35 @@ async fn a_crash_mid_resync_whose_progress_no_longer_fits_runs_the_resync_again(
         engine.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_of_the_layout_before_host_ids_are_moved_into_the_hosts_folder_and_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = random_disk(tmp.path(), "a", 2 << 20, 40);
+    let engine = open_engine(config(tmp.path())).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    engine.write("vm", "a", 0, random_bytes(8192, 41)).await.unwrap();
+    replicate(&engine, "vm").await;
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    // What a daemon before host ids left: `<target>/vms/...`, no `hosts/`.
+    let target = tmp.path().join("data").join("target");
+    std::fs::rename(target_root(tmp.path()).join("vms"), target.join("vms")).unwrap();
+    std::fs::remove_dir_all(target.join("hosts")).unwrap();
+
+    let engine = open_engine(config(tmp.path())).await.unwrap();
+    assert!(!target.join("vms").exists(), "moved");
+    assert!(target_root(tmp.path()).join("vms").is_dir());
+    assert_eq!(engine.vm("vm").await.unwrap().state, VmState::Protected);
+    engine.write("vm", "a", 4096, random_bytes(4096, 42)).await.unwrap();
+    replicate(&engine, "vm").await;
+    assert_latest_equals_sources(&engine, "vm", &[&a], &tmp.path().join("out")).await;
+    engine.shutdown().await.unwrap();
+    drop(engine);
+
+    // With replicas in the host's folder already, an old-layout folder is left alone.
+    std::fs::create_dir_all(target.join("vms").join("other")).unwrap();
+    let local = LocalTarget::open(&target).unwrap();
+    assert!(!local.adopt_unhosted_replicas(HOST_ID).unwrap());
+    assert!(target.join("vms").join("other").is_dir() && target_root(tmp.path()).join("vms").is_dir());
+}

@@ -45,6 +45,11 @@ pub struct VmRecord {
     /// none, or one where there was none) refuses to go on with it.
     #[serde(default)]
     pub key_id: Option<String>,
+    /// Folders this VM's failovers restored its disks into (the VM may run
+    /// from any of them): no other restore writes there while the record
+    /// lasts. Written by the failover's job, never by the actor.
+    #[serde(default)]
+    pub failover_restored: Vec<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -263,6 +268,7 @@ mod tests {
             last_point_seq: 0,
             protected_since_ms: 0,
             key_id: None,
+            failover_restored: Vec::new(),
         }
     }
 

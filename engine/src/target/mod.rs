@@ -96,6 +96,34 @@ impl LocalTarget {
         &self.root
     }
 
+    /// Moves replicas of the layout before host ids (`<root>/vms/...`,
+    /// written by one daemon into its own folder) to where `host_id`'s
+    /// daemon finds them (`<root>/hosts/<host_id>/vms/...`): one rename,
+    /// made durable. Returns whether it moved anything. Nothing moves if
+    /// the host's folder already holds replicas (a second host's, or a
+    /// copy): both stay, and a warning names them.
+    pub fn adopt_unhosted_replicas(&self, host_id: &str) -> Result<bool> {
+        let old = self.root.join("vms");
+        if !old.is_dir() {
+            return Ok(false);
+        }
+        let host = self.root.join(host_prefix(host_id));
+        let new = host.join("vms");
+        if new.exists() {
+            tracing::warn!(old = %old.display(), new = %new.display(),
+                "replicas of the layout before host ids are left where they are: this host already has replicas");
+            return Ok(false);
+        }
+        let ctx = |what: &str| format!("{what} (moving {} to {})", old.display(), new.display());
+        crate::paths::create_private_dirs(&host).map_err(|e| Error::io(ctx("create the host folder"), e))?;
+        std::fs::rename(&old, &new).map_err(|e| Error::io(ctx("rename"), e))?;
+        for dir in [&host, &self.root, &self.root.join("hosts")] {
+            sync_dir(dir).map_err(|e| Error::io(ctx(&format!("sync {}", dir.display())), e))?;
+        }
+        tracing::info!(from = %old.display(), to = %new.display(), "moved replicas into this host's folder");
+        Ok(true)
+    }
+
     fn path(&self, key: &str) -> Result<PathBuf> {
         check_key(key)?;
         Ok(self.root.join(key))

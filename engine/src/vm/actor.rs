@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
@@ -88,6 +89,8 @@ pub struct VmActor {
     version: u64,
     /// The number of the latest lifecycle the writer has stored.
     persisted: tokio::sync::watch::Receiver<u64>,
+    /// Why the writer could not store the latest lifecycle, while it retries.
+    store_error: Arc<std::sync::Mutex<Option<String>>>,
     replies: HashMap<WaiterId, Reply>,
     next_waiter: WaiterId,
     retry_timer: Option<SpawnHandle>,
@@ -99,23 +102,54 @@ impl VmActor {
     pub fn new(host: Arc<Host>, rec: VmRecord, opened: OpenedDisks) -> Self {
         let (persist, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Lifecycle)>();
         let (stored, persisted) = tokio::sync::watch::channel(0u64);
-        let (state, name) = (host.state.clone(), rec.spec.name.clone());
+        let (state, name, generation) = (host.state.clone(), rec.spec.name.clone(), rec.generation);
+        let store_error = Arc::new(std::sync::Mutex::new(None::<String>));
+        let last_error = store_error.clone();
         host.runtime.spawn(async move {
+            let mut failed = 0u32;
             while let Some(mut latest) = rx.recv().await {
-                while let Ok(newer) = rx.try_recv() {
-                    latest = newer; // only the latest matters
-                }
-                let (version, lc) = latest;
-                let (state, n) = (state.clone(), name.clone());
-                let r = blocking(move || state.update_vm(&n, |r| r.lifecycle = lc)).await;
-                match r {
-                    // Only a stored state may be waited for: a resync or a
-                    // discard that went ahead on an unstored one could leave a
-                    // restart trusting a chain they changed.
-                    Ok(_) => {
-                        stored.send_replace(version);
+                loop {
+                    while let Ok(newer) = rx.try_recv() {
+                        latest = newer; // only the latest matters
                     }
-                    Err(e) => tracing::warn!(vm = %name, error = %e, "could not persist VM state"),
+                    let (version, lc) = latest.clone();
+                    let (state, n) = (state.clone(), name.clone());
+                    // Only into this protection's record: after an unprotect
+                    // and a new protect the name is another record's.
+                    let store = move || {
+                        state.update_vm(&n, |r| {
+                            if r.generation == generation {
+                                r.lifecycle = lc
+                            }
+                        })
+                    };
+                    match blocking(store).await {
+                        // Only a stored state may be waited for: a resync or a
+                        // discard that went ahead on an unstored one could leave a
+                        // restart trusting a chain they changed.
+                        Ok(_) => {
+                            failed = 0;
+                            *last_error.lock().expect("store error lock") = None;
+                            stored.send_replace(version);
+                            break;
+                        }
+                        // Unprotected meanwhile: nothing to store into.
+                        Err(Error::NotFound { .. }) => break,
+                        // The store is the daemon's own (a full or failing data
+                        // folder): retried until it takes the state, 0.1 s to 5 s apart.
+                        Err(e) => {
+                            if failed == 0 {
+                                tracing::error!(vm = %name, error = %e, "could not store the VM's state; retrying");
+                            }
+                            *last_error.lock().expect("store error lock") = Some(e.to_string());
+                            let wait = Duration::from_millis(100u64 << failed.min(6)).min(Duration::from_secs(5));
+                            failed += 1;
+                            tokio::time::sleep(wait).await;
+                            if rx.is_closed() && rx.is_empty() && stored.is_closed() {
+                                break; // the actor is gone and nobody waits
+                            }
+                        }
+                    }
                 }
             }
         });
@@ -140,6 +174,7 @@ impl VmActor {
             persist,
             version: 0,
             persisted,
+            store_error,
             replies: HashMap::new(),
             next_waiter: 0,
             retry_timer: None,
@@ -267,10 +302,19 @@ impl VmActor {
                         // FailedOver must be stored before anyone acts on it: a
                         // restart before that would take writes again.
                         let (mut stored, need) = (self.persisted.clone(), self.version);
+                        let store_error = self.store_error.clone();
                         self.spawn_detached(async move {
-                            let r = match stored.wait_for(|v| *v >= need).await {
-                                Ok(_) => Ok(seq),
-                                Err(_) => Err(Error::Internal("the VM's state could not be stored".into())),
+                            let waited = tokio::time::timeout(STORE_WAIT, stored.wait_for(|v| *v >= need)).await;
+                            let r = match waited {
+                                Ok(Ok(_)) => Ok(seq),
+                                Ok(Err(_)) => {
+                                    Err(Error::Cancelled("the VM stopped before its state was stored".into()))
+                                }
+                                Err(_) => Err(Error::FailedPrecondition(format!(
+                                    "the failover to point {seq} is not stored yet ({}); writes stay stopped, \
+                                     and it is stored as soon as the state store takes it",
+                                    store_error.lock().expect("store error lock").as_deref().unwrap_or("no error yet")
+                                ))),
                             };
                             let _ = tx.send(r);
                         });
@@ -423,6 +467,10 @@ impl Handler<GetInfo> for VmActor {
     }
 }
 
+/// How long a failover's caller waits for FailedOver to be stored before
+/// it is told that it is not yet (the writer keeps retrying).
+const STORE_WAIT: Duration = Duration::from_secs(30);
+
 /// Asks for a recovery point that includes every write acknowledged before
 /// this message; the receiver fires when it is committed (`None`: nothing to ship).
 #[derive(Message)]
@@ -469,6 +517,9 @@ pub struct Operator(pub Event);
 impl Handler<Operator> for VmActor {
     type Result = Result<VmInfo>;
     fn handle(&mut self, msg: Operator, ctx: &mut Context<Self>) -> Self::Result {
+        if self.core.is_stopping() {
+            return Err(Error::FailedPrecondition(format!("VM {} is stopping", self.name())));
+        }
         let before = self.core.state();
         let input = match &msg.0 {
             Event::Pause => Input::Pause,
@@ -509,7 +560,27 @@ impl Handler<Stop> for VmActor {
             _ => Close::Seal,
         };
         let (disks, fence, epoch) = (self.io.disks.clone(), self.io.fence.clone(), self.core.epoch());
-        let fut = blocking(move || fence.change(epoch, || close_disks(&disks, close)));
+        let (mut stored, need, store_error) = (self.persisted.clone(), self.version, self.store_error.clone());
+        let fut = async move {
+            let closed = blocking(move || fence.change(epoch, || close_disks(&disks, close))).await;
+            if close == Close::Unprotect {
+                return closed; // the record goes too
+            }
+            // A restart must find the state the VM stopped in (FailedOver
+            // above all: stored late, a restart would take writes again).
+            let stored = match tokio::time::timeout(STORE_WAIT, stored.wait_for(|v| *v >= need)).await {
+                Ok(_) => Ok(()),
+                Err(_) => Err(Error::FailedPrecondition(format!(
+                    "VM stopped, but its last state is not stored: {}",
+                    store_error
+                        .lock()
+                        .expect("store error lock")
+                        .as_deref()
+                        .unwrap_or("the state store does not answer")
+                ))),
+            };
+            closed.and(stored)
+        };
         Box::pin(fut.into_actor(self).map(|r, _act, ctx| {
             ctx.stop();
             r

@@ -279,6 +279,9 @@ pub struct VmCore {
     final_cycle: Option<(WaiterId, PathBuf)>,
     /// Whether the last write command sent was StopWrites.
     writes_stopped: bool,
+    /// A Stop was handled: the actor is closing its disks, and nothing new
+    /// starts (no cycle, retry or resync; callers are refused).
+    stopping: bool,
 }
 
 impl VmCore {
@@ -304,6 +307,7 @@ impl VmCore {
             waiting: Vec::new(),
             final_cycle: None,
             writes_stopped,
+            stopping: false,
         }
     }
 
@@ -313,6 +317,11 @@ impl VmCore {
 
     pub fn state(&self) -> VmState {
         self.lifecycle.state
+    }
+
+    /// A Stop was handled: the actor is closing its disks.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping
     }
 
     pub fn last_point(&self) -> u64 {
@@ -353,6 +362,21 @@ impl VmCore {
 
     fn handle(&mut self, input: Input, now: UnixMillis) -> Vec<Command> {
         let mut out = Vec::new();
+        if self.stopping {
+            // Task results are dropped with their epoch (the Stop superseded them).
+            match input {
+                Input::ReplicateNow(waiter) | Input::Failover { waiter, .. } => {
+                    out.push(Command::Answer { waiter, answer: Answer::Refused("the VM is stopping".into()) })
+                }
+                // A damaged replica leaves no trace but this: the state is
+                // kept for the restart (nothing runs now).
+                Input::NeedsResync { reason } if self.lifecycle.state != VmState::FailedOver => {
+                    let _ = self.lifecycle.on_event(Event::ResyncNeeded { reason }, now);
+                }
+                _ => {}
+            }
+            return out;
+        }
         match input {
             Input::Start(start) => self.start(start, now, &mut out),
             Input::Tick => {
@@ -384,6 +408,7 @@ impl VmCore {
                 self.retry_step(now, &mut out);
             }
             Input::Stop => {
+                self.stopping = true;
                 self.supersede(&mut out);
                 let waiters = std::mem::take(&mut self.waiting).into_iter().chain(self.final_cycle.take().map(|f| f.0));
                 for waiter in waiters {

@@ -551,6 +551,7 @@ mod tests {
             last_point_seq: 1,
             protected_since_ms: 0,
             key_id: None,
+            failover_restored: Vec::new(),
         };
         let opened = open_vm(&mut rec, &dir.path().join("data"), 10).unwrap();
         let Start::Resume { pending } = &opened.start else { panic!("the logs are trusted: {:?}", opened.start) };

@@ -62,6 +62,21 @@ fn failure(what: &str, e: &Error) -> Failure {
     Failure { class: e.class(), reason: format!("{what} failed: {e}") }
 }
 
+/// A job whose task has not finished it: dropped so, the job ends as
+/// cancelled.
+struct UnfinishedJob(Option<(Arc<Host>, crate::model::JobId)>);
+
+impl Drop for UnfinishedJob {
+    fn drop(&mut self) {
+        let Some((host, id)) = self.0.take() else { return };
+        let finish = move || host.jobs.finish(id, Err((JobStatus::Cancelled, "the VM stopped".into())));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(finish)),
+            Err(_) => finish(),
+        }
+    }
+}
+
 impl VmIo {
     fn upload_ctx(&self, job: &JobProgress) -> UploadCtx {
         let c = &self.host.config;
@@ -94,13 +109,16 @@ impl VmIo {
     {
         let (jobs, vm) = (self.host.clone(), self.vm.clone());
         let job = blocking(move || jobs.jobs.start(&vm, kind, total, detail)).await?;
+        // A task dropped part-way (the VM stopped: the actor cancels its
+        // tasks) ends its job as cancelled instead of leaving it running.
+        let mut unfinished = UnfinishedJob(Some((self.host.clone(), job.id)));
         let r = work(job.clone()).await;
         let outcome = match &r {
             Ok(v) => Ok(Some(done(v))),
             Err(e) if e.class() == ErrorClass::Cancelled => Err((JobStatus::Cancelled, e.to_string())),
             Err(e) => Err((JobStatus::Failed, e.to_string())),
         };
-        let (host, id) = (self.host.clone(), job.id);
+        let (host, id) = unfinished.0.take().expect("unfinished until here");
         let _ = blocking(move || {
             host.jobs.finish(id, outcome);
             Ok(())

@@ -504,6 +504,23 @@ fn stop_supersedes_everything_and_answers_every_caller() {
     assert_eq!(a.iter().map(|(w, _)| *w).collect::<Vec<_>>(), vec![1, 2]);
     assert!(c.epoch() > epoch);
     assert!(c.on(Input::CycleEnded { epoch, sealed: vec![vec![], vec![]], result: Ok(Some(point(4))) }, T).is_empty());
+    // While the actor closes its disks nothing new starts, and a failover
+    // (which would stop writes and store FailedOver) is refused.
+    let state = c.state();
+    for input in [Input::Tick, Input::RetryDue, Input::Resync, Input::Pause, Input::AutoResyncDue] {
+        assert!(c.on(input, T).is_empty());
+    }
+    for (waiter, input) in [(3, failover(3, true, None)), (4, failover(4, false, None)), (5, Input::ReplicateNow(5))] {
+        let cmds = c.on(input, T);
+        assert!(
+            matches!(answers(&cmds)[..], [(w, Answer::Refused(ref why))] if w == waiter && why.contains("stopping"))
+        );
+        assert_eq!(kinds(&cmds), vec!["answer"], "no StopWrites");
+    }
+    assert_eq!(c.state(), state);
+    // A damaged replica found meanwhile is kept for the restart, with nothing run now.
+    assert!(c.on(Input::NeedsResync { reason: "a restore found the replica damaged".into() }, T).is_empty());
+    assert_eq!(c.state(), S::ResyncRequired);
 }
 
 /// Inputs a property test draws: everything the actor can deliver, with
