@@ -102,7 +102,10 @@ impl Engine {
         let mut target: Target = match config.target() {
             TargetConfig::Local { path } => {
                 let local = LocalTarget::open(path)?;
-                local.adopt_unhosted_replicas(&config.resolve_host_id()?)?;
+                let st = state.clone();
+                let ours = blocking(move || st.list_vms()).await?;
+                let ours: Vec<_> = ours.into_iter().map(|r| (r.spec.name, r.generation)).collect();
+                local.adopt_unhosted_replicas(&config.resolve_host_id()?, &ours)?;
                 Arc::new(local)
             }
             TargetConfig::Blob { url, options, create } => {
@@ -211,6 +214,17 @@ impl Engine {
         spec.validate()?; // again: two spellings of one file are now the same path
         let _vm = self.lock_vm(&spec.name).await;
         let _membership = self.membership.lock().await;
+        // A restore under way would replace the file under the protection.
+        if let Some(d) = spec
+            .disks
+            .iter()
+            .find(|d| d.path.parent().is_some_and(|dir| self.outputs.lock().expect("outputs lock").contains(dir)))
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "a restore is writing into the folder of {}: protect it once the restore has ended",
+                d.path.display()
+            )));
+        }
         let (state, s) = (self.host.state.clone(), spec.clone());
         let replaces_failed_over = blocking(move || {
             // A VM that failed over is protected anew (its old replica is kept,
@@ -418,7 +432,7 @@ impl Engine {
     /// `<out_dir>/<disk>.img` while replication keeps running. Returns the job.
     pub async fn test_failover(&self, vm: &str, point: PointSelector, out_dir: &Path) -> Result<JobId> {
         let (rec, point) = self.resolve_point(vm, point).await?;
-        let claim = self.claim_output(&rec, out_dir).await?;
+        let claim = self.claim_output(&rec, out_dir, false).await?;
         self.start_restore_job(JobKind::TestFailover, rec, point, claim).await
     }
 
@@ -446,7 +460,7 @@ impl Engine {
         let _vm = self.lock_vm(vm).await;
         let (state, n) = (self.host.state.clone(), vm.to_string());
         let rec = blocking(move || state.get_vm(&n)?.ok_or_else(|| Error::not_found("VM", n))).await?;
-        let claim = self.claim_output(&rec, out_dir).await?;
+        let claim = self.claim_output(&rec, out_dir, true).await?;
         let out_dir = claim.dir.clone();
         let chosen = match (planned, point) {
             (false, PointSelector::Seq(_)) => Some(self.resolve_point(vm, point).await?.1.seq),
@@ -554,7 +568,7 @@ impl Engine {
     /// Restores a point and waits for it (the embedded form of test failover).
     pub async fn restore(&self, vm: &str, point: PointSelector, out_dir: &Path) -> Result<Vec<RestoredDisk>> {
         let (rec, point) = self.resolve_point(vm, point).await?;
-        let claim = self.claim_output(&rec, out_dir).await?;
+        let claim = self.claim_output(&rec, out_dir, false).await?;
         let out_dir = claim.dir.clone();
         let r = restore::restore_point(
             &self.host.target,
@@ -587,27 +601,33 @@ impl Engine {
     /// writing into; a folder a `FailedOver` VM's disks were restored
     /// into (the VM may run from them). A failover whose restore failed
     /// may be tried again into its folder.
-    async fn claim_output(&self, rec: &VmRecord, out_dir: &Path) -> Result<OutputClaim> {
+    async fn claim_output(&self, rec: &VmRecord, out_dir: &Path, failover: bool) -> Result<OutputClaim> {
         let out_dir = absolute(out_dir)?;
         let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
-        let state = self.host.state.clone();
-        let vms = blocking(move || state.list_vms()).await?;
-        for v in vms.iter().filter(|v| v.lifecycle.state == VmState::FailedOver) {
-            if v.failover_restored.contains(&out_dir) {
-                return Err(Error::FailedPrecondition(format!(
-                    "{} holds the disks VM {} failed over to: restore into another folder",
-                    out_dir.display(),
-                    v.spec.name,
-                )));
-            }
-        }
+        // Claimed first, checked then: a failover that records its folder
+        // does so before it lets go of its claim, so this check sees it.
         if !self.outputs.lock().expect("outputs lock").insert(out_dir.clone()) {
             return Err(Error::FailedPrecondition(format!(
                 "a restore is already writing into {}: wait for it, or choose another folder",
                 out_dir.display()
             )));
         }
-        Ok(OutputClaim { outputs: self.outputs.clone(), dir: out_dir })
+        let claim = OutputClaim { outputs: self.outputs.clone(), dir: out_dir };
+        let state = self.host.state.clone();
+        let vms = blocking(move || state.list_vms()).await?;
+        for v in vms.iter().filter(|v| v.lifecycle.state == VmState::FailedOver) {
+            let latest = v.lifecycle.failover.as_ref().map(|f| &f.out_dir);
+            if v.failover_restored.contains(&claim.dir)
+                || latest == Some(&claim.dir) && !(failover && failover_retry(v, rec))
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds the disks VM {} failed over to: restore into another folder",
+                    claim.dir.display(),
+                    v.spec.name,
+                )));
+            }
+        }
+        Ok(claim)
     }
 
     /// Every disk path of every protected VM.
@@ -707,9 +727,15 @@ impl Engine {
     /// and the actor system.
     pub async fn shutdown(&self) -> Result<()> {
         let vms = mailbox(self.supervisor.send(All).await)?;
+        // All at once: one VM's slow close (or state store) does not keep
+        // the others' logs unsealed.
+        let stops = vms.into_iter().map(|(name, _)| async move {
+            let r = mailbox(self.supervisor.send(StopVm { name: name.clone(), unprotect: false }).await);
+            (name, r.and_then(|r| r))
+        });
         let mut first_err = None;
-        for (name, _) in vms {
-            if let Err(e) = mailbox(self.supervisor.send(StopVm { name: name.clone(), unprotect: false }).await)? {
+        for (name, r) in futures::future::join_all(stops).await {
+            if let Err(e) = r {
                 tracing::warn!(vm = %name, error = %e, "stopping VM failed");
                 first_err.get_or_insert(e);
             }
@@ -811,6 +837,15 @@ fn absolute(p: &Path) -> Result<PathBuf> {
         return Err(Error::invalid("out", "the output folder must not be empty"));
     }
     std::path::absolute(p).map_err(|e| Error::io(format!("resolve {}", p.display()), e))
+}
+
+/// Whether a failover of `rec` into the folder `v` last failed over to
+/// may go on though `v` is not recorded as restored there: only one of
+/// `v` itself (its restore there failed, or was never
+/// recorded: a record from before `failover_restored`). Everything else
+/// into that folder is refused.
+fn failover_retry(v: &VmRecord, rec: &VmRecord) -> bool {
+    v.spec.name == rec.spec.name && v.generation == rec.generation
 }
 
 /// Refuses an output folder where a restored image would replace a live disk.

@@ -171,7 +171,12 @@ async fn a_folder_a_restore_writes_into_or_a_failed_over_vm_lives_in_is_refused_
     // A restore under way holds its folder until its job ends.
     engine.set_faults(ferry_engine::target::unreliable::Faults { latency_ms: 100, ..Default::default() }).unwrap();
     let busy = tmp.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    let beside = random_disk(&busy, "beside", MIB, 17);
     let first = engine.test_failover("w", PointSelector::Latest, &busy).await.unwrap();
+    let spec = VmSpec::new("v2", vec![DiskSpec { name: "beside".into(), path: beside.clone() }]);
+    let e = engine.protect(spec).await.unwrap_err();
+    assert!(e.to_string().contains("a restore is writing into the folder of"), "{e}");
     let e = engine.test_failover("w", PointSelector::Latest, &busy).await.unwrap_err();
     assert!(e.to_string().contains("already writing into"), "{e}");
     let e = engine.failover("w", PointSelector::Latest, &busy, false).await.unwrap_err();

@@ -566,9 +566,16 @@ async fn replicas_of_the_layout_before_host_ids_are_moved_into_the_hosts_folder_
     engine.shutdown().await.unwrap();
     drop(engine);
 
-    // With replicas in the host's folder already, an old-layout folder is left alone.
-    std::fs::create_dir_all(target.join("vms").join("other")).unwrap();
+    // Replicas of VMs this daemon does not have are not adopted: another
+    // host's, or a fresh data folder's.
+    std::fs::create_dir_all(target.join("vms").join("other").join("7")).unwrap();
     let local = LocalTarget::open(&target).unwrap();
-    assert!(!local.adopt_unhosted_replicas(HOST_ID).unwrap());
+    std::fs::rename(target.join("hosts"), tmp.path().join("hosts-aside")).unwrap();
+    assert!(!local.adopt_unhosted_replicas(HOST_ID, &[("vm".into(), 7)]).unwrap());
+    assert!(!local.adopt_unhosted_replicas(HOST_ID, &[("other".into(), 8)]).unwrap());
+    assert!(target.join("vms").join("other").is_dir() && !target.join("hosts").exists());
+    // With replicas in the host's folder already, an old-layout folder is left alone.
+    std::fs::rename(tmp.path().join("hosts-aside"), target.join("hosts")).unwrap();
+    assert!(!local.adopt_unhosted_replicas(HOST_ID, &[("other".into(), 7)]).unwrap());
     assert!(target.join("vms").join("other").is_dir() && target_root(tmp.path()).join("vms").is_dir());
 }

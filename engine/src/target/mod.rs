@@ -99,14 +99,17 @@ impl LocalTarget {
     /// Moves replicas of the layout before host ids (`<root>/vms/...`,
     /// written by one daemon into its own folder) to where `host_id`'s
     /// daemon finds them (`<root>/hosts/<host_id>/vms/...`): one rename,
-    /// made durable. Returns whether it moved anything. Nothing moves if
-    /// the host's folder already holds replicas (a second host's, or a
-    /// copy): both stay, and a warning names them.
-    pub fn adopt_unhosted_replicas(&self, host_id: &str) -> Result<bool> {
+    /// made durable. Only the daemon that wrote them adopts them: one of
+    /// `ours` (this daemon's VMs, by name and generation) must have its
+    /// replica there (names in keys were plain then). Nothing moves if the
+    /// host's folder already holds replicas: both stay, and a warning names
+    /// them. Returns whether it moved anything.
+    pub fn adopt_unhosted_replicas(&self, host_id: &str, ours: &[(String, u64)]) -> Result<bool> {
         let old = self.root.join("vms");
-        if !old.is_dir() {
+        if !ours.iter().any(|(vm, generation)| old.join(vm).join(generation.to_string()).is_dir()) {
             return Ok(false);
         }
+        let hosts = self.root.join("hosts");
         let host = self.root.join(host_prefix(host_id));
         let new = host.join("vms");
         if new.exists() {
@@ -116,8 +119,15 @@ impl LocalTarget {
         }
         let ctx = |what: &str| format!("{what} (moving {} to {})", old.display(), new.display());
         crate::paths::create_private_dirs(&host).map_err(|e| Error::io(ctx("create the host folder"), e))?;
-        std::fs::rename(&old, &new).map_err(|e| Error::io(ctx("rename"), e))?;
-        for dir in [&host, &self.root, &self.root.join("hosts")] {
+        // The new folders first, durable, then the rename, then both parents.
+        for dir in [&hosts, &self.root, &host] {
+            sync_dir(dir).map_err(|e| Error::io(ctx(&format!("sync {}", dir.display())), e))?;
+        }
+        match std::fs::rename(&old, &new) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && new.is_dir() => return Ok(false), // moved meanwhile
+            r => r.map_err(|e| Error::io(ctx("rename"), e))?,
+        }
+        for dir in [&host, &self.root] {
             sync_dir(dir).map_err(|e| Error::io(ctx(&format!("sync {}", dir.display())), e))?;
         }
         tracing::info!(from = %old.display(), to = %new.display(), "moved replicas into this host's folder");

@@ -89,6 +89,9 @@ pub struct VmActor {
     version: u64,
     /// The number of the latest lifecycle the writer has stored.
     persisted: tokio::sync::watch::Receiver<u64>,
+    /// `version`, for a task that must see changes made after it started
+    /// (a Stop waits for what the VM changed while its disks closed).
+    latest_version: Arc<std::sync::atomic::AtomicU64>,
     /// Why the writer could not store the latest lifecycle, while it retries.
     store_error: Arc<std::sync::Mutex<Option<String>>>,
     replies: HashMap<WaiterId, Reply>,
@@ -175,6 +178,7 @@ impl VmActor {
             version: 0,
             persisted,
             store_error,
+            latest_version: Default::default(),
             replies: HashMap::new(),
             next_waiter: 0,
             retry_timer: None,
@@ -205,6 +209,7 @@ impl VmActor {
                     reason = ?after.transitions.last().map(|t| &t.reason), "state change");
             }
             self.version += 1;
+            self.latest_version.store(self.version, std::sync::atomic::Ordering::Release);
             let _ = self.persist.send((self.version, after.clone()));
         }
         self.rec.lifecycle = after.clone();
@@ -560,7 +565,8 @@ impl Handler<Stop> for VmActor {
             _ => Close::Seal,
         };
         let (disks, fence, epoch) = (self.io.disks.clone(), self.io.fence.clone(), self.core.epoch());
-        let (mut stored, need, store_error) = (self.persisted.clone(), self.version, self.store_error.clone());
+        let (mut stored, latest, store_error) =
+            (self.persisted.clone(), self.latest_version.clone(), self.store_error.clone());
         let fut = async move {
             let closed = blocking(move || fence.change(epoch, || close_disks(&disks, close))).await;
             if close == Close::Unprotect {
@@ -568,6 +574,8 @@ impl Handler<Stop> for VmActor {
             }
             // A restart must find the state the VM stopped in (FailedOver
             // above all: stored late, a restart would take writes again).
+            // Read after the close: what changed meanwhile (a NeedsResync) counts.
+            let need = latest.load(std::sync::atomic::Ordering::Acquire);
             let stored = match tokio::time::timeout(STORE_WAIT, stored.wait_for(|v| *v >= need)).await {
                 Ok(_) => Ok(()),
                 Err(_) => Err(Error::FailedPrecondition(format!(

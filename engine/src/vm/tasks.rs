@@ -107,11 +107,17 @@ impl VmIo {
     where
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let (jobs, vm) = (self.host.clone(), self.vm.clone());
-        let job = blocking(move || jobs.jobs.start(&vm, kind, total, detail)).await?;
         // A task dropped part-way (the VM stopped: the actor cancels its
         // tasks) ends its job as cancelled instead of leaving it running.
-        let mut unfinished = UnfinishedJob(Some((self.host.clone(), job.id)));
+        // The guard is made with the job, on the blocking thread: dropped
+        // while the start is awaited, it is dropped there.
+        let (host, vm) = (self.host.clone(), self.vm.clone());
+        let (job, mut unfinished) = blocking(move || {
+            let job = host.jobs.start(&vm, kind, total, detail)?;
+            let unfinished = UnfinishedJob(Some((host, job.id)));
+            Ok((job, unfinished))
+        })
+        .await?;
         let r = work(job.clone()).await;
         let outcome = match &r {
             Ok(v) => Ok(Some(done(v))),
