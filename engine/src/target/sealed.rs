@@ -1,5 +1,6 @@
 //! Encryption at rest: [`SealedTarget`] seals every object (bundles and
-//! manifests alike) with AES-256-GCM (ring, the tree's one crypto stack)
+//! manifests alike) with AES-256-GCM (RustCrypto's `aes-gcm`; the key id,
+//! the name ids and the nonces come from ring, already in the tree for TLS)
 //! before it reaches the store, and opens and verifies it on the way back.
 //!
 //! Object format:
@@ -36,9 +37,10 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::{Target, TargetStore};
@@ -47,6 +49,7 @@ use crate::error::{Error, ErrorClass, Result};
 const MAGIC: &[u8; 4] = b"FRYE";
 const VERSION: u8 = 1;
 const KEY_ID_LEN: usize = 8;
+const NONCE_LEN: usize = 12;
 /// Magic, version, key id, nonce.
 pub const HEADER_LEN: usize = 4 + 1 + KEY_ID_LEN + NONCE_LEN;
 pub const TAG_LEN: usize = 16;
@@ -127,7 +130,7 @@ impl EncryptionKey {
 }
 
 struct Sealer {
-    key: LessSafeKey,
+    key: Aes256Gcm,
     id: [u8; KEY_ID_LEN],
     /// Names to key segments (derived from the key, never the key itself).
     names: ring::hmac::Key,
@@ -147,7 +150,7 @@ impl SealedTarget {
             let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k.0);
             let names = ring::hmac::sign(&derive, b"ferry object key names v1");
             Sealer {
-                key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k.0).expect("a 32-byte AES-256 key")),
+                key: Aes256Gcm::new(&k.0.into()),
                 id: k.id(),
                 names: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, names.as_ref()),
             }
@@ -167,9 +170,9 @@ impl SealedTarget {
         let aad = [&out[..HEADER_LEN], key.as_bytes()].concat();
         let tag = sealer
             .key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[HEADER_LEN..])
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[HEADER_LEN..])
             .map_err(|_| Error::Internal(format!("sealing {key} failed")))?;
-        out.extend_from_slice(tag.as_ref());
+        out.extend_from_slice(&tag);
         Ok(out)
     }
 
@@ -208,20 +211,17 @@ impl SealedTarget {
                 hex(&sealer.id)
             )));
         }
-        let nonce = Nonce::try_assume_unique_for_key(&stored[5 + KEY_ID_LEN..HEADER_LEN]).expect("a 12-byte nonce");
+        let nonce = Nonce::from_slice(&stored[5 + KEY_ID_LEN..HEADER_LEN]);
         let aad = [&stored[..HEADER_LEN], key.as_bytes()].concat();
-        let mut body = stored[HEADER_LEN..].to_vec();
-        let plain_len = sealer
-            .key
-            .open_in_place(nonce, Aad::from(aad), &mut body)
-            .map_err(|_| {
-                Error::corrupt(
-                    format!("target object {key}"),
-                    "authentication failed: the object was tampered with, damaged, or moved from another key",
-                )
-            })?
-            .len();
-        body.truncate(plain_len);
+        let tag_at = stored.len() - TAG_LEN;
+        let tag = Tag::from_slice(&stored[tag_at..]);
+        let mut body = stored[HEADER_LEN..tag_at].to_vec();
+        sealer.key.decrypt_in_place_detached(nonce, &aad, &mut body, tag).map_err(|_| {
+            Error::corrupt(
+                format!("target object {key}"),
+                "authentication failed: the object was tampered with, damaged, or moved from another key",
+            )
+        })?;
         Ok(Bytes::from(body))
     }
 }
@@ -291,6 +291,39 @@ mod tests {
         super::super::check_key(&format!("vms/{id}/1")).unwrap();
         // Without a key, names are keys.
         assert_eq!(SealedTarget::new(raw, None).name_segment("payroll"), "payroll");
+    }
+
+    /// The format is standard AES-256-GCM: an object sealed by ring (the
+    /// AEAD of earlier versions) opens, so replicas written before the
+    /// switch to RustCrypto stay restorable, and a GCM test vector holds.
+    #[tokio::test]
+    async fn objects_are_standard_aes_256_gcm() {
+        use ring::aead::{Aad, LessSafeKey, Nonce as RingNonce, UnboundKey, AES_256_GCM};
+        // NIST GCM test case 14 (gcmEncryptExtIV256): zero key, zero nonce, one zero block.
+        let c = Aes256Gcm::new(&[0u8; 32].into());
+        let mut block = [0u8; 16];
+        let tag = c.encrypt_in_place_detached(Nonce::from_slice(&[0u8; 12]), b"", &mut block).unwrap();
+        assert_eq!(hex(&block), "cea7403d4d606b6e074ec5d3baf39d18");
+        assert_eq!(hex(&tag), "d0d1c8a799996bf0265b98b5d48ab919");
+
+        let dir = tempfile::tempdir().unwrap();
+        let raw = local(dir.path());
+        let k = key(9);
+        let name = "vms/a/1/points/0000000003.manifest";
+        let nonce = [7u8; 12];
+        let mut old = Vec::new();
+        old.extend_from_slice(MAGIC);
+        old.push(VERSION);
+        old.extend_from_slice(&k.id());
+        old.extend_from_slice(&nonce);
+        let aad = [&old[..HEADER_LEN], name.as_bytes()].concat();
+        let mut body = b"sealed by ring".to_vec();
+        let ring_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k.0).unwrap());
+        ring_key.seal_in_place_append_tag(RingNonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body).unwrap();
+        old.extend_from_slice(&body);
+        raw.put(name, Bytes::from(old)).await.unwrap();
+        let sealed = SealedTarget::new(raw, Some(&k));
+        assert_eq!(&sealed.get(name).await.unwrap()[..], b"sealed by ring");
     }
 
     #[tokio::test]
