@@ -232,3 +232,52 @@ fn nbd_requests_past_the_end_get_einval_and_the_session_goes_on() {
     d.assert_healthy();
     d.stop();
 }
+
+/// ferryd usually runs as root and serves every protected disk over NBD,
+/// so what it may protect is ruled (`--disk-root`): by default no system
+/// file (named directly or through a symlink) and nothing in its own data
+/// folder; with roots, nothing outside them. Test-failover outputs obey
+/// the same rule. Each refusal is PermissionDenied naming the path, and
+/// leaves nothing behind.
+#[test]
+fn disks_and_outputs_outside_the_disk_roots_are_permission_denied() {
+    let mut d = Daemon::start();
+    let e = d.ctl_err(&["protect", "evil", "--disk", "/etc/shadow"], "PermissionDenied");
+    assert!(e.contains("/etc/shadow") && e.contains("system folder /etc"), "{e}");
+    let link = d.disks().join("innocent.img");
+    std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+    let e = d.ctl_err(&["protect", "evil", "--disk", link.to_str().unwrap()], "PermissionDenied");
+    assert!(e.contains("/etc/passwd"), "the resolved path is named: {e}");
+    let store = d.data_dir().join("state.redb");
+    assert!(store.exists(), "{}", store.display());
+    let e = d.ctl_err(&["protect", "evil", "--disk", store.to_str().unwrap()], "PermissionDenied");
+    assert!(e.contains("data folder"), "{e}");
+    assert!(listed(&d).is_empty(), "{:?}", listed(&d));
+    assert!(change_logs(Path::new("/etc")).is_empty(), "no change log beside a refused disk");
+
+    protected_vm(&d);
+    let e = d.ctl_err(&["test-failover", "vm1", "--out", "/etc/ferry-restore"], "PermissionDenied");
+    assert!(e.contains("/etc/ferry-restore"), "{e}");
+    assert!(!Path::new("/etc/ferry-restore").exists(), "a refused output folder is not created");
+    d.assert_healthy();
+    d.stop();
+
+    // With a root: only under it, disks and outputs alike.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("disks");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut d = Daemon::builder().in_dir(tmp.path()).args(&["--disk-root", root.to_str().unwrap()]).start();
+    let outside = tmp.path().join("elsewhere.img");
+    random_disk(&outside, SIZE);
+    let e = d.ctl_err(&["protect", "vm2", "--disk", outside.to_str().unwrap()], "PermissionDenied");
+    assert!(e.contains(&outside.display().to_string()) && e.contains("outside the disk roots"), "{e}");
+    protected_vm(&d);
+    let out = tmp.path().join("out");
+    let e = d.ctl_err(&["test-failover", "vm1", "--out", out.to_str().unwrap()], "PermissionDenied");
+    assert!(e.contains("outside the disk roots"), "{e}");
+    assert!(!out.exists());
+    d.test_failover("vm1", "latest", &root.join("restored"));
+    assert!(root.join("restored/ok.img").is_file(), "a test failover under the root works");
+    d.assert_healthy();
+    d.stop();
+}

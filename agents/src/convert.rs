@@ -19,6 +19,7 @@ pub fn status(e: Error) -> Status {
         K::AlreadyExists => Code::AlreadyExists,
         K::FailedPrecondition => Code::FailedPrecondition,
         K::Unauthenticated => Code::Unauthenticated,
+        K::PermissionDenied => Code::PermissionDenied,
         K::Cancelled => Code::Cancelled,
         K::Corrupt => Code::DataLoss,
         K::Internal => Code::Internal,

@@ -116,6 +116,13 @@ pub struct Args {
     /// for a resync, so they yield to the guests' write path.
     #[arg(long, env = "FERRY_BACKGROUND_NICE", default_value_t = ferry_engine::runtime::DEFAULT_BACKGROUND_NICE)]
     pub background_nice: i32,
+    /// A folder under which disks may be protected and test failovers,
+    /// failovers and restores may write (repeatable; absolute and existing;
+    /// `FERRY_DISK_ROOTS` takes a `:`-separated list). Default: anywhere but
+    /// the system folders (/etc, /usr, /boot, /proc, /sys, /dev, ...); the
+    /// data folder is refused either way.
+    #[arg(long = "disk-root", env = "FERRY_DISK_ROOTS", value_delimiter = ':')]
+    pub disk_roots: Vec<PathBuf>,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -185,9 +192,13 @@ pub fn encryption_key(
 fn apply_tuning(args: &Args, config: &mut EngineConfig) -> anyhow::Result<()> {
     config.held_memory = units::parse_bytes(&args.held_memory).map_err(|e| anyhow::anyhow!("--held-memory: {e}"))?;
     config.background_nice = args.background_nice;
+    config.disk_roots = args.disk_roots.clone();
     config.validate().map_err(|e| {
-        let message =
-            e.to_string().replace("held_memory", "--held-memory").replace("background_nice", "--background-nice");
+        let message = e
+            .to_string()
+            .replace("held_memory", "--held-memory")
+            .replace("background_nice", "--background-nice")
+            .replace("disk_roots", "--disk-root");
         anyhow::anyhow!("{message}")
     })
 }

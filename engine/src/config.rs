@@ -104,6 +104,12 @@ pub struct EngineConfig {
     /// recovery point is still uploading (`capture::held`); beyond it they
     /// are saved in side files beside the disks. Default 256 MiB, 0..=64 GiB.
     pub held_memory: u64,
+    /// Folders under which disks may be protected and test failovers,
+    /// failovers and restores may write (absolute, existing; symlinks
+    /// resolved; `disk_roots`). Default empty: anywhere except the system
+    /// folders (`/etc`, `/usr`, `/boot`, `/proc`, `/sys`, `/dev`, ...).
+    /// The data folder is refused either way.
+    pub disk_roots: Vec<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -122,6 +128,7 @@ impl Default for EngineConfig {
             restore_parallelism: 8,
             background_nice: crate::runtime::DEFAULT_BACKGROUND_NICE,
             held_memory: crate::capture::held::DEFAULT_MEMORY_BUDGET,
+            disk_roots: Vec::new(),
         }
     }
 }
@@ -233,6 +240,9 @@ impl EngineConfig {
         }
         if self.held_memory > 64 << 30 {
             return Err(Error::invalid("held_memory", format!("{} is more than 64 GiB", self.held_memory)));
+        }
+        if let Some(r) = self.disk_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(Error::invalid("disk_roots", format!("{} is not an absolute path", r.display())));
         }
         if !(1..=64).contains(&self.restore_parallelism) {
             return Err(Error::invalid(

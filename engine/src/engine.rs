@@ -14,6 +14,7 @@ use actix::prelude::*;
 
 use crate::capture::disk::Disk;
 use crate::config::{EngineConfig, TargetConfig};
+use crate::disk_roots::DiskRoots;
 use crate::error::{Error, ErrorClass, Result};
 use crate::host::{DiskRegistry, Host};
 use crate::model::{now_millis, DiskSpec, Job, JobId, JobKind, JobStatus, RecoveryPoint, VmSpec};
@@ -50,6 +51,8 @@ pub struct Engine {
     membership: tokio::sync::Mutex<()>,
     /// Output folders a restore is writing into now.
     outputs: Arc<std::sync::Mutex<HashSet<PathBuf>>>,
+    /// Where disks and outputs may be (`crate::disk_roots`).
+    disk_roots: DiskRoots,
 }
 
 /// An output folder claimed by one restore until it is dropped.
@@ -85,6 +88,7 @@ impl Engine {
         let data_dir = config.data_dir.clone();
         crate::paths::create_private_dirs(&data_dir)
             .map_err(|e| Error::io(format!("create data folder {}", data_dir.display()), e))?;
+        let disk_roots = DiskRoots::new(&config.disk_roots, &data_dir)?;
         // An engine of this process that was just dropped may still be
         // letting go of the store: give it a moment before refusing.
         let path = crate::paths::DataDir::new(&data_dir).state_store();
@@ -155,6 +159,7 @@ impl Engine {
             vm_locks: Default::default(),
             membership: Default::default(),
             outputs: Default::default(),
+            disk_roots,
         };
         engine.resume_all().await?;
         Ok(engine)
@@ -205,10 +210,7 @@ impl Engine {
     pub async fn protect(&self, mut spec: VmSpec) -> Result<VmInfo> {
         spec.validate()?;
         for d in &mut spec.disks {
-            d.path = std::fs::canonicalize(&d.path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::not_found("disk file", d.path.display().to_string()),
-                _ => Error::io(format!("resolve disk path {}", d.path.display()), e),
-            })?;
+            d.path = self.disk_roots.check_disk(&d.path)?;
             crate::capture::disk::open_image(&d.path)?;
         }
         spec.validate()?; // again: two spellings of one file are now the same path
@@ -602,8 +604,10 @@ impl Engine {
     /// into (the VM may run from them). A failover whose restore failed
     /// may be tried again into its folder.
     async fn claim_output(&self, rec: &VmRecord, out_dir: &Path, failover: bool) -> Result<OutputClaim> {
-        let out_dir = absolute(out_dir)?;
+        let out_dir = self.disk_roots.check_output(&absolute(out_dir)?)?;
         let out_dir = check_out_dir(&rec.spec, &out_dir, &self.protected_paths().await?)?;
+        // Made now: judged again as it resolves (a link swapped in meanwhile).
+        self.disk_roots.check("output folder", &out_dir)?;
         // Claimed first, checked then: a failover that records its folder
         // does so before it lets go of its claim, so this check sees it.
         if !self.outputs.lock().expect("outputs lock").insert(out_dir.clone()) {

@@ -31,6 +31,7 @@ pub enum ErrorKind {
     Io,
     Corrupt,
     Unauthenticated,
+    PermissionDenied,
     Internal,
     Cancelled,
 }
@@ -66,6 +67,9 @@ pub enum Error {
     /// The target refused our credentials.
     #[error("target authentication failed: {0}")]
     Unauthenticated(String),
+    /// A path the daemon may not use (`disk_roots`); the text names it and the rule.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("cancelled: {0}")]
@@ -101,6 +105,7 @@ impl Error {
             | Error::FailedPrecondition(_)
             | Error::WritesRefused(_)
             | Error::Unauthenticated(_)
+            | Error::PermissionDenied(_)
             | Error::Internal(_) => ErrorClass::NonRecoverable,
             Error::Io { class, .. } | Error::Corrupt { class, .. } => *class,
             Error::Cancelled(_) => ErrorClass::Cancelled,
@@ -116,6 +121,7 @@ impl Error {
             Error::Io { .. } => ErrorKind::Io,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            Error::PermissionDenied(_) => ErrorKind::PermissionDenied,
             Error::Internal(_) => ErrorKind::Internal,
             Error::Cancelled(_) => ErrorKind::Cancelled,
         }

@@ -69,6 +69,7 @@ mod capture;
 pub mod changelog;
 pub mod clock;
 pub mod config;
+pub mod disk_roots;
 mod engine;
 pub mod error;
 pub mod failpoint;
