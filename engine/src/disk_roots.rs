@@ -23,15 +23,36 @@ use std::path::{Component, Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// Refused when no disk roots are configured: the operating system's own
-/// files and the kernel's virtual file systems.
-pub const SYSTEM_FOLDERS: &[&str] =
-    &["/etc", "/usr", "/boot", "/proc", "/sys", "/dev", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+/// files, the kernel's virtual file systems, root's home, runtime state,
+/// and the spools and logs that programs run by root read. (VM images
+/// commonly live under `/var/lib`, which stays allowed; a host serving
+/// untrusted API clients configures `disk_roots`.)
+pub const SYSTEM_FOLDERS: &[&str] = &[
+    "/etc",
+    "/usr",
+    "/boot",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/root",
+    "/run",
+    "/var/spool",
+    "/var/log",
+];
 
-/// The rule in force: the roots (resolved), and the data folder (resolved).
+/// The rule in force: the roots (resolved), and ferryd's own folders
+/// (resolved), refused whatever the roots say.
 #[derive(Debug, Clone)]
 pub struct DiskRoots {
     roots: Vec<PathBuf>,
-    data_dir: PathBuf,
+    /// (folder, what it is): the data folder, a local target.
+    own: Vec<(PathBuf, &'static str)>,
 }
 
 impl DiskRoots {
@@ -39,6 +60,12 @@ impl DiskRoots {
     /// data folder are resolved now (a root that does not exist is an
     /// error naming it).
     pub fn new(roots: &[PathBuf], data_dir: &Path) -> Result<DiskRoots> {
+        DiskRoots::with_own(roots, &[(data_dir, "data folder")])
+    }
+
+    /// [`DiskRoots::new`] with more of ferryd's own folders (a local
+    /// target) refused too.
+    pub fn with_own(roots: &[PathBuf], own: &[(&Path, &'static str)]) -> Result<DiskRoots> {
         let mut resolved = Vec::with_capacity(roots.len());
         for r in roots {
             if !r.is_absolute() {
@@ -48,18 +75,19 @@ impl DiskRoots {
                 std::fs::canonicalize(r).map_err(|e| Error::invalid("disk_roots", format!("{}: {e}", r.display())))?,
             );
         }
-        Ok(DiskRoots { roots: resolved, data_dir: resolve_existing_prefix(data_dir)? })
+        let own = own.iter().map(|(p, what)| Ok((resolve_existing_prefix(p)?, *what))).collect::<Result<_>>()?;
+        Ok(DiskRoots { roots: resolved, own })
     }
 
     /// Whether `resolved` (already free of symlinks, `..` and `.`) may be
     /// a disk (`what` = "disk") or an output folder ("output folder"); the
     /// error is PermissionDenied naming the path and the rule.
     pub fn check(&self, what: &str, resolved: &Path) -> Result<()> {
-        if resolved.starts_with(&self.data_dir) {
+        if let Some((dir, which)) = self.own.iter().find(|(d, _)| resolved.starts_with(d)) {
             return Err(Error::PermissionDenied(format!(
-                "{what} {} is inside ferryd's data folder {}",
+                "{what} {} is inside ferryd's {which} {}",
                 resolved.display(),
-                self.data_dir.display()
+                dir.display()
             )));
         }
         if self.roots.is_empty() {
@@ -83,13 +111,32 @@ impl DiskRoots {
         )))
     }
 
-    /// Resolves an existing file and checks it as a disk.
+    /// Resolves an existing file and checks it as a disk. A file with
+    /// more than one hard link is refused: another of its names could be a
+    /// file the rule keeps out (where the host allows linking files one
+    /// does not own, `fs.protected_hardlinks=0`).
     pub fn check_disk(&self, path: &Path) -> Result<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
         let resolved = std::fs::canonicalize(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::not_found("disk file", path.display().to_string()),
             _ => Error::io(format!("resolve disk path {}", path.display()), e),
         })?;
-        self.check("disk", &resolved)?;
+        let named = |e: Error| match e {
+            Error::PermissionDenied(m) if resolved != path => {
+                Error::PermissionDenied(format!("{m} (given as {})", path.display()))
+            }
+            other => other,
+        };
+        self.check("disk", &resolved).map_err(named)?;
+        let meta =
+            std::fs::metadata(&resolved).map_err(|e| Error::io(format!("stat disk {}", resolved.display()), e))?;
+        if meta.is_file() && meta.nlink() > 1 {
+            return Err(named(Error::PermissionDenied(format!(
+                "disk {} has {} hard links: a disk must have one name (another could be a file the disk roots keep out)",
+                resolved.display(),
+                meta.nlink()
+            ))));
+        }
         Ok(resolved)
     }
 
@@ -191,7 +238,8 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
         let e = rule.check_disk(&link).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
-        assert!(e.to_string().contains("/etc/passwd") && e.to_string().contains("/etc"), "{e}");
+        assert!(e.to_string().contains("/etc/passwd") && e.to_string().contains("system folder /etc"), "{e}");
+        assert!(e.to_string().contains(&link.display().to_string()), "the name given is shown too: {e}");
         assert_eq!(rule.check_disk(&tmp.path().join("missing.img")).unwrap_err().kind(), ErrorKind::NotFound);
 
         // An output folder through a link into /etc, below folders not made yet.
@@ -207,6 +255,24 @@ mod tests {
         let e = rule.check_output(&out_link.join("missing/../inside")).unwrap_err();
         assert!(e.to_string().contains("/etc/inside"), "{e}");
         assert_eq!(rule.check_output(&data.join("restore")).unwrap_err().kind(), ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn a_hard_linked_file_and_a_local_target_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, target) = (tmp.path().join("data"), tmp.path().join("target"));
+        std::fs::create_dir_all(&target).unwrap();
+        let rule = DiskRoots::with_own(&[], &[(&data, "data folder"), (&target, "local target")]).unwrap();
+        let a = tmp.path().join("a.img");
+        std::fs::write(&a, [0u8; 4096]).unwrap();
+        assert!(rule.check_disk(&a).is_ok());
+        std::fs::hard_link(&a, tmp.path().join("b.img")).unwrap();
+        let e = rule.check_disk(&a).unwrap_err();
+        assert!(e.kind() == ErrorKind::PermissionDenied && e.to_string().contains("2 hard links"), "{e}");
+        let e = rule.check_output(&target.join("hosts")).unwrap_err();
+        assert!(e.to_string().contains("local target"), "{e}");
+        let e = rule.check_output(&data.join("not-yet")).unwrap_err();
+        assert!(e.to_string().contains("data folder"), "a data folder not made yet is still refused: {e}");
     }
 
     #[test]

@@ -88,7 +88,13 @@ impl Engine {
         let data_dir = config.data_dir.clone();
         crate::paths::create_private_dirs(&data_dir)
             .map_err(|e| Error::io(format!("create data folder {}", data_dir.display()), e))?;
-        let disk_roots = DiskRoots::new(&config.disk_roots, &data_dir)?;
+        let local_target = match config.target() {
+            TargetConfig::Local { path } => Some(path),
+            TargetConfig::Blob { .. } => None,
+        };
+        let mut own: Vec<(&Path, &'static str)> = vec![(&data_dir, "data folder")];
+        own.extend(local_target.as_deref().map(|p| (p, "local target")));
+        let disk_roots = DiskRoots::with_own(&config.disk_roots, &own)?;
         // An engine of this process that was just dropped may still be
         // letting go of the store: give it a moment before refusing.
         let path = crate::paths::DataDir::new(&data_dir).state_store();

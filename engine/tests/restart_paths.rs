@@ -579,3 +579,45 @@ async fn replicas_of_the_layout_before_host_ids_are_moved_into_the_hosts_folder_
     assert!(!local.adopt_unhosted_replicas(HOST_ID, &[("other".into(), 7)]).unwrap());
     assert!(target.join("vms").join("other").is_dir() && target_root(tmp.path()).join("vms").is_dir());
 }
+
+/// A disk's folder swapped for a symbolic link while the daemon was down
+/// (to `/etc`, say: the link here points at a harmless copy) is not
+/// followed at the restart: the disk is not opened or served, and the VM
+/// says why. With the folder back, the VM goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disk_folder_swapped_for_a_symlink_is_not_followed_at_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vms = tmp.path().join("vms");
+    std::fs::create_dir_all(&vms).unwrap();
+    let a = random_disk(&vms, "a", MIB, 3);
+    let engine = open_engine(config(tmp.path())).await.unwrap();
+    protect(&engine, "vm", &[&a]).await;
+    wait_state(&engine, "vm", VmState::Protected).await;
+    engine.shutdown().await.unwrap();
+    drop(engine);
+
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::rename(&vms, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &vms).unwrap();
+    let before = std::fs::read(elsewhere.join("a.img")).unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
+    let info = eventually("the VM refuses its disk", Duration::from_secs(30), || async {
+        let info = engine.vm("vm").await.unwrap();
+        (info.state == VmState::Critical).then_some(info)
+    })
+    .await;
+    let reason = info.reason.clone().unwrap_or_default();
+    assert!(reason.contains("symbolic link") && reason.contains(&a.display().to_string()), "{reason}");
+    assert!(engine.write("vm", "a", 0, vec![1u8; 4096]).await.is_err(), "the disk is not served");
+    assert_eq!(std::fs::read(elsewhere.join("a.img")).unwrap(), before, "nothing was written through the link");
+    engine.shutdown().await.unwrap();
+    drop(engine);
+
+    std::fs::remove_file(&vms).unwrap();
+    std::fs::rename(&elsewhere, &vms).unwrap();
+    let engine = open_engine(config(tmp.path())).await.unwrap();
+    engine.resume("vm").await.ok();
+    wait_state(&engine, "vm", VmState::Protected).await;
+    engine.write("vm", "a", 0, vec![1u8; 4096]).await.unwrap();
+    engine.shutdown().await.unwrap();
+}

@@ -275,9 +275,20 @@ impl<'a> Change<'a> {
 }
 
 /// Opens a disk image for the write path, checking it exists and is usable.
+///
+/// No symbolic link is followed anywhere on the path (`openat2`'s
+/// `RESOLVE_NO_SYMLINKS`): a disk's path is resolved and judged when it is
+/// protected (`crate::disk_roots`) and stored resolved, so a link found on
+/// it later (a folder swapped for a link to `/etc`, before a restart or
+/// between the check and the open) is refused instead of followed.
 pub fn open_image(path: &Path) -> Result<(File, u64)> {
-    let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| match e.kind() {
+    let file = open_no_symlinks(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::not_found("disk file", path.display().to_string()),
+        _ if e.raw_os_error() == Some(libc::ELOOP) => Error::PermissionDenied(format!(
+            "disk {}: a symbolic link is on its path; a disk's path is resolved when it is protected and must \
+             stay free of links",
+            path.display()
+        )),
         _ => Error::io(format!("open disk {}", path.display()), e),
     })?;
     let meta = file.metadata().map_err(|e| Error::io(format!("stat disk {}", path.display()), e))?;
@@ -288,6 +299,43 @@ pub fn open_image(path: &Path) -> Result<(File, u64)> {
         return Err(Error::invalid("disk path", format!("{} is empty (size 0)", path.display())));
     }
     Ok((file, meta.len()))
+}
+
+/// Opens `path` read-write following no symbolic link on it. Where the
+/// kernel has no `openat2` (before 5.6, or filtered), the path must equal
+/// its resolved form instead (a check, then the open: a narrower guard).
+fn open_no_symlinks(path: &Path) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain data; zeroed is a valid value for every field.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS;
+    // SAFETY: a valid C string and open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a descriptor the kernel just gave us, owned from here on.
+        return Ok(unsafe { File::from_raw_fd(fd as i32) });
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) {
+        return Err(e);
+    }
+    let abs = std::path::absolute(path)?;
+    if std::fs::canonicalize(&abs)? != abs {
+        return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    OpenOptions::new().read(true).write(true).open(path)
 }
 
 impl Disk {
