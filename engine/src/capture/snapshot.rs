@@ -33,6 +33,7 @@
 //! (`vm::restart`).
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -133,16 +134,21 @@ pub fn side_files(disk_path: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Creates (or truncates) a sparse side file for copy-before-write saves;
-/// `what` names it in the error.
+/// Creates a new, empty sparse side file for copy-before-write saves
+/// (one left at `path` is removed first); `what` names it in the error.
+/// Its name beside the disk is predictable, and whoever can write the
+/// disk's folder could plant a symlink there: the old name is unlinked
+/// (which never follows a link) and the file made with `O_EXCL` (which
+/// fails on any name, link or not, that appeared meanwhile), so root never
+/// writes the disk's bytes through a planted link.
 pub(crate) fn create_side_file(path: &Path, what: &str) -> Result<File> {
-    crate::paths::private_options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| Error::io(format!("create {what} {}", path.display()), e))
+    let err = |e| Error::io(format!("create {what} {}", path.display()), e);
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    crate::paths::private_options().read(true).write(true).create_new(true).open(path).map_err(err)
 }
 
 impl CowSnapshot {
@@ -168,9 +174,11 @@ impl CowSnapshot {
         if blocks.len() as u64 != size.div_ceil(SNAPSHOT_BLOCK) {
             return Err(Error::Internal(format!("{} block states for a {size}-byte snapshot", blocks.len())));
         }
+        // Never through a link planted at its predictable name.
         let side = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(side_path)
             .map_err(|e| Error::io(format!("reopen snapshot file {}", side_path.display()), e))?;
         let saved = blocks.iter().filter(|b| **b == Block::Saved).count() as u64 * SNAPSHOT_BLOCK;
@@ -300,6 +308,29 @@ impl CowSnapshot {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A symlink planted at a side file's name beside the disk (a held
+    /// side file's name, `<disk>.<seq>.hrl.held`, is predictable) is never
+    /// written through: a new side file replaces the link, and a reopen at
+    /// restart refuses one.
+    #[test]
+    fn a_symlink_planted_at_a_side_file_name_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let planted = dir.path().join("d.img.00000007.hrl.held");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let side = create_side_file(&planted, "held side file").unwrap();
+        side.write_all_at(b"the disk's bytes", 0).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "nothing written through the link");
+        assert!(std::fs::symlink_metadata(&planted).unwrap().is_file(), "the link was replaced");
+
+        let link = dir.path().join("d.img.ferry-snap.0000000000000001");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let n = (1u64 << 20).div_ceil(SNAPSHOT_BLOCK) as usize;
+        assert!(CowSnapshot::reopen(&link, 1 << 20, vec![Block::Live; n]).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
 
     proptest! {
         /// Whatever writes interleave with the copy, the copy equals the disk at snapshot time.

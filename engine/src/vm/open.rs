@@ -162,7 +162,7 @@ fn scan_copy(
     for (i, ((spec, at), s)) in rec.spec.disks.iter().zip(&h.disks).zip(scanned).enumerate() {
         let disk = &spec.name;
         let owned = at.side.parent() == spec.path.parent() && snapshot::side_files(&spec.path).contains(&at.side);
-        if !owned || !at.side.is_file() {
+        if !owned || !std::fs::symlink_metadata(&at.side).is_ok_and(|m| m.is_file()) {
             return Err(format!("the snapshot side file {} of disk {disk} is gone", at.side.display()));
         }
         let log_seq = at.log_seq.ok_or_else(|| format!("disk {disk} was not logging at the snapshot"))?;
