@@ -18,7 +18,7 @@ if ! fio --enghelp 2>/dev/null | grep -qw nbd && apt-cache show fio-plugin-nbd >
 fi
 
 benches=("$@")
-[ ${#benches[@]} -eq 0 ] && benches=(nbd_fio initial_replication resync)
+[ ${#benches[@]} -eq 0 ] && benches=(nbd_fio initial_replication resync kill9_restart)
 for b in "${benches[@]}"; do
   echo "== cargo bench --bench $b"
   cargo bench --locked --bench "$b"
