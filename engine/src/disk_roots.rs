@@ -56,16 +56,11 @@ pub struct DiskRoots {
 }
 
 impl DiskRoots {
-    /// `roots` empty: anywhere but the system folders. Each root and the
-    /// data folder are resolved now (a root that does not exist is an
-    /// error naming it).
-    pub fn new(roots: &[PathBuf], data_dir: &Path) -> Result<DiskRoots> {
-        DiskRoots::with_own(roots, &[(data_dir, "data folder")])
-    }
-
-    /// [`DiskRoots::new`] with more of ferryd's own folders (a local
-    /// target) refused too.
-    pub fn with_own(roots: &[PathBuf], own: &[(&Path, &'static str)]) -> Result<DiskRoots> {
+    /// `roots` empty: anywhere but the system folders. `own` are ferryd's
+    /// own folders (the data folder, a local target), each with what it is,
+    /// refused whatever the roots say. Each root and own folder is resolved
+    /// now (a root that does not exist is an error naming it).
+    pub fn new(roots: &[PathBuf], own: &[(&Path, &'static str)]) -> Result<DiskRoots> {
         let mut resolved = Vec::with_capacity(roots.len());
         for r in roots {
             if !r.is_absolute() {
@@ -196,8 +191,8 @@ mod tests {
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&data).unwrap();
-        let open = DiskRoots::new(&[], &data).unwrap();
-        let rooted = DiskRoots::new(std::slice::from_ref(&root), &data).unwrap();
+        let open = DiskRoots::new(&[], &[(&data, "data folder")]).unwrap();
+        let rooted = DiskRoots::new(std::slice::from_ref(&root), &[(&data, "data folder")]).unwrap();
         let root = std::fs::canonicalize(&root).unwrap();
         let data = std::fs::canonicalize(&data).unwrap();
         // (rule, path, allowed)
@@ -233,7 +228,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let rule = DiskRoots::new(&[], &data).unwrap();
+        let rule = DiskRoots::new(&[], &[(&data, "data folder")]).unwrap();
         let link = tmp.path().join("innocent.img");
         std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
         let e = rule.check_disk(&link).unwrap_err();
@@ -262,7 +257,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (data, target) = (tmp.path().join("data"), tmp.path().join("target"));
         std::fs::create_dir_all(&target).unwrap();
-        let rule = DiskRoots::with_own(&[], &[(&data, "data folder"), (&target, "local target")]).unwrap();
+        let rule = DiskRoots::new(&[], &[(&data, "data folder"), (&target, "local target")]).unwrap();
         let a = tmp.path().join("a.img");
         std::fs::write(&a, [0u8; 4096]).unwrap();
         assert!(rule.check_disk(&a).is_ok());
@@ -278,9 +273,9 @@ mod tests {
     #[test]
     fn roots_must_be_absolute_and_exist() {
         let tmp = tempfile::tempdir().unwrap();
-        let e = DiskRoots::new(&[PathBuf::from("relative")], tmp.path()).unwrap_err();
+        let e = DiskRoots::new(&[PathBuf::from("relative")], &[(tmp.path(), "data folder")]).unwrap_err();
         assert!(e.to_string().contains("disk_roots") && e.to_string().contains("absolute"), "{e}");
-        let e = DiskRoots::new(&[tmp.path().join("missing")], tmp.path()).unwrap_err();
+        let e = DiskRoots::new(&[tmp.path().join("missing")], &[(tmp.path(), "data folder")]).unwrap_err();
         assert!(e.to_string().contains("disk_roots") && e.to_string().contains("missing"), "{e}");
     }
 }

@@ -94,7 +94,7 @@ impl Engine {
         };
         let mut own: Vec<(&Path, &'static str)> = vec![(&data_dir, "data folder")];
         own.extend(local_target.as_deref().map(|p| (p, "local target")));
-        let disk_roots = DiskRoots::with_own(&config.disk_roots, &own)?;
+        let disk_roots = DiskRoots::new(&config.disk_roots, &own)?;
         // An engine of this process that was just dropped may still be
         // letting go of the store: give it a moment before refusing.
         let path = crate::paths::DataDir::new(&data_dir).state_store();

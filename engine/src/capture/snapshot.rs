@@ -142,13 +142,13 @@ pub fn side_files(disk_path: &Path) -> Vec<PathBuf> {
 /// fails on any name, link or not, that appeared meanwhile), so root never
 /// writes the disk's bytes through a planted link.
 pub(crate) fn create_side_file(path: &Path, what: &str) -> Result<File> {
-    let err = |e| Error::io(format!("create {what} {}", path.display()), e);
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    crate::paths::private_options().read(true).write(true).create_new(true).open(path).map_err(err)
+    crate::changelog::remove_file_if_present(path)?;
+    crate::paths::private_options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("create {what} {}", path.display()), e))
 }
 
 impl CowSnapshot {
