@@ -15,7 +15,9 @@
 //!
 //! Environment: FERRY_BENCH_DISK_MIB (image size, default 16384),
 //! FERRY_BENCH_SECS (fio runtime per run, default 10), FERRY_BENCH_ROUNDS
-//! (default 3), FERRY_BENCH_IO_CAP_MIB (a write run also ends after this
+//! (default 3), FERRY_BENCH_FREQUENCY (the VM's replication frequency,
+//! default 10s; `1h` measures the write path with no cycle during the
+//! runs, which bounds what replication costs), FERRY_BENCH_IO_CAP_MIB (a write run also ends after this
 //! much, default 2048, so the logs and the replica stay within the disk
 //! space of a test machine; each run still measures MiB/s over its own
 //! runtime), FERRY_BENCH_DIR (where the temp folder goes), FERRY_BENCH_ONLY
@@ -187,6 +189,7 @@ fn main() {
     let cap = env_u64("FERRY_BENCH_IO_CAP_MIB", 2048).max(1) << 20;
     let size = disk_mib << 20;
     // FERRY_BENCH_ONLY: run only the cells whose "workload layout" contains this text.
+    let frequency = std::env::var("FERRY_BENCH_FREQUENCY").unwrap_or_else(|_| "10s".into());
     let only = std::env::var("FERRY_BENCH_ONLY").ok().filter(|s| !s.is_empty());
 
     let fio = require_tool("fio");
@@ -221,7 +224,7 @@ fn main() {
         layout.make(&qemu_img, size);
         let mut ferryd = Daemon::builder().in_dir(&dir.path().join("ferry")).log("warn").start();
         let disk_arg = format!("d={}", ferry_img.display());
-        ferryd.ctl_ok(&["protect", VM, "--disk", &disk_arg, "--frequency", "10s"]);
+        ferryd.ctl_ok(&["protect", VM, "--disk", &disk_arg, "--frequency", &frequency]);
         let t = Instant::now();
         ferryd.wait_state_every(VM, "Protected", Duration::from_millis(100), Duration::from_secs(1800));
         eprintln!("{} {disk_mib} MiB image: Protected after {:.1}s", layout.name(), t.elapsed().as_secs_f64());
@@ -279,7 +282,10 @@ fn main() {
     }
 
     println!("\nfio --ioengine=nbd over Unix sockets, {disk_mib} MiB image, {secs}s per run (write runs end");
-    println!("after {} MiB at most), {rounds} rounds interleaved, ferry replicating every 10 s meanwhile", cap >> 20);
+    println!(
+        "after {} MiB at most), {rounds} rounds interleaved, ferry replicating every {frequency} meanwhile",
+        cap >> 20
+    );
     println!(
         "ferry:    {}",
         fio_args(&format!("nbd+unix:///{VM}/d?socket=SOCK"), &WORKLOADS[3], size, secs, cap).join(" ")
