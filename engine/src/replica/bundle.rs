@@ -19,15 +19,14 @@
 //! GiBs, and adjacent ones coalesce). Decompression stops at the largest
 //! valid size, so a hostile object cannot inflate without bound.
 //!
-//! Effort: a bundle is compressed at the configured level only where that
-//! pays ([`effort_level`]): a few slices spread over it are compressed
-//! first, and if they shrink by less than an eighth (ZFS's early-abort
-//! rule) the bundle is compressed at [`LOW_EFFORT_LEVEL`] instead. Data
-//! that is nearly incompressible but full of short matches (encrypted or
-//! already compressed files, fio's default buffers) costs zstd's level 3
-//! ten times the CPU of level -4 for a saving of a few percent; on a busy
-//! host that CPU is the guests'. The choice changes only the compressed
-//! bytes, never what they decode to.
+//! Effort: a bundle is compressed only where that pays ([`effort`]): a few
+//! slices spread over it are compressed first, and if they shrink by less
+//! than an eighth (ZFS's early-abort rule) the bundle is stored as it is,
+//! in a standard zstd frame of raw blocks ([`stored_frame`]), so the one
+//! decoder reads both. Data that is nearly incompressible but full of
+//! short matches (already compressed files, fio's default buffers) costs
+//! zstd's level 3 about 110 MB/s of one core for a saving of a tenth; on a
+//! busy host that CPU is the guests'.
 
 use crate::error::{Error, Result};
 
@@ -132,39 +131,73 @@ pub fn encode(extents: &[BundleExtent], zstd_level: i32) -> Result<EncodedBundle
             ExtentData::Zero(_) => raw.push(2),
         }
     }
-    let level = effort_level(&raw, zstd_level)?;
-    let bytes = zstd::bulk::compress(&raw, level).map_err(|e| Error::io("zstd compress", e))?;
+    let bytes = match effort(&raw, zstd_level)? {
+        Effort::Level(level) => zstd::bulk::compress(&raw, level).map_err(|e| Error::io("zstd compress", e))?,
+        Effort::Stored => stored_frame(&raw),
+    };
     Ok(EncodedBundle { checksum: checksum(&bytes), bytes, logical_len })
 }
 
-/// The level a bundle is compressed at when sampling finds the configured
-/// one does not pay: zstd's `--fast=4`, several times faster than level 1
-/// on data with only short matches, still saving what they give.
-pub const LOW_EFFORT_LEVEL: i32 = -4;
+/// How a bundle's bytes are stored ([`effort`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effort {
+    /// Compressed at this zstd level.
+    Level(i32),
+    /// Stored as they are, in a zstd frame of raw blocks ([`stored_frame`]).
+    Stored,
+}
+
 /// Slices compressed to judge a bundle: this many, of [`SAMPLE_SLICE`]
 /// bytes each, spread evenly; bundles under four times their total are
 /// compressed at the configured level without sampling (cheap either way).
 const SAMPLE_SLICES: usize = 4;
 const SAMPLE_SLICE: usize = 32 << 10;
 
-/// The level to compress `raw` at: `configured`, unless compressing sample
-/// slices at it saves less than an eighth of their size, then
-/// [`LOW_EFFORT_LEVEL`] (or `configured`, if lower still). The sample is
-/// at most a quarter of the bundle (128 KiB of a 4 MiB part: 3%), each
-/// slice compressed on its own.
-pub fn effort_level(raw: &[u8], configured: i32) -> Result<i32> {
+/// How to store `raw`: compressed at `level`, unless compressing sample
+/// slices at it saves less than an eighth of their size, then stored. The
+/// sample is at most a quarter of the bundle (128 KiB of a 4 MiB part:
+/// 3%), each slice compressed on its own.
+pub fn effort(raw: &[u8], level: i32) -> Result<Effort> {
     let sample = SAMPLE_SLICES * SAMPLE_SLICE;
-    if raw.len() < 4 * sample || configured <= LOW_EFFORT_LEVEL {
-        return Ok(configured);
+    if raw.len() < 4 * sample {
+        return Ok(Effort::Level(level));
     }
     let step = (raw.len() - SAMPLE_SLICE) / (SAMPLE_SLICES - 1);
-    let mut compressor = zstd::bulk::Compressor::new(configured).map_err(|e| Error::io("zstd compress", e))?;
+    let mut compressor = zstd::bulk::Compressor::new(level).map_err(|e| Error::io("zstd compress", e))?;
     let mut compressed = 0usize;
     for i in 0..SAMPLE_SLICES {
         let slice = &raw[i * step..i * step + SAMPLE_SLICE];
         compressed += compressor.compress(slice).map_err(|e| Error::io("zstd compress", e))?.len();
     }
-    Ok(if compressed * 8 > sample * 7 { LOW_EFFORT_LEVEL } else { configured })
+    Ok(if compressed * 8 > sample * 7 { Effort::Stored } else { Effort::Level(level) })
+}
+
+/// Largest raw block of a zstd frame (RFC 8878, Block_Maximum_Size).
+const RAW_BLOCK: usize = 128 << 10;
+
+/// `raw` as one standard zstd frame of raw blocks (RFC 8878): any zstd
+/// decoder reads it back, and writing it is one copy. Header: magic, a
+/// descriptor (8-byte content size, a window descriptor, no checksum, no
+/// dictionary), a 128 KiB window (only raw blocks follow, none larger), the
+/// content size; then 3-byte block headers (last flag, type 0 = raw, size).
+pub fn stored_frame(raw: &[u8]) -> Vec<u8> {
+    let blocks = raw.len().div_ceil(RAW_BLOCK).max(1);
+    let mut out = Vec::with_capacity(14 + 3 * blocks + raw.len());
+    out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    out.push(0b1100_0000); // Frame_Content_Size: 8 bytes; not single segment.
+    out.push(7 << 3); // Window_Descriptor: 2^(10 + 7) = 128 KiB.
+    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+    let mut chunks = raw.chunks(RAW_BLOCK).peekable();
+    if chunks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0]); // one empty last raw block
+    }
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none() as u32;
+        let header = last | ((chunk.len() as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(chunk);
+    }
+    out
 }
 
 /// Verifies the checksum, decompresses and parses; `what` names the object in errors.
@@ -262,41 +295,53 @@ mod tests {
     }
 
     #[test]
-    fn the_configured_level_is_kept_only_where_it_pays() {
+    fn bundles_are_compressed_only_where_it_pays() {
         let text: Vec<u8> =
             b"the quick brown fox jumps over the lazy dog; ".iter().copied().cycle().take(4 << 20).collect();
         // Mostly noise with a short repeat in every 64 bytes: zstd finds
-        // matches everywhere and saves almost nothing (fio's buffers look so).
+        // matches everywhere and saves little (fio's buffers look so).
         let mut short_matches = noise(4 << 20, 7);
         for chunk in short_matches.chunks_mut(64) {
             chunk[..8].copy_from_slice(b"ferry-00");
         }
         let mut half = noise(4 << 20, 9);
         half[..2 << 20].fill(0);
-        let cases: &[(&str, &[u8], i32, i32)] = &[
-            ("text", &text, 3, 3),
-            ("noise", &noise(4 << 20, 3), 3, LOW_EFFORT_LEVEL),
-            ("short matches only", &short_matches, 3, LOW_EFFORT_LEVEL),
+        let cases: &[(&str, &[u8], i32, Effort)] = &[
+            ("text", &text, 3, Effort::Level(3)),
+            ("noise", &noise(4 << 20, 3), 3, Effort::Stored),
+            ("short matches only", &short_matches, 3, Effort::Stored),
             // Slices at 0 and a third are zeros, two are noise: saves half.
-            ("half zeros", &half, 3, 3),
-            ("noise under the sampling size", &noise(511 << 10, 3), 3, 3),
-            ("a level already lower", &noise(4 << 20, 3), -7, -7),
-            ("level 19 on noise", &noise(1 << 20, 5), 19, LOW_EFFORT_LEVEL),
+            ("half zeros", &half, 3, Effort::Level(3)),
+            ("noise under the sampling size", &noise(511 << 10, 3), 3, Effort::Level(3)),
+            ("level 19 on noise", &noise(1 << 20, 5), 19, Effort::Stored),
         ];
-        for (name, raw, configured, want) in cases {
-            assert_eq!(effort_level(raw, *configured).unwrap(), *want, "{name}");
+        for (name, raw, level, want) in cases {
+            assert_eq!(effort(raw, *level).unwrap(), *want, "{name}");
+        }
+    }
+
+    proptest! {
+        /// Any bytes, stored: the standard zstd decoder gives them back.
+        #[test]
+        fn stored_frames_are_standard_zstd(len in prop_oneof![0usize..1000, 130_000usize..300_000], seed: u64) {
+            let raw = noise(len, seed);
+            let frame = stored_frame(&raw);
+            prop_assert!(starts_a_zstd_frame(&frame));
+            prop_assert_eq!(frame.len(), 14 + 3 * len.div_ceil(RAW_BLOCK).max(1) + len);
+            prop_assert_eq!(decompress_bounded(&frame).unwrap(), raw.clone());
+            prop_assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), raw);
         }
     }
 
     #[test]
-    fn a_bundle_compressed_with_low_effort_decodes_the_same() {
+    fn a_stored_bundle_decodes_the_same() {
         let data = noise(2 << 20, 11);
         let extents = vec![
             BundleExtent { offset: 0, data: ExtentData::Data(data.clone()) },
             BundleExtent { offset: 8 << 20, data: ExtentData::Zero(1 << 30) },
         ];
         let enc = encode(&extents, 3).unwrap();
-        assert!(enc.bytes.len() < data.len() + 1024, "stored as near raw: {} bytes", enc.bytes.len());
+        assert_eq!(enc.bytes.len(), stored_frame(&[0u8; 12 + 17 + (2 << 20) + 17]).len(), "stored");
         assert_eq!(decode("p", &enc.bytes, enc.checksum).unwrap(), extents);
     }
 
