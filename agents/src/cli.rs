@@ -1,7 +1,8 @@
 //! `ferryctl`: the command-line client of `ferryd`'s gRPC API.
 //!
-//! Human-readable output by default, `--json` on every command. Exit codes:
-//! 0 success, 1 the daemon refused or failed (message on stderr), 2 usage.
+//! Human-readable output by default, `--json` on every command. Exit codes
+//! ([`exit`]): 0 done, 1 refused or failed (message on stderr), 2 usage,
+//! 3 ferryd unreachable or unavailable, 4 not found, 5 not allowed.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,12 +12,14 @@ use clap::{Parser, Subcommand};
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::ferry_client::FerryClient;
 use serde_json::json;
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::units::{format_bytes, parse_duration};
 
 #[derive(Debug, Parser)]
-#[command(name = "ferryctl", version, about = "Control a Ferry daemon (ferryd)")]
+#[command(name = "ferryctl", version, about = "Control a Ferry daemon (ferryd)", after_help = EXIT_CODES)]
 pub struct Args {
     /// ferryd's gRPC endpoint.
     #[arg(long, env = "FERRY_ENDPOINT", default_value = crate::DEFAULT_ENDPOINT, global = true)]
@@ -24,6 +27,18 @@ pub struct Args {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// A file holding ferryd's bearer token (ferryd --token-file); private to its owner.
+    #[arg(long, env = "FERRY_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed ferryd's TLS certificate; needs an https:// endpoint.
+    #[arg(long, env = "FERRY_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM), for a ferryd that requires them (ferryd --tls-client-ca).
+    #[arg(long, env = "FERRY_CERT", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, env = "FERRY_KEY", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -370,13 +385,7 @@ fn absolute(out: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// Waits for a job to end (unless `no_wait`), prints it, and fails if it did.
-async fn follow_job(
-    c: &mut FerryClient<Channel>,
-    mut j: pb::Job,
-    no_wait: bool,
-    json: bool,
-    what: &str,
-) -> anyhow::Result<()> {
+async fn follow_job(c: &mut Client, mut j: pb::Job, no_wait: bool, json: bool, what: &str) -> anyhow::Result<()> {
     while !no_wait && j.status == "Running" {
         tokio::time::sleep(Duration::from_millis(100)).await;
         j = c.get_job(pb::GetJobRequest { id: j.id }).await.map_err(rpc)?.into_inner();
@@ -413,28 +422,130 @@ fn print_job(j: &pb::Job) {
     );
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<FerryClient<Channel>> {
-    let ch = Channel::from_shared(endpoint.to_string())
-        .with_context(|| format!("bad endpoint {endpoint:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach ferryd at {endpoint} (is it running? see --endpoint / FERRY_ENDPOINT)")
-        })?;
-    Ok(FerryClient::new(ch))
+/// A client of ferryd's API that sends the bearer token, if one is given.
+pub type Client = FerryClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
 }
 
-/// A gRPC error as a one-line message: "NotFound: VM not found: x".
+/// The channel to `args.endpoint`: TLS for an https:// endpoint (with
+/// `--ca`, and `--cert`/`--key` if ferryd asks for client certificates).
+async fn connect(args: &Args) -> anyhow::Result<Client> {
+    let endpoint = &args.endpoint;
+    let token = match &args.token_file {
+        Some(p) => {
+            let t = crate::api_auth::read_token("--token-file", p)?;
+            Some(format!("Bearer {t}").parse().context("--token-file: not a header value")?)
+        }
+        None => None,
+    };
+    let mut ep = Channel::from_shared(endpoint.to_string())
+        .with_context(|| format!("bad endpoint {endpoint:?}"))?
+        .connect_timeout(Duration::from_secs(5));
+    let https = endpoint.starts_with("https://");
+    match (&args.ca, https) {
+        (Some(_), false) => bail!("--ca is for TLS: give an https:// endpoint, not {endpoint}"),
+        (None, true) if args.cert.is_none() => {
+            bail!("an https:// endpoint needs --ca, the CA certificate that signed ferryd's certificate")
+        }
+        (None, false) if args.cert.is_some() => bail!("--cert is for TLS: give an https:// endpoint and --ca"),
+        _ => {}
+    }
+    if https {
+        ferry_engine::target::install_tls_provider();
+        let read = |flag: &str, p: &PathBuf| std::fs::read(p).with_context(|| format!("{flag} {}", p.display()));
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &args.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read("--ca", ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+            tls = tls.identity(Identity::from_pem(read("--cert", cert)?, read("--key", key)?));
+        }
+        ep = ep.tls_config(tls).context("--ca/--cert/--key")?;
+    }
+    let ch = ep.connect().await.with_context(|| {
+        Unreachable(format!("cannot reach ferryd at {endpoint} (is it running? see --endpoint / FERRY_ENDPOINT)"))
+    })?;
+    Ok(FerryClient::with_interceptor(ch, BearerToken(token)))
+}
+
+/// ferryctl's exit codes (also in `ferryctl --help`).
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// ferryd refused the request (bad input, wrong state), a job failed,
+    /// or ferryctl refused its own arguments' values.
+    pub const FAILED: u8 = 1;
+    /// Usage: unknown command or flag, missing argument.
+    pub const USAGE: u8 = 2;
+    /// ferryd cannot be reached (not running, wrong endpoint, TLS refused)
+    /// or is unavailable for now: retrying may help.
+    pub const UNREACHABLE: u8 = 3;
+    /// The VM, job or recovery point does not exist.
+    pub const NOT_FOUND: u8 = 4;
+    /// Not allowed: no or a wrong token (Unauthenticated), or a path
+    /// outside the disk roots (PermissionDenied).
+    pub const DENIED: u8 = 5;
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 refused or failed; 2 usage; 3 ferryd unreachable or \
+unavailable; 4 not found; 5 not allowed (token, certificate or disk roots)";
+
+/// A refusal from ferryd, shown as "NotFound: VM not found: x".
+#[derive(Debug)]
+struct RpcError(tonic::Status);
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0.code(), self.0.message())
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+/// ferryd could not be reached.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 fn rpc(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    anyhow::Error::new(RpcError(s))
+}
+
+/// The exit code for an error [`run`] returned ([`exit`]).
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    use tonic::Code;
+    if e.downcast_ref::<Unreachable>().is_some() {
+        return exit::UNREACHABLE;
+    }
+    match e.chain().find_map(|c| c.downcast_ref::<RpcError>()).map(|r| r.0.code()) {
+        Some(Code::NotFound) => exit::NOT_FOUND,
+        Some(Code::Unauthenticated | Code::PermissionDenied) => exit::DENIED,
+        Some(Code::Unavailable) => exit::UNREACHABLE,
+        _ => exit::FAILED,
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if matches!(args.command, Command::Points { .. } | Command::Restore { .. }) {
         return standalone(args.command, args.json).await;
     }
-    let mut c = connect(&args.endpoint).await?;
+    let mut c = connect(&args).await?;
     let json = args.json;
     match args.command {
         Command::Protect { vm, disks, frequency, workers } => {
@@ -625,6 +736,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_kind_of_failure_has_its_documented_exit_code() {
+        use tonic::{Code, Status};
+        let cases = [
+            (rpc(Status::not_found("VM not found: x")), exit::NOT_FOUND),
+            (rpc(Status::unauthenticated("token")), exit::DENIED),
+            (rpc(Status::permission_denied("/etc")), exit::DENIED),
+            (rpc(Status::unavailable("later")), exit::UNREACHABLE),
+            (rpc(Status::invalid_argument("bad")), exit::FAILED),
+            (rpc(Status::new(Code::FailedPrecondition, "state")), exit::FAILED),
+            (rpc(Status::not_found("job")).context("waiting for the job"), exit::NOT_FOUND),
+            (anyhow::anyhow!("transport error").context(Unreachable("cannot reach ferryd".into())), exit::UNREACHABLE),
+            (anyhow::anyhow!("--frequency: not a duration"), exit::FAILED),
+        ];
+        for (e, code) in cases {
+            assert_eq!(exit_code(&e), code, "{e:#}");
+        }
+        assert_eq!(rpc(Status::not_found("VM not found: x")).to_string(), "NotFound: VM not found: x");
+    }
 
     #[test]
     fn disk_names_default_to_the_file_stem() {

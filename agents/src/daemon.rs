@@ -1,6 +1,7 @@
 //! `ferryd`: the engine, its gRPC API (with health and reflection) and the
-//! NBD export of every protected disk: gRPC on loopback, NBD on a Unix
-//! socket only its user (or one group) may use, and on TCP only if asked.
+//! NBD export of every protected disk: gRPC on loopback (elsewhere only
+//! with a token and TLS, [`crate::api_auth`]), NBD on a Unix socket only
+//! its user (or one group) may use, and on TCP only if asked.
 //!
 //! Shutdown (SIGINT/SIGTERM): stop accepting, let NBD requests in flight
 //! finish, stop gRPC, then stop the engine, which seals every active change
@@ -17,6 +18,7 @@ use ferry_engine::{Engine, EngineConfig};
 use ferry_proto::v1::ferry_server::FerryServer;
 use tokio_util::sync::CancellationToken;
 
+use crate::api_auth;
 use crate::ready::{self, Ready};
 use crate::service::FerryService;
 use crate::units;
@@ -53,9 +55,23 @@ pub struct Args {
     /// elsewhere too: without it the replica cannot be restored.
     #[arg(long, env = "FERRY_ENCRYPTION_KEY_FILE")]
     pub encryption_key_file: Option<PathBuf>,
-    /// gRPC listen address (loopback by default; port 0 picks a free port).
+    /// gRPC listen address (loopback by default; port 0 picks a free port). A non-loopback
+    /// address needs --token-file and --tls-cert/--tls-key.
     #[arg(long, env = "FERRY_LISTEN", default_value = crate::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// A bearer token every gRPC call but health must carry (`authorization: Bearer <token>`):
+    /// a file of at least 16 visible characters that only its owner may read. Default: none.
+    #[arg(long, env = "FERRY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve gRPC over TLS with this certificate (PEM, with its chain). Default: plain HTTP/2.
+    #[arg(long, env = "FERRY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "FERRY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS. Needs --tls-cert.
+    #[arg(long, env = "FERRY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// NBD Unix socket, mode 0600 (0660 with --nbd-socket-group). Default: <data-dir>/nbd.sock.
     #[arg(long, env = "FERRY_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,
@@ -205,7 +221,7 @@ fn apply_tuning(args: &Args, config: &mut EngineConfig) -> anyhow::Result<()> {
 
 fn loopback_only(addr: &SocketAddr, flag: &str) -> anyhow::Result<()> {
     if !addr.ip().is_loopback() {
-        tracing::warn!("{flag} {addr} is not a loopback address: the API has no authentication yet");
+        tracing::warn!("{flag} {addr} is not a loopback address: NBD has no authentication");
     }
     Ok(())
 }
@@ -287,7 +303,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         config.faults = Some(read_faults(path)?);
     }
     apply_tuning(&args, &mut config)?;
-    loopback_only(&args.listen, "--listen")?;
+    let token = args.token_file.as_deref().map(|p| api_auth::read_token("--token-file", p)).transpose()?;
+    let tls = api_auth::server_tls(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_client_ca.as_deref())?;
+    api_auth::check_listen(&args.listen, token.is_some(), tls.is_some())?;
     let nbd_limits = nbd_limits(&args)?;
 
     let clock: Arc<dyn ferry_engine::clock::Clock> = if args.policy_time_factor == 1.0 {
@@ -321,23 +339,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tasks.spawn(async move { nbd.serve_tcp(l).await.map_err(anyhow::Error::from) });
     }
 
-    // gRPC with health and reflection.
+    // gRPC: health (open), reflection v1 and v1alpha and ferry.v1 (behind
+    // the token, if one is set), over TLS if configured.
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        ferry_engine::target::install_tls_provider();
+        server = server.tls_config(tls).context("--tls-cert/--tls-key/--tls-client-ca")?;
+    }
     let grpc = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let grpc_addr = grpc.local_addr()?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<FerryServer<FerryService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ferry_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building reflection service")?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let check = api_auth::TokenCheck::new(token);
+    use tonic::service::interceptor::InterceptedService;
+    let reflection_v1 = InterceptedService::new(reflection().build_v1().context("reflection v1")?, check.clone());
+    let reflection_v1alpha =
+        InterceptedService::new(reflection().build_v1alpha().context("reflection v1alpha")?, check.clone());
     {
-        let svc = FerryServer::new(FerryService::new(engine.clone()));
+        let svc = FerryServer::with_interceptor(FerryService::new(engine.clone()), check.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(health)
-                .add_service(reflection)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(grpc),

@@ -1,6 +1,7 @@
 //! Ferry's binaries and what only they need.
 //!
 //! - [`daemon`]: `ferryd`, the engine with its gRPC API and NBD export.
+//! - [`api_auth`]: who may call the gRPC API (bearer token, TLS, client certificates).
 //! - [`service`]: the `ferry.v1` gRPC service over the engine.
 //! - [`convert`]: wire <-> domain conversion and error -> status mapping.
 //! - [`ready`]: the line `ferryd` prints once it listens, and its parser.
@@ -8,6 +9,7 @@
 //! - [`cli`]: `ferryctl`, the command-line client.
 //! - [`units`]: parsing sizes, rates and durations as operators type them.
 
+pub mod api_auth;
 pub mod cli;
 pub mod convert;
 pub mod daemon;

@@ -31,21 +31,8 @@ pub struct BlobServer {
     _dir: tempfile::TempDir,
 }
 
-fn tools_dir() -> PathBuf {
-    match std::env::var_os("FERRY_TOOLS") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/ferry-tools"),
-    }
-}
-
 fn tool(rel: &str) -> PathBuf {
-    let path = tools_dir().join(rel);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/install-blob-servers.sh (the test command does)",
-        path.display()
-    );
-    path
+    super::tools::installed_tool(rel, "scripts/install-blob-servers.sh")
 }
 
 fn free_port() -> u16 {

@@ -59,12 +59,20 @@ impl Daemon {
         out.stdout
     }
 
-    /// Runs ferryctl expecting a refusal: exit code 1 and a
-    /// "ferryctl: <Code>: ..." message on stderr; returns that message.
-    /// An empty `code`: a refusal by ferryctl itself (bad flag value).
+    /// Runs ferryctl expecting a refusal: the exit code ferryctl documents
+    /// for `code` (4 NotFound, 5 PermissionDenied or Unauthenticated, 3
+    /// Unavailable, else 1) and a "ferryctl: <Code>: ..." message on
+    /// stderr; returns that message. An empty `code`: a refusal by
+    /// ferryctl itself (bad flag value), exit 1.
     pub fn ctl_err(&self, args: &[&str], code: &str) -> String {
         let out = self.ctl(args);
-        assert_eq!(out.status.code(), Some(1), "ferryctl {args:?} should fail with exit 1:\n{}", out.text());
+        let exit = match code {
+            "NotFound" => 4,
+            "PermissionDenied" | "Unauthenticated" => 5,
+            "Unavailable" => 3,
+            _ => 1,
+        };
+        assert_eq!(out.status.code(), Some(exit), "ferryctl {args:?} should fail with exit {exit}:\n{}", out.text());
         let prefix = if code.is_empty() { "ferryctl: ".to_string() } else { format!("ferryctl: {code}: ") };
         assert!(out.stderr.starts_with(&prefix), "ferryctl {args:?} should fail with {code}, got:\n{}", out.stderr);
         out.stderr

@@ -41,7 +41,7 @@ pub use images::{
     write_image,
 };
 pub use process::{run, Proc, Ran};
-pub use tools::{qemu_io, read_export, require_tool};
+pub use tools::{installed_tool, qemu_io, read_export, require_tool, tools_dir};
 
 pub const MIB: u64 = 1 << 20;
 /// Longest any client process (ferryctl, qemu-io, qemu-img) may run unless

@@ -28,6 +28,24 @@ pub fn require_tool(tool: &str) -> PathBuf {
     })
 }
 
+/// Where the project's install scripts put tools that are not Debian
+/// packages (emulators, Python clients): `$FERRY_TOOLS`, default
+/// `~/.cache/ferry-tools`.
+pub fn tools_dir() -> PathBuf {
+    match std::env::var_os("FERRY_TOOLS") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/ferry-tools"),
+    }
+}
+
+/// `rel` under [`tools_dir`]; fails (never skips) when `script` has not
+/// installed it.
+pub fn installed_tool(rel: &str, script: &str) -> PathBuf {
+    let path = tools_dir().join(rel);
+    assert!(path.exists(), "{} is missing: run {script} (the test command does)", path.display());
+    path
+}
+
 /// Runs qemu-io on one NBD URI with the given commands (`-c` each); asserts
 /// that it exits 0 and that no command reports a failure.
 pub fn qemu_io(uri: &str, commands: &[&str]) -> Ran {

@@ -81,8 +81,9 @@ impl BlobOptions {
 }
 
 /// Installs ring as the process's rustls provider (the tree's one TLS
-/// stack) before any HTTP client is built; harmless if one is installed.
-fn install_tls_provider() {
+/// stack) before any HTTP client or TLS server is built; harmless if one
+/// is installed.
+pub fn install_tls_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();

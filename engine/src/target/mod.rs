@@ -33,7 +33,7 @@ pub mod sealed;
 pub mod unreliable;
 pub mod url;
 
-pub use blob::{BlobOptions, BlobTarget};
+pub use blob::{install_tls_provider, BlobOptions, BlobTarget};
 pub use url::TargetUrl;
 
 use std::io::Write;
