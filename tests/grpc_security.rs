@@ -149,13 +149,27 @@ async fn only_a_client_with_the_token_and_a_certificate_of_the_ca_gets_in() {
         // ferryctl's own refusals of flag mixes that cannot work.
         (vec!["--endpoint", &https, "--token-file", &tok, "list"], "an https:// endpoint needs --ca"),
         (vec!["--endpoint", &d.endpoint, "--ca", &ca_pem, "list"], "--ca is for TLS: give an https:// endpoint"),
+        (
+            vec!["--endpoint", "http://192.0.2.1:50551", "--token-file", &tok, "list"],
+            "--token-file over plain http:// to 192.0.2.1 would send the token in clear",
+        ),
     ];
     for (i, (args, want)) in cases.iter().enumerate() {
         let out = ferryctl(args);
         assert!(!out.ok() && out.stderr.contains(want), "ferryctl {args:?}: wanted {want:?}, got:\n{}", out.text());
-        if i < 2 {
-            assert_eq!(out.status.code(), Some(5), "not allowed has its own exit code: {}", out.text());
-        }
+        // Exit codes: 5 not allowed (the token), 3 a refused TLS handshake
+        // or plain HTTP/2 to TLS (ferryd unreachable as asked), 1 ferryctl's own refusals.
+        let exit = match i {
+            0 | 1 => vec![5],
+            2..=4 => vec![3, 1],
+            _ => vec![1],
+        };
+        assert!(
+            out.status.code().is_some_and(|c| exit.contains(&c)),
+            "ferryctl {args:?}: exit {:?}, wanted one of {exit:?}: {}",
+            out.status.code(),
+            out.text()
+        );
         assert!(!out.stdout.contains("vm1"), "ferryctl {args:?} got an answer: {}", out.stdout);
     }
 
@@ -193,6 +207,22 @@ async fn only_a_client_with_the_token_and_a_certificate_of_the_ca_gets_in() {
         panic!("unexpected reflection answer: {answer:?}");
     };
     assert!(services.service.iter().any(|s| s.name == "ferry.v1.Ferry"), "{services:?}");
+    {
+        use tonic_reflection::pb::v1::{
+            server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+            ServerReflectionRequest,
+        };
+        let list = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut v1 = ServerReflectionClient::new(channel.clone());
+        let e = v1.server_reflection_info(tokio_stream::iter(vec![list.clone()])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "reflection v1 too: {e:?}");
+        let mut req = tonic::Request::new(tokio_stream::iter(vec![list]));
+        req.metadata_mut().insert("authorization", bearer.clone());
+        assert!(v1.server_reflection_info(req).await.unwrap().into_inner().message().await.unwrap().is_some());
+    }
     let mut c = ferry_proto::v1::ferry_client::FerryClient::new(channel);
     let e = c.list_vms(ferry_proto::v1::ListVmsRequest {}).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
@@ -213,13 +243,37 @@ fn ferryd_refuses_an_open_network_address_and_a_readable_token_file() {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
     let data = dir.path().join("data");
     let token_s = token.display().to_string();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n").unwrap();
+    let junk_s = junk.display().to_string();
     for (args, want) in [
         (vec!["--listen", "0.0.0.0:0"], "--listen 0.0.0.0:0 is not a loopback address"),
         (vec!["--listen", "127.0.0.1:0", "--token-file", &token_s], "chmod 600"),
+        (vec!["--listen", "127.0.0.1:0", "--tls-cert", &junk_s, "--tls-key", &junk_s], "--tls-cert/--tls-key"),
     ] {
         let mut cmd = Command::new(&binaries().ferryd);
         cmd.arg("--data-dir").arg(&data).args(&args).args(["--nbd-socket"]).arg(dir.path().join("nbd.sock"));
         let out = run(&mut cmd, Duration::from_secs(60));
         assert!(!out.ok() && out.stderr.contains(want), "ferryd {args:?}: wanted {want:?}, got:\n{}", out.text());
+        assert!(!data.join("state.redb").exists() && !dir.path().join("nbd.sock").exists(), "{args:?}: started anyway");
     }
+}
+
+/// `ferryctl list | head -0`: the pipe is closed before ferryctl writes;
+/// it ends quietly (exit 0, no panic), and a dropped connection to ferryd
+/// is still an error with a message, not a death by SIGPIPE.
+#[test]
+fn ferryctl_ends_quietly_when_its_output_pipe_is_closed() {
+    let d = Daemon::builder().log("warn").start();
+    let mut cmd = Command::new(&binaries().ferryctl);
+    cmd.args(["--endpoint", &d.endpoint, "list"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take()); // the reader is gone before ferryctl writes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -20,7 +20,7 @@
 //!   a network is no secret.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -30,12 +30,32 @@ use tonic::{Request, Status};
 
 /// Shortest token accepted: a secret, not a password.
 pub const MIN_TOKEN_LEN: usize = 16;
+/// Longest token accepted (a header value), and the most read of its file.
+pub const MAX_TOKEN_LEN: usize = 1024;
+const MAX_TOKEN_FILE: u64 = 4096;
 
 /// Reads a bearer token from `path` (`flag` names it in errors): trimmed,
 /// at least [`MIN_TOKEN_LEN`] visible ASCII characters, from a file that
 /// only its owner may read or write.
 pub fn read_token(flag: &str, path: &Path) -> anyhow::Result<String> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{flag} {}", path.display()))?;
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    // One open, following no symlink, and never blocking on a FIFO; then
+    // the checks on what was opened.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("{flag} {}", path.display()))?;
+    let meta = file.metadata().with_context(|| format!("{flag} {}", path.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{flag} {}: not a regular file", path.display());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        anyhow::bail!("{flag} {}: owned by uid {}, not by this user or root", path.display(), meta.uid());
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         anyhow::bail!(
@@ -44,11 +64,14 @@ pub fn read_token(flag: &str, path: &Path) -> anyhow::Result<String> {
             path.display()
         );
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_TOKEN_FILE)
+        .read_to_string(&mut text)
+        .with_context(|| format!("{flag} {}: not a text file", path.display()))?;
     let token = text.trim();
-    if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+    if token.len() < MIN_TOKEN_LEN || token.len() > MAX_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
         anyhow::bail!(
-            "{flag} {}: a token is at least {MIN_TOKEN_LEN} visible ASCII characters without spaces \
+            "{flag} {}: a token is {MIN_TOKEN_LEN} to {MAX_TOKEN_LEN} visible ASCII characters without spaces \
              (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
             path.display()
         );
@@ -93,6 +116,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Time a gRPC client has for its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The TLS settings from `--tls-cert`, `--tls-key` and `--tls-client-ca`:
 /// none, or a server certificate with its key, optionally a CA for client
 /// certificates. An error names the flag and the file.
@@ -110,7 +136,8 @@ pub fn server_tls(
         (Some(c), Some(k)) => (c, k),
     };
     let (cert_pem, key_pem) = (read("--tls-cert", cert)?, read("--tls-key", key)?);
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    // A client gets as long for its TLS handshake as an NBD client for its.
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)).timeout(HANDSHAKE_TIMEOUT);
     if let Some(ca) = client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
     }
@@ -182,15 +209,21 @@ mod tests {
         for (name, text, mode, why) in [
             ("open", "abcdefghijklmnop0123", 0o644, "chmod 600"),
             ("group", "abcdefghijklmnop0123", 0o640, "chmod 600"),
-            ("short", "abc", 0o600, "at least 16"),
+            ("short", "abc", 0o600, "16 to 1024"),
             ("spaces", "abcdefgh ijklmnop0123", 0o600, "without spaces"),
-            ("empty", "\n", 0o600, "at least 16"),
+            ("empty", "\n", 0o600, "16 to 1024"),
         ] {
             let e = read_token("--token-file", &write(name, text, mode)).unwrap_err().to_string();
             assert!(e.contains(why) && e.contains("--token-file") && e.contains(name), "{name}: {e}");
         }
         let e = read_token("--token-file", &dir.path().join("missing")).unwrap_err();
         assert!(format!("{e:#}").contains("missing"), "{e:#}");
+        // A symlink to a private token is not followed; a folder is no file.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("ok"), &link).unwrap();
+        assert!(read_token("--token-file", &link).is_err());
+        let e = read_token("--token-file", dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,27 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::units::{format_bytes, parse_duration};
 
+/// `println!` that ends ferryctl quietly when stdout is a closed pipe
+/// (`ferryctl list | head -1`) instead of panicking; SIGPIPE stays ignored,
+/// so a dropped connection to ferryd is an error, not a silent death.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*))
+    };
+}
+
+fn print_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(exit::OK as i32);
+        }
+        eprintln!("ferryctl: writing to stdout: {e}");
+        std::process::exit(exit::FAILED as i32);
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version, about = "Control a Ferry daemon (ferryd)", after_help = EXIT_CODES)]
 pub struct Args {
@@ -189,11 +210,11 @@ async fn standalone(command: Command, json: bool) -> anyhow::Result<()> {
         Command::Points { vm, store } => {
             let points = ferry_engine::restore::stored_points(&store.open().await?, &vm).await?;
             if json {
-                println!("{}", json!(points.iter().map(stored_point_json).collect::<Vec<_>>()));
+                out!("{}", json!(points.iter().map(stored_point_json).collect::<Vec<_>>()));
             } else {
-                println!("{:>6}  {:<26} {:<6} {:>12} {:>12}  DISKS", "ID", "TIME", "KIND", "CHANGED", "STORED");
+                out!("{:>6}  {:<26} {:<6} {:>12} {:>12}  DISKS", "ID", "TIME", "KIND", "CHANGED", "STORED");
                 for p in &points {
-                    println!(
+                    out!(
                         "{:>6}  {:<26} {:<6} {:>12} {:>12}  {}",
                         p.seq,
                         time(p.time_ms),
@@ -243,11 +264,11 @@ async fn standalone(command: Command, json: bool) -> anyhow::Result<()> {
                     .iter()
                     .map(|d| json!({"name": d.name, "path": d.path.display().to_string(), "size": d.size}))
                     .collect();
-                println!("{}", json!({"vm": vm, "recovery_point": point.seq, "disks": disks, "seconds": secs}));
+                out!("{}", json!({"vm": vm, "recovery_point": point.seq, "disks": disks, "seconds": secs}));
             } else {
-                println!("restored {vm} at recovery point {} in {secs:.1}s:", point.seq);
+                out!("restored {vm} at recovery point {} in {secs:.1}s:", point.seq);
                 for d in &disks {
-                    println!("  {} {} ({})", d.name, d.path.display(), format_bytes(d.size));
+                    out!("  {} {} ({})", d.name, d.path.display(), format_bytes(d.size));
                 }
             }
         }
@@ -332,12 +353,12 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
 }
 
 fn print_vm(v: &pb::Vm) {
-    println!("VM {}: {}", v.name, v.state);
+    out!("VM {}: {}", v.name, v.state);
     if !v.reason.is_empty() {
-        println!("  reason: {}", v.reason);
+        out!("  reason: {}", v.reason);
     }
     if let Some(f) = &v.failover {
-        println!(
+        out!(
             "  failed over ({}) at {} to recovery point {}, restored into {}",
             if f.planned { "planned" } else { "unplanned" },
             time(f.at_ms),
@@ -345,13 +366,15 @@ fn print_vm(v: &pb::Vm) {
             f.out_dir
         );
     }
-    println!(
+    out!(
         "  frequency: {}, upload workers: {}, last recovery point: {}",
-        v.frequency, v.upload_workers, v.last_recovery_point
+        v.frequency,
+        v.upload_workers,
+        v.last_recovery_point
     );
-    println!("  target: {}", v.target);
+    out!("  target: {}", v.target);
     for d in &v.disks {
-        println!(
+        out!(
             "  disk {} ({}) {}: export {}, active log {}, pending logs {}, snapshot {}",
             d.name,
             format_bytes(d.size),
@@ -363,7 +386,7 @@ fn print_vm(v: &pb::Vm) {
         );
     }
     for t in v.transitions.iter().rev().take(10) {
-        println!("  {} {} -> {}: {}", time(t.at_ms), t.from, t.to, t.reason);
+        out!("  {} {} -> {}: {}", time(t.at_ms), t.from, t.to, t.reason);
     }
 }
 
@@ -391,7 +414,7 @@ async fn follow_job(c: &mut Client, mut j: pb::Job, no_wait: bool, json: bool, w
         j = c.get_job(pb::GetJobRequest { id: j.id }).await.map_err(rpc)?.into_inner();
     }
     if json {
-        println!("{}", job_json(&j));
+        out!("{}", job_json(&j));
     } else {
         print_job(&j);
     }
@@ -407,7 +430,7 @@ fn print_job(j: &pb::Job) {
     } else {
         String::new()
     };
-    println!(
+    out!(
         "job {} {} {} {}{}: {} of {}, started {}{}{}",
         j.id,
         j.vm,
@@ -452,14 +475,17 @@ async fn connect(args: &Args) -> anyhow::Result<Client> {
     let mut ep = Channel::from_shared(endpoint.to_string())
         .with_context(|| format!("bad endpoint {endpoint:?}"))?
         .connect_timeout(Duration::from_secs(5));
-    let https = endpoint.starts_with("https://");
+    let https = ep.uri().scheme_str() == Some("https");
     match (&args.ca, https) {
         (Some(_), false) => bail!("--ca is for TLS: give an https:// endpoint, not {endpoint}"),
-        (None, true) if args.cert.is_none() => {
-            bail!("an https:// endpoint needs --ca, the CA certificate that signed ferryd's certificate")
-        }
+        (None, true) => bail!("an https:// endpoint needs --ca, the CA certificate that signed ferryd's certificate"),
         (None, false) if args.cert.is_some() => bail!("--cert is for TLS: give an https:// endpoint and --ca"),
         _ => {}
+    }
+    let host = ep.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if token.is_some() && !https && !loopback {
+        bail!("--token-file over plain http:// to {host} would send the token in clear: use https:// and --ca");
     }
     if https {
         ferry_engine::target::install_tls_provider();
@@ -499,7 +525,7 @@ pub mod exit {
 }
 
 const EXIT_CODES: &str = "Exit codes: 0 done; 1 refused or failed; 2 usage; 3 ferryd unreachable or \
-unavailable; 4 not found; 5 not allowed (token, certificate or disk roots)";
+unavailable (also a refused TLS handshake); 4 not found; 5 not allowed (bearer token, disk roots)";
 
 /// A refusal from ferryd, shown as "NotFound: VM not found: x".
 #[derive(Debug)]
@@ -530,6 +556,7 @@ fn rpc(s: tonic::Status) -> anyhow::Error {
 /// The exit code for an error [`run`] returned ([`exit`]).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     use tonic::Code;
+    // (anyhow finds a context type at any depth of contexts.)
     if e.downcast_ref::<Unreachable>().is_some() {
         return exit::UNREACHABLE;
     }
@@ -557,33 +584,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .map_err(rpc)?
                 .into_inner();
             if json {
-                println!("{}", vm_json(&v));
+                out!("{}", vm_json(&v));
             } else {
-                println!("protecting {}: {}", v.name, v.state);
+                out!("protecting {}: {}", v.name, v.state);
                 for d in &v.disks {
-                    println!("  disk {} -> NBD export {}", d.name, d.export);
+                    out!("  disk {} -> NBD export {}", d.name, d.export);
                 }
             }
         }
         Command::Unprotect { vm } => {
             c.unprotect_vm(pb::VmRef { name: vm.clone() }).await.map_err(rpc)?;
             if json {
-                println!("{}", json!({"unprotected": vm}));
+                out!("{}", json!({"unprotected": vm}));
             } else {
-                println!("{vm} is no longer protected (its replica is kept on the target)");
+                out!("{vm} is no longer protected (its replica is kept on the target)");
             }
         }
         Command::List => {
             let vms = c.list_vms(pb::ListVmsRequest {}).await.map_err(rpc)?.into_inner().vms;
             if json {
-                println!("{}", json!(vms.iter().map(vm_json).collect::<Vec<_>>()));
+                out!("{}", json!(vms.iter().map(vm_json).collect::<Vec<_>>()));
             } else if vms.is_empty() {
-                println!("no protected VMs");
+                out!("no protected VMs");
             } else {
-                println!("target: {}", vms[0].target);
-                println!("{:<24} {:<22} {:>6} {:>10}  REASON", "VM", "STATE", "DISKS", "LAST POINT");
+                out!("target: {}", vms[0].target);
+                out!("{:<24} {:<22} {:>6} {:>10}  REASON", "VM", "STATE", "DISKS", "LAST POINT");
                 for v in &vms {
-                    println!(
+                    out!(
                         "{:<24} {:<22} {:>6} {:>10}  {}",
                         v.name,
                         v.state,
@@ -597,7 +624,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Command::Show { vm } => {
             let v = c.get_vm(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner();
             if json {
-                println!("{}", vm_json(&v));
+                out!("{}", vm_json(&v));
             } else {
                 print_vm(&v);
             }
@@ -605,25 +632,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Command::Pause { vm } => {
             let v = c.pause_vm(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner();
             if json {
-                println!("{}", vm_json(&v))
+                out!("{}", vm_json(&v))
             } else {
-                println!("{}: {}", v.name, v.state)
+                out!("{}: {}", v.name, v.state)
             }
         }
         Command::Resume { vm } => {
             let v = c.resume_vm(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner();
             if json {
-                println!("{}", vm_json(&v))
+                out!("{}", vm_json(&v))
             } else {
-                println!("{}: {}", v.name, v.state)
+                out!("{}: {}", v.name, v.state)
             }
         }
         Command::Resync { vm } => {
             let v = c.resync_vm(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner();
             if json {
-                println!("{}", vm_json(&v))
+                out!("{}", vm_json(&v))
             } else {
-                println!("{}: {} (see `ferryctl jobs --vm {}` for progress)", v.name, v.state, v.name)
+                out!("{}: {} (see `ferryctl jobs --vm {}` for progress)", v.name, v.state, v.name)
             }
         }
         Command::Throttle { action } => {
@@ -646,38 +673,38 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             if json {
-                println!(
+                out!(
                     "{}",
                     json!({"work_hours": t.work_hours, "work_days": t.work_days, "work_limit": t.work_limit,
                            "off_limit": t.off_limit, "limit_now": t.limit_now})
                 );
             } else {
-                println!("work hours {} on {}: {}", t.work_hours, t.work_days, t.work_limit);
-                println!("other hours: {}", t.off_limit);
-                println!("in force now: {}", t.limit_now);
+                out!("work hours {} on {}: {}", t.work_hours, t.work_days, t.work_limit);
+                out!("other hours: {}", t.off_limit);
+                out!("in force now: {}", t.limit_now);
             }
         }
         Command::ReplicateNow { vm } => {
             let r = c.replicate_now(pb::VmRef { name: vm.clone() }).await.map_err(rpc)?.into_inner();
             match (json, r.point) {
-                (true, p) => println!("{}", json!({"point": p.as_ref().map(point_json)})),
-                (false, Some(p)) => println!(
+                (true, p) => out!("{}", json!({"point": p.as_ref().map(point_json)})),
+                (false, Some(p)) => out!(
                     "recovery point {} of {vm} at {} ({} stored)",
                     p.seq,
                     time(p.time_ms),
                     format_bytes(p.bytes_stored)
                 ),
-                (false, None) => println!("nothing written since the last recovery point of {vm}"),
+                (false, None) => out!("nothing written since the last recovery point of {vm}"),
             }
         }
         Command::RecoveryPoints { vm } => {
             let points = c.list_recovery_points(pb::VmRef { name: vm }).await.map_err(rpc)?.into_inner().points;
             if json {
-                println!("{}", json!(points.iter().map(point_json).collect::<Vec<_>>()));
+                out!("{}", json!(points.iter().map(point_json).collect::<Vec<_>>()));
             } else {
-                println!("{:>6}  {:<26} {:<6} {:>12} {:>12}", "ID", "TIME", "KIND", "CHANGED", "STORED");
+                out!("{:>6}  {:<26} {:<6} {:>12} {:>12}", "ID", "TIME", "KIND", "CHANGED", "STORED");
                 for p in &points {
-                    println!(
+                    out!(
                         "{:>6}  {:<26} {:<6} {:>12} {:>12}",
                         p.seq,
                         time(p.time_ms),
@@ -713,7 +740,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let jobs =
                 c.list_jobs(pb::ListJobsRequest { vm: vm.unwrap_or_default() }).await.map_err(rpc)?.into_inner().jobs;
             if json {
-                println!("{}", json!(jobs.iter().map(job_json).collect::<Vec<_>>()));
+                out!("{}", json!(jobs.iter().map(job_json).collect::<Vec<_>>()));
             } else {
                 for j in &jobs {
                     print_job(j);
@@ -724,7 +751,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Command::Job { id } => {
             let j = c.get_job(pb::GetJobRequest { id }).await.map_err(rpc)?.into_inner();
             if json {
-                println!("{}", job_json(&j));
+                out!("{}", job_json(&j));
             } else {
                 print_job(&j);
             }

@@ -306,6 +306,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let token = args.token_file.as_deref().map(|p| api_auth::read_token("--token-file", p)).transpose()?;
     let tls = api_auth::server_tls(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_client_ca.as_deref())?;
     api_auth::check_listen(&args.listen, token.is_some(), tls.is_some())?;
+    // The TLS files are parsed here, before the engine opens: a bad one
+    // stops ferryd before anything else starts.
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        ferry_engine::target::install_tls_provider();
+        server = server.tls_config(tls).context("--tls-cert/--tls-key/--tls-client-ca")?;
+    }
     let nbd_limits = nbd_limits(&args)?;
 
     let clock: Arc<dyn ferry_engine::clock::Clock> = if args.policy_time_factor == 1.0 {
@@ -341,11 +348,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // gRPC: health (open), reflection v1 and v1alpha and ferry.v1 (behind
     // the token, if one is set), over TLS if configured.
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        ferry_engine::target::install_tls_provider();
-        server = server.tls_config(tls).context("--tls-cert/--tls-key/--tls-client-ca")?;
-    }
     let grpc = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let grpc_addr = grpc.local_addr()?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
