@@ -476,24 +476,23 @@ async fn connect(args: &Args) -> anyhow::Result<Client> {
         .with_context(|| format!("bad endpoint {endpoint:?}"))?
         .connect_timeout(Duration::from_secs(5));
     let https = ep.uri().scheme_str() == Some("https");
-    match (&args.ca, https) {
+    // The CA to trust: given exactly when the endpoint is https://.
+    let ca = match (&args.ca, https) {
+        (Some(ca), true) => Some(ca),
         (Some(_), false) => bail!("--ca is for TLS: give an https:// endpoint, not {endpoint}"),
         (None, true) => bail!("an https:// endpoint needs --ca, the CA certificate that signed ferryd's certificate"),
         (None, false) if args.cert.is_some() => bail!("--cert is for TLS: give an https:// endpoint and --ca"),
-        _ => {}
-    }
+        (None, false) => None,
+    };
     let host = ep.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
     let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if token.is_some() && !https && !loopback {
         bail!("--token-file over plain http:// to {host} would send the token in clear: use https:// and --ca");
     }
-    if https {
+    if let Some(ca) = ca {
         ferry_engine::target::install_tls_provider();
         let read = |flag: &str, p: &PathBuf| std::fs::read(p).with_context(|| format!("{flag} {}", p.display()));
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &args.ca {
-            tls = tls.ca_certificate(Certificate::from_pem(read("--ca", ca)?));
-        }
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca", ca)?));
         if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
             tls = tls.identity(Identity::from_pem(read("--cert", cert)?, read("--key", key)?));
         }
